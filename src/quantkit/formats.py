@@ -1,0 +1,106 @@
+"""One small frozen spec per on-disk format. Everything else derives from this table:
+CLI choices, writer dtypes, tensor names, ``.comfy_quant`` strings, scale shapes.
+
+Granularity, i.e. what one scale covers for a weight W of shape [N, K] (N = out features):
+
+=========  ===========================  ======================
+granularity  scale shape                 one scale covers
+=========  ===========================  ======================
+tensor     ``[]``                        all of W
+row        ``[N, 1]``                    one output row, 1 x K
+block      ``[N/b, K/b]``                one b x b tile
+=========  ===========================  ======================
+
+Every scale is a multiplier: ``W ~= q * scale`` with ``scale = amax / qmax``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Granularity = Literal["tensor", "row", "block"]
+DEFAULT_BLOCK_SIZE = 128
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    name: str  # the --format value
+    comfy_format: str  # the "format" string in .comfy_quant
+    weight_dtype: torch.dtype
+    granularity: Granularity
+    qmax: float  # largest magnitude the grid holds; scale = amax / qmax
+    stock_comfy: bool  # loads in unmodified ComfyUI
+    writes_input_scale: bool  # the format's loader reads L.input_scale
+    summary: str
+
+    @property
+    def is_int(self) -> bool:
+        return not self.weight_dtype.is_floating_point
+
+    @property
+    def weight_dtype_name(self) -> str:
+        from .dtypes import name_of
+        return name_of(self.weight_dtype)
+
+    def scale_shape(self, shape: tuple[int, int], block_size: int) -> tuple[int, ...]:
+        n, k = shape
+        if self.granularity == "tensor":
+            return ()
+        if self.granularity == "row":
+            return (n, 1)
+        return (n // block_size, k // block_size)
+
+    def cannot_take(self, shape: tuple[int, ...], block_size: int) -> str | None:
+        """Why a weight of this shape cannot be stored in this format, or None if it can."""
+        if len(shape) != 2:
+            return f"{len(shape)}-D weight, format needs 2-D"
+        if self.granularity == "block":
+            n, k = shape
+            if n % block_size or k % block_size:
+                return f"shape {n}x{k} not divisible by block size {block_size}"
+        return None
+
+    def comfy_quant(self, shape: tuple[int, int], orig_dtype: torch.dtype, block_size: int) -> dict:
+        d: dict = {"format": self.comfy_format}
+        if self.granularity == "block":
+            d["group_size"] = block_size
+        d["orig_dtype"] = str(orig_dtype).removeprefix("torch.")
+        d["orig_shape"] = list(shape)
+        return d
+
+
+FORMATS: dict[str, FormatSpec] = {
+    s.name: s
+    for s in (
+        FormatSpec("fp8", "float8_e4m3fn", torch.float8_e4m3fn, "tensor", 448.0, True, True,
+                   "FP8 E4M3, one fp32 scale per tensor"),
+        FormatSpec("fp8-e5m2", "float8_e5m2", torch.float8_e5m2, "tensor", 57344.0, True, True,
+                   "FP8 E5M2, one fp32 scale per tensor"),
+        FormatSpec("int8-tensor", "int8_tensorwise", torch.int8, "tensor", 127.0, True, False,
+                   "INT8 symmetric, one fp32 scale per tensor"),
+        FormatSpec("int8-row", "int8_tensorwise", torch.int8, "row", 127.0, True, False,
+                   "INT8 symmetric, one fp32 scale per output row [N,1]"),
+        FormatSpec("int8-block", "int8_blockwise", torch.int8, "block", 127.0, False, True,
+                   "INT8 symmetric, one fp32 scale per b x b tile [N/b,K/b]"),
+    )
+}
+
+DEFAULT_FORMAT = "fp8"
+FALLBACK_CHOICES = ("int8-row", "int8-tensor", "fp8", "fp8-e5m2", "keep")
+
+
+def get_format(name: str) -> FormatSpec:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        from .errors import UsageError
+        raise UsageError(f"unknown format '{name}'", fix=f"use one of: {', '.join(FORMATS)}") from None
+
+
+def encode_comfy_quant(d: dict) -> bytes:
+    """The bytes of a .comfy_quant tensor: compact UTF-8 JSON, no padding, no NUL."""
+    return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

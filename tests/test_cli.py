@@ -1,0 +1,82 @@
+"""The CLI boundary: exit codes, one-line errors on stderr, no tracebacks, the summary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from quantkit import __version__
+from quantkit.cli import app
+
+runner = CliRunner()
+
+
+def run(*args, env=None):
+    r = runner.invoke(app, [str(a) for a in args], env=env)
+    return r
+
+
+def test_convert_ok_and_summary(sample, tmp_path):
+    out = tmp_path / "o.safetensors"
+    r = run("convert", sample, "-o", out, "--format", "int8-block")
+    assert r.exit_code == 0, r.output
+    assert out.exists()
+    assert "32 quantized, 2 fell back" in r.stdout
+    assert "SQNR int8-block" in r.stdout and "fallback -> int8-row: 2 layers" in r.stdout
+
+
+def test_quiet_prints_nothing(sample, tmp_path):
+    r = run("convert", sample, "-o", tmp_path / "o.st", "--quiet")
+    assert r.exit_code == 0 and r.stdout == ""
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["convert", "{tmp}/missing.safetensors"], 1, "no such file"),
+    (["convert", "{sample}", "-o", "{sample}", "--overwrite"], 1, "output path is the input"),
+    (["convert", "{sample}", "--format", "int4"], 2, "int4"),
+    (["convert", "{sample}", "--fallback", "nope"], 2, "nope"),
+    (["convert", "{sample}", "-o", "{tmp}/o.st", "--exclude", "("], 2, "not a valid regular expression"),
+    (["convert"], 2, "Missing argument"),
+])
+def test_error_exit_codes(sample, tmp_path, args, code, needle):
+    args = [a.format(tmp=tmp_path, sample=sample) for a in args]
+    r = run(*args)
+    assert r.exit_code == code, r.output
+    assert needle in r.output
+    assert "Traceback" not in r.output
+
+
+def test_error_is_one_line_on_stderr(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    r = run("convert", bad, "-o", tmp_path / "o.st")
+    assert r.exit_code == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(bad) in lines[0] and "fix:" in lines[0]
+    assert r.stdout == ""
+
+
+def test_debug_env_shows_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "quantkit", "convert", str(tmp_path / "missing.st")],
+                       capture_output=True, text=True, env={"QUANTKIT_DEBUG": "1", "PATH": ""})
+    assert r.returncode == 1 and "Traceback" in r.stderr and "QuantkitError" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "quantkit", "convert", str(tmp_path / "missing.st")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("error: ")
+
+
+def test_version_and_formats():
+    r = run("--version")
+    assert r.exit_code == 0 and __version__ in r.stdout
+    r = run("formats")
+    assert r.exit_code == 0
+    for name in ("fp8", "fp8-e5m2", "int8-tensor", "int8-row", "int8-block", "needs node", "stock ComfyUI"):
+        assert name in r.stdout
+
+
+def test_help_has_examples():
+    r = run("convert", "--help")
+    assert r.exit_code == 0 and "Examples" in r.stdout

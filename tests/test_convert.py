@@ -1,0 +1,304 @@
+"""End to end: what the output file holds, its quality on real weights, reproducibility, and
+every bad-input path (clear error, non-zero exit, nothing at the target, input untouched)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import quantkit
+from conftest import sha
+from quantkit import quantize, reference
+from quantkit.errors import QuantkitError
+from quantkit.formats import FORMATS
+
+ck = pytest.importorskip("comfy_kitchen.tensor")
+
+
+# Round-to-nearest SQNR floors per layer on all-MiniLM-L6-v2 (bf16), 37 linear weights.
+# Measured values (DEVELOPMENT.md): fp8 min 31.4; int8-row min 33.4 / median 42.0;
+# int8-block(128) min 23.1 / median 37.8; int8-tensor median 35.8.
+FLOORS = {  # format: (min floor, median floor)
+    "fp8": (31.4, 31.4),
+    "fp8-e5m2": (25.4, 25.4),
+    "int8-row": (33.4, 42.0),
+    "int8-block": (23.1, 37.8),
+    "int8-tensor": (7.9, 35.8),
+}
+
+
+def layers_of(path: Path) -> dict[str, dict]:
+    out = {}
+    with safe_open(str(path), "pt") as f:
+        for k in f.keys():
+            if k.endswith(".comfy_quant"):
+                out[k[: -len(".comfy_quant")]] = json.loads(f.get_tensor(k).numpy().tobytes())
+    return out
+
+
+def test_quantize_chunks_bit_identical_to_reference():
+    g = torch.Generator().manual_seed(0)
+    for fmt in FORMATS:
+        spec = FORMATS[fmt]
+        for shape in [(256, 384), (1024, 2048), (384, 128), (3, 7), (1000, 300)]:
+            b = 128
+            if spec.cannot_take(shape, b):
+                continue
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                w = (torch.randn(*shape, generator=g) * 0.05).to(dtype)
+                q_ref, s_ref = reference.quantize(w, spec, b)
+                s = quantize.compute_scale(w, spec, b)
+                q = torch.cat([c.clone() for c in quantize.quantize_chunks(w, s, spec, b)])
+                assert torch.equal(s, s_ref), (fmt, shape, dtype)
+                assert torch.equal(q.view(torch.int8), q_ref.view(torch.int8)), (fmt, shape, dtype)
+
+
+def test_chunked_sqnr_matches_reference():
+    w = (torch.randn(512, 768) * 0.02).to(torch.bfloat16)
+    for fmt in ("fp8", "int8-row", "int8-block"):
+        spec = FORMATS[fmt]
+        q, s = reference.quantize(w, spec, 128)
+        st = quantize.ErrorStats()
+        for _ in quantize.quantize_chunks(w, s, spec, 128, st):
+            pass
+        assert st.sqnr_db == pytest.approx(reference.sqnr(w, reference.dequantize(q, s, spec, 128)), abs=1e-3)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_minilm_output_contract_and_quality(minilm_bf16, tmp_path, fmt):
+    out = tmp_path / "out.safetensors"
+    rep = quantkit.convert(minilm_bf16, out, format=fmt)
+    spec = FORMATS[fmt]
+    assert rep.count("quantized") == 37 and rep.count("fallback") == 0
+    sq = sorted(lay.sqnr_db for lay in rep.layers if lay.sqnr_db is not None)
+    lo, med = FLOORS[fmt]
+    assert min(sq) >= lo and sq[len(sq) // 2] >= med, (min(sq), sq[len(sq) // 2])
+
+    src = load_file(str(minilm_bf16))
+    dst = load_file(str(out))
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    layers = layers_of(out)
+    assert len(layers) == 37
+    # header metadata identical to the per-layer markers; input metadata kept
+    assert json.loads(meta["_quantization_metadata"]) == {"format_version": "1.0", "layers": layers}
+    assert meta["format"] == "pt"
+    for name, t in src.items():
+        layer = name.removesuffix(".weight")
+        if layer in layers:
+            cq = layers[layer]
+            assert cq["format"] == spec.comfy_format
+            q, s = dst[f"{layer}.weight"], dst[f"{layer}.weight_scale"]
+            assert q.dtype == spec.weight_dtype and s.dtype == torch.float32
+            assert tuple(s.shape) == spec.scale_shape(tuple(t.shape), 128)
+            assert (f"{layer}.input_scale" in dst) == spec.writes_input_scale
+            if spec.writes_input_scale:
+                assert float(dst[f"{layer}.input_scale"]) == 1.0
+            q_ref, s_ref = reference.quantize(t, spec, 128)
+            assert torch.equal(q.view(torch.int8), q_ref.view(torch.int8)) and torch.equal(s, s_ref)
+        else:
+            # everything else copied through bit-exactly in its dtype
+            assert dst[name].dtype == t.dtype and torch.equal(dst[name], t), name
+    assert set(dst) == set(src) | {f"{L}.{x}" for L in layers for x in ("weight_scale", "comfy_quant")} | (
+        {f"{L}.input_scale" for L in layers} if spec.writes_input_scale else set())
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp8-e5m2", "int8-tensor", "int8-row"])
+def test_written_file_dequantizes_like_comfy_kitchen(minilm_bf16, tmp_path, fmt):
+    out = tmp_path / "o.safetensors"
+    quantkit.convert(minilm_bf16, out, format=fmt)
+    dst = load_file(str(out))
+    layer = "encoder.layer.3.output.dense"
+    q, s = dst[f"{layer}.weight"], dst[f"{layer}.weight_scale"]
+    layout = "TensorWiseINT8Layout" if FORMATS[fmt].is_int else "TensorCoreFP8Layout"
+    cls = getattr(ck, layout)
+    qt = ck.QuantizedTensor(q, layout, cls.Params(scale=s, orig_dtype=torch.bfloat16, orig_shape=tuple(q.shape)))
+    ours = reference.dequantize(q, s, FORMATS[fmt], 128, torch.bfloat16)
+    assert torch.equal(qt.dequantize().view(torch.int16), ours.view(torch.int16))
+
+
+def test_reproducible_bytes_and_save_file_identity(tmp_path):
+    # no input metadata -> one metadata key, so save_file's hash-map order cannot differ
+    sd = {f"blocks.{i}.{n}.weight": (torch.randn(256, 256) * 0.02).to(torch.bfloat16)
+          for i in range(2) for n in ("qkv", "proj")}
+    sd["blocks.0.norm.weight"] = torch.ones(256, dtype=torch.bfloat16)
+    save_file(sd, str(tmp_path / "in.safetensors"))
+    for fmt in FORMATS:
+        a, b = tmp_path / f"a-{fmt}.st", tmp_path / f"b-{fmt}.st"
+        quantkit.convert(tmp_path / "in.safetensors", a, format=fmt)
+        quantkit.convert(tmp_path / "in.safetensors", b, format=fmt)
+        assert a.read_bytes() == b.read_bytes()
+        with safe_open(str(a), "pt") as f:
+            meta = f.metadata()
+        save_file(load_file(str(a)), str(tmp_path / "ref.st"), metadata=meta)
+        assert a.read_bytes() == (tmp_path / "ref.st").read_bytes(), fmt
+
+
+def test_fallback_is_labelled_with_its_real_format(sample, tmp_path):
+    out = tmp_path / "o.safetensors"
+    rep = quantkit.convert(sample, out, format="int8-block")
+    fb = {lay.name: lay for lay in rep.layers if lay.action == "fallback"}
+    assert set(fb) == {"img_in.weight", "final_layer.linear.weight"}
+    assert all(lay.format == "int8-row" and "not divisible" in lay.reason for lay in fb.values())
+    layers = layers_of(out)
+    assert layers["img_in"]["format"] == "int8_tensorwise"
+    assert layers["double_blocks.0.img_attn.qkv"] == {
+        "format": "int8_blockwise", "group_size": 128, "orig_dtype": "bfloat16", "orig_shape": [384, 128]}
+    rep = quantkit.convert(sample, out, format="int8-block", fallback="keep", overwrite=True)
+    assert "img_in" not in layers_of(out) and rep.count("fallback") == 0
+    assert load_file(str(out))["img_in.weight"].dtype == torch.bfloat16
+
+
+def test_include_exclude(sample, tmp_path):
+    out = tmp_path / "o.safetensors"
+    quantkit.convert(sample, out, exclude=[r"^double_blocks\.0\.", "mod"])
+    layers = layers_of(out)
+    assert not any(k.startswith("double_blocks.0.") or "mod" in k for k in layers)
+    assert "double_blocks.1.img_attn.qkv" in layers
+    # embeddings are kept by default, --include brings them in; exclude wins over include
+    sd = {"x_embedder.weight": torch.randn(128, 128).bfloat16(), "blocks.0.fc.weight": torch.randn(128, 128).bfloat16()}
+    save_file(sd, str(tmp_path / "e.st"))
+    rep = quantkit.convert(tmp_path / "e.st", tmp_path / "e1.st")
+    assert [lay.name for lay in rep.layers if lay.format] == ["blocks.0.fc.weight"]
+    rep = quantkit.convert(tmp_path / "e.st", tmp_path / "e2.st", include=["embedder"])
+    assert len([lay for lay in rep.layers if lay.format]) == 2
+    rep = quantkit.convert(tmp_path / "e.st", tmp_path / "e3.st", include=["embedder"], exclude=["embedder"])
+    assert [lay.name for lay in rep.layers if lay.format] == ["blocks.0.fc.weight"]
+
+
+def test_default_output_name(sample):
+    rep = quantkit.convert(sample, format="int8-row")
+    assert Path(rep.output) == sample.with_name("flux-mini-int8-row.safetensors")
+    assert Path(rep.output).exists()
+
+
+# ---- bad input: one clear error, nothing at the target, input untouched -----------------------
+
+def _assert_clean_failure(tmp_path, src, dst, needle, **kw):
+    before = sha(src) if Path(src).exists() else None
+    with pytest.raises(QuantkitError) as ei:
+        quantkit.convert(src, dst, **kw)
+    msg = ei.value.one_line()
+    assert needle in msg, msg
+    assert "\n" not in msg and "fix:" in msg
+    if before is not None:
+        assert sha(src) == before
+    parent = Path(dst).parent
+    leftovers = [p for p in parent.iterdir() if p.name.endswith(".partial")] if parent.is_dir() else []
+    assert leftovers == []
+    return msg
+
+
+def test_missing_input(tmp_path):
+    _assert_clean_failure(tmp_path, tmp_path / "nope.safetensors", tmp_path / "o.st", "no such file")
+    assert not (tmp_path / "o.st").exists()
+
+
+def test_not_safetensors(tmp_path):
+    p = tmp_path / "x.safetensors"
+    p.write_text("hello, I am a text file pretending to be a model")
+    _assert_clean_failure(tmp_path, p, tmp_path / "o.st", "not a safetensors file")
+    assert not (tmp_path / "o.st").exists()
+
+
+def test_truncated_data(sample, tmp_path):
+    raw = sample.read_bytes()
+    p = tmp_path / "cut.safetensors"
+    p.write_bytes(raw[: len(raw) - 1000])
+    msg = _assert_clean_failure(tmp_path, p, tmp_path / "o.st", "truncated")
+    assert "tensor '" in msg
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_weight(tmp_path, bad):
+    w = torch.randn(128, 128)
+    w[5, 7] = bad
+    save_file({"blocks.0.fc.weight": w.bfloat16(), "blocks.1.fc.weight": torch.randn(128, 128).bfloat16()},
+              str(tmp_path / "in.st"))
+    msg = _assert_clean_failure(tmp_path, tmp_path / "in.st", tmp_path / "o.st", "NaN or Inf")
+    assert "tensor 'blocks.0.fc.weight'" in msg and "--exclude '^blocks.0.fc$'" in msg
+    assert not (tmp_path / "o.st").exists()
+
+
+def test_output_equal_to_input(sample, tmp_path):
+    _assert_clean_failure(tmp_path, sample, sample, "output path is the input", overwrite=True)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(sample)
+    _assert_clean_failure(tmp_path, sample, link, "output path is the input", overwrite=True)
+
+
+def test_existing_output_needs_overwrite(sample, tmp_path):
+    out = tmp_path / "o.st"
+    out.write_bytes(b"precious")
+    _assert_clean_failure(tmp_path, sample, out, "already exists")
+    assert out.read_bytes() == b"precious"
+    quantkit.convert(sample, out, overwrite=True)
+    assert out.read_bytes() != b"precious"
+
+
+def test_already_quantized_input(sample, tmp_path):
+    q = tmp_path / "q.st"
+    quantkit.convert(sample, q)
+    _assert_clean_failure(tmp_path, q, tmp_path / "o.st", "already holds quantized layers")
+
+
+def test_output_directory_not_writable(sample, tmp_path, monkeypatch):
+    import tempfile
+
+    def deny(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", deny)
+    _assert_clean_failure(tmp_path, sample, tmp_path / "o.st", "not writable")
+    monkeypatch.undo()
+    _assert_clean_failure(tmp_path, sample, tmp_path / "missing" / "o.st", "does not exist")
+
+
+def test_disk_full_injected(sample, tmp_path, monkeypatch):
+    real = os.pwrite
+    calls = {"n": 0}
+
+    def failing_pwrite(fd, data, pos):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, pos)
+    monkeypatch.setattr(os, "pwrite", failing_pwrite)
+    out = tmp_path / "o.st"
+    _assert_clean_failure(tmp_path, sample, out, "no space left")
+    assert not out.exists()
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def test_disk_full_on_a_small_tmpfs(sample, tmp_path):
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected ENOSPC test covers the path")
+    try:
+        out = mnt / "o.st"
+        _assert_clean_failure(tmp_path, sample, out, "no space left")
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_unknown_format_and_bad_options(sample, tmp_path):
+    with pytest.raises(quantkit.UsageError, match="unknown format"):
+        quantkit.convert(sample, tmp_path / "o.st", format="int4")
+    with pytest.raises(quantkit.UsageError, match="not a valid regular expression"):
+        quantkit.convert(sample, tmp_path / "o.st", exclude=["("])
+    with pytest.raises(quantkit.UsageError, match="power of two"):
+        quantkit.convert(sample, tmp_path / "o.st", format="int8-block", block_size=96)
+    assert not (tmp_path / "o.st").exists()

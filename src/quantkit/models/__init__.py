@@ -1,0 +1,1 @@
+"""Small real models used to measure quantization on real activations (tests, benchmarks)."""

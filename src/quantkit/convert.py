@@ -21,6 +21,7 @@ import torch
 from . import quantize
 from .errors import QuantkitError
 from .formats import FORMATS, encode_comfy_quant
+from .pipeline import BackgroundWriter
 from .plan import LayerPlan, Options, Plan, default_output_name, plan_conversion
 from .report import ConvertReport, LayerReport
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
@@ -74,7 +75,8 @@ def _os_error(e: OSError, dst: Path, need: int) -> QuantkitError:
     return QuantkitError(f"cannot write: {e.strerror or e}", file=dst, fix="check the disk and the path")
 
 
-def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None) -> ConvertReport:
+def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,
+             threaded: bool = True) -> ConvertReport:
     opts = plan.options
     report = ConvertReport(str(reader.path), str(dst), opts.format, opts.block_size, bytes_in=reader.file_size)
     total_in = sum(t.nbytes for t in reader.tensors_in_order)
@@ -87,12 +89,21 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             tmp = Path(tmp_name)
             writer = SafetensorsWriter(fd, plan.outputs, plan.metadata)
             need = writer.total_size
-            done = 0
-            for lp in plan.layers:
-                report.layers.append(_convert_one(reader, writer, lp, opts.block_size))
-                done += reader.tensors[lp.tensor].nbytes
-                if progress is not None:
-                    progress(done, total_in, lp.tensor)
+            bw = BackgroundWriter(threaded)
+            try:
+                done = 0
+                layers = plan.layers
+                for i, lp in enumerate(layers):
+                    if i + 1 < len(layers):
+                        reader.prefetch(layers[i + 1].tensor)
+                    report.layers.append(_convert_one(reader, writer, bw, lp, opts.block_size))
+                    done += reader.tensors[lp.tensor].nbytes
+                    if progress is not None:
+                        progress(done, total_in, lp.tensor)
+                bw.close()
+            except BaseException:
+                bw.abort()
+                raise
             writer.finish()
             os.fsync(fd)
         except OSError as e:
@@ -111,26 +122,30 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
     return report
 
 
-def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, lp: LayerPlan, block_size: int) -> LayerReport:
+def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, lp: LayerPlan,
+                 block_size: int) -> LayerReport:
     info = reader.tensors[lp.tensor]
     if lp.spec is None:
-        writer.copy_from_fd(lp.tensor, reader.fileno(), reader.data_start + info.start, info.nbytes)
+        src_fd, src_off = reader.fileno(), reader.data_start + info.start
+        bw.submit(lambda: writer.copy_from_fd(lp.tensor, src_fd, src_off, info.nbytes))
         return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, lp.reason)
     spec, layer = lp.spec, lp.layer
     w = reader.tensor(lp.tensor)
-    scale = quantize.compute_scale(w, spec, block_size)
+    q, scale, stats = quantize.quantize_tensor(w, spec, block_size)
+    del w
+    reader.release(lp.tensor)
     if not bool(torch.isfinite(scale).all()):
         raise QuantkitError("weight holds NaN or Inf values, which cannot be quantized", file=reader.path,
                             tensor=lp.tensor, fix=f"repair the checkpoint, or keep the layer with --exclude '^{layer}$'")
-    stats = quantize.ErrorStats()
-    for chunk in quantize.quantize_chunks(w, scale, spec, block_size, stats):
-        writer.write(f"{layer}.weight", chunk)
-    writer.write(f"{layer}.weight_scale", scale)
-    if spec.writes_input_scale:
-        writer.write(f"{layer}.input_scale", torch.ones((), dtype=torch.float32))
-    writer.write(f"{layer}.comfy_quant", encode_comfy_quant(lp.comfy_quant(block_size)))
-    del w
-    reader.release(lp.tensor)
+    marker = encode_comfy_quant(lp.comfy_quant(block_size))
+
+    def write() -> None:
+        writer.write(f"{layer}.weight", q)
+        writer.write(f"{layer}.weight_scale", scale)
+        if spec.writes_input_scale:
+            writer.write(f"{layer}.input_scale", torch.ones((), dtype=torch.float32))
+        writer.write(f"{layer}.comfy_quant", marker)
+    bw.submit(write)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
                        spec.comfy_format, lp.reason, stats.sqnr_db)
 

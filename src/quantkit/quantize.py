@@ -63,6 +63,10 @@ def quantize_chunks(w: torch.Tensor, scale: torch.Tensor, spec: FormatSpec, bloc
     x = torch.empty((rows, k), dtype=torch.float32)
     q = torch.empty((rows, k), dtype=spec.weight_dtype)
     qmax = spec.qmax
+    if stats is not None and not spec.is_int:
+        # torch's fp8 -> fp32 cast is slow on CPU; a 256-entry table gives the same values 3x faster.
+        lut = torch.arange(256, dtype=torch.uint8).view(spec.weight_dtype).float()
+        idx = torch.empty(rows * k, dtype=torch.int32)
     for i in range(0, n, rows):
         r = min(rows, n - i)
         wc, xc, qc = w32[:r], x[:r], q[:r]
@@ -84,9 +88,28 @@ def quantize_chunks(w: torch.Tensor, scale: torch.Tensor, spec: FormatSpec, bloc
         if stats is not None:
             # Dequantize as ComfyUI does in fp32: q.float() * scale (xc holds exactly q for int8).
             if not spec.is_int:
-                xc.copy_(qc)
+                ic = idx[:r * k]
+                ic.copy_(qc.view(torch.uint8).view(-1))
+                torch.index_select(lut, 0, ic, out=xc.view(-1))
             xv.mul_(s)
             stats.signal += float(torch.dot(wc.view(-1), wc.view(-1)))
             xc.sub_(wc)
             stats.noise += float(torch.dot(xc.view(-1), xc.view(-1)))
         yield qc
+
+
+def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int,
+                    scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, ErrorStats]:
+    """Quantize a whole 2-D tensor on the CPU: returns (q, scale, error stats). Bit-identical to
+    ``reference.quantize``; peak extra memory is q plus two cache-sized fp32 chunks."""
+    if scale is None:
+        scale = compute_scale(w, spec, block_size)
+    n, k = w.shape
+    q = torch.empty((n, k), dtype=spec.weight_dtype)
+    stats = ErrorStats()
+    if not bool(torch.isfinite(scale).all()):
+        return q, scale, stats  # the caller refuses the layer; nothing to quantize
+    rows = rows_per_chunk((n, k), spec, block_size)
+    for i, chunk in enumerate(quantize_chunks(w, scale, spec, block_size, stats)):
+        q[i * rows:i * rows + chunk.shape[0]].copy_(chunk)
+    return q, scale, stats

@@ -1,0 +1,57 @@
+"""The overlapped pipeline writes the same bytes as the inline path, and a whole-process peak RSS
+bound holds on a multi-tensor Flux-shaped file: 3x the largest tensor + 400 MB."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from quantkit.plan import Options, plan_conversion
+from quantkit.safetensors_io import SafetensorsReader
+
+
+def _synth():
+    spec = importlib.util.spec_from_file_location("synth", ROOT / "benchmarks" / "synth.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8-block"])
+def test_threaded_and_inline_bytes_identical(sample, tmp_path, fmt):
+    outs = []
+    for threaded in (True, False):
+        out = tmp_path / f"o-{threaded}.st"
+        with SafetensorsReader(sample) as r:
+            plan = plan_conversion(r, Options(format=fmt))
+            importlib.import_module("quantkit.convert")._execute(r, plan, out, None, threaded=threaded)
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
+
+
+@pytest.fixture(scope="module")
+def flux_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("flux") / "flux.safetensors"
+    return _synth().build(p, gb=0.55)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8-block"])
+def test_peak_rss_bounded(flux_file, tmp_path, fmt):
+    with SafetensorsReader(flux_file) as r:
+        largest = max(t.nbytes for t in r.tensors_in_order)
+        total = r.file_size
+    out = tmp_path / "o.st"
+    code = ("import resource, quantkit; quantkit.convert(%r, %r, format=%r); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)") % (str(flux_file), str(out), fmt)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    peak = int(r.stdout.strip()) * 1024
+    bound = 3 * largest + 400e6
+    assert total > 5 * largest  # the file is several times the bound's tensor term
+    assert peak < bound, f"peak RSS {peak / 1e6:.0f} MB over {bound / 1e6:.0f} MB"

@@ -1,0 +1,97 @@
+"""CPU conversion benchmark (issue 2/4): wall time and whole-process peak RSS of `quantkit convert`
+per format against `cp in out && sync out` and against the old converter, all in one run on the same
+file, with the input in the page cache for every command (it is read once before each).
+
+    python benchmarks/bench_convert_cpu.py --dir /work/bench --gb 4.2 [--repeat 3] [--no-ctq]
+
+Needs /usr/bin/time (GNU). The old converter: `pip install convert-to-quant prodigy-plus-schedule-free`.
+Prints a Markdown table; ratios are wall time over the cp baseline (median of --repeat runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import synth  # noqa: E402
+
+
+def timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of a command, via GNU time."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
+        full = ["/usr/bin/time", "-f", "%e %M", "-o", tf.name]
+        full += ["sh", "-c", cmd] if shell else cmd
+        r = subprocess.run(full, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cmd} failed ({r.returncode}): {r.stderr[-2000:]}")
+        wall, rss = tf.read().split()[-2:]
+    return float(wall), int(rss) * 1024
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", type=Path, default=Path("bench-data"))
+    ap.add_argument("--gb", type=float, default=4.2)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--formats", default="fp8,int8-tensor,int8-row,int8-block")
+    ap.add_argument("--no-ctq", action="store_true", help="skip the old converter")
+    a = ap.parse_args()
+    a.dir.mkdir(parents=True, exist_ok=True)
+    src = a.dir / f"flux-synth-{a.gb:g}g.safetensors"
+    if not src.exists():
+        synth.build(src, a.gb)
+    out = a.dir / "out.safetensors"
+    rows: list[tuple[str, float, int]] = []
+
+    def run(label: str, cmd, shell=False) -> None:
+        walls, rss = [], 0
+        for _ in range(a.repeat):
+            out.unlink(missing_ok=True)
+            warm(src)
+            w, r = timed(cmd, shell)
+            walls.append(w)
+            rss = max(rss, r)
+        rows.append((label, statistics.median(walls), rss))
+        print(f"{label}: {statistics.median(walls):.2f} s, peak RSS {rss / 1e6:.0f} MB", file=sys.stderr)
+
+    run("cp + sync", f"cp '{src}' '{out}' && sync '{out}'", shell=True)
+    qk = [sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(out), "--overwrite", "--quiet"]
+    for fmt in a.formats.split(","):
+        run(f"quantkit {fmt}", qk + ["--format", fmt])
+    if not a.no_ctq and shutil.which("convert_to_quant"):
+        ctq = ["convert_to_quant", "-i", str(src), "-o", str(out), "--simple", "--low-memory", "--comfy_quant"]
+        run("convert_to_quant fp8 --simple --low-memory", ctq)
+        run("convert_to_quant int8 block --simple --low-memory",
+            ctq + ["--int8", "--scaling_mode", "block", "--block_size", "128", "--exclude-layers", "img_in"])
+    out.unlink(missing_ok=True)
+
+    base = rows[0][1]
+    ctq_times = {lbl.split()[1]: w for lbl, w, _ in rows if lbl.startswith("convert_to_quant")}
+    size = src.stat().st_size
+    print(f"\ninput {size / 1e9:.2f} GB, {os.cpu_count()} cores, median of {a.repeat}\n")
+    print("| command | wall s | x cp | peak RSS MB | x convert_to_quant |")
+    print("|---|---|---|---|---|")
+    for label, wall, rss in rows:
+        vs = ""
+        if label.startswith("quantkit") and ctq_times:
+            ref = ctq_times.get("int8" if "int8-block" in label else "fp8")
+            vs = f"{wall / ref:.2f}" if ref else ""
+        print(f"| {label} | {wall:.2f} | {wall / base:.2f} | {rss / 1e6:.0f} | {vs} |")
+
+
+if __name__ == "__main__":
+    main()

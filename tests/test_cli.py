@@ -80,3 +80,15 @@ def test_version_and_formats():
 def test_help_has_examples():
     r = run("convert", "--help")
     assert r.exit_code == 0 and "Examples" in r.stdout
+
+
+def test_device_errors(sample, tmp_path):
+    r = run("convert", sample, "-o", tmp_path / "o.st", "--device", "tpu")
+    assert r.exit_code == 2 and "is not a device" in r.output
+    r = run("convert", sample, "-o", tmp_path / "o.st", "--device", "meta")
+    assert r.exit_code == 2 and "only cpu and cuda" in r.output
+    import torch
+    if not torch.cuda.is_available():
+        r = run("convert", sample, "-o", tmp_path / "o.st", "--device", "cuda:0")
+        assert r.exit_code == 2 and "CUDA is not available" in r.output
+    assert not (tmp_path / "o.st").exists()

@@ -107,6 +107,7 @@ def convert(
     fallback: Annotated[str, typer.Option("--fallback", help=f"Format for layers the chosen format cannot take (int8-block with indivisible dims): {', '.join(FALLBACK_CHOICES)}.")] = "int8-row",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors still go to stderr.")] = False,
+    device: Annotated[str, typer.Option("--device", help="Where to quantize: auto (a GPU if present), cpu, cuda or cuda:N. The output bytes are the same on every device.")] = "auto",
 ) -> None:
     """Convert a checkpoint: quantize its linear weights, copy everything else bit-exactly."""
     if format not in FORMATS:
@@ -128,7 +129,7 @@ def convert(
 
             report = convert_file(input, output, format=format, block_size=block_size, include=include or (),
                                   exclude=exclude or (), fallback=fallback, overwrite=overwrite,
-                                  progress=on_progress)
+                                  progress=on_progress, device=device)
     except QuantkitError as e:
         raise _fail(e) from None
     except KeyboardInterrupt:

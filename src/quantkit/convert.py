@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import quantize
-from .errors import QuantkitError
+from .errors import QuantkitError, UsageError
 from .formats import FORMATS, encode_comfy_quant
 from .pipeline import BackgroundWriter
 from .plan import LayerPlan, Options, Plan, default_output_name, plan_conversion
@@ -32,20 +32,42 @@ Progress = Callable[[int, int, str], None]  # (input bytes done, input bytes tot
 def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, format: str = "fp8",
             block_size: int = 128, include: tuple[str, ...] | list[str] = (),
             exclude: tuple[str, ...] | list[str] = (), fallback: str = "int8-row",
-            overwrite: bool = False, progress: Progress | None = None) -> ConvertReport:
+            overwrite: bool = False, progress: Progress | None = None, device: str = "auto") -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
-    beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input."""
+    beside the input). ``device``: ``auto`` (a GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``.
+    Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input."""
     options = Options(format, block_size, tuple(include), tuple(exclude), fallback)
     options.validate()
+    dev = resolve_device(device)
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
     t0 = time.perf_counter()
     with SafetensorsReader(src) as reader:
         check_output_path(src, dst, overwrite)
         plan = plan_conversion(reader, options)
-        report = _execute(reader, plan, dst, progress)
+        report = _execute(reader, plan, dst, progress, device=dev)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the current GPU if CUDA works here, else the CPU; ``cuda[:N]`` must exist."""
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device", fix="use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise UsageError(f"--device {device!r}: only cpu and cuda are supported", fix="use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available here", fix="use --device cpu (or auto)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices",
+                         fix=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return dev
 
 
 def check_output_path(src: Path, dst: Path, overwrite: bool) -> None:
@@ -75,8 +97,26 @@ def _os_error(e: OSError, dst: Path, need: int) -> QuantkitError:
     return QuantkitError(f"cannot write: {e.strerror or e}", file=dst, fix="check the disk and the path")
 
 
+def _make_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.device):
+    """A function (w, spec, block_size) -> (q, scale, stats, give_back) for the chosen device."""
+    if device.type == "cuda":
+        from .cuda_path import CudaQuantizer
+        sizes = [(reader.tensors[lp.tensor].nbytes, reader.tensors[lp.tensor].numel) for lp in plan.quantized]
+        cq = CudaQuantizer(device, max((a for a, _ in sizes), default=0), max((b for _, b in sizes), default=0))
+        return cq.quantize
+
+    def cpu(w, spec, block_size):
+        q, scale, stats = quantize.quantize_tensor(w, spec, block_size)
+        return q, scale, stats, _noop
+    return cpu
+
+
+def _noop() -> None:
+    pass
+
+
 def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,
-             threaded: bool = True) -> ConvertReport:
+             threaded: bool = True, device: torch.device = torch.device("cpu")) -> ConvertReport:
     opts = plan.options
     report = ConvertReport(str(reader.path), str(dst), opts.format, opts.block_size, bytes_in=reader.file_size)
     total_in = sum(t.nbytes for t in reader.tensors_in_order)
@@ -89,6 +129,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             tmp = Path(tmp_name)
             writer = SafetensorsWriter(fd, plan.outputs, plan.metadata)
             need = writer.total_size
+            quantizer = _make_quantizer(plan, reader, device)
             bw = BackgroundWriter(threaded)
             try:
                 done = 0
@@ -96,7 +137,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                 for i, lp in enumerate(layers):
                     if i + 1 < len(layers):
                         reader.prefetch(layers[i + 1].tensor)
-                    report.layers.append(_convert_one(reader, writer, bw, lp, opts.block_size))
+                    report.layers.append(_convert_one(reader, writer, bw, quantizer, lp, opts.block_size))
                     done += reader.tensors[lp.tensor].nbytes
                     if progress is not None:
                         progress(done, total_in, lp.tensor)
@@ -122,8 +163,8 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
     return report
 
 
-def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, lp: LayerPlan,
-                 block_size: int) -> LayerReport:
+def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, quantizer,
+                 lp: LayerPlan, block_size: int) -> LayerReport:
     info = reader.tensors[lp.tensor]
     if lp.spec is None:
         src_fd, src_off = reader.fileno(), reader.data_start + info.start
@@ -131,21 +172,25 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backg
         return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, lp.reason)
     spec, layer = lp.spec, lp.layer
     w = reader.tensor(lp.tensor)
-    q, scale, stats = quantize.quantize_tensor(w, spec, block_size)
+    q, scale, stats, give_back = quantizer(w, spec, block_size)
     del w
     reader.release(lp.tensor)
     if not bool(torch.isfinite(scale).all()):
+        give_back()
         raise QuantkitError("weight holds NaN or Inf values, which cannot be quantized", file=reader.path,
                             tensor=lp.tensor, fix=f"repair the checkpoint, or keep the layer with --exclude '^{layer}$'")
     marker = encode_comfy_quant(lp.comfy_quant(block_size))
 
     def write() -> None:
-        writer.write(f"{layer}.weight", q)
+        try:
+            writer.write(f"{layer}.weight", q)
+        finally:
+            give_back()
         writer.write(f"{layer}.weight_scale", scale)
         if spec.writes_input_scale:
             writer.write(f"{layer}.input_scale", torch.ones((), dtype=torch.float32))
         writer.write(f"{layer}.comfy_quant", marker)
-    bw.submit(write)
+    bw.submit(write, on_skip=give_back)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
                        spec.comfy_format, lp.reason, stats.sqnr_db)
 

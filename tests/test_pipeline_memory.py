@@ -55,3 +55,19 @@ def test_peak_rss_bounded(flux_file, tmp_path, fmt):
     bound = 3 * largest + 400e6
     assert total > 5 * largest  # the file is several times the bound's tensor term
     assert peak < bound, f"peak RSS {peak / 1e6:.0f} MB over {bound / 1e6:.0f} MB"
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8-row", "int8-block"])
+def test_device_path_bytes_identical_to_cpu_path(sample, tmp_path, fmt, monkeypatch):
+    """The GPU pipeline's buffer logic (preadv into a staging buffer, a pool of output buffers handed
+    back by the writer thread), run with the CPU as its device, writes the CPU path's bytes."""
+    import torch
+    conv = importlib.import_module("quantkit.convert")
+    a, b = tmp_path / "cpu.st", tmp_path / "dev.st"
+    with SafetensorsReader(sample) as r:
+        conv._execute(r, plan_conversion(r, Options(format=fmt)), a, None)
+    monkeypatch.setattr(conv, "_make_quantizer",
+                        lambda plan, reader, device: conv._device_quantizer(plan, reader, torch.device("cpu")))
+    with SafetensorsReader(sample) as r:
+        conv._execute(r, plan_conversion(r, Options(format=fmt)), b, None)
+    assert a.read_bytes() == b.read_bytes()

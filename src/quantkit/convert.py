@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import quantize
+from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
 from .formats import FORMATS, encode_comfy_quant
 from .pipeline import BackgroundWriter
@@ -98,17 +99,30 @@ def _os_error(e: OSError, dst: Path, need: int) -> QuantkitError:
 
 
 def _make_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.device):
-    """A function (w, spec, block_size) -> (q, scale, stats, give_back) for the chosen device."""
-    if device.type == "cuda":
-        from .cuda_path import CudaQuantizer
-        sizes = [(reader.tensors[lp.tensor].nbytes, reader.tensors[lp.tensor].numel) for lp in plan.quantized]
-        cq = CudaQuantizer(device, max((a for a, _ in sizes), default=0), max((b for _, b in sizes), default=0))
-        return cq.quantize
+    """A function (reader, tensor name, spec, block_size) -> (q, scale, stats, give_back)."""
+    if device.type != "cpu":
+        return _device_quantizer(plan, reader, device)
+    return _cpu_quantizer
 
-    def cpu(w, spec, block_size):
-        q, scale, stats = quantize.quantize_tensor(w, spec, block_size)
-        return q, scale, stats, _noop
-    return cpu
+
+def _device_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.device):
+    from .cuda_path import DeviceQuantizer
+    sizes = [(reader.tensors[lp.tensor].nbytes, reader.tensors[lp.tensor].numel) for lp in plan.quantized]
+    dq = DeviceQuantizer(device, max((a for a, _ in sizes), default=0), max((b for _, b in sizes), default=0))
+
+    def on_device(reader: SafetensorsReader, name: str, spec, block_size):
+        t = reader.tensors[name]
+        return dq.quantize(reader.fileno(), reader.data_start + t.start, torch_dtype(t.dtype), t.shape,
+                           spec, block_size)
+    return on_device
+
+
+def _cpu_quantizer(reader: SafetensorsReader, name: str, spec, block_size):
+    w = reader.tensor(name)
+    q, scale, stats = quantize.quantize_tensor(w, spec, block_size)
+    del w
+    reader.release(name)
+    return q, scale, stats, _noop
 
 
 def _noop() -> None:
@@ -171,10 +185,7 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backg
         bw.submit(lambda: writer.copy_from_fd(lp.tensor, src_fd, src_off, info.nbytes))
         return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, lp.reason)
     spec, layer = lp.spec, lp.layer
-    w = reader.tensor(lp.tensor)
-    q, scale, stats, give_back = quantizer(w, spec, block_size)
-    del w
-    reader.release(lp.tensor)
+    q, scale, stats, give_back = quantizer(reader, lp.tensor, spec, block_size)
     if not bool(torch.isfinite(scale).all()):
         give_back()
         raise QuantkitError("weight holds NaN or Inf values, which cannot be quantized", file=reader.path,

@@ -1,7 +1,8 @@
 """The GPU side of the conversion pipeline: pinned host buffers, asynchronous copies, and the
-quantizer on the device. Each weight is read from the input mmap into a pinned buffer (this memcpy
-is the disk read), copied to the GPU, quantized there, and copied back into one of a small pool of
-pinned output buffers that the writer thread hands back once the bytes are on their way to disk.
+quantizer on the device. Each weight is read from the input file straight into a pinned buffer with
+``preadv`` (one large read per tensor; no mmap page faults, which are slow under some hypervisors),
+copied to the GPU, quantized there, and copied back into one of a small pool of pinned output
+buffers that the writer thread hands back once the bytes are on their way to disk.
 So reading the next tensor overlaps writing the previous one; the GPU work in between is ~100x
 faster than either disk stage.
 
@@ -11,6 +12,7 @@ buffers of its quantized size, plus the device copies of one weight.
 
 from __future__ import annotations
 
+import os
 import queue
 from collections.abc import Callable
 
@@ -33,26 +35,45 @@ def device_quantize(w: torch.Tensor, spec: FormatSpec, block_size: int) -> tuple
     return q, scale, ErrorStats(float(st[0]), float(st[1]))
 
 
-class CudaQuantizer:
+def pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
+    """Fill the uint8 tensor ``buf`` from ``fd`` at ``offset`` (looping over short reads)."""
+    mv = memoryview(buf.numpy()).cast("B")
+    done = 0
+    while done < len(mv):
+        n = os.preadv(fd, [mv[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"unexpected end of file at byte {offset + done}")
+        done += n
+
+
+class DeviceQuantizer:
+    """Quantizes weights on ``device`` (CUDA in practice; any torch device works, which is how the
+    buffer logic is tested on CPU-only machines)."""
+
     def __init__(self, device: torch.device, max_in_bytes: int, max_out_bytes: int, n_out: int = 3) -> None:
         self.device = device
-        self.copy_stream = torch.cuda.Stream(device)
-        self._pin_in = torch.empty(max(max_in_bytes, 1), dtype=torch.uint8, pin_memory=True)
+        cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if cuda else None
+        self._pin_in = torch.empty(max(max_in_bytes, 1), dtype=torch.uint8, pin_memory=cuda)
         self._free: queue.Queue[torch.Tensor] = queue.Queue()
         for _ in range(n_out):
-            self._free.put(torch.empty(max(max_out_bytes, 1), dtype=torch.uint8, pin_memory=True))
+            self._free.put(torch.empty(max(max_out_bytes, 1), dtype=torch.uint8, pin_memory=cuda))
 
-    def quantize(self, w: torch.Tensor, spec: FormatSpec, block_size: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, ErrorStats, Callable[[], None]]:
-        """Returns (q in pinned host memory, scale on the CPU, stats, give_back). Call ``give_back``
-        once q's bytes are written, to return its pinned buffer to the pool."""
-        nbytes = w.numel() * w.element_size()
+    def quantize(self, fd: int, offset: int, dtype: torch.dtype, shape: tuple[int, int], spec: FormatSpec,
+                 block_size: int) -> tuple[torch.Tensor, torch.Tensor, ErrorStats, Callable[[], None]]:
+        """Quantize the weight stored at ``offset`` of ``fd``. Returns (q in pinned host memory,
+        scale on the CPU, stats, give_back); call ``give_back`` once q's bytes are written, to return
+        its pinned buffer to the pool."""
+        nbytes = shape[0] * shape[1] * dtype.itemsize
         host = self._pin_in[:nbytes]
-        host.copy_(w.reshape(-1).view(torch.uint8))  # the disk read (page faults on the mmap)
-        with torch.cuda.stream(self.copy_stream):
-            wd = host.to(self.device, non_blocking=True)
-        torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
-        wd = wd.view(w.dtype).view(w.shape)
+        pread_into(fd, host, offset)  # the disk read
+        if self.copy_stream is not None:
+            with torch.cuda.stream(self.copy_stream):
+                wd = host.to(self.device, non_blocking=True)
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        else:
+            wd = host.to(self.device, copy=True)
+        wd = wd.view(dtype).view(shape)
         q, scale, stats = device_quantize(wd, spec, block_size)
         out = self._free.get()  # blocks while the writer still holds every buffer
         qh = out[:q.numel() * q.element_size()].view(q.dtype).view(q.shape)

@@ -79,7 +79,9 @@ def print_summary(report: ConvertReport, console: Console) -> None:
                         f"{report.count('kept')} kept")
     ratio = report.bytes_out / report.bytes_in if report.bytes_in else 0
     t.add_row("size", f"{_gb(report.bytes_in)} -> {_gb(report.bytes_out)} ({ratio:.0%})")
-    t.add_row("time", f"{report.seconds:.1f} s ({report.bytes_in / max(report.seconds, 1e-9) / 1e9:.2f} GB/s in)")
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_seconds.items())
+    t.add_row("time", f"{report.seconds:.1f} s ({report.bytes_in / max(report.seconds, 1e-9) / 1e9:.2f} GB/s in; "
+                      f"{stages})")
     for fmt, (lo, med, n) in report.sqnr_by_format().items():
         stock = "stock ComfyUI" if FORMATS[fmt].stock_comfy else "needs the quantkit node"
         t.add_row(f"SQNR {fmt}", f"min {_db(lo)}, median {_db(med)} over {n} layers ({stock})")

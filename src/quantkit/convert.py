@@ -145,13 +145,17 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             need = writer.total_size
             quantizer = _make_quantizer(plan, reader, device)
             bw = BackgroundWriter(threaded)
+            stages = report.stage_seconds
+            stages.update({"read+quantize": 0.0, "write": 0.0, "fsync": 0.0, "verify": 0.0})
             try:
                 done = 0
                 layers = plan.layers
                 for i, lp in enumerate(layers):
                     if i + 1 < len(layers):
                         reader.prefetch(layers[i + 1].tensor)
-                    report.layers.append(_convert_one(reader, writer, bw, quantizer, lp, opts.block_size))
+                    t0 = time.perf_counter()
+                    report.layers.append(_convert_one(reader, writer, bw, quantizer, lp, opts.block_size, stages))
+                    stages["read+quantize"] += time.perf_counter() - t0
                     done += reader.tensors[lp.tensor].nbytes
                     if progress is not None:
                         progress(done, total_in, lp.tensor)
@@ -160,13 +164,17 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                 bw.abort()
                 raise
             writer.finish()
+            t0 = time.perf_counter()
             os.fsync(fd)
+            stages["fsync"] = time.perf_counter() - t0
         except OSError as e:
             raise _os_error(e, dst, need) from None
         finally:
             if fd >= 0:
                 os.close(fd)
+        t0 = time.perf_counter()
         verify_written(tmp, plan, writer)
+        stages["verify"] = time.perf_counter() - t0
         os.replace(tmp, dst)
         tmp = None
         _fsync_dir(dst.parent)
@@ -177,12 +185,22 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
     return report
 
 
+def _timed(stages: dict[str, float], job):
+    def run() -> None:
+        t0 = time.perf_counter()
+        try:
+            job()
+        finally:
+            stages["write"] += time.perf_counter() - t0
+    return run
+
+
 def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, quantizer,
-                 lp: LayerPlan, block_size: int) -> LayerReport:
+                 lp: LayerPlan, block_size: int, stages: dict[str, float]) -> LayerReport:
     info = reader.tensors[lp.tensor]
     if lp.spec is None:
         src_fd, src_off = reader.fileno(), reader.data_start + info.start
-        bw.submit(lambda: writer.copy_from_fd(lp.tensor, src_fd, src_off, info.nbytes))
+        bw.submit(_timed(stages, lambda: writer.copy_from_fd(lp.tensor, src_fd, src_off, info.nbytes)))
         return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, lp.reason)
     spec, layer = lp.spec, lp.layer
     q, scale, stats, give_back = quantizer(reader, lp.tensor, spec, block_size)
@@ -201,7 +219,7 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backg
         if spec.writes_input_scale:
             writer.write(f"{layer}.input_scale", torch.ones((), dtype=torch.float32))
         writer.write(f"{layer}.comfy_quant", marker)
-    bw.submit(write, on_skip=give_back)
+    bw.submit(_timed(stages, write), on_skip=give_back)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
                        spec.comfy_format, lp.reason, stats.sqnr_db)
 

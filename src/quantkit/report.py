@@ -29,6 +29,8 @@ class ConvertReport:
     bytes_in: int = 0
     bytes_out: int = 0
     seconds: float = 0.0
+    # where the time went: "read+quantize" (main thread), "write" (writer thread busy), "fsync", "verify"
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def count(self, action: str) -> int:
         return sum(1 for layer in self.layers if layer.action == action)

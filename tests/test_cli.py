@@ -21,7 +21,7 @@ def run(*args, env=None):
 
 def test_convert_ok_and_summary(sample, tmp_path):
     out = tmp_path / "o.safetensors"
-    r = run("convert", sample, "-o", out, "--format", "int8-block")
+    r = run("convert", sample, "-o", out, "--format", "int8-block", "--preset", "none")
     assert r.exit_code == 0, r.output
     assert out.exists()
     assert "32 quantized, 2 fell back" in r.stdout

@@ -21,6 +21,7 @@ import torch
 from . import quantize
 from .errors import QuantkitError
 from .formats import FORMATS, encode_comfy_quant
+from .layerconfig import LayerConfig, load_layer_config
 from .plan import LayerPlan, Options, Plan, default_output_name, plan_conversion
 from .report import ConvertReport, LayerReport
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
@@ -31,11 +32,15 @@ Progress = Callable[[int, int, str], None]  # (input bytes done, input bytes tot
 def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, format: str = "fp8",
             block_size: int = 128, include: tuple[str, ...] | list[str] = (),
             exclude: tuple[str, ...] | list[str] = (), fallback: str = "int8-row",
-            overwrite: bool = False, progress: Progress | None = None) -> ConvertReport:
+            overwrite: bool = False, progress: Progress | None = None, preset: str = "auto",
+            config: str | os.PathLike | LayerConfig | None = None,
+            full_precision_matrix_mult: bool = False) -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
-    beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input."""
-    options = Options(format, block_size, tuple(include), tuple(exclude), fallback)
-    options.validate()
+    beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input.
+    ``preset``: a model family (``quantkit.families``), ``auto`` (detect) or ``none``; ``config``: a
+    per-layer config file (``quantkit.layerconfig``)."""
+    options = make_options(format, block_size, include, exclude, fallback, preset, config,
+                           full_precision_matrix_mult)
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
     t0 = time.perf_counter()
@@ -45,6 +50,18 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
         report = _execute(reader, plan, dst, progress)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def make_options(format: str = "fp8", block_size: int = 128, include=(), exclude=(), fallback: str = "int8-row",
+                 preset: str = "auto", config: str | os.PathLike | LayerConfig | None = None,
+                 full_precision_matrix_mult: bool = False) -> Options:
+    """Validated :class:`Options` from keyword values (a config path is loaded and checked here)."""
+    if config is not None and not isinstance(config, LayerConfig):
+        config = load_layer_config(config)
+    extra = (("full_precision_matrix_mult", True),) if full_precision_matrix_mult else ()
+    options = Options(format, block_size, tuple(include), tuple(exclude), fallback, preset, config, extra)
+    options.validate()
+    return options
 
 
 def check_output_path(src: Path, dst: Path, overwrite: bool) -> None:
@@ -89,7 +106,9 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             need = writer.total_size
             done = 0
             for lp in plan.layers:
-                report.layers.append(_convert_one(reader, writer, lp, opts.block_size))
+                t_layer = time.perf_counter()
+                report.layers.append(_convert_one(reader, writer, lp, lp.block_size))
+                report.layers[-1].seconds = time.perf_counter() - t_layer
                 done += reader.tensors[lp.tensor].nbytes
                 if progress is not None:
                     progress(done, total_in, lp.tensor)
@@ -128,7 +147,7 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, lp: Layer
     writer.write(f"{layer}.weight_scale", scale)
     if spec.writes_input_scale:
         writer.write(f"{layer}.input_scale", torch.ones((), dtype=torch.float32))
-    writer.write(f"{layer}.comfy_quant", encode_comfy_quant(lp.comfy_quant(block_size)))
+    writer.write(f"{layer}.comfy_quant", encode_comfy_quant(lp.comfy_quant()))
     del w
     reader.release(lp.tensor)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
@@ -151,7 +170,7 @@ def verify_written(path: Path, plan: Plan, writer: SafetensorsWriter) -> None:
         for lp in plan.quantized:
             name = f"{lp.layer}.comfy_quant"
             got = json.loads(bytes(out.buffer(name)).decode("utf-8"))
-            if got != lp.comfy_quant(plan.options.block_size):
+            if got != lp.comfy_quant():
                 raise QuantkitError("written .comfy_quant marker does not decode to the plan", file=path,
                                     tensor=name, fix="report this as a quantkit bug")
 

@@ -90,6 +90,10 @@ FORMATS: dict[str, FormatSpec] = {
 }
 
 DEFAULT_FORMAT = "fp8"
+
+# Extra .comfy_quant keys a user may set per layer (or for all layers), with their type. Stock
+# ComfyUI reads full_precision_matrix_mult: dequantize and run a normal matmul for that layer.
+LAYER_OPTIONS: dict[str, type] = {"full_precision_matrix_mult": bool}
 FALLBACK_CHOICES = ("int8-row", "int8-tensor", "fp8", "fp8-e5m2", "keep")
 
 

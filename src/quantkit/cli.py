@@ -23,7 +23,9 @@ from .errors import EXIT_INTERRUPTED, QuantkitError
 from .families import PRESET_CHOICES
 from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS
 from .plan import Options, default_output_name, plan_file
-from .render import print_plan
+from .inspection import inspect_file
+from .render import print_inspection, print_plan, print_verify
+from .verify import verify as verify_file
 from .report import ConvertReport
 
 app = typer.Typer(
@@ -282,6 +284,60 @@ def plan(
         out.print_json(data=_plan_json(p, input, None))
     else:
         print_plan(p, input.name, None, out)
+
+
+@app.command(epilog="Examples:\n\n  quantkit inspect flux1-dev-fp8.safetensors\n\n"
+                    "  quantkit inspect downloaded-int8.safetensors --json")
+def inspect(
+    file: Annotated[Path, typer.Argument(help="Any .safetensors file (from quantkit or another tool).", show_default=False)],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show what a .safetensors file holds and whether ComfyUI loads it.
+
+    Formats and counts, sizes, dtypes, header metadata, the model family, whether stock ComfyUI
+    loads it or which node it needs, and every contract violation (scale without marker, wrong
+    scale shape, uint8-stored fp8, header disagreeing with the per-layer markers, ...). Reads the
+    header and the small marker tensors only. Exit codes: 0 no violation, 1 violations or bad
+    file, 2 usage error.
+    """
+    try:
+        ins = inspect_file(file)
+    except QuantkitError as e:
+        raise _fail(e) from None
+    if json_out:
+        out.print_json(data=ins.to_dict())
+    else:
+        print_inspection(ins, out)
+    raise typer.Exit(1 if ins.violations else 0)
+
+
+@app.command(epilog="Examples:\n\n  quantkit verify model-fp8.safetensors\n\n"
+                    "  quantkit verify model-fp8.safetensors --against model.safetensors --min-sqnr 25\n\n"
+                    "  quantkit verify out.safetensors --against in.safetensors --report verify.json")
+def verify(
+    file: Annotated[Path, typer.Argument(help="A quantized .safetensors file (from quantkit or another tool).", show_default=False)],
+    against: Annotated[Optional[Path], typer.Option("--against", help="The original checkpoint: compute per-layer SQNR of the dequantized weights against it.")] = None,
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="Fail if any measured layer's SQNR (dB) is below this. Needs --against.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Write a JSON report: per-layer SQNR and timings, violations, versions, sha256 of both files.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code tells.")] = False,
+) -> None:
+    """Check a file against ComfyUI's on-disk contract, and its quality against the original.
+
+    Exit codes: 0 no violation, 1 any violation or layer under --min-sqnr (or a bad file), 2
+    usage error, 130 interrupted.
+    """
+    try:
+        rep = verify_file(file, against, min_sqnr)
+        if report is not None:
+            entry = {"status": "ok" if rep.ok else "failed", **rep.to_dict(),
+                     "sha256": reportfile.sha256_file(file),
+                     "against_sha256": None if against is None else reportfile.sha256_file(against)}
+            reportfile.write_report(report, ["quantkit", "verify", *map(str, sys.argv[2:])], [entry])
+    except QuantkitError as e:
+        raise _fail(e) from None
+    if not quiet:
+        print_verify(rep, out)
+    raise typer.Exit(0 if rep.ok else 1)
 
 
 @app.command(epilog="Examples:\n\n  quantkit presets")

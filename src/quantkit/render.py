@@ -7,7 +7,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .inspection import Inspection, Violation
 from .plan import Plan
+from .verify import VerifyReport
 
 
 def gb(n: int) -> str:
@@ -60,3 +62,63 @@ def print_plan(plan: Plan, input_name: str, output_name: str | None, console: Co
     s.add_row("size", f"{gb(plan.input_size)} -> {gb(plan.output_size)} ({ratio:.0%}) expected")
     s.add_row("ComfyUI", loads_line(plan.needs_node))
     console.print(s)
+
+
+def print_inspection(ins: Inspection, console: Console) -> None:
+    s = Table(title=ins.path, title_justify="left", show_header=False, box=None, pad_edge=False)
+    s.add_column(style="bold")
+    s.add_column(overflow="fold")
+    s.add_row("size", f"{gb(ins.file_size)}, {ins.tensors} tensors, header {ins.header_bytes} bytes")
+    s.add_row("dtypes", ", ".join(f"{k} {c} ({gb(b)})" for k, (c, b) in ins.dtypes.items()) or "-")
+    fmts = ", ".join(f"{f} {c}" for f, c in ins.formats.items())
+    s.add_row("quantized", f"{len(ins.markers)} layers" + (f": {fmts}" if fmts else "")
+              + f"; {ins.float_weights} float 2-D weights unquantized")
+    fams = ", ".join(d.family.title + (f" at '{d.prefix}'" if d.prefix else "") for d in ins.families)
+    s.add_row("family", fams or "not recognised")
+    for k, val in sorted((ins.metadata or {}).items()):
+        shown = val if len(val) <= 120 else f"<{len(val)} bytes>"
+        s.add_row(f"metadata {k}", Text(shown))
+    s.add_row("ComfyUI", ins.loads)
+    console.print(s)
+    print_violations(ins.violations, console)
+
+
+def print_violations(violations: list[Violation], console: Console) -> None:
+    if not violations:
+        return
+    console.print(Text(f"{len(violations)} violation(s):", style="bold red"))
+    for v in violations:
+        console.print(Text(f"  {v.line()}"), highlight=False, soft_wrap=True)
+
+
+def print_verify(rep: VerifyReport, console: Console, worst: int = 10) -> None:
+    ins = rep.inspection
+    s = Table(title=f"verify: {rep.path}" + (f" against {rep.against}" if rep.against else ""),
+              title_justify="left", show_header=False, box=None, pad_edge=False)
+    s.add_column(style="bold")
+    s.add_column(overflow="fold")
+    fmts = ", ".join(f"{f} {c}" for f, c in ins.formats.items())
+    s.add_row("quantized", f"{len(ins.markers)} layers" + (f": {fmts}" if fmts else ""))
+    s.add_row("ComfyUI", ins.loads)
+    measured = [c for c in rep.layers if c.sqnr_db is not None]
+    if rep.against:
+        s.add_row("unchanged", f"{rep.identical} tensors bit-identical to the original")
+        if measured:
+            vals = sorted(c.sqnr_db for c in measured)
+            s.add_row("SQNR", f"min {db(vals[0])}, median {db(vals[len(vals) // 2])} over {len(vals)} layers"
+                      + (f" (floor {rep.min_sqnr:g} dB)" if rep.min_sqnr is not None else ""))
+        skipped = len(rep.layers) - len(measured)
+        if skipped:
+            s.add_row("not measured", f"{skipped} layers (see the report)")
+    console.print(s)
+    if measured:
+        t = Table(title=f"lowest SQNR ({min(worst, len(measured))} of {len(measured)})", title_justify="left")
+        t.add_column("layer", overflow="fold")
+        t.add_column("format")
+        t.add_column("SQNR", justify="right")
+        for c in sorted(measured, key=lambda c: c.sqnr_db)[:worst]:
+            t.add_row(c.name, c.format or "(unquantized)", db(c.sqnr_db))
+        console.print(t)
+    print_violations(rep.violations, console)
+    console.print(Text("OK" if rep.ok else f"FAILED: {len(rep.violations)} violation(s)",
+                       style="bold green" if rep.ok else "bold red"))

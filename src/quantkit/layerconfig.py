@@ -29,6 +29,26 @@ from .formats import FORMATS, LAYER_OPTIONS
 
 ENTRY_KEYS = ("format", "block_size", "skip", "options")
 
+try:  # the stdlib regex parser, to rank patterns by how much literal text they demand
+    from re import _parser as _sre  # Python >= 3.11
+except ImportError:  # pragma: no cover
+    import sre_parse as _sre  # type: ignore[no-redef]
+
+
+def _literal_count(seq) -> int:
+    n = 0
+    for op, av in seq:
+        name = str(op)
+        if name == "LITERAL":
+            n += 1
+        elif name == "SUBPATTERN":
+            n += _literal_count(av[-1])
+        elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            n += av[0] * _literal_count(av[2]) if av[0] else 0
+        elif name == "BRANCH":
+            n += min(_literal_count(b) for b in av[1])
+    return n
+
 
 @dataclass(frozen=True)
 class LayerRule:
@@ -41,10 +61,12 @@ class LayerRule:
 
     @property
     def specificity(self) -> tuple[int, int]:
+        """(1, len) for an exact name; (0, n) for a regex, n = characters every match must contain
+        literally (``\\.`` counts, ``\\d``/``.``/classes don't, an alternation counts its
+        shortest branch)."""
         if self.regex is None:
             return (1, len(self.pattern))
-        body = re.sub(r"\\.", "x", self.pattern[3:])  # an escaped char is one literal
-        return (0, sum(1 for c in body if c not in ".^$*+?{}[]()|\\"))
+        return (0, _literal_count(_sre.parse(self.pattern[3:])))
 
     def matches(self, layer: str) -> bool:
         return layer == self.pattern if self.regex is None else bool(self.regex.fullmatch(layer))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +102,10 @@ def load_layer_config(path: str | Path) -> LayerConfig:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UsageError(f"not valid JSON ({e})", file=path, fix="fix the syntax") from None
     elif path.suffix.lower() == ".toml":
+        try:
+            import tomllib  # Python >= 3.11; no third-party TOML dependency
+        except ImportError:  # pragma: no cover
+            raise UsageError("TOML configs need Python 3.11 or newer", file=path, fix="write the config as JSON") from None
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

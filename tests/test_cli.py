@@ -77,6 +77,12 @@ def test_version_and_formats():
         assert name in r.stdout
 
 
-def test_help_has_examples():
-    r = run("convert", "--help")
-    assert r.exit_code == 0 and "Examples" in r.stdout
+@pytest.mark.parametrize("cmd", ["convert", "plan", "inspect", "verify", "presets", "formats"])
+def test_help_has_examples(cmd):
+    r = run(cmd, "--help")
+    assert r.exit_code == 0 and "Examples" in r.stdout and f"quantkit {cmd}" in r.stdout
+
+
+def test_shell_completion_script():
+    r = subprocess.run([sys.executable, "-m", "quantkit", "--show-completion", "bash"], capture_output=True, text=True)
+    assert r.returncode == 0 and "QUANTKIT_COMPLETE=complete_bash" in r.stdout and "complete -o default -F" in r.stdout

@@ -31,7 +31,8 @@ from .report import ConvertReport
 app = typer.Typer(
     name="quantkit",
     help="Quantize diffusion-model checkpoints to FP8/INT8 .safetensors files that ComfyUI loads.\n\n"
-         "Exit codes: 0 success, 1 bad input or failed conversion, 2 usage error, 130 interrupted.",
+         "Exit codes: 0 success, 1 bad input, failed conversion (of any input), contract violation or "
+         "layer under --min-sqnr, 2 usage error, 130 interrupted.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=True,
@@ -351,6 +352,8 @@ def presets() -> None:
         t.add_column("kept because")
         for pat, why in fam.keep:
             t.add_row(pat, why)
+        t.caption = "detected by: " + ", ".join(e if isinstance(e, str) else f"{e[0]} {list(e[1])}" for e in fam.detect)
+        t.caption_justify = "left"
         out.print(t)
 
 

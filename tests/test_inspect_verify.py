@@ -192,3 +192,21 @@ def test_verify_report(sample, tmp_path):
     assert f["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
     assert f["against_sha256"] == hashlib.sha256(sample.read_bytes()).hexdigest()
     assert doc["ok"] is True and len(f["layers"]) == 20 and all(x["sqnr_db"] > 25 for x in f["layers"])
+
+
+def test_old_converter_layout_is_a_note_not_a_violation(tmp_path):
+    """convert_to_quant 1.3.4 (--int8 --scaling_mode row) writes 'per_row': true in each marker but
+    not in the header, and orig_dtype as 'torch.bfloat16': ComfyUI reads neither key, so the file
+    loads correctly; inspect reports a note. A difference in a key ComfyUI reads stays a violation."""
+    w = torch.randn(N, K)
+    s = w.abs().amax(1, keepdim=True) / 127
+    cq = {"format": "int8_tensorwise", "orig_dtype": "torch.bfloat16", "per_row": True}
+    sd = {"l.weight": (w / s).round().to(torch.int8), "l.weight_scale": s, "l.comfy_quant": marker(cq)}
+    p = write(tmp_path, sd, {"l": {"format": "int8_tensorwise", "orig_dtype": "torch.bfloat16"}})
+    ins = inspect_file(p)
+    assert ins.violations == [] and [(n.rule, n.tensor) for n in ins.notes] == [("header-marker-mismatch", "l.comfy_quant")]
+    assert ins.notes[0].message.endswith("they differ only in keys ComfyUI ignores")
+    r = run("inspect", p)
+    assert r.exit_code == 0 and "1 note(s) (not violations)" in r.stdout
+    p = write(tmp_path, sd, {"l": {"format": "int8_tensorwise", "full_precision_matrix_mult": True}}, "h.safetensors")
+    assert [v.rule for v in inspect_file(p).violations] == ["header-marker-mismatch"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import families
-from .formats import SCALE_SUFFIXES, STOCK_COMFY_FORMATS
+from .formats import COMFY_READ_KEYS, SCALE_SUFFIXES, STOCK_COMFY_FORMATS
 from .plan import QUANT_METADATA_KEY
 from .safetensors_io import SafetensorsReader, TensorInfo
 
@@ -39,6 +39,7 @@ class Inspection:
     float_weights: int = 0  # 2-D float .weight tensors without a marker
     families: list[families.Detected] = field(default_factory=list)
     violations: list[Violation] = field(default_factory=list)
+    notes: list[Violation] = field(default_factory=list)  # worth knowing, but ComfyUI loads it right
 
     @property
     def formats(self) -> dict[str, int]:
@@ -69,7 +70,8 @@ class Inspection:
                 "unquantized_float_weights": self.float_weights,
                 "families": [{"family": d.family.name, "prefix": d.prefix} for d in self.families],
                 "comfyui_loads": self.loads, "needs_node_for": self.needs_node,
-                "violations": [{"rule": v.rule, "tensor": v.tensor, "message": v.message} for v in self.violations]}
+                "violations": [{"rule": v.rule, "tensor": v.tensor, "message": v.message} for v in self.violations],
+                "notes": [{"rule": v.rule, "tensor": v.tensor, "message": v.message} for v in self.notes]}
 
 
 def inspect_file(path: str | Path) -> Inspection:
@@ -104,7 +106,7 @@ def inspect_reader(r: SafetensorsReader) -> Inspection:
             ins.float_weights += 1
     for layer, m in ins.markers.items():
         _check_layer(layer, m, T, v)
-    _check_header(r.metadata, ins.markers, v)
+    _check_header(r.metadata, ins.markers, v, ins.notes.append)
     names = {n: t.shape for n, t in T.items() if not n.endswith((".comfy_quant", *SCALE_SUFFIXES))}
     ins.families = families.detect(names)
     return ins
@@ -219,7 +221,7 @@ def _check_layer(layer: str, m: dict, T: dict[str, TensorInfo], v) -> None:
             v(Violation("missing-scale", f"{layer}.weight_scale_2", "nvfp4 needs an F32 scalar weight_scale_2"))
 
 
-def _check_header(metadata: dict[str, str] | None, markers: dict[str, dict], v) -> None:
+def _check_header(metadata: dict[str, str] | None, markers: dict[str, dict], v, note) -> None:
     if not metadata or QUANT_METADATA_KEY not in metadata:
         return
     where = f"__metadata__.{QUANT_METADATA_KEY}"
@@ -237,9 +239,14 @@ def _check_header(metadata: dict[str, str] | None, markers: dict[str, dict], v) 
             v(Violation("header-marker-mismatch", f"{layer}.comfy_quant",
                         f"{where} lists this layer but the file has no (valid) marker tensor for it"))
         elif entry != markers[layer]:
-            v(Violation("header-marker-mismatch", f"{layer}.comfy_quant",
-                        f"{where} says {json.dumps(entry, sort_keys=True)} but the marker says "
-                        f"{json.dumps(markers[layer], sort_keys=True)}; ComfyUI uses the header's"))
+            read = [k for k in COMFY_READ_KEYS if (entry.get(k) if isinstance(entry, dict) else None) != markers[layer].get(k)]
+            msg = (f"{where} says {json.dumps(entry, sort_keys=True)} but the marker says "
+                   f"{json.dumps(markers[layer], sort_keys=True)}")
+            if read or not isinstance(entry, dict):
+                v(Violation("header-marker-mismatch", f"{layer}.comfy_quant", f"{msg}; ComfyUI uses the header's"))
+            else:
+                note(Violation("header-marker-mismatch", f"{layer}.comfy_quant",
+                               f"{msg}; they differ only in keys ComfyUI ignores"))
     for layer in sorted(set(markers) - set(layers)):
         v(Violation("header-marker-mismatch", f"{layer}.comfy_quant", f"marker not listed in {where}"))
 

@@ -80,7 +80,18 @@ def print_inspection(ins: Inspection, console: Console) -> None:
         s.add_row(f"metadata {k}", Text(shown))
     s.add_row("ComfyUI", ins.loads)
     console.print(s)
+    print_notes(ins.notes, console)
     print_violations(ins.violations, console)
+
+
+def print_notes(notes: list[Violation], console: Console, shown: int = 3) -> None:
+    if not notes:
+        return
+    console.print(Text(f"{len(notes)} note(s) (not violations):", style="bold"))
+    for n in notes[:shown]:
+        console.print(Text(f"  {n.line()}"), highlight=False, soft_wrap=True)
+    if len(notes) > shown:
+        console.print(Text(f"  ... and {len(notes) - shown} more like these (all in --json / --report)"))
 
 
 def print_violations(violations: list[Violation], console: Console) -> None:
@@ -119,6 +130,7 @@ def print_verify(rep: VerifyReport, console: Console, worst: int = 10) -> None:
         for c in sorted(measured, key=lambda c: c.sqnr_db)[:worst]:
             t.add_row(c.name, c.format or "(unquantized)", db(c.sqnr_db))
         console.print(t)
+    print_notes(ins.notes, console)
     print_violations(rep.violations, console)
     console.print(Text("OK" if rep.ok else f"FAILED: {len(rep.violations)} violation(s)",
                        style="bold green" if rep.ok else "bold red"))

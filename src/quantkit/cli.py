@@ -223,7 +223,7 @@ def convert(
             entries.append(reportfile.convert_entry(rep))
     if report is not None:
         try:
-            reportfile.write_report(report, ["quantkit", "convert", *map(str, sys.argv[2:])], entries)
+            reportfile.write_report(report, list(sys.argv), entries)
         except QuantkitError as e:
             raise _fail(e) from None
     if failed and len(targets) > 1:
@@ -333,7 +333,7 @@ def verify(
             entry = {"status": "ok" if rep.ok else "failed", **rep.to_dict(),
                      "sha256": reportfile.sha256_file(file),
                      "against_sha256": None if against is None else reportfile.sha256_file(against)}
-            reportfile.write_report(report, ["quantkit", "verify", *map(str, sys.argv[2:])], [entry])
+            reportfile.write_report(report, list(sys.argv), [entry])
     except QuantkitError as e:
         raise _fail(e) from None
     if not quiet:

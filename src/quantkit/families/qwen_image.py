@@ -6,9 +6,9 @@ FAMILY = Family(
     name="qwen-image",
     aliases=("qwen",),
     title="Qwen-Image",
+    # (not txt_norm: later releases moved it to txt_in.text_norm)
     detect=(r"^transformer_blocks\.\d+\.img_mod\.1\.weight$",
-            r"^transformer_blocks\.\d+\.attn\.add_q_proj\.weight$",
-            r"^txt_norm\.weight$"),
+            r"^transformer_blocks\.\d+\.attn\.add_q_proj\.weight$"),
     keep=(
         (r"^img_in$", "entry projection of the latent patches"),
         (r"^txt_in$", "entry projection of the Qwen2.5-VL features"),

@@ -199,9 +199,12 @@ def test_several_inputs_one_failure_and_report(sample, tmp_path):
     (["--json"], "--json prints a plan"),
     (["--dry-run", "--report", "{tmp}/r.json"], "--report records a conversion"),
     (["--preset", "flux3"], "'flux3' is not one of"),
+    (["--config", "{tmp}/nope.toml"], "no such per-layer config file"),
+    (["--config", "{tmp}"], "cannot read the per-layer config"),
+    (["--config", "{sample}"], "unknown config file type"),
 ])
 def test_convert_usage_errors(sample, tmp_path, args, needle):
-    r = run("convert", sample, *[a.format(tmp=tmp_path) for a in args])
+    r = run("convert", sample, *[a.format(tmp=tmp_path, sample=sample) for a in args])
     assert r.exit_code == 2 and needle in r.output, r.output
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from . import quantize
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
 from .formats import FORMATS, encode_comfy_quant
-from .pipeline import BackgroundWriter
+from .pipeline import DEFAULT_DEPTH, BackgroundWriter
+from .layerconfig import LayerConfig, load_layer_config
 from .plan import LayerPlan, Options, Plan, default_output_name, plan_conversion
 from .report import ConvertReport, LayerReport
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
@@ -33,12 +35,16 @@ Progress = Callable[[int, int, str], None]  # (input bytes done, input bytes tot
 def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, format: str = "fp8",
             block_size: int = 128, include: tuple[str, ...] | list[str] = (),
             exclude: tuple[str, ...] | list[str] = (), fallback: str = "int8-row",
-            overwrite: bool = False, progress: Progress | None = None, device: str = "auto") -> ConvertReport:
+            overwrite: bool = False, progress: Progress | None = None, preset: str = "auto",
+            config: str | os.PathLike | LayerConfig | None = None,
+            full_precision_matrix_mult: bool = False, device: str = "auto") -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
-    beside the input). ``device``: ``auto`` (a GPU if there is one), ``cpu``, ``cuda`` or ``cuda:N``.
-    Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input."""
-    options = Options(format, block_size, tuple(include), tuple(exclude), fallback)
-    options.validate()
+    beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input.
+    ``preset``: a model family (``quantkit.families``), ``auto`` (detect) or ``none``; ``config``: a
+    per-layer config file (``quantkit.layerconfig``); ``device``: ``auto`` (a GPU if there is one),
+    ``cpu``, ``cuda`` or ``cuda:N`` (the bytes written are the same on every device)."""
+    options = make_options(format, block_size, include, exclude, fallback, preset, config,
+                           full_precision_matrix_mult)
     dev = resolve_device(device)
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
@@ -71,6 +77,18 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def make_options(format: str = "fp8", block_size: int = 128, include=(), exclude=(), fallback: str = "int8-row",
+                 preset: str = "auto", config: str | os.PathLike | LayerConfig | None = None,
+                 full_precision_matrix_mult: bool = False) -> Options:
+    """Validated :class:`Options` from keyword values (a config path is loaded and checked here)."""
+    if config is not None and not isinstance(config, LayerConfig):
+        config = load_layer_config(config)
+    extra = (("full_precision_matrix_mult", True),) if full_precision_matrix_mult else ()
+    options = Options(format, block_size, tuple(include), tuple(exclude), fallback, preset, config, extra)
+    options.validate()
+    return options
+
+
 def check_output_path(src: Path, dst: Path, overwrite: bool) -> None:
     if dst.exists() or dst.is_symlink():
         if dst.exists() and os.path.samefile(src, dst):
@@ -99,16 +117,22 @@ def _os_error(e: OSError, dst: Path, need: int) -> QuantkitError:
 
 
 def _make_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.device):
-    """A function (reader, tensor name, spec, block_size) -> (q, scale, stats, give_back)."""
+    """A function (reader, tensor name, spec, block_size) -> (q, scale, stats, give_back); q lives in
+    one of a few reused buffers, handed back by ``give_back`` once written."""
     if device.type != "cpu":
         return _device_quantizer(plan, reader, device)
-    return _cpu_quantizer
+    return _cpu_quantizer(plan, reader)
+
+
+def _max_sizes(plan: Plan, reader: SafetensorsReader) -> tuple[int, int]:
+    infos = [reader.tensors[lp.tensor] for lp in plan.quantized]
+    return max((t.nbytes for t in infos), default=0), max((t.numel for t in infos), default=0)
 
 
 def _device_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.device):
     from .cuda_path import DeviceQuantizer
-    sizes = [(reader.tensors[lp.tensor].nbytes, reader.tensors[lp.tensor].numel) for lp in plan.quantized]
-    dq = DeviceQuantizer(device, max((a for a, _ in sizes), default=0), max((b for _, b in sizes), default=0))
+    max_in, max_out = _max_sizes(plan, reader)
+    dq = DeviceQuantizer(device, max_in, max_out, n_out=DEFAULT_DEPTH + 1)
 
     def on_device(reader: SafetensorsReader, name: str, spec, block_size):
         t = reader.tensors[name]
@@ -117,16 +141,20 @@ def _device_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.devic
     return on_device
 
 
-def _cpu_quantizer(reader: SafetensorsReader, name: str, spec, block_size):
-    w = reader.tensor(name)
-    q, scale, stats = quantize.quantize_tensor(w, spec, block_size)
-    del w
-    reader.release(name)
-    return q, scale, stats, _noop
+def _cpu_quantizer(plan: Plan, reader: SafetensorsReader):
+    _, max_out = _max_sizes(plan, reader)
+    free: queue.Queue[torch.Tensor] = queue.Queue()
+    for _ in range(DEFAULT_DEPTH + 1):  # one being written, DEFAULT_DEPTH queued... and one being filled
+        free.put(torch.empty(max(max_out, 1), dtype=torch.uint8))
 
-
-def _noop() -> None:
-    pass
+    def on_cpu(reader: SafetensorsReader, name: str, spec, block_size):
+        w = reader.tensor(name)
+        buf = free.get()
+        q, scale, stats = quantize.quantize_tensor(w, spec, block_size, out=buf)
+        del w
+        reader.release(name)
+        return q, scale, stats, lambda: free.put(buf)
+    return on_cpu
 
 
 def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,
@@ -154,8 +182,9 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                     if i + 1 < len(layers):
                         reader.prefetch(layers[i + 1].tensor)
                     t0 = time.perf_counter()
-                    report.layers.append(_convert_one(reader, writer, bw, quantizer, lp, opts.block_size, stages))
-                    stages["read+quantize"] += time.perf_counter() - t0
+                    report.layers.append(_convert_one(reader, writer, bw, quantizer, lp, lp.block_size, stages))
+                    report.layers[-1].seconds = time.perf_counter() - t0
+                    stages["read+quantize"] += report.layers[-1].seconds
                     done += reader.tensors[lp.tensor].nbytes
                     if progress is not None:
                         progress(done, total_in, lp.tensor)
@@ -208,7 +237,7 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backg
         give_back()
         raise QuantkitError("weight holds NaN or Inf values, which cannot be quantized", file=reader.path,
                             tensor=lp.tensor, fix=f"repair the checkpoint, or keep the layer with --exclude '^{layer}$'")
-    marker = encode_comfy_quant(lp.comfy_quant(block_size))
+    marker = encode_comfy_quant(lp.comfy_quant())
 
     def write() -> None:
         try:
@@ -240,7 +269,7 @@ def verify_written(path: Path, plan: Plan, writer: SafetensorsWriter) -> None:
         for lp in plan.quantized:
             name = f"{lp.layer}.comfy_quant"
             got = json.loads(bytes(out.buffer(name)).decode("utf-8"))
-            if got != lp.comfy_quant(plan.options.block_size):
+            if got != lp.comfy_quant():
                 raise QuantkitError("written .comfy_quant marker does not decode to the plan", file=path,
                                     tensor=name, fix="report this as a quantkit bug")
 

@@ -17,6 +17,7 @@ class LayerReport:
     comfy_format: str | None
     reason: str = ""
     sqnr_db: float | None = None
+    seconds: float = 0.0  # wall time spent on this tensor (read, quantize, write)
 
 
 @dataclass

@@ -77,18 +77,19 @@ def _load_f32(ptrs, mask, IN_BF16: tl.constexpr):
     """Load weights as fp32. bf16 arrives as int16 bits and is widened by a shift: exact for
     subnormals too (the interpreter's own bf16 -> fp32 conversion is not)."""
     if IN_BF16:
-        v = tl.load(ptrs, mask=mask, other=0)
-        return (v.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        w = (tl.load(ptrs, mask=mask, other=0).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
-        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return w
 
 
 @triton.jit
 def _load_f32_full(ptrs, IN_BF16: tl.constexpr):
     if IN_BF16:
-        return (tl.load(ptrs).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        w = (tl.load(ptrs).to(tl.int32) << 16).to(tl.float32, bitcast=True)
     else:
-        return tl.load(ptrs).to(tl.float32)
+        w = tl.load(ptrs).to(tl.float32)
+    return w
 
 
 @triton.jit
@@ -98,28 +99,27 @@ def _quant_values(w, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.
     """w (fp32) and its broadcast scale -> (stored values, dequantized fp32 values)."""
     x = tl.math.div_rn(w, scale)
     if IS_INT:
-        r = (x + _RNE_MAGIC) - _RNE_MAGIC
+        r = (x + _RNE_MAGIC) - _RNE_MAGIC  # round half to even (exact for |x| < 2^22)
         r = tl.minimum(tl.maximum(r, -QMAX), QMAX)
-        return r.to(tl.int8), r * scale
+        q = r.to(tl.int8)
+        deq = r * scale
+    elif FP8_HW:
+        x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
+        q = x.to(FP8_TY, fp_downcast_rounding="rtne")
+        deq = q.to(tl.float32) * scale
     else:
         x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
-        if FP8_HW:
-            q = x.to(FP8_TY, fp_downcast_rounding="rtne")
-            return q, q.to(tl.float32) * scale
-        else:
-            xb = x.to(tl.int32, bitcast=True)
-            a = tl.abs(x)
-            ab = a.to(tl.int32, bitcast=True)
-            e = tl.maximum(((ab >> 23) & 0xFF) - 127, EMIN)
-            c = ((e - MBITS + 150) << 23).to(tl.float32, bitcast=True)  # ulp of the fp8 binade * 2^23
-            r = (a + c) - c  # a rounded to the fp8 grid, ties to even
-            rb = r.to(tl.int32, bitcast=True)
-            normal = (rb >> (23 - MBITS)) - ((127 - EBIAS) << MBITS)
-            sub = (tl.minimum(r, MIN_NORMAL) * SUB_MUL).to(tl.int32)  # fp8 subnormal: r / 2^(EMIN - MBITS), exact
-            neg = xb < 0
-            bits = tl.where(r >= MIN_NORMAL, normal, sub) | tl.where(neg, 0x80, 0)
-            deq = tl.where(neg, -r, r) * scale
-            return bits.to(tl.uint8), deq
+        a = tl.abs(x)
+        e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, EMIN)  # binade (>= EMIN)
+        c = ((e - MBITS + 150) << 23).to(tl.float32, bitcast=True)  # 2^23 * the fp8 ulp there
+        r = (a + c) - c  # |x| rounded to the fp8 grid, ties to even
+        normal = (r.to(tl.int32, bitcast=True) >> (23 - MBITS)) - ((127 - EBIAS) << MBITS)
+        sub = (tl.minimum(r, MIN_NORMAL) * SUB_MUL).to(tl.int32)  # fp8 subnormal: r / 2^(EMIN-MBITS)
+        neg = x.to(tl.int32, bitcast=True) < 0  # sign bit: -0.0 stays -0.0
+        bits = tl.where(r >= MIN_NORMAL, normal, sub) | tl.where(neg, 0x80, 0)
+        q = bits.to(tl.uint8)
+        deq = tl.where(neg, -r, r) * scale
+    return q, deq
 
 
 @triton.jit
@@ -282,7 +282,7 @@ BLOCK_TILE = 16384  # elements of one block-kernel tile (b x b up to b = 128 in 
 
 def quantize(w: torch.Tensor, spec: FormatSpec, block_size: int, *, fp8_hw: bool = False,
              flat_block: int = FLAT_BLOCK, programs: int | None = None, row_tile: int = ROW_TILE,
-             block_tile: int = BLOCK_TILE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+             block_tile: int = BLOCK_TILE, num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize a 2-D bf16/fp16/fp32 weight on its device: ``(q, scale, signal, noise)``.
 
     ``q`` and ``scale`` equal ``reference.quantize(w, spec, block_size)`` bit for bit; ``signal``
@@ -311,16 +311,16 @@ def quantize(w: torch.Tensor, spec: FormatSpec, block_size: int, *, fp8_hw: bool
         nprog = max(1, min(tiles, programs or 4 * _sm_count(dev)))
         parts = torch.empty(nprog, dtype=torch.int32, device=dev)  # amax bits per program
         stats = torch.empty((nprog, 2), dtype=torch.float32, device=dev)
-        _amax_partials[(nprog,)](w_arg, parts, numel, IN_BF16=in_bf16, BLOCK=flat_block, num_warps=8)
+        _amax_partials[(nprog,)](w_arg, parts, numel, IN_BF16=in_bf16, BLOCK=flat_block, num_warps=num_warps)
         _quant_flat[(nprog,)](w_arg, q_arg, parts, nprog, scale, stats, numel, **fa, BLOCK=flat_block,
-                              PBLOCK=triton.next_power_of_2(nprog), num_warps=8)
+                              PBLOCK=triton.next_power_of_2(nprog), num_warps=num_warps)
     elif spec.granularity == "row":
         block_k = min(triton.next_power_of_2(k), row_tile)
         block_m = max(1, row_tile // block_k)
         nprog = triton.cdiv(n, block_m)
         stats = torch.empty((nprog, 2), dtype=torch.float32, device=dev)
         _quant_rows[(nprog,)](w_arg, q_arg, scale, stats, n, k, **fa, BLOCK_M=block_m, BLOCK_K=block_k,
-                              ONE_PASS=k <= block_k, num_warps=8)
+                              ONE_PASS=k <= block_k, num_warps=num_warps)
     else:
         b = block_size
         if b < 1 or b & (b - 1) or n % b or k % b:
@@ -328,6 +328,6 @@ def quantize(w: torch.Tensor, spec: FormatSpec, block_size: int, *, fp8_hw: bool
         rb = min(b, max(1, block_tile // b))
         stats = torch.empty((n // b * (k // b), 2), dtype=torch.float32, device=dev)
         _quant_blocks[(n // b, k // b)](w_arg, q_arg, scale, stats, k, k // b, **fa, B=b, RB=rb,
-                                        num_warps=8 if b * rb >= 4096 else 4)
-    s = stats.double().sum(0)
+                                        num_warps=num_warps if b * rb >= 4096 else 4)
+    s = stats.sum(0, dtype=torch.float64)
     return q, scale, s[0], s[1]

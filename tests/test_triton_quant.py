@@ -13,7 +13,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["TRITON_INTERPRET"] = "1"  # conftest.py sets it too, before anything imports triton
 
 pytest.importorskip("triton")
 
@@ -21,6 +21,13 @@ from quantkit import backend, reference  # noqa: E402
 from quantkit.errors import QuantkitError, UsageError  # noqa: E402
 from quantkit.formats import FORMATS  # noqa: E402
 from quantkit.kernels import triton_quant  # noqa: E402
+
+if not torch.cuda.is_available():
+    from triton.runtime.interpreter import InterpretedFunction
+    import triton.language as tl
+    if not isinstance(tl.standard.max, InterpretedFunction):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: set it earlier (tests/conftest.py)",
+                    pytrace=False)
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)

@@ -19,7 +19,8 @@ Backends (``backend_for(dev)`` tells which one a device gets):
 
 =========  =======================================================================================
 ``torch``  CPU: the chunked fast path of :mod:`quantkit.quantize` (cache-sized row chunks, no
-           fp32 copy of the whole tensor). CUDA: :func:`quantkit.reference.quantize` on the GPU.
+           fp32 copy of the whole tensor). CUDA: the reference math on the GPU, whole tensor
+           (with the scale divided by a device tensor: see :func:`quantize_torch`).
 ``triton`` :mod:`quantkit.kernels.triton_quant` (CUDA only; one pass over the weight per format,
            SQNR sums in the same kernels).
 =========  =======================================================================================
@@ -147,7 +148,13 @@ def quantize_torch(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantR
             i += chunk.shape[0]
         return QuantResult(q, scale, torch.tensor(stats.signal, dtype=torch.float64),
                            torch.tensor(stats.noise, dtype=torch.float64))
-    q, scale = reference.quantize(w, spec, block_size)
+    # On CUDA, torch divides by a CPU scalar as a multiply by its reciprocal, so the reference's
+    # `amax / torch.tensor(qmax)` can differ in the last bit there (seen on an H100 for int8 row and
+    # block scales). Dividing by a device tensor is an IEEE division: same bits as on CPU.
+    amax = reference.region_amax(w, spec, block_size)
+    scale = amax / torch.full_like(amax, spec.qmax)
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+    q = reference.quantize_with_scale(w, scale, spec, block_size)
     w32 = w.float()
     deq = q.float() * reference.expand_scale(scale, tuple(w.shape), spec, block_size)
     signal = torch.dot(w32.view(-1), w32.view(-1)).double()
@@ -155,15 +162,11 @@ def quantize_torch(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantR
     return QuantResult(q, scale, signal, torch.dot(d, d).double())
 
 
-def quantize_triton(w: torch.Tensor, spec: FormatSpec, block_size: int, *,
-                    fp8_hw: bool | None = None) -> QuantResult:
-    """The Triton kernels on w's device (CUDA, or CPU under TRITON_INTERPRET=1). ``fp8_hw``: use the
-    GPU's fp8 cast instruction (default: on CUDA), else the exact integer emulation."""
+def quantize_triton(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantResult:
+    """The Triton kernels on w's device (CUDA, or CPU under TRITON_INTERPRET=1)."""
     _check_shape(w, spec, block_size)
     from .kernels import triton_quant
-    if fp8_hw is None:
-        fp8_hw = w.device.type == "cuda" and triton_quant.FP8_HW_ON_CUDA
-    return QuantResult(*triton_quant.quantize(w, spec, block_size, fp8_hw=fp8_hw))
+    return QuantResult(*triton_quant.quantize(w, spec, block_size))
 
 
 def check_finite(scale: torch.Tensor, *, file: object = None, tensor: str | None = None,

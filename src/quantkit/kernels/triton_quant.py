@@ -33,9 +33,11 @@ Exactness, and why it holds on the GPU and under ``TRITON_INTERPRET=1`` alike:
   run in the interpreter).
 * FP8 rounding is done in fp32 arithmetic to the fp8 grid of x's binade (the same add/subtract
   trick with a per-element constant), then the bits are assembled with integer ops. This is RNE
-  with fp8 subnormals and signed zeros exactly as torch's ``.to(float8)`` after the clamp. The
-  interpreter's own fp32->fp8 cast is not RNE (it rounds half up), which is why this path exists;
-  ``fp8_hw=True`` uses the GPU's ``cvt.rn.satfinite`` cast instead (tested on the GPU only).
+  with fp8 subnormals and signed zeros exactly as torch's ``.to(float8)`` after the clamp, and it
+  runs identically under the interpreter, whose own fp32->fp8 cast is not RNE (it rounds half up).
+  (A variant using the GPU's cast instruction, ``x.to(tl.float8e4nv, fp_downcast_rounding="rtne")``,
+  gave the same q on an H100 and ran up to ~10% faster per call, but its noise sum, dequantized
+  through Triton's fp8->fp32 upcast, came out NaN; it was dropped rather than shipped untested.)
 
 Where a region's scale is NaN or Inf (the weight holds NaN/Inf), ``q`` in that region is
 unspecified; callers detect it with ``torch.isfinite(scale)`` and refuse the weight, as the
@@ -57,7 +59,6 @@ _FP8 = {
     torch.float8_e4m3fn: (3, 7, -6),
     torch.float8_e5m2: (2, 15, -14),
 }
-_TL_FP8 = {torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e5m2: tl.float8e5}
 
 
 @triton.jit
@@ -94,8 +95,8 @@ def _load_f32_full(ptrs, IN_BF16: tl.constexpr):
 
 @triton.jit
 def _quant_values(w, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr,
-                  EBIAS: tl.constexpr, EMIN: tl.constexpr, FP8_HW: tl.constexpr,
-                  FP8_TY: tl.constexpr, SUB_MUL: tl.constexpr, MIN_NORMAL: tl.constexpr):
+                  EBIAS: tl.constexpr, EMIN: tl.constexpr,
+                  SUB_MUL: tl.constexpr, MIN_NORMAL: tl.constexpr):
     """w (fp32) and its broadcast scale -> (stored values, dequantized fp32 values)."""
     x = tl.math.div_rn(w, scale)
     if IS_INT:
@@ -103,10 +104,6 @@ def _quant_values(w, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.
         r = tl.minimum(tl.maximum(r, -QMAX), QMAX)
         q = r.to(tl.int8)
         deq = r * scale
-    elif FP8_HW:
-        x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
-        q = x.to(FP8_TY, fp_downcast_rounding="rtne")
-        deq = q.to(tl.float32) * scale
     else:
         x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
         a = tl.abs(x)
@@ -138,7 +135,7 @@ def _amax_partials(w_ptr, part_ptr, numel, IN_BF16: tl.constexpr, BLOCK: tl.cons
 @triton.jit
 def _quant_flat(w_ptr, q_ptr, part_ptr, nparts, scale_ptr, stats_ptr, numel,
                 QMAX: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr, EBIAS: tl.constexpr,
-                EMIN: tl.constexpr, FP8_HW: tl.constexpr, FP8_TY: tl.constexpr,
+                EMIN: tl.constexpr,
                 SUB_MUL: tl.constexpr, MIN_NORMAL: tl.constexpr, IN_BF16: tl.constexpr,
                 BLOCK: tl.constexpr, PBLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -156,7 +153,7 @@ def _quant_flat(w_ptr, q_ptr, part_ptr, nparts, scale_ptr, stats_ptr, numel,
         offs = tl.cast(t, tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < numel
         w = _load_f32(w_ptr + offs, m, IN_BF16)
-        q, deq = _quant_values(w, scale, QMAX, IS_INT, MBITS, EBIAS, EMIN, FP8_HW, FP8_TY, SUB_MUL, MIN_NORMAL)
+        q, deq = _quant_values(w, scale, QMAX, IS_INT, MBITS, EBIAS, EMIN, SUB_MUL, MIN_NORMAL)
         tl.store(q_ptr + offs, q, mask=m)
         d = tl.where(m, w - deq, 0.0)
         sig += w * w
@@ -168,7 +165,7 @@ def _quant_flat(w_ptr, q_ptr, part_ptr, nparts, scale_ptr, stats_ptr, numel,
 @triton.jit
 def _quant_rows(w_ptr, q_ptr, scale_ptr, stats_ptr, n, k,
                 QMAX: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr, EBIAS: tl.constexpr,
-                EMIN: tl.constexpr, FP8_HW: tl.constexpr, FP8_TY: tl.constexpr,
+                EMIN: tl.constexpr,
                 SUB_MUL: tl.constexpr, MIN_NORMAL: tl.constexpr, IN_BF16: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, ONE_PASS: tl.constexpr):
     pid = tl.program_id(0)
@@ -184,7 +181,7 @@ def _quant_rows(w_ptr, q_ptr, scale_ptr, stats_ptr, n, k,
         amax = _as_f32(tl.max(_abs_bits(w), 1))
         scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, QMAX))
         tl.store(scale_ptr + rows, scale, mask=rmask)
-        q, deq = _quant_values(w, scale[:, None], QMAX, IS_INT, MBITS, EBIAS, EMIN, FP8_HW, FP8_TY, SUB_MUL, MIN_NORMAL)
+        q, deq = _quant_values(w, scale[:, None], QMAX, IS_INT, MBITS, EBIAS, EMIN, SUB_MUL, MIN_NORMAL)
         tl.store(q_ptr + base + cols[None, :], q, mask=m)
         d = tl.where(m, w - deq, 0.0)
         sig += w * w
@@ -203,7 +200,7 @@ def _quant_rows(w_ptr, q_ptr, scale_ptr, stats_ptr, n, k,
             c = k0 + cols
             m = rmask[:, None] & (c[None, :] < k)
             w = _load_f32(w_ptr + base + c[None, :], m, IN_BF16)
-            q, deq = _quant_values(w, scale[:, None], QMAX, IS_INT, MBITS, EBIAS, EMIN, FP8_HW, FP8_TY, SUB_MUL, MIN_NORMAL)
+            q, deq = _quant_values(w, scale[:, None], QMAX, IS_INT, MBITS, EBIAS, EMIN, SUB_MUL, MIN_NORMAL)
             tl.store(q_ptr + base + c[None, :], q, mask=m)
             d = tl.where(m, w - deq, 0.0)
             sig += w * w
@@ -215,7 +212,7 @@ def _quant_rows(w_ptr, q_ptr, scale_ptr, stats_ptr, n, k,
 @triton.jit
 def _quant_blocks(w_ptr, q_ptr, scale_ptr, stats_ptr, k, kb,
                   QMAX: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr, EBIAS: tl.constexpr,
-                  EMIN: tl.constexpr, FP8_HW: tl.constexpr, FP8_TY: tl.constexpr,
+                  EMIN: tl.constexpr,
                 SUB_MUL: tl.constexpr, MIN_NORMAL: tl.constexpr, IN_BF16: tl.constexpr,
                   B: tl.constexpr, RB: tl.constexpr):
     bi = tl.program_id(0)
@@ -230,7 +227,7 @@ def _quant_blocks(w_ptr, q_ptr, scale_ptr, stats_ptr, k, kb,
         w = _load_f32_full(w_ptr + offs, IN_BF16)
         amax = _as_f32(tl.max(tl.max(_abs_bits(w), 1), 0))
         scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, QMAX))
-        q, deq = _quant_values(w, scale, QMAX, IS_INT, MBITS, EBIAS, EMIN, FP8_HW, FP8_TY, SUB_MUL, MIN_NORMAL)
+        q, deq = _quant_values(w, scale, QMAX, IS_INT, MBITS, EBIAS, EMIN, SUB_MUL, MIN_NORMAL)
         tl.store(q_ptr + offs, q)
         d = w - deq
         sig += w * w
@@ -245,7 +242,7 @@ def _quant_blocks(w_ptr, q_ptr, scale_ptr, stats_ptr, k, kb,
         for r0 in range(0, B, RB):
             offs = (row0 + r0 + r)[:, None] * k + cols[None, :]
             w = _load_f32_full(w_ptr + offs, IN_BF16)
-            q, deq = _quant_values(w, scale, QMAX, IS_INT, MBITS, EBIAS, EMIN, FP8_HW, FP8_TY, SUB_MUL, MIN_NORMAL)
+            q, deq = _quant_values(w, scale, QMAX, IS_INT, MBITS, EBIAS, EMIN, SUB_MUL, MIN_NORMAL)
             tl.store(q_ptr + offs, q)
             d = w - deq
             sig += w * w
@@ -262,32 +259,25 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter: a few programs, so the persistent loops run more than once
 
 
-def _format_args(spec: FormatSpec, fp8_hw: bool) -> dict:
+def _format_args(spec: FormatSpec) -> dict:
     if spec.is_int:
-        return dict(QMAX=spec.qmax, IS_INT=True, MBITS=0, EBIAS=0, EMIN=0, FP8_HW=False, FP8_TY=tl.int8,
-                    SUB_MUL=1.0, MIN_NORMAL=0.0)
+        return dict(QMAX=spec.qmax, IS_INT=True, MBITS=0, EBIAS=0, EMIN=0, SUB_MUL=1.0, MIN_NORMAL=0.0)
     mbits, ebias, emin = _FP8[spec.weight_dtype]
-    return dict(QMAX=spec.qmax, IS_INT=False, MBITS=mbits, EBIAS=ebias, EMIN=emin, FP8_HW=fp8_hw,
-                FP8_TY=_TL_FP8[spec.weight_dtype], SUB_MUL=2.0 ** (mbits - emin), MIN_NORMAL=2.0 ** emin)
+    return dict(QMAX=spec.qmax, IS_INT=False, MBITS=mbits, EBIAS=ebias, EMIN=emin,
+                SUB_MUL=2.0 ** (mbits - emin), MIN_NORMAL=2.0 ** emin)
 
-
-# Use the GPU's fp8 cast (cvt.rn.satfinite) on CUDA rather than the exact emulation. Both are
-# tested bit for bit against the reference on the GPU (tests/test_triton_quant.py, -m gpu).
-FP8_HW_ON_CUDA = False
 
 FLAT_BLOCK = 4096
 ROW_TILE = 4096  # elements of one row-kernel tile
 BLOCK_TILE = 16384  # elements of one block-kernel tile (b x b up to b = 128 in one pass)
 
 
-def quantize(w: torch.Tensor, spec: FormatSpec, block_size: int, *, fp8_hw: bool = False,
-             flat_block: int = FLAT_BLOCK, programs: int | None = None, row_tile: int = ROW_TILE,
+def quantize(w: torch.Tensor, spec: FormatSpec, block_size: int, *, flat_block: int = FLAT_BLOCK, programs: int | None = None, row_tile: int = ROW_TILE,
              block_tile: int = BLOCK_TILE, num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize a 2-D bf16/fp16/fp32 weight on its device: ``(q, scale, signal, noise)``.
 
     ``q`` and ``scale`` equal ``reference.quantize(w, spec, block_size)`` bit for bit; ``signal``
-    and ``noise`` are 0-d float64 tensors on the device (reading them synchronizes). ``fp8_hw``
-    uses the GPU's fp8 cast instruction instead of the exact emulation (not for the interpreter).
+    and ``noise`` are 0-d float64 tensors on the device (reading them synchronizes).
     ``flat_block``/``programs`` (per-tensor kernels), ``row_tile`` (elements of a row-kernel tile)
     and ``block_tile`` (elements of a block-kernel tile) are tile sizes, powers of two; tests use
     small ones to reach every code path on small tensors."""
@@ -296,12 +286,12 @@ def quantize(w: torch.Tensor, spec: FormatSpec, block_size: int, *, fp8_hw: bool
     w = w.contiguous()
     n, k = w.shape
     dev = w.device
-    fa = _format_args(spec, fp8_hw)
+    fa = _format_args(spec)
     in_bf16 = w.dtype == torch.bfloat16
     fa["IN_BF16"] = in_bf16
     w_arg = w.view(torch.int16) if in_bf16 else w
     q = torch.empty((n, k), dtype=spec.weight_dtype, device=dev)
-    q_arg = q if (spec.is_int or fp8_hw) else q.view(torch.uint8)
+    q_arg = q if spec.is_int else q.view(torch.uint8)
     scale = torch.empty(spec.scale_shape((n, k), block_size), dtype=torch.float32, device=dev)
     if w.numel() == 0:
         raise ValueError("empty weight")

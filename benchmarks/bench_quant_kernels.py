@@ -114,11 +114,13 @@ def sweep(reps: int, copy_gbs: float, table: list[str]) -> int:
                 [(4096, 4, 8), (2048, 4, 4), (8192, 4, 8), (4096, 2, 8), (4096, 8, 8), (4096, 4, 4)]],
         "int8-row": [dict(row_tile=rt, num_warps=nw) for rt, nw in
                      [(4096, 8), (2048, 4), (2048, 8), (8192, 8), (16384, 16), (4096, 4)]],
-        "int8-block": [dict(block_tile=bt, num_warps=nw) for bt, nw in [(16384, 8), (4096, 8), (16384, 4), (16384, 16)]],
+        "int8-block": [dict(block_tile=bt, num_warps=nw) for bt, nw in
+                       [(16384, 8), (4096, 8), (16384, 4), (16384, 16)]],
     }
     bad = 0
     table += ["", "Tile sweep, kernels only (CUDA graph replay; default first):", "",
-              "| shape | format | params | median us | GB/s bf16 in | of copy bw | bit-exact |", "|---|---|---|---|---|---|---|"]
+              "| shape | format | params | median us | GB/s bf16 in | of copy bw | bit-exact |",
+              "|---|---|---|---|---|---|---|"]
     for n, k in SHAPES[1:] if DEVICE == "cuda" else SHAPES:
         inputs = [(torch.randn(n, k, device=DEVICE) * 0.02).to(torch.bfloat16) for _ in range(SETS)]
         for fmt, vs in variants.items():
@@ -144,7 +146,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true", help="also time tile-size variants (tuning)")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET (checks the script)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on CPU under TRITON_INTERPRET (checks the script)")
     args = ap.parse_args()
     global DEVICE, SHAPES, SETS
     if args.smoke:

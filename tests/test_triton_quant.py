@@ -397,3 +397,20 @@ def test_gpu_offsets_beyond_2_31(fmt, b):
     assert torch.equal(as_bits(q[-b:].cpu()), as_bits(want_q))
     del w, q
     torch.cuda.empty_cache()
+
+
+def test_quantize_tensor_routes_by_backend(monkeypatch, no_backend_env):
+    """quantize_tensor calls the backend backend_for names (CPU: torch unless forced to triton
+    under the interpreter), and both give the same bits."""
+    calls = []
+    real_torch, real_triton = backend.quantize_torch, backend.quantize_triton
+    monkeypatch.setattr(backend, "quantize_torch", lambda *a: calls.append("torch") or real_torch(*a))
+    monkeypatch.setattr(backend, "quantize_triton", lambda *a: calls.append("triton") or real_triton(*a))
+    spec = FORMATS["int8-row"]
+    w = rand_weight(16, 96, torch.bfloat16, seed=4)
+    a = backend.quantize_tensor(w, spec, 128)
+    monkeypatch.setenv(backend.BACKEND_ENV, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    b = backend.quantize_tensor(w, spec, 128, "cpu")
+    assert calls == ["torch", "triton"]
+    assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale)

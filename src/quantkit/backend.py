@@ -9,9 +9,9 @@ API for the converter (all other modules are implementation)::
     check_finite(r.scale, file=..., tensor=...)               # QuantkitError if NaN/Inf weights
 
 ``w`` is a 2-D bf16/fp16/fp32 tensor on any device; it is moved to ``dev`` first (``non_blocking``:
-pass a pinned host tensor to overlap the copy). Nothing synchronizes the device inside
-``quantize_tensor`` on the Triton path except the reduction of the partial sums, which is queued,
-not waited for: reading ``float(r.signal)``, ``check_finite`` or copying ``r.q`` to the host waits.
+pass a pinned host tensor to overlap the copy). On CUDA ``quantize_tensor`` only queues work on the
+current stream and never waits for it: reading ``float(r.signal)``, ``check_finite`` or copying
+``r.q`` to the host waits. Per call it allocates q, scale and a small partial-sum buffer on ``dev``.
 Where a region's scale is NaN/Inf, ``q`` there is unspecified (the reference's too): call
 ``check_finite`` before writing ``q``.
 

@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import QuantkitError
 from ..formats import FormatSpec
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
@@ -272,8 +273,12 @@ ROW_TILE = 4096  # elements of one row-kernel tile
 BLOCK_TILE = 16384  # elements of one block-kernel tile (b x b up to b = 128 in one pass)
 
 
-def quantize(w: torch.Tensor, spec: FormatSpec, block_size: int, *, flat_block: int = FLAT_BLOCK, programs: int | None = None, row_tile: int = ROW_TILE,
-             block_tile: int = BLOCK_TILE, num_warps: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def quantize(w: torch.Tensor, spec: FormatSpec, block_size: int, *, flat_block: int = FLAT_BLOCK,
+             programs: int | None = None, row_tile: int = ROW_TILE, block_tile: int = BLOCK_TILE,
+             num_warps: int = 8) -> Quantized:
     """Quantize a 2-D bf16/fp16/fp32 weight on its device: ``(q, scale, signal, noise)``.
 
     ``q`` and ``scale`` equal ``reference.quantize(w, spec, block_size)`` bit for bit; ``signal``
@@ -282,7 +287,8 @@ def quantize(w: torch.Tensor, spec: FormatSpec, block_size: int, *, flat_block: 
     and ``block_tile`` (elements of a block-kernel tile) are tile sizes, powers of two; tests use
     small ones to reach every code path on small tensors."""
     if w.dim() != 2 or w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(f"need a 2-D bf16/fp16/fp32 tensor, got {w.dtype} {tuple(w.shape)}")
+        raise QuantkitError(f"Triton quantizer needs a 2-D bf16/fp16/fp32 tensor, got {w.dtype} {tuple(w.shape)}",
+                            fix="keep this tensor")
     w = w.contiguous()
     n, k = w.shape
     dev = w.device
@@ -294,7 +300,7 @@ def quantize(w: torch.Tensor, spec: FormatSpec, block_size: int, *, flat_block: 
     q_arg = q if spec.is_int else q.view(torch.uint8)
     scale = torch.empty(spec.scale_shape((n, k), block_size), dtype=torch.float32, device=dev)
     if w.numel() == 0:
-        raise ValueError("empty weight")
+        raise QuantkitError("Triton quantizer got an empty weight", fix="keep this tensor")
     if spec.granularity == "tensor":
         numel = w.numel()
         tiles = triton.cdiv(numel, flat_block)
@@ -314,7 +320,8 @@ def quantize(w: torch.Tensor, spec: FormatSpec, block_size: int, *, flat_block: 
     else:
         b = block_size
         if b < 1 or b & (b - 1) or n % b or k % b:
-            raise ValueError(f"block size {b} must be a power of two dividing {n}x{k}")
+            raise QuantkitError(f"block size {b} must be a power of two dividing {n}x{k}",
+                                fix="use --block-size 128 or 64, or keep this tensor")
         rb = min(b, max(1, block_tile // b))
         stats = torch.empty((n // b * (k // b), 2), dtype=torch.float32, device=dev)
         _quant_blocks[(n // b, k // b)](w_arg, q_arg, scale, stats, k, k // b, **fa, B=b, RB=rb,

@@ -5,7 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+
+# Triton kernels run on CPU under the interpreter where there is no GPU. It must be set before
+# anything imports triton (comfy-kitchen does, when test modules are collected), because Triton's
+# own library functions (tl.max, tl.cdiv, ...) are wrapped for the interpreter at import time.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "flux-mini.safetensors"

@@ -58,6 +58,10 @@ def test_cheap_ops_keep_quantized_data(layout, kw, fmt, b):
     half = qt.to(torch.float16)
     assert isinstance(half, QuantizedTensor) and half.dtype == torch.float16
     assert torch.equal(half.dequantize(), qt.dequantize(torch.float16))
+    lin = torch.nn.Linear(256, 192)
+    lin.weight = torch.nn.Parameter(qt, requires_grad=False)
+    lin.to(torch.float16)  # module conversion swaps the whole QuantizedTensor, params included
+    assert lin.weight.params.orig_dtype == torch.float16 and lin.weight.dequantize().dtype == torch.float16
     # ops without a handler run on the dequantized tensor
     assert torch.equal(qt * 2, deq * 2) and torch.equal(qt.sum(0), deq.sum(0))
     assert torch.equal(qt.reshape(-1), deq.reshape(-1)) and type(qt * 2) is torch.Tensor

@@ -34,7 +34,7 @@ def w8a8_block_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: 
                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """``Y = X W^T + bias`` from int8 X ``[M,K]`` with scales ``[M,K/b]`` and int8 W ``[N,K]`` with
     ``b x b`` tile scales ``[N/b,K/b]``. Per K-group: an exact int32 dot, then
-    ``acc = acc + (dot * x_scale) * w_scale`` in fp32, in group order; bias added in fp32 last."""
+    ``acc = acc + dot * (x_scale * w_scale)`` in fp32, in group order; bias added in fp32 last."""
     m, k = xq.shape
     n = wq.shape[0]
     ws_cols = ws.repeat_interleave(block, 0)  # [N, K/b]: each output column's scale per group
@@ -42,10 +42,21 @@ def w8a8_block_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: 
     for g in range(k // block):
         cols = slice(g * block, (g + 1) * block)
         dot = int_dot(xq[:, cols], wq[:, cols])
-        acc = acc + (dot.float() * xs[:, g:g + 1]) * ws_cols[:, g][None, :]
+        acc = acc + dot.float() * (xs[:, g:g + 1] * ws_cols[:, g][None, :])
     if bias is not None:
         acc = acc + bias.float()
     return acc.to(out_dtype)
+
+
+def w8a8_row_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``Y = X W^T + bias`` from int8 X ``[M,K]`` with per-token scales ``[M,1]`` and int8 W ``[N,K]``
+    with a scale per tensor ``[]`` or per row ``[N,1]``: one exact int32 dot over all of K, then
+    ``(acc * x_scale) * w_scale`` in fp32, plus bias in fp32."""
+    y = (int_dot(xq, wq).float() * xs) * ws.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
 
 
 def int_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

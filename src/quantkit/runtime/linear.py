@@ -8,8 +8,8 @@ FP8 E4M3            ``torch._scaled_mm`` (sm >= 89): input per-tensor if   dequa
                     it is an FP8 QuantizedTensor (static ``input_scale``),
                     else dynamic per-token FP8 (Triton), row-wise scales
 FP8 E5M2            dequantize                                             dequantize
-INT8 tensor / row   dynamic per-token INT8 (Triton) + ``torch._int_mm``    same with the torch reference
-                    (M > 16, K and N multiples of 8), else dequantize      activation quantizer
+INT8 tensor / row   dynamic per-token INT8 (Triton) + the Triton W8A8      the torch reference W8A8
+                    kernel (int32 accumulation, scales in the epilogue)    (``torch._int_mm``)
 INT8 block          dynamic per-token, per-group INT8 (Triton) + the        the torch reference W8A8
                     Triton W8A8 block kernel                               (``_int_mm`` per group)
 ==================  =====================================================  ===========================
@@ -36,9 +36,14 @@ aten = torch.ops.aten
 def supports_fp8_compute(device: torch.device | str | None = None) -> bool:
     """True where ``torch._scaled_mm`` runs FP8 on tensor cores: a CUDA device of sm >= 8.9."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" or not torch.cuda.is_available():
+    if device.type != "cuda":
         return False
-    return torch.cuda.get_device_capability(device) >= (8, 9)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index) if torch.cuda.is_available() else (0, 0)
 
 
 @functools.cache
@@ -98,17 +103,13 @@ def int8_linear(func, args, kwargs):
     n, k = w.shape
     x2 = _flat(x)
     if x.device.type == "cuda":
-        if x2.shape[0] <= 16 or k % 8 or n % 8:
-            return dequantized_linear(x, w, bias)
-        xq, xs = _triton().quantize_activations(x2, torch.int8, k)
+        t = _triton()
+        xq, xs = t.quantize_activations(x2, torch.int8, k)
+        y = t.w8a8_row_matmul(xq, xs, w._qdata, w.params.scale, bias, x.dtype)
     else:
         xq, xs = activations.quantize_activations(x2, FORMATS["int8-row"], k)
-    acc = torch._int_mm(xq, w._qdata.t())
-    ws = w.params.scale.float().reshape(1, -1)  # [] -> [1,1], [N,1] -> [1,N]
-    y = acc.float().mul_(xs).mul_(ws)
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        y = activations.w8a8_row_matmul(xq, xs, w._qdata, w.params.scale, bias, x.dtype)
+    return y.reshape(*x.shape[:-1], n)
 
 
 @register_layout_op(aten.linear.default, "BlockWiseINT8Layout")

@@ -90,6 +90,15 @@ class QuantizedTensor(torch.Tensor):
                 f"storage={self._qdata.dtype}, scale_shape={tuple(p.scale.shape)}, dtype={p.orig_dtype}, "
                 f"device={self._qdata.device})")
 
+    # Being a "traceable wrapper subclass" makes nn.Module.to()/.cuda() swap whole parameter
+    # objects (torch.utils.swap_tensors) instead of assigning .data, which would leave _qdata behind.
+    def __tensor_flatten__(self):
+        return ["_qdata"], (self._layout_type, self._layout_params)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+        return QuantizedTensor(inner["_qdata"], ctx[0], ctx[1])
+
     # ---- dispatch ----
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):

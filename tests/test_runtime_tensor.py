@@ -168,3 +168,14 @@ def test_dequantize_matches_comfy_kitchen(layout, kw, fmt, b):
     kt = ck.QuantizedTensor(qt._qdata, name, cls.Params(scale=qt.params.scale, orig_dtype=torch.bfloat16,
                                                          orig_shape=tuple(qt.shape)))
     assert torch.equal(kt.dequantize(), qt.dequantize())
+
+
+def test_quant_ops_entry_module_reexports_the_runtime():
+    import quant_ops
+    import quantkit.runtime as rt
+    from quant_ops import QuantizedLayout as QL
+    from quant_ops import QuantizedTensor as QT
+    from quant_ops import mixed_precision_ops as mpo
+    from quant_ops import register_layout_op as rlo
+    assert (QT, QL, rlo, mpo) == (rt.QuantizedTensor, rt.QuantizedLayout, rt.register_layout_op, rt.mixed_precision_ops)
+    assert quant_ops.QUANT_ALGOS is rt.QUANT_ALGOS and quant_ops.TensorCoreFP8Layout is rt.TensorCoreFP8E4M3Layout

@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_RNE_MAGIC = 12582912.0  # 1.5 * 2**23
 
 
 @triton.jit

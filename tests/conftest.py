@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -58,3 +59,26 @@ def sha(path: Path) -> str:
 
 
 os.environ.setdefault("QUANTKIT_DEBUG", "0")
+
+
+@contextlib.contextmanager
+def triton_interpreter():
+    """Import Triton kernels inside this block to run them on CPU (TRITON_INTERPRET=1). The variable
+    is set only for the block, so comfy-kitchen keeps its eager CPU path in other tests."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+if not torch.cuda.is_available():
+    try:  # triton.language's own @jit helpers must be interpreter functions too: import it first here
+        with triton_interpreter():
+            import triton.language  # noqa: F401
+    except ImportError:
+        pass

@@ -106,6 +106,9 @@ def convert(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Regex (searched in the layer name) to keep unquantized. Repeatable; wins over --include.")] = None,
     fallback: Annotated[str, typer.Option("--fallback", help=f"Format for layers the chosen format cannot take (int8-block with indivisible dims): {', '.join(FALLBACK_CHOICES)}.")] = "int8-row",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    learned_rounding: Annotated[bool, typer.Option("--learned-rounding", help="Choose each weight's rounding to lower its expected output error (GPTQ-style error feedback on the format's grid; int8 also searches the scale). Uses --calibration statistics; without them a data-free proxy (W^T W) that is measured in DEVELOPMENT.md. Keeps round-to-nearest for any layer where it is not better. GPU when present.")] = False,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Stats file from quantkit.calibration.capture(model): sets static fp8 input_scale (max |x| / 448) and the learned-rounding objective.")] = None,
+    bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Rewrite each quantized layer's bias as b + (W - Wq) mean(x). Needs --calibration.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors still go to stderr.")] = False,
 ) -> None:
     """Convert a checkpoint: quantize its linear weights, copy everything else bit-exactly."""
@@ -128,7 +131,8 @@ def convert(
 
             report = convert_file(input, output, format=format, block_size=block_size, include=include or (),
                                   exclude=exclude or (), fallback=fallback, overwrite=overwrite,
-                                  progress=on_progress)
+                                  progress=on_progress, learned_rounding=learned_rounding,
+                                  calibration=calibration, bias_correction=bias_correction)
     except QuantkitError as e:
         raise _fail(e) from None
     except KeyboardInterrupt:

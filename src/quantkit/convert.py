@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from . import quantize
+from . import quantize, reference
 from .errors import QuantkitError
 from .formats import FORMATS, encode_comfy_quant
 from .plan import LayerPlan, Options, Plan, default_output_name, plan_conversion
+from .refine import Refiner
 from .report import ConvertReport, LayerReport
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
 
@@ -31,9 +32,15 @@ Progress = Callable[[int, int, str], None]  # (input bytes done, input bytes tot
 def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, format: str = "fp8",
             block_size: int = 128, include: tuple[str, ...] | list[str] = (),
             exclude: tuple[str, ...] | list[str] = (), fallback: str = "int8-row",
-            overwrite: bool = False, progress: Progress | None = None) -> ConvertReport:
+            overwrite: bool = False, progress: Progress | None = None, learned_rounding: bool = False,
+            calibration: str | os.PathLike | None = None, bias_correction: bool = False) -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
-    beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input."""
+    beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input.
+
+    ``calibration``: a stats file from :func:`quantkit.calibration.capture` (static fp8 input_scale,
+    and the objective of the two options below). ``learned_rounding``: choose q to lower the expected
+    output error (see :mod:`quantkit.learned`). ``bias_correction``: fold the mean output error into
+    the bias (needs ``calibration``)."""
     options = Options(format, block_size, tuple(include), tuple(exclude), fallback)
     options.validate()
     src = Path(src)
@@ -42,7 +49,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     with SafetensorsReader(src) as reader:
         check_output_path(src, dst, overwrite)
         plan = plan_conversion(reader, options)
-        report = _execute(reader, plan, dst, progress)
+        refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
+                                 bias_correction=bias_correction)
+        report = _execute(reader, plan, dst, progress, refiner)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -74,7 +83,8 @@ def _os_error(e: OSError, dst: Path, need: int) -> QuantkitError:
     return QuantkitError(f"cannot write: {e.strerror or e}", file=dst, fix="check the disk and the path")
 
 
-def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None) -> ConvertReport:
+def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,
+             refiner: Refiner | None = None) -> ConvertReport:
     opts = plan.options
     report = ConvertReport(str(reader.path), str(dst), opts.format, opts.block_size, bytes_in=reader.file_size)
     total_in = sum(t.nbytes for t in reader.tensors_in_order)
@@ -89,7 +99,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             need = writer.total_size
             done = 0
             for lp in plan.layers:
-                report.layers.append(_convert_one(reader, writer, lp, opts.block_size))
+                report.layers.append(_convert_one(reader, writer, lp, opts.block_size, refiner))
                 done += reader.tensors[lp.tensor].nbytes
                 if progress is not None:
                     progress(done, total_in, lp.tensor)
@@ -111,8 +121,12 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
     return report
 
 
-def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, lp: LayerPlan, block_size: int) -> LayerReport:
+def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, lp: LayerPlan, block_size: int,
+                 refiner: Refiner | None = None) -> LayerReport:
     info = reader.tensors[lp.tensor]
+    if refiner is not None and lp.spec is None and (bias := refiner.bias(lp)) is not None:
+        writer.write(lp.tensor, bias)
+        return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, "bias corrected: b + (W - Wq) mean(x)")
     if lp.spec is None:
         writer.copy_from_fd(lp.tensor, reader.fileno(), reader.data_start + info.start, info.nbytes)
         return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, lp.reason)
@@ -122,6 +136,8 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, lp: Layer
     if not bool(torch.isfinite(scale).all()):
         raise QuantkitError("weight holds NaN or Inf values, which cannot be quantized", file=reader.path,
                             tensor=lp.tensor, fix=f"repair the checkpoint, or keep the layer with --exclude '^{layer}$'")
+    if refiner is not None:
+        return _refined(reader, writer, lp, block_size, refiner, w)
     stats = quantize.ErrorStats()
     for chunk in quantize.quantize_chunks(w, scale, spec, block_size, stats):
         writer.write(f"{layer}.weight", chunk)
@@ -133,6 +149,23 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, lp: Layer
     reader.release(lp.tensor)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
                        spec.comfy_format, lp.reason, stats.sqnr_db)
+
+
+def _refined(reader: SafetensorsReader, writer: SafetensorsWriter, lp: LayerPlan, block_size: int,
+             refiner: Refiner, w: torch.Tensor) -> LayerReport:
+    spec, layer = lp.spec, lp.layer
+    q, scale, note = refiner.quantize(lp)
+    writer.write(f"{layer}.weight", q)
+    writer.write(f"{layer}.weight_scale", scale)
+    if spec.writes_input_scale:
+        s = refiner.input_scale(lp)
+        writer.write(f"{layer}.input_scale", s if s is not None else torch.ones((), dtype=torch.float32))
+    writer.write(f"{layer}.comfy_quant", encode_comfy_quant(lp.comfy_quant(block_size)))
+    sqnr = reference.sqnr(w, reference.dequantize(q, scale, spec, block_size, torch.float32))
+    del w
+    reader.release(lp.tensor)
+    return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
+                       spec.comfy_format, "; ".join(x for x in (lp.reason, note) if x), sqnr)
 
 
 def verify_written(path: Path, plan: Plan, writer: SafetensorsWriter) -> None:

@@ -192,6 +192,8 @@ def test_convert_error_paths(tiny_files, tmp_path):
     ck, stats, _ = tiny_files
     with pytest.raises(UsageError, match="--bias-correction needs --calibration"):
         quantkit.convert(ck, tmp_path / "a.safetensors", bias_correction=True)
+    with pytest.raises(UsageError, match="--learned-rounding needs --calibration: .* raised held-out output error"):
+        quantkit.convert(ck, tmp_path / "a.safetensors", learned_rounding=True)
     m = Tiny()
     with torch.no_grad(), calibration.capture(m, layers="down") as cap:
         m(torch.randn(4, 8))

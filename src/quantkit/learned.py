@@ -25,8 +25,9 @@ Method (per layer, on the grid of the layer's format, scales kept in the format'
 There is no randomness: a result is a pure function of (W, statistics, options); seeds are not needed.
 Layers of the same shape can be processed together (:func:`learn_batch`, the leading batch dim).
 
-Data-free proxy (``learned_rounding`` without calibration): H = W^T W / N, i.e. inputs assumed to lie
-along the weight's own dominant input directions. Measured on all-MiniLM-L6-v2 in DEVELOPMENT.md.
+Data-free proxy (:func:`proxy_hessian`, library only): H = W^T W / N, i.e. inputs assumed to lie along
+the weight's own dominant input directions. Measured worse than RTN on real inputs (DEVELOPMENT.md,
+issue 5), so the converter refuses learned rounding without calibration instead of using it.
 """
 
 from __future__ import annotations

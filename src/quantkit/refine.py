@@ -3,9 +3,8 @@
 One object per conversion (:class:`Refiner`), built after planning. The converter asks it three
 things, each at one place in ``convert._convert_one``:
 
-* ``quantize(lp, w)`` -> (q, scale, note) for a quantized layer: learned rounding when asked for
-  (objective from the layer's calibration statistics, or the data-free proxy without calibration),
-  else round-to-nearest;
+* ``quantize(lp)`` -> (q, scale, note) for a quantized layer: learned rounding when asked for
+  (objective from the layer's calibration statistics; refused without them), else round-to-nearest;
 * ``input_scale(lp)`` -> the static fp8 ``input_scale`` from calibration (max |x| / qmax), or None;
 * ``bias(lp)`` -> the corrected bias of a quantized layer, b + (W - Wq) mu, in the bias's dtype and shape.
 
@@ -50,6 +49,12 @@ class Refiner:
             raise UsageError("--bias-correction needs --calibration: the correction is (W - Wq) times the "
                              "mean real input, and random zero-mean inputs would make it exactly zero",
                              fix="capture statistics with quantkit.calibration.capture and pass --calibration")
+        if learned_rounding and calibration is None:
+            raise UsageError("--learned-rounding needs --calibration: without real inputs the only objective is a "
+                             "data-free proxy (H = W^T W), and it raised held-out output error above round-to-nearest "
+                             "(all-MiniLM-L6-v2: median 1.06-1.11x, worst 1.64x; see DEVELOPMENT.md)",
+                             fix="capture statistics with quantkit.calibration.capture and pass --calibration, "
+                                 "or drop --learned-rounding")
         if not (learned_rounding or calibration is not None or bias_correction):
             return None
         path = None
@@ -92,10 +97,7 @@ class Refiner:
         if self.learned_rounding and self.calibration is not None and not self._seen(L):
             note = "rtn: layer never ran during calibration"
         elif self.learned_rounding:
-            if self.calibration is not None:
-                h = learned.objective_matrix(self._stats[L], self.bias_correction and self._bias_name(L) is not None)
-            else:
-                h = learned.proxy_hessian(w)
+            h = learned.objective_matrix(self._stats[L], self.bias_correction and self._bias_name(L) is not None)
             r = learned.learn(w, h, spec, b, self.options, name=L)
             out = (r.q, r.scale, f"{r.method}: objective {r.objective_rtn:.3g} -> {r.objective:.3g}")
             self._store(L, out)

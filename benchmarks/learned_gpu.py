@@ -13,7 +13,7 @@ and convert_to_quant's own objective, the error projected on W's top-k singular 
 ||U_k^T (W - Wq) V_k||_F^2 with k = clamp(0.2 * min(N, K), 256, 1280) (its documented defaults
 top_p / min_k / max_k), both relative to ||W||_F^2 as dB. Run on the device machine:
 
-    pip install --no-deps --no-index wheels/*.whl   # convert_to_quant, prodigy-plus-schedule-free, tqdm
+    python3 -m pip install --no-deps --no-index wheels/*.whl   # convert_to_quant, prodigy-plus-schedule-free, tqdm
     PYTHONPATH=src python3 benchmarks/learned_gpu.py --out $OUT
 """
 
@@ -130,7 +130,8 @@ def main() -> None:
     for name, cmd in {
         "rtn": q + [str(out / "rtn.safetensors")],
         "quantkit-calibrated": q + [str(out / "qc.safetensors"), "--learned-rounding", "--calibration", str(stats)],
-        "convert_to_quant": ["convert_to_quant", "-i", str(src), "-o", str(out / "ctq.safetensors"),
+        "convert_to_quant": [sys.executable, "-c", "import sys; from convert_to_quant.convert_to_quant import main; "
+                             "sys.argv[0] = 'convert_to_quant'; sys.exit(main())", "-i", str(src), "-o", str(out / "ctq.safetensors"),
                              "--comfy_quant"] + ctq_extra,
     }.items():
         secs, rc, log = run(cmd, args.ctq_timeout if name == "convert_to_quant" else 600, env)

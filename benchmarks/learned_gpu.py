@@ -90,10 +90,10 @@ def dequant_file(path: Path, layer: str) -> torch.Tensor | None:
     return q.float() * (s if s.dim() == 2 else s.reshape(()))
 
 
-def run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[float, int, str]:
+def run(cmd: list[str], timeout: float, env: dict | None, cwd: Path) -> tuple[float, int, str]:
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
         return time.perf_counter() - t0, p.returncode, (p.stdout + p.stderr)[-3000:]
     except subprocess.TimeoutExpired as e:
         return time.perf_counter() - t0, 124, f"timed out after {timeout:.0f} s: {str(e.stdout)[-1500:]}"
@@ -105,7 +105,7 @@ def main() -> None:
     ap.add_argument("--ctq-timeout", type=float, default=200)
     ap.add_argument("--quick", action="store_true", help="tiny shapes and 20 ctq iterations (CPU smoke test)")
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # subprocesses run there, away from any repo-root module shadowing a package
     out.mkdir(parents=True, exist_ok=True)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = {k: (n // 24, kk // 24) for k, (n, kk) in SHAPES.items()} if args.quick else SHAPES
@@ -134,7 +134,7 @@ def main() -> None:
                              "sys.argv[0] = 'convert_to_quant'; sys.exit(main())", "-i", str(src), "-o", str(out / "ctq.safetensors"),
                              "--comfy_quant"] + ctq_extra,
     }.items():
-        secs, rc, log = run(cmd, args.ctq_timeout if name == "convert_to_quant" else 600, env)
+        secs, rc, log = run(cmd, args.ctq_timeout if name == "convert_to_quant" else 600, env, out.resolve())
         results["runs"][name] = {"seconds": secs, "rc": rc, "log_tail": log}
         print(f"{name}: {secs:.1f} s, rc {rc}", flush=True)
     files = {"rtn": out / "rtn.safetensors",

@@ -27,14 +27,14 @@ stored as ``"<layer>.<key>"`` in fp32 (count in fp64), with ``__metadata__`` nam
 Second-order memory: the full ``E[x x^T]`` is K*K*4 bytes per layer. For Flux.1 (12B DiT:
 19 double blocks with ten linears each, K = 3072 except the two MLP down-projections at K = 12288;
 38 single blocks with K = 3072, 3072 and 15360) that is 4*(19*(8*3072^2 + 2*12288^2) +
-38*(2*3072^2 + 15360^2)) bytes = 67.4 GB on disk and while capturing (smaller top-level
-linears aside). Ways to bound it: capture
-a subset at a time (``layers=r"double_blocks\\.(0|1)\\."``), or ``second_order="diag"``, which keeps only
-``mean_sq`` (K floats per layer, 1.3 MB in all for Flux) but then learned rounding can only weight
-channels independently, which for 8-bit round-to-nearest is nearly no gain (see DEVELOPMENT.md).
+38*(2*3072^2 + 15360^2)) bytes = 67.4 GB (smaller top-level linears aside). Ways to bound it:
+capture a subset at a time (``layers=r"double_blocks\\.(0|1)\\."``), or ``second_order="diag"``, which keeps only
+the K-float keys (about 21 MB in all for Flux); with a diagonal H, error feedback has nothing to feed
+(it reduces to round-to-nearest), so only the int8 clipping search can still act (not measured).
 
 Accumulation is in fp64 on the activations' device when it supports fp64 (CPU, CUDA), so long
-captures do not lose small contributions. Names are ``model.named_modules()`` names; see
+captures do not lose small contributions; that doubles the memory above while capturing (the file is
+fp32), so on a GPU capture a subset of layers per pass. Names are ``model.named_modules()`` names; see
 :func:`match_layers` for how they are matched to checkpoint tensor names.
 """
 

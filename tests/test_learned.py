@@ -207,8 +207,10 @@ def test_convert_error_paths(tiny_files, tmp_path):
 def test_cli_flags(tiny_files, tmp_path):
     ck, stats, _ = tiny_files
     r = CliRunner().invoke(app, ["convert", str(ck), "-o", str(tmp_path / "c.safetensors"), "--format", "int8-row",
-                                 "--learned-rounding", "--calibration", str(stats), "--bias-correction", "-q"])
+                                 "--learned-rounding", "--calibration", str(stats), "--bias-correction"])
     assert r.exit_code == 0, r.output
+    assert "2 improved, 0 kept RTN (calibration objective)" in r.output
+    assert "2 biases corrected" in r.output
     assert load_file(str(tmp_path / "c.safetensors"))["down.weight_scale"].shape == (128, 1)
     r = CliRunner().invoke(app, ["convert", str(ck), "-o", str(tmp_path / "d.safetensors"), "--bias-correction"])
     assert r.exit_code == 2 and "needs --calibration" in r.output
@@ -253,3 +255,26 @@ def test_minilm_heldout_error_below_rtn(minilm_heldout, fmt):
     assert max(down.values()) <= DOWN_FLOOR, down
     assert max(ratio.values()) <= ANY_LAYER_FLOOR, ratio
     assert 1 - cos["learned+bc"] < 1 - cos["rtn"]
+
+
+@pytest.mark.parametrize("wdtype,bdtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+def test_corrected_bias_matches_written_weight_in_either_file_order(tmp_path, wdtype, bdtype):
+    """bf16/bf16 puts each bias before its weight in the file, fp32 weights put it after: the corrected
+    bias must be computed from the very q that is written, whatever the order."""
+    torch.manual_seed(1)
+    m = Tiny()
+    with torch.no_grad(), calibration.capture(m) as cap:
+        m(torch.randn(256, 8) + 0.5)
+    stats = tmp_path / "s.safetensors"
+    cap.save(stats)
+    sd = {k: v.detach().to(bdtype if k.endswith(".bias") else wdtype) for k, v in m.state_dict().items()}
+    ck = tmp_path / "ck.safetensors"
+    save_file(sd, str(ck))
+    out = tmp_path / "o.safetensors"
+    quantkit.convert(ck, out, format="int8-row", learned_rounding=True, calibration=stats, bias_correction=True)
+    got = load_file(str(out))
+    for L in ("up", "down"):
+        deq = reference.dequantize(got[f"{L}.weight"], got[f"{L}.weight_scale"], FORMATS["int8-row"], 128)
+        want = learned.corrected_bias(sd[f"{L}.bias"], sd[f"{L}.weight"].float(), deq, cap.result.layers[L]["mean"])
+        assert got[f"{L}.bias"].dtype == bdtype and torch.equal(got[f"{L}.bias"], want)
+        assert not torch.equal(got[f"{L}.bias"], sd[f"{L}.bias"])

@@ -83,6 +83,13 @@ def print_summary(report: ConvertReport, console: Console) -> None:
     for fmt, (lo, med, n) in report.sqnr_by_format().items():
         stock = "stock ComfyUI" if FORMATS[fmt].stock_comfy else "needs the quantkit node"
         t.add_row(f"SQNR {fmt}", f"min {_db(lo)}, median {_db(med)} over {n} layers ({stock})")
+    learned = [lay.reason for lay in report.layers if "objective" in lay.reason]
+    if learned:
+        kept = sum("rtn (learned not better)" in r for r in learned)
+        t.add_row("learned", f"{len(learned) - kept} improved, {kept} kept RTN (calibration objective)")
+    corrected = sum(lay.reason.startswith("bias corrected") for lay in report.layers)
+    if corrected:
+        t.add_row("bias", f"{corrected} biases corrected")
     console.print(t)
     fallen: dict[str, list[str]] = {}
     for lay in report.layers:

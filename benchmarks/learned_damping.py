@@ -10,10 +10,10 @@ import statistics
 
 import torch
 
-from quantkit import learned, reference
+from quantkit import calibration, learned, reference
 from quantkit.formats import FORMATS
 from quantkit.models import heldout
-from quantkit.models.bert import load_bert
+from quantkit.models.bert import load_bert, tokenize
 from quantkit.models.sentences import CALIBRATION
 
 DAMPINGS = (0.01, 0.1, 1.0, 10.0)
@@ -23,9 +23,7 @@ def main() -> None:
     torch.set_num_threads(1)
     ref = load_bert()
     half = len(CALIBRATION) // 2
-    from quantkit import calibration
     with torch.no_grad(), calibration.capture(ref) as cap:
-        from quantkit.models.bert import tokenize
         for s in CALIBRATION[:half]:
             ref(*tokenize([s]))
     stats = cap.result.layers

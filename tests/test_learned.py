@@ -5,7 +5,6 @@ quality on all-MiniLM-L6-v2 (calibrate on one sentence set, measure on another).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

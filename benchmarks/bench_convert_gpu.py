@@ -43,6 +43,9 @@ def wall(cmd: list[str] | str, shell: bool = False) -> float:
     dt = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(f"{cmd} failed ({r.returncode}): {(r.stderr or r.stdout)[-3000:]}")
+    for line in r.stdout.splitlines():  # quantkit's summary: where the time went
+        if line.lstrip().startswith(("time", "read+quantize", "fsync")) or "verify" in line:
+            print("   ", line.strip(), flush=True)
     return dt
 
 
@@ -77,8 +80,8 @@ def main() -> None:
 
     rows = []
     env = dict(os.environ)
-    qk = [sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(out), "--overwrite", "--quiet",
-          "--device", "cuda"]
+    qk = [sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(out), "--overwrite",
+          "--device", "cuda", "--preset", "none"]
     for fmt in a.formats.split(","):
         evict(src)
         rows.append((f"quantkit {fmt} --device cuda", wall(qk + ["--format", fmt])))

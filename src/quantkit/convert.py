@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from . import quantize, reference
+from .backend import parse_device
 from .dtypes import torch_dtype
-from .errors import QuantkitError, UsageError
+from .errors import QuantkitError
 from .formats import FORMATS, encode_comfy_quant
 from .pipeline import DEFAULT_DEPTH, BackgroundWriter
 from .layerconfig import LayerConfig, load_layer_config
@@ -52,7 +53,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     the bias (needs ``calibration``)."""
     options = make_options(format, block_size, include, exclude, fallback, preset, config,
                            full_precision_matrix_mult)
-    dev = resolve_device(device)
+    dev = parse_device(device)
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
     t0 = time.perf_counter()
@@ -64,26 +65,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
         report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the current GPU if CUDA works here, else the CPU; ``cuda[:N]`` must exist."""
-    if device == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device!r} is not a device", fix="use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise UsageError(f"--device {device!r}: only cpu and cuda are supported", fix="use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available here", fix="use --device cpu (or auto)")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices",
-                         fix=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    return dev
 
 
 def make_options(format: str = "fp8", block_size: int = 128, include=(), exclude=(), fallback: str = "int8-row",

@@ -18,21 +18,17 @@ from collections.abc import Callable
 
 import torch
 
-from . import reference
+from . import backend
 from .formats import FormatSpec
 from .quantize import ErrorStats
 
 
 def device_quantize(w: torch.Tensor, spec: FormatSpec, block_size: int) -> tuple[torch.Tensor, torch.Tensor, ErrorStats]:
-    """Quantize a tensor already on the GPU: (q, scale, error stats). The torch reference ops run
-    on the device (IEEE division, round-half-even and RNE casts are the same there as on the CPU)."""
-    q, scale = reference.quantize(w, spec, block_size)
-    w32 = w.float()
-    deq = reference.dequantize(q, scale, spec, block_size, torch.float32)
-    signal = torch.dot(w32.view(-1), w32.view(-1))
-    noise = (w32 - deq).pow_(2).sum()
-    st = torch.stack([signal.double(), noise.double()]).cpu()
-    return q, scale, ErrorStats(float(st[0]), float(st[1]))
+    """Quantize a tensor already on the device with its backend (Triton kernels on CUDA, see
+    :mod:`quantkit.backend`): (q, scale, error stats), bit-identical to the reference."""
+    r = backend.quantize_tensor(w, spec, block_size, w.device)
+    st = torch.stack([r.signal, r.noise]).cpu()
+    return r.q, r.scale, ErrorStats(float(st[0]), float(st[1]))
 
 
 def pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:

@@ -39,7 +39,7 @@ def evict(path: Path) -> None:
 
 def wall(cmd: list[str] | str, shell: bool = False) -> float:
     t = time.perf_counter()
-    r = subprocess.run(cmd, shell=shell, capture_output=True, text=True)
+    r = subprocess.run(cmd, shell=shell, capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"})
     dt = time.perf_counter() - t
     if r.returncode != 0:
         raise RuntimeError(f"{cmd} failed ({r.returncode}): {(r.stderr or r.stdout)[-3000:]}")

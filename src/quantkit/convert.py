@@ -121,13 +121,15 @@ def _max_sizes(plan: Plan, reader: SafetensorsReader) -> tuple[int, int]:
 
 def _device_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.device):
     from .cuda_path import DeviceQuantizer
-    max_in, max_out = _max_sizes(plan, reader)
-    dq = DeviceQuantizer(device, max_in, max_out, n_out=DEFAULT_DEPTH + 1)
+    _, max_out = _max_sizes(plan, reader)
+    jobs = [(lp.tensor, reader.data_start + reader.tensors[lp.tensor].start, reader.tensors[lp.tensor].nbytes)
+            for lp in plan.quantized]
+    dq = DeviceQuantizer(device, reader.fileno(), jobs, max_out, n_out=DEFAULT_DEPTH + 1)
 
     def on_device(reader: SafetensorsReader, name: str, spec, block_size):
         t = reader.tensors[name]
-        return dq.quantize(reader.fileno(), reader.data_start + t.start, torch_dtype(t.dtype), t.shape,
-                           spec, block_size)
+        return dq.quantize(name, torch_dtype(t.dtype), t.shape, spec, block_size)
+    on_device.close = dq.close
     return on_device
 
 
@@ -162,7 +164,8 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             tmp = Path(tmp_name)
             writer = SafetensorsWriter(fd, plan.outputs, plan.metadata)
             need = writer.total_size
-            quantizer = _make_quantizer(plan, reader, device)
+            # refined layers (learned rounding, calibration) are quantized by the refiner instead
+            quantizer = _make_quantizer(plan, reader, device) if refiner is None else None
             bw = BackgroundWriter(threaded)
             stages = report.stage_seconds
             stages.update({"read+quantize": 0.0, "write": 0.0, "fsync": 0.0, "verify": 0.0})
@@ -183,6 +186,9 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             except BaseException:
                 bw.abort()
                 raise
+            finally:
+                if hasattr(quantizer, "close"):
+                    quantizer.close()
             writer.finish()
             t0 = time.perf_counter()
             os.fsync(fd)

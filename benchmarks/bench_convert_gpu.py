@@ -82,7 +82,17 @@ def main() -> None:
     env = dict(os.environ)
     qk = [sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(out), "--overwrite",
           "--device", "cuda", "--preset", "none"]
+    sample = Path(__file__).resolve().parents[1] / "samples" / "flux-mini.safetensors"
     for fmt in a.formats.split(","):
+        # First use of a format compiles its Triton kernels (cached on disk afterwards, as on a
+        # user's machine after the first run): time that once, on the tiny bundled sample.
+        tiny = a.dir / "tiny.safetensors"
+        t_first = wall([sys.executable, "-m", "quantkit", "convert", str(sample), "-o", str(tiny), "--overwrite",
+                        "--quiet", "--device", "cuda", "--format", fmt])
+        t_again = wall([sys.executable, "-m", "quantkit", "convert", str(sample), "-o", str(tiny), "--overwrite",
+                        "--quiet", "--device", "cuda", "--format", fmt])
+        print(f"{fmt}: 3.7 MB sample, first run {t_first:.2f} s (Triton compile), second {t_again:.2f} s "
+              "(process start + CUDA init)", flush=True)
         evict(src)
         rows.append((f"quantkit {fmt} --device cuda", wall(qk + ["--format", fmt])))
         print(rows[-1], flush=True)

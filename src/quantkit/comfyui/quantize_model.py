@@ -95,10 +95,18 @@ def _float_weight(patcher, name: str, module) -> torch.Tensor | None:
     return w.detach()
 
 
-def quantize_weight(w: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(q, scale, sqnr_db)``, bit-identical to what ``quantkit convert`` writes for this weight."""
+def quantize_weight(w: torch.Tensor, fmt: str, block_size: int,
+                    work_device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(q, scale, sqnr_db)`` on ``w``'s device, bit-identical to what ``quantkit convert`` writes
+    for this weight. A CUDA ``work_device`` does the arithmetic there (the weights of an unloaded
+    model sit on the CPU); on the CPU the chunked fast path runs."""
     spec = FORMATS[fmt]
-    if w.device.type == "cpu":
+    if work_device is not None and torch.device(work_device).type == "cuda" and w.device.type == "cpu":
+        wd = w.to(work_device)
+        q, scale = reference.quantize(wd, spec, block_size)
+        sqnr = reference.sqnr(wd, reference.dequantize(q, scale, spec, block_size))
+        q, scale = q.to(w.device), scale.to(w.device)
+    elif w.device.type == "cpu":
         q, scale, stats = quantize.quantize_tensor(w, spec, block_size)
         sqnr = stats.sqnr_db
     else:
@@ -162,7 +170,7 @@ def quantize_model(model, target: str, block_size: int = 128, fallback: str = "i
             summary.layers.append(LayerResult(name, tuple(w.shape), "kept", None, lp.reason))
             continue
         try:
-            q, scale, sqnr = quantize_weight(w, lp.spec.name, block_size)
+            q, scale, sqnr = quantize_weight(w, lp.spec.name, block_size, getattr(model, "load_device", None))
         except ValueError as e:
             raise QuantkitError(str(e), tensor=f"{name}.weight",
                                 fix=f"repair the model, or keep the layer with exclude '^{name}$'") from None

@@ -2,3 +2,20 @@
 
 from quantkit.formats import FORMATS, FormatSpec  # noqa: F401
 from quantkit.reference import compute_scale, dequantize, quantize, quantize_with_scale  # noqa: F401
+from quantkit.runtime import (  # noqa: F401
+    LAYOUTS,
+    QUANT_ALGOS,
+    BlockWiseINT8Layout,
+    QuantizedLayout,
+    QuantizedTensor,
+    TensorCoreFP8E4M3Layout,
+    TensorCoreFP8E5M2Layout,
+    TensorCoreFP8Layout,
+    TensorWiseINT8Layout,
+    get_layout_class,
+    load_quantized,
+    mixed_precision_ops,
+    register_layout_class,
+    register_layout_op,
+    supports_fp8_compute,
+)

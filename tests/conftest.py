@@ -1,11 +1,19 @@
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+
+# Triton kernels run on CPU under the interpreter where there is no GPU. It must be set before
+# anything imports triton (comfy-kitchen does, when test modules are collected), because Triton's
+# own library functions (tl.max, tl.cdiv, ...) are wrapped for the interpreter at import time.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "flux-mini.safetensors"
@@ -51,3 +59,26 @@ def sha(path: Path) -> str:
 
 
 os.environ.setdefault("QUANTKIT_DEBUG", "0")
+
+
+@contextlib.contextmanager
+def triton_interpreter():
+    """Import Triton kernels inside this block to run them on CPU (TRITON_INTERPRET=1). The variable
+    is set only for the block, so comfy-kitchen keeps its eager CPU path in other tests."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+if not torch.cuda.is_available():
+    try:  # triton.language's own @jit helpers must be interpreter functions too: import it first here
+        with triton_interpreter():
+            import triton.language  # noqa: F401
+    except ImportError:
+        pass

@@ -21,7 +21,7 @@ def run(*args, env=None):
 
 def test_convert_ok_and_summary(sample, tmp_path):
     out = tmp_path / "o.safetensors"
-    r = run("convert", sample, "-o", out, "--format", "int8-block")
+    r = run("convert", sample, "-o", out, "--format", "int8-block", "--preset", "none")
     assert r.exit_code == 0, r.output
     assert out.exists()
     assert "32 quantized, 2 fell back" in r.stdout
@@ -77,6 +77,24 @@ def test_version_and_formats():
         assert name in r.stdout
 
 
-def test_help_has_examples():
-    r = run("convert", "--help")
-    assert r.exit_code == 0 and "Examples" in r.stdout
+@pytest.mark.parametrize("cmd", ["convert", "plan", "inspect", "verify", "presets", "formats"])
+def test_help_has_examples(cmd):
+    r = run(cmd, "--help")
+    assert r.exit_code == 0 and "Examples" in r.stdout and f"quantkit {cmd}" in r.stdout
+
+
+def test_shell_completion_script():
+    r = subprocess.run([sys.executable, "-m", "quantkit", "--show-completion", "bash"], capture_output=True, text=True)
+    assert r.returncode == 0 and "QUANTKIT_COMPLETE=complete_bash" in r.stdout and "complete -o default -F" in r.stdout
+
+
+def test_device_errors(sample, tmp_path):
+    r = run("convert", sample, "-o", tmp_path / "o.st", "--device", "tpu")
+    assert r.exit_code == 2 and "is not a device" in r.output
+    r = run("convert", sample, "-o", tmp_path / "o.st", "--device", "meta")
+    assert r.exit_code == 2 and "only cpu and cuda" in r.output
+    import torch
+    if not torch.cuda.is_available():
+        r = run("convert", sample, "-o", tmp_path / "o.st", "--device", "cuda:0")
+        assert r.exit_code == 2 and "CUDA is not available" in r.output
+    assert not (tmp_path / "o.st").exists()

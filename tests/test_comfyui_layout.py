@@ -36,7 +36,7 @@ def block_file(tmp_path_factory):
     report = quantkit.convert(SAMPLE, out, format="int8-block", block_size=64)
     assert all(lr.format in (None, "int8-block") for lr in report.layers)
     sd = load_file(str(out))
-    assert len(_block_layers(sd)) == sum(lr.action == "quantized" for lr in report.layers) > 30
+    assert len(_block_layers(sd)) == sum(lr.action == "quantized" for lr in report.layers) >= 15
     return sd, load_file(str(SAMPLE))
 
 

@@ -181,15 +181,16 @@ def module_from_state_dict(sd):
     return root
 
 
-def test_quantize_dit_shaped_model_decides_like_the_converter(comfy, tmp_path):
+@pytest.mark.parametrize("preset", ["auto", "none"])
+def test_quantize_dit_shaped_model_decides_like_the_converter(comfy, tmp_path, preset):
     sd = load_file(str(SAMPLE))
     base = Tree()
-    base.add_module("diffusion_model", module_from_state_dict(sd))
+    base.add_module("diffusion_model", module_from_state_dict(sd))  # ComfyUI's BaseModel layout
     patcher = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
     clone, text = QuantkitQuantizeModel().quantize(patcher, "int8_blockwise", 128, "int8-row",
-                                                   "single_blocks\\.0\\.modulation\n")
+                                                   "single_blocks\\.0\\.linear2\n", preset)
     report = quantkit.convert(SAMPLE, tmp_path / "o.safetensors", format="int8-block", block_size=128,
-                              exclude=["single_blocks\\.0\\.modulation"])
+                              exclude=["single_blocks\\.0\\.linear2"], preset=preset)
     want = {lr.name.removesuffix(".weight"): (lr.action, lr.format) for lr in report.layers
             if lr.name.endswith(".weight") and len(lr.shape) == 2}
     got = {name.removeprefix("diffusion_model."): (m.weight._layout_cls, m.quant_format)
@@ -197,9 +198,13 @@ def test_quantize_dit_shaped_model_decides_like_the_converter(comfy, tmp_path):
     assert set(got) == {k for k, (action, _) in want.items() if action != "kept"}
     for name, (lay, fmt) in got.items():
         assert want[name][1] == {"int8_blockwise": "int8-block", "int8_tensorwise": "int8-row"}[fmt], name
-    assert got["final_layer.linear"] == ("TensorWiseINT8Layout", "int8_tensorwise")  # 64 rows: fallback
     assert got["double_blocks.0.img_attn.qkv"] == (layout.LAYOUT_NAME, "int8_blockwise")
-    assert "single_blocks.0.modulation.lin" not in got and "kept diffusion_model.single_blocks.0.modulation.lin" in text
+    assert "single_blocks.0.linear2" not in got and "kept diffusion_model.single_blocks.0.linear2" in text
+    if preset == "auto":  # the Flux family keeps its input/output projections and modulations
+        assert "final_layer.linear" not in got and "img_in" not in got and "double_blocks.0.img_mod.lin" not in got
+        assert "kept diffusion_model.final_layer.linear: Flux" in text
+    else:  # generic rules: 64 rows do not tile at 128 -> int8-row fallback
+        assert got["final_layer.linear"] == ("TensorWiseINT8Layout", "int8_tensorwise")
 
     # each quantized layer computes exactly with its dequantized weight, in bf16 like the checkpoint
     name = "diffusion_model.double_blocks.0.img_attn.qkv"

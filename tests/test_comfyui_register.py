@@ -24,13 +24,13 @@ from conftest import SAMPLE
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """flux-mini in every format quantkit writes (int8-block b=128 falls back to int8-row on the
-    layers 128 does not divide)."""
+    """flux-mini in every format quantkit writes, generic rules (--preset none) so that int8-block
+    b=128 falls back to int8-row on the layers 128 does not divide."""
     d = tmp_path_factory.mktemp("fmts")
     out = {}
     for fmt in FORMATS:
         p = d / f"mini-{fmt}.safetensors"
-        quantkit.convert(SAMPLE, p, format=fmt, block_size=128)
+        quantkit.convert(SAMPLE, p, format=fmt, block_size=128, preset="none")
         out[fmt] = load_file(str(p))
     return out
 

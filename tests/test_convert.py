@@ -144,7 +144,7 @@ def test_reproducible_bytes_and_save_file_identity(tmp_path):
 
 def test_fallback_is_labelled_with_its_real_format(sample, tmp_path):
     out = tmp_path / "o.safetensors"
-    rep = quantkit.convert(sample, out, format="int8-block")
+    rep = quantkit.convert(sample, out, format="int8-block", preset="none")
     fb = {lay.name: lay for lay in rep.layers if lay.action == "fallback"}
     assert set(fb) == {"img_in.weight", "final_layer.linear.weight"}
     assert all(lay.format == "int8-row" and "not divisible" in lay.reason for lay in fb.values())
@@ -152,14 +152,14 @@ def test_fallback_is_labelled_with_its_real_format(sample, tmp_path):
     assert layers["img_in"]["format"] == "int8_tensorwise"
     assert layers["double_blocks.0.img_attn.qkv"] == {
         "format": "int8_blockwise", "group_size": 128, "orig_dtype": "bfloat16", "orig_shape": [384, 128]}
-    rep = quantkit.convert(sample, out, format="int8-block", fallback="keep", overwrite=True)
+    rep = quantkit.convert(sample, out, format="int8-block", fallback="keep", overwrite=True, preset="none")
     assert "img_in" not in layers_of(out) and rep.count("fallback") == 0
     assert load_file(str(out))["img_in.weight"].dtype == torch.bfloat16
 
 
 def test_include_exclude(sample, tmp_path):
     out = tmp_path / "o.safetensors"
-    quantkit.convert(sample, out, exclude=[r"^double_blocks\.0\.", "mod"])
+    quantkit.convert(sample, out, exclude=[r"^double_blocks\.0\.", "mod"], preset="none")
     layers = layers_of(out)
     assert not any(k.startswith("double_blocks.0.") or "mod" in k for k in layers)
     assert "double_blocks.1.img_attn.qkv" in layers

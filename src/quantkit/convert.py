@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,9 +20,11 @@ from pathlib import Path
 import torch
 
 from . import quantize
-from .errors import QuantkitError
+from .dtypes import torch_dtype
+from .errors import QuantkitError, UsageError
 from .formats import FORMATS, encode_comfy_quant
-from .pipeline import BackgroundWriter
+from .pipeline import DEFAULT_DEPTH, BackgroundWriter
+from .layerconfig import LayerConfig, load_layer_config
 from .plan import LayerPlan, Options, Plan, default_output_name, plan_conversion
 from .report import ConvertReport, LayerReport
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
@@ -32,20 +35,58 @@ Progress = Callable[[int, int, str], None]  # (input bytes done, input bytes tot
 def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, format: str = "fp8",
             block_size: int = 128, include: tuple[str, ...] | list[str] = (),
             exclude: tuple[str, ...] | list[str] = (), fallback: str = "int8-row",
-            overwrite: bool = False, progress: Progress | None = None) -> ConvertReport:
+            overwrite: bool = False, progress: Progress | None = None, preset: str = "auto",
+            config: str | os.PathLike | LayerConfig | None = None,
+            full_precision_matrix_mult: bool = False, device: str = "auto") -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
-    beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input."""
-    options = Options(format, block_size, tuple(include), tuple(exclude), fallback)
-    options.validate()
+    beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input.
+    ``preset``: a model family (``quantkit.families``), ``auto`` (detect) or ``none``; ``config``: a
+    per-layer config file (``quantkit.layerconfig``); ``device``: ``auto`` (a GPU if there is one),
+    ``cpu``, ``cuda`` or ``cuda:N`` (the bytes written are the same on every device)."""
+    options = make_options(format, block_size, include, exclude, fallback, preset, config,
+                           full_precision_matrix_mult)
+    dev = resolve_device(device)
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
     t0 = time.perf_counter()
     with SafetensorsReader(src) as reader:
         check_output_path(src, dst, overwrite)
         plan = plan_conversion(reader, options)
-        report = _execute(reader, plan, dst, progress)
+        report = _execute(reader, plan, dst, progress, device=dev)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the current GPU if CUDA works here, else the CPU; ``cuda[:N]`` must exist."""
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a device", fix="use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise UsageError(f"--device {device!r}: only cpu and cuda are supported", fix="use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available here", fix="use --device cpu (or auto)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices",
+                         fix=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
+def make_options(format: str = "fp8", block_size: int = 128, include=(), exclude=(), fallback: str = "int8-row",
+                 preset: str = "auto", config: str | os.PathLike | LayerConfig | None = None,
+                 full_precision_matrix_mult: bool = False) -> Options:
+    """Validated :class:`Options` from keyword values (a config path is loaded and checked here)."""
+    if config is not None and not isinstance(config, LayerConfig):
+        config = load_layer_config(config)
+    extra = (("full_precision_matrix_mult", True),) if full_precision_matrix_mult else ()
+    options = Options(format, block_size, tuple(include), tuple(exclude), fallback, preset, config, extra)
+    options.validate()
+    return options
 
 
 def check_output_path(src: Path, dst: Path, overwrite: bool) -> None:
@@ -75,8 +116,49 @@ def _os_error(e: OSError, dst: Path, need: int) -> QuantkitError:
     return QuantkitError(f"cannot write: {e.strerror or e}", file=dst, fix="check the disk and the path")
 
 
+def _make_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.device):
+    """A function (reader, tensor name, spec, block_size) -> (q, scale, stats, give_back); q lives in
+    one of a few reused buffers, handed back by ``give_back`` once written."""
+    if device.type != "cpu":
+        return _device_quantizer(plan, reader, device)
+    return _cpu_quantizer(plan, reader)
+
+
+def _max_sizes(plan: Plan, reader: SafetensorsReader) -> tuple[int, int]:
+    infos = [reader.tensors[lp.tensor] for lp in plan.quantized]
+    return max((t.nbytes for t in infos), default=0), max((t.numel for t in infos), default=0)
+
+
+def _device_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.device):
+    from .cuda_path import DeviceQuantizer
+    max_in, max_out = _max_sizes(plan, reader)
+    dq = DeviceQuantizer(device, max_in, max_out, n_out=DEFAULT_DEPTH + 1)
+
+    def on_device(reader: SafetensorsReader, name: str, spec, block_size):
+        t = reader.tensors[name]
+        return dq.quantize(reader.fileno(), reader.data_start + t.start, torch_dtype(t.dtype), t.shape,
+                           spec, block_size)
+    return on_device
+
+
+def _cpu_quantizer(plan: Plan, reader: SafetensorsReader):
+    _, max_out = _max_sizes(plan, reader)
+    free: queue.Queue[torch.Tensor] = queue.Queue()
+    for _ in range(DEFAULT_DEPTH + 1):  # one being written, DEFAULT_DEPTH queued... and one being filled
+        free.put(torch.empty(max(max_out, 1), dtype=torch.uint8))
+
+    def on_cpu(reader: SafetensorsReader, name: str, spec, block_size):
+        w = reader.tensor(name)
+        buf = free.get()
+        q, scale, stats = quantize.quantize_tensor(w, spec, block_size, out=buf)
+        del w
+        reader.release(name)
+        return q, scale, stats, lambda: free.put(buf)
+    return on_cpu
+
+
 def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,
-             threaded: bool = True) -> ConvertReport:
+             threaded: bool = True, device: torch.device = torch.device("cpu")) -> ConvertReport:
     opts = plan.options
     report = ConvertReport(str(reader.path), str(dst), opts.format, opts.block_size, bytes_in=reader.file_size)
     total_in = sum(t.nbytes for t in reader.tensors_in_order)
@@ -89,14 +171,20 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             tmp = Path(tmp_name)
             writer = SafetensorsWriter(fd, plan.outputs, plan.metadata)
             need = writer.total_size
+            quantizer = _make_quantizer(plan, reader, device)
             bw = BackgroundWriter(threaded)
+            stages = report.stage_seconds
+            stages.update({"read+quantize": 0.0, "write": 0.0, "fsync": 0.0, "verify": 0.0})
             try:
                 done = 0
                 layers = plan.layers
                 for i, lp in enumerate(layers):
                     if i + 1 < len(layers):
                         reader.prefetch(layers[i + 1].tensor)
-                    report.layers.append(_convert_one(reader, writer, bw, lp, opts.block_size))
+                    t0 = time.perf_counter()
+                    report.layers.append(_convert_one(reader, writer, bw, quantizer, lp, lp.block_size, stages))
+                    report.layers[-1].seconds = time.perf_counter() - t0
+                    stages["read+quantize"] += report.layers[-1].seconds
                     done += reader.tensors[lp.tensor].nbytes
                     if progress is not None:
                         progress(done, total_in, lp.tensor)
@@ -105,13 +193,17 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                 bw.abort()
                 raise
             writer.finish()
+            t0 = time.perf_counter()
             os.fsync(fd)
+            stages["fsync"] = time.perf_counter() - t0
         except OSError as e:
             raise _os_error(e, dst, need) from None
         finally:
             if fd >= 0:
                 os.close(fd)
+        t0 = time.perf_counter()
         verify_written(tmp, plan, writer)
+        stages["verify"] = time.perf_counter() - t0
         os.replace(tmp, dst)
         tmp = None
         _fsync_dir(dst.parent)
@@ -122,30 +214,41 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
     return report
 
 
-def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, lp: LayerPlan,
-                 block_size: int) -> LayerReport:
+def _timed(stages: dict[str, float], job):
+    def run() -> None:
+        t0 = time.perf_counter()
+        try:
+            job()
+        finally:
+            stages["write"] += time.perf_counter() - t0
+    return run
+
+
+def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, quantizer,
+                 lp: LayerPlan, block_size: int, stages: dict[str, float]) -> LayerReport:
     info = reader.tensors[lp.tensor]
     if lp.spec is None:
         src_fd, src_off = reader.fileno(), reader.data_start + info.start
-        bw.submit(lambda: writer.copy_from_fd(lp.tensor, src_fd, src_off, info.nbytes))
+        bw.submit(_timed(stages, lambda: writer.copy_from_fd(lp.tensor, src_fd, src_off, info.nbytes)))
         return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, lp.reason)
     spec, layer = lp.spec, lp.layer
-    w = reader.tensor(lp.tensor)
-    q, scale, stats = quantize.quantize_tensor(w, spec, block_size)
-    del w
-    reader.release(lp.tensor)
+    q, scale, stats, give_back = quantizer(reader, lp.tensor, spec, block_size)
     if not bool(torch.isfinite(scale).all()):
+        give_back()
         raise QuantkitError("weight holds NaN or Inf values, which cannot be quantized", file=reader.path,
                             tensor=lp.tensor, fix=f"repair the checkpoint, or keep the layer with --exclude '^{layer}$'")
-    marker = encode_comfy_quant(lp.comfy_quant(block_size))
+    marker = encode_comfy_quant(lp.comfy_quant())
 
     def write() -> None:
-        writer.write(f"{layer}.weight", q)
+        try:
+            writer.write(f"{layer}.weight", q)
+        finally:
+            give_back()
         writer.write(f"{layer}.weight_scale", scale)
         if spec.writes_input_scale:
             writer.write(f"{layer}.input_scale", torch.ones((), dtype=torch.float32))
         writer.write(f"{layer}.comfy_quant", marker)
-    bw.submit(write)
+    bw.submit(_timed(stages, write), on_skip=give_back)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
                        spec.comfy_format, lp.reason, stats.sqnr_db)
 
@@ -166,7 +269,7 @@ def verify_written(path: Path, plan: Plan, writer: SafetensorsWriter) -> None:
         for lp in plan.quantized:
             name = f"{lp.layer}.comfy_quant"
             got = json.loads(bytes(out.buffer(name)).decode("utf-8"))
-            if got != lp.comfy_quant(plan.options.block_size):
+            if got != lp.comfy_quant():
                 raise QuantkitError("written .comfy_quant marker does not decode to the plan", file=path,
                                     tensor=name, fix="report this as a quantkit bug")
 

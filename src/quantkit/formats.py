@@ -90,6 +90,17 @@ FORMATS: dict[str, FormatSpec] = {
 }
 
 DEFAULT_FORMAT = "fp8"
+
+# .comfy_quant "format" strings unmodified ComfyUI loads (comfy-contract.md); any other needs a node.
+STOCK_COMFY_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "mxfp8", "nvfp4")
+# .comfy_quant keys ComfyUI (or the int8_blockwise node: group_size) acts on; others are ignored.
+COMFY_READ_KEYS = ("format", "full_precision_matrix_mult", "convrot", "convrot_groupsize", "group_size")
+# The scale tensors a quantized layer L may carry; ComfyUI refuses any of them without L.comfy_quant.
+SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale")
+
+# Extra .comfy_quant keys a user may set per layer (or for all layers), with their type. Stock
+# ComfyUI reads full_precision_matrix_mult: dequantize and run a normal matmul for that layer.
+LAYER_OPTIONS: dict[str, type] = {"full_precision_matrix_mult": bool}
 FALLBACK_CHOICES = ("int8-row", "int8-tensor", "fp8", "fp8-e5m2", "keep")
 
 

@@ -33,25 +33,34 @@ class BackgroundWriter:
 
     def _run(self) -> None:
         while True:
-            job = self._q.get()
-            if job is None:
+            item = self._q.get()
+            if item is None:
                 return
+            job, on_skip = item
             if self._error is None:
                 try:
                     job()
                 except BaseException as e:  # handed to the producer at its next submit/close
                     self._error = e
+            elif on_skip is not None:
+                on_skip()  # release what the job held (e.g. a pinned buffer), so nobody waits on it
 
     def _raise(self) -> None:
         if self._error is not None:
             e, self._error = self._error, None
             raise e
 
-    def submit(self, job: Callable[[], None]) -> None:
-        """Run ``job`` on the writer thread (blocks while the queue is full)."""
-        self._raise()
+    def submit(self, job: Callable[[], None], on_skip: Callable[[], None] | None = None) -> None:
+        """Run ``job`` on the writer thread (blocks while the queue is full). If an earlier job
+        failed, ``job`` is skipped and ``on_skip`` runs instead."""
+        try:
+            self._raise()
+        except BaseException:
+            if on_skip is not None:
+                on_skip()
+            raise
         if self._threaded:
-            self._q.put(job)
+            self._q.put((job, on_skip))
         else:
             job()
 
@@ -68,8 +77,10 @@ class BackgroundWriter:
             self._error = self._error or RuntimeError("aborted")
             while True:
                 try:
-                    self._q.get_nowait()
+                    item = self._q.get_nowait()
                 except queue.Empty:
                     break
+                if item is not None and item[1] is not None:
+                    item[1]()
             self._q.put(None)
             self._t.join()

@@ -7,11 +7,12 @@ import json
 from dataclasses import dataclass, field
 
 
-from . import policy
+from . import families, policy
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
-from .formats import FALLBACK_CHOICES, FORMATS, FormatSpec, encode_comfy_quant, get_format
-from .safetensors_io import PlannedTensor, SafetensorsReader, TensorInfo
+from .formats import FALLBACK_CHOICES, FORMATS, LAYER_OPTIONS, FormatSpec, encode_comfy_quant, get_format
+from .layerconfig import LayerConfig, LayerRule
+from .safetensors_io import PlannedTensor, SafetensorsReader, TensorInfo, build_header
 
 QUANT_METADATA_KEY = "_quantization_metadata"
 
@@ -23,9 +24,19 @@ class Options:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     fallback: str = "int8-row"
+    preset: str = "auto"  # a family name (quantkit.families), "auto" or "none"
+    config: LayerConfig | None = None  # per-layer overrides (quantkit.layerconfig)
+    comfy_options: tuple[tuple[str, object], ...] = ()  # extra .comfy_quant keys for every layer
 
     def validate(self) -> None:
         get_format(self.format)
+        if self.preset not in families.PRESET_CHOICES:
+            raise UsageError(f"unknown --preset '{self.preset}'",
+                             fix=f"use one of: {', '.join(families.PRESET_CHOICES)}")
+        policy.Selection.from_patterns(self.include, self.exclude)  # bad regexes fail here, up front
+        for k, v in self.comfy_options:
+            if k not in LAYER_OPTIONS or type(v) is not LAYER_OPTIONS[k]:
+                raise UsageError(f"unknown .comfy_quant option {k}={v!r}", fix=f"known: {', '.join(LAYER_OPTIONS)}")
         if self.fallback not in FALLBACK_CHOICES:
             raise UsageError(f"unknown --fallback '{self.fallback}'", fix=f"use one of: {', '.join(FALLBACK_CHOICES)}")
         if self.fallback != "keep" and FORMATS[self.fallback].granularity == "block":
@@ -46,6 +57,9 @@ class LayerPlan:
     spec: FormatSpec | None
     reason: str = ""  # why kept, or why it fell back
     fallback: bool = False
+    block_size: int = 128
+    options: tuple[tuple[str, object], ...] = ()  # extra .comfy_quant keys
+    rule: str = ""  # the per-layer config pattern that decided this layer, if any
 
     @property
     def layer(self) -> str:
@@ -55,20 +69,30 @@ class LayerPlan:
     def quantized(self) -> bool:
         return self.spec is not None
 
-    def comfy_quant(self, block_size: int) -> dict:
+    def comfy_quant(self) -> dict:
         assert self.spec is not None
-        return self.spec.comfy_quant(self.shape, torch_dtype(self.dtype), block_size)
+        d = self.spec.comfy_quant(self.shape, torch_dtype(self.dtype), self.block_size)
+        d.update(self.options)
+        return d
 
-    def outputs(self, block_size: int) -> list[PlannedTensor]:
+    def outputs(self) -> list[PlannedTensor]:
         if self.spec is None:
             return [PlannedTensor(self.tensor, self.dtype, self.shape)]
         s, L = self.spec, self.layer
         out = [PlannedTensor(f"{L}.weight", s.weight_dtype_name, self.shape),
-               PlannedTensor(f"{L}.weight_scale", "F32", s.scale_shape(self.shape, block_size))]
+               PlannedTensor(f"{L}.weight_scale", "F32", s.scale_shape(self.shape, self.block_size))]
         if s.writes_input_scale:
             out.append(PlannedTensor(f"{L}.input_scale", "F32", ()))
-        out.append(PlannedTensor(f"{L}.comfy_quant", "U8", (len(encode_comfy_quant(self.comfy_quant(block_size))),)))
+        out.append(PlannedTensor(f"{L}.comfy_quant", "U8", (len(encode_comfy_quant(self.comfy_quant())),)))
         return out
+
+    def to_dict(self) -> dict:
+        return {"tensor": self.tensor, "shape": list(self.shape), "dtype": self.dtype,
+                "action": "fallback" if self.fallback and self.spec else ("quantized" if self.spec else "kept"),
+                "format": self.spec.name if self.spec else None,
+                "comfy_format": self.spec.comfy_format if self.spec else None,
+                "block_size": self.block_size if self.spec and self.spec.granularity == "block" else None,
+                "options": dict(self.options), "reason": self.reason, "rule": self.rule or None}
 
 
 @dataclass
@@ -77,10 +101,38 @@ class Plan:
     layers: list[LayerPlan]  # every input tensor, in input file order
     outputs: list[PlannedTensor] = field(default_factory=list)
     metadata: dict[str, str] | None = None
+    families: list[families.Detected] = field(default_factory=list)
+    input_size: int = 0
 
     @property
     def quantized(self) -> list[LayerPlan]:
         return [p for p in self.layers if p.quantized]
+
+    @property
+    def output_size(self) -> int:
+        """Exact size of the file this plan writes, header included."""
+        header, _ = build_header(self.outputs, self.metadata)
+        return len(header) + sum(t.nbytes for t in self.outputs)
+
+    @property
+    def needs_node(self) -> list[str]:
+        """The .comfy_quant formats in this plan that stock ComfyUI cannot load (empty: it loads)."""
+        return sorted({lp.spec.comfy_format for lp in self.quantized if not lp.spec.stock_comfy})
+
+    def counts(self) -> dict[str, int]:
+        c = {"quantized": 0, "fallback": 0, "kept": 0}
+        for lp in self.layers:
+            c["fallback" if lp.fallback and lp.spec else ("quantized" if lp.spec else "kept")] += 1
+        return c
+
+    def to_dict(self) -> dict:
+        return {"format": self.options.format, "block_size": self.options.block_size,
+                "fallback": self.options.fallback, "preset": self.options.preset,
+                "families": [{"family": d.family.name, "title": d.family.title, "prefix": d.prefix}
+                             for d in self.families],
+                "counts": self.counts(), "input_bytes": self.input_size, "output_bytes": self.output_size,
+                "stock_comfyui": not self.needs_node, "needs_node_for": self.needs_node,
+                "layers": [lp.to_dict() for lp in self.layers]}
 
 
 def plan_conversion(reader: SafetensorsReader, options: Options) -> Plan:
@@ -94,11 +146,14 @@ def plan_conversion(reader: SafetensorsReader, options: Options) -> Plan:
     if reader.metadata and QUANT_METADATA_KEY in reader.metadata:
         raise QuantkitError(f"input metadata already has {QUANT_METADATA_KEY}", file=reader.path,
                             fix="convert the original bf16/fp16/fp32 checkpoint")
+    detected = families.resolve(options.preset, {t.name: t.shape for t in reader.tensors_in_order},
+                                file=reader.path)
+    sel = policy.Selection(sel.include, sel.exclude, tuple(detected))
     layers = [_plan_one(t, spec, sel, options) for t in reader.tensors_in_order]
-    plan = Plan(options, layers)
+    plan = Plan(options, layers, families=detected, input_size=reader.file_size)
     names: dict[str, str] = {}
     for lp in layers:
-        for out in lp.outputs(options.block_size):
+        for out in lp.outputs():
             if out.name in names:
                 raise QuantkitError(f"output name '{out.name}' would be written twice (also from "
                                     f"'{names[out.name]}')", file=reader.path, tensor=lp.tensor,
@@ -113,25 +168,53 @@ def plan_conversion(reader: SafetensorsReader, options: Options) -> Plan:
     return plan
 
 
+def plan_file(src, options: Options) -> Plan:
+    """Open ``src`` (header only) and plan its conversion."""
+    with SafetensorsReader(src) as reader:
+        return plan_conversion(reader, options)
+
+
 def quantization_metadata(plan: Plan) -> str:
-    layers = {lp.layer: lp.comfy_quant(plan.options.block_size)
+    layers = {lp.layer: lp.comfy_quant()
               for lp in sorted(plan.quantized, key=lambda p: p.layer)}
     return json.dumps({"format_version": "1.0", "layers": layers}, separators=(",", ":"))
 
 
 def _plan_one(t: TensorInfo, spec: FormatSpec, sel: policy.Selection, options: Options) -> LayerPlan:
     why = policy.is_candidate(t)
-    if why is None:
+    rule: LayerRule | None = None
+    name = policy.layer_name(t.name)
+    if why is None and options.config is not None and not policy.excluded(name, sel):
+        rule = options.config.lookup(name)
+    if rule is not None and rule.skip:
+        return LayerPlan(t.name, t.shape, t.dtype, None, f"config {rule.pattern!r}: skip", rule=rule.pattern)
+    if why is None and rule is None:
         why = policy.decide(t, sel)
     if why is not None:
         return LayerPlan(t.name, t.shape, t.dtype, None, why)
-    cannot = spec.cannot_take(t.shape, options.block_size)
+    block_size, opts, how = options.block_size, dict(options.comfy_options), ""
+    if rule is not None:
+        how = f"config {rule.pattern!r}"
+        if rule.format is not None:
+            spec = FORMATS[rule.format]
+        if rule.block_size is not None:
+            if spec.granularity != "block":
+                raise UsageError(f"config {rule.pattern!r} sets block_size but this layer's format is {spec.name}",
+                                 file=options.config.path, tensor=t.name,
+                                 fix="drop block_size or set format = \"int8-block\" in the entry")
+            block_size = rule.block_size
+        opts.update(rule.options)
+    options_t = tuple(sorted(opts.items()))
+    cannot = spec.cannot_take(t.shape, block_size)
     if cannot is None:
-        return LayerPlan(t.name, t.shape, t.dtype, spec)
+        return LayerPlan(t.name, t.shape, t.dtype, spec, how, block_size=block_size, options=options_t,
+                         rule=rule.pattern if rule else "")
     if options.fallback == "keep":
-        return LayerPlan(t.name, t.shape, t.dtype, None, f"{cannot}; --fallback keep", fallback=True)
+        return LayerPlan(t.name, t.shape, t.dtype, None, f"{cannot}; --fallback keep", fallback=True,
+                         rule=rule.pattern if rule else "")
     return LayerPlan(t.name, t.shape, t.dtype, FORMATS[options.fallback],
-                     f"{cannot}; fell back to {options.fallback}", fallback=True)
+                     f"{cannot}; fell back to {options.fallback}", fallback=True, block_size=block_size,
+                     options=options_t, rule=rule.pattern if rule else "")
 
 
 def default_output_name(src_name: str, fmt: str) -> str:
@@ -139,4 +222,4 @@ def default_output_name(src_name: str, fmt: str) -> str:
     return f"{stem}-{fmt}.safetensors"
 
 
-__all__ = ["Options", "Plan", "LayerPlan", "plan_conversion", "default_output_name"]
+__all__ = ["Options", "Plan", "LayerPlan", "plan_conversion", "plan_file", "default_output_name"]

@@ -3,7 +3,8 @@
 A tensor is a candidate only if it is the 2-D floating-point ``.weight`` of a layer (a Linear, in
 the checkpoints we convert): norms, biases and other 1-D tensors, convolutions (4-D/5-D) and
 integer buffers never are. Among candidates, ``DEFAULT_KEEP`` lists what stays in high precision
-unless ``--include`` names it. ``--include``/``--exclude`` patterns are Python regexes searched
+unless ``--include`` names it, and so does every keep rule of the detected model family
+(``quantkit.families``; ``--preset``). ``--include``/``--exclude`` patterns are Python regexes searched
 (``re.search``) in the layer name, i.e. the tensor name without ``.weight``; exclude wins.
 """
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 from .dtypes import FLOAT_WEIGHT_DTYPES
 from .errors import UsageError
+from .families import Detected, keep_reason
 from .safetensors_io import TensorInfo
 
 # (anchored regex on the layer name, reason shown in the plan/report)
@@ -30,12 +32,14 @@ QUANT_SUFFIXES = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".input_sc
 class Selection:
     include: tuple[re.Pattern, ...] = ()
     exclude: tuple[re.Pattern, ...] = ()
+    families: tuple[Detected, ...] = ()  # whose keep rules apply (see quantkit.families)
 
     @classmethod
     def from_patterns(cls, include: list[str] | tuple[str, ...] = (),
-                      exclude: list[str] | tuple[str, ...] = ()) -> Selection:
+                      exclude: list[str] | tuple[str, ...] = (),
+                      families: list[Detected] | tuple[Detected, ...] = ()) -> Selection:
         return cls(tuple(_compile(p, "--include") for p in include),
-                   tuple(_compile(p, "--exclude") for p in exclude))
+                   tuple(_compile(p, "--exclude") for p in exclude), tuple(families))
 
 
 def _compile(pattern: str, flag: str) -> re.Pattern:
@@ -53,14 +57,23 @@ def layer_name(tensor_name: str) -> str:
     return tensor_name.removesuffix(".weight")
 
 
+def excluded(name: str, sel: Selection) -> bool:
+    return any(p.search(name) for p in sel.exclude)
+
+
 def decide(t: TensorInfo, sel: Selection) -> str | None:
     """None if ``t`` should be quantized, else the reason it is kept (None for non-weights too,
-    use :func:`is_candidate` first)."""
+    use :func:`is_candidate` first). Order: --exclude, --include, the family's keep rules, then
+    the generic DEFAULT_KEEP. (A per-layer config entry, handled in plan.py, sits between
+    --exclude and --include.)"""
     name = layer_name(t.name)
-    if any(p.search(name) for p in sel.exclude):
+    if excluded(name, sel):
         return "excluded by --exclude"
     if any(p.search(name) for p in sel.include):
         return None
+    why = keep_reason(list(sel.families), name)
+    if why is not None:
+        return why
     for pat, why in _DEFAULT_KEEP:
         if pat.match(name):
             return why

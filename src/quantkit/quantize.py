@@ -98,14 +98,18 @@ def quantize_chunks(w: torch.Tensor, scale: torch.Tensor, spec: FormatSpec, bloc
         yield qc
 
 
-def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int,
-                    scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, ErrorStats]:
+def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int, scale: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, ErrorStats]:
     """Quantize a whole 2-D tensor on the CPU: returns (q, scale, error stats). Bit-identical to
-    ``reference.quantize``; peak extra memory is q plus two cache-sized fp32 chunks."""
+    ``reference.quantize``; peak extra memory is q plus two cache-sized fp32 chunks. ``out``: a
+    uint8 buffer of at least ``w.numel()`` bytes to hold q (reused buffers keep RSS flat)."""
     if scale is None:
         scale = compute_scale(w, spec, block_size)
     n, k = w.shape
-    q = torch.empty((n, k), dtype=spec.weight_dtype)
+    if out is None:
+        q = torch.empty((n, k), dtype=spec.weight_dtype)
+    else:
+        q = out[:n * k].view(spec.weight_dtype).view(n, k)
     stats = ErrorStats()
     if not bool(torch.isfinite(scale).all()):
         return q, scale, stats  # the caller refuses the layer; nothing to quantize

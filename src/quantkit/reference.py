@@ -35,7 +35,9 @@ def region_amax(w: torch.Tensor, spec: FormatSpec, block_size: int) -> torch.Ten
 
 def scale_from_amax(amax: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
     amax = amax.float()
-    scale = amax / torch.tensor(spec.qmax, dtype=torch.float32)
+    # A same-device tensor divisor: PyTorch's CUDA kernel turns division by a CPU scalar into a
+    # multiplication by its reciprocal, which is not the same fp32 number.
+    scale = amax / torch.full_like(amax, spec.qmax)
     return torch.where(amax == 0, torch.ones_like(scale), scale)  # NaN/Inf stay visible
 
 

@@ -17,6 +17,7 @@ class LayerReport:
     comfy_format: str | None
     reason: str = ""
     sqnr_db: float | None = None
+    seconds: float = 0.0  # wall time spent on this tensor (read, quantize, write)
 
 
 @dataclass
@@ -29,6 +30,8 @@ class ConvertReport:
     bytes_in: int = 0
     bytes_out: int = 0
     seconds: float = 0.0
+    # where the time went: "read+quantize" (main thread), "write" (writer thread busy), "fsync", "verify"
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def count(self, action: str) -> int:
         return sum(1 for layer in self.layers if layer.action == action)

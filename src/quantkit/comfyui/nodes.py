@@ -16,6 +16,7 @@ import logging
 import os
 import re
 
+from .. import families
 from ..convert import convert
 from ..errors import QuantkitError
 from ..formats import DEFAULT_BLOCK_SIZE, FALLBACK_CHOICES, FORMATS
@@ -28,6 +29,7 @@ CATEGORY = "quantkit"
 # Folders the convert node reads from (ComfyUI's folder_paths names).
 SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders")
 FALLBACKS = tuple(f for f in FALLBACK_CHOICES)
+PRESET_TIP = "model family whose high-precision layers stay unquantized (auto: detect; none: generic rules)"
 
 
 def _split_patterns(text: str) -> tuple[str, ...]:
@@ -56,6 +58,7 @@ class QuantkitQuantizeModel:
             "optional": {
                 "exclude": ("STRING", {"default": "", "multiline": True,
                                        "tooltip": "regexes (one per line) of layer names to keep unquantized"}),
+                "preset": (list(families.PRESET_CHOICES), {"default": "auto", "tooltip": PRESET_TIP}),
             },
         }
 
@@ -64,8 +67,8 @@ class QuantkitQuantizeModel:
     FUNCTION = "quantize"
     CATEGORY = CATEGORY
 
-    def quantize(self, model, target, block_size, fallback, exclude=""):
-        clone, summary = quantize_model(model, target, int(block_size), fallback, _split_patterns(exclude))
+    def quantize(self, model, target, block_size, fallback, exclude="", preset="auto"):
+        clone, summary = quantize_model(model, target, int(block_size), fallback, _split_patterns(exclude), preset)
         text = summary.text()
         log.info("%s", text)
         return (clone, text)
@@ -149,6 +152,7 @@ class QuantkitConvertCheckpoint:
             },
             "optional": {
                 "exclude": ("STRING", {"default": "", "multiline": True}),
+                "preset": (list(families.PRESET_CHOICES), {"default": "auto", "tooltip": PRESET_TIP}),
             },
         }
 
@@ -158,11 +162,12 @@ class QuantkitConvertCheckpoint:
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
 
-    def convert(self, source, format, block_size, fallback, output_name, overwrite, exclude=""):
+    def convert(self, source, format, block_size, fallback, output_name, overwrite, exclude="", preset="auto"):
         src = resolve_source(source)
         dst = output_path(src, format, output_name)
         report = convert(src, dst, format=format, block_size=int(block_size), fallback=fallback,
-                         exclude=_split_patterns(exclude), overwrite=bool(overwrite), progress=ProgressReporter())
+                         exclude=_split_patterns(exclude), overwrite=bool(overwrite), progress=ProgressReporter(),
+                         preset=preset)
         q = [layer for layer in report.layers if layer.action != "kept"]
         text = (f"quantkit: wrote {dst} ({report.bytes_out / 1e9:.2f} GB, {len(q)} layers quantized "
                 f"to {format}, {report.seconds:.1f} s)")

@@ -14,9 +14,11 @@ int8_blockwise), same matmul paths, LoRA patches applied through the module's ``
 
 Which layers: the same decisions as the converter (:func:`quantkit.plan._plan_one`), on every
 linear layer of the model (``torch.nn.Linear``, or a ComfyUI mixed-precision Linear still holding
-a float weight): 2-D bf16/fp16/fp32 weights only, embeddings kept by default, ``exclude`` regexes,
-and ``fallback`` where a block format does not divide the shape. Norms, convolutions and
-everything that is not a linear layer are left as they are.
+a float weight): 2-D bf16/fp16/fp32 weights only, ``exclude`` regexes, the keep rules of the model
+family detected from the model's parameter names (:mod:`quantkit.families`, as ``--preset auto``;
+ComfyUI's ``diffusion_model.`` prefix is recognised like a checkpoint's), embeddings, and
+``fallback`` where a block format does not divide the shape. Norms, convolutions and everything
+that is not a linear layer are left as they are.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import quantize, reference
+from .. import families, quantize, reference
 from ..dtypes import TORCH_TO_NAME
 from ..errors import QuantkitError
 from ..formats import FORMATS, encode_comfy_quant
-from ..plan import Options, _plan_one
+from ..plan import LayerPlan, Options, _plan_one
 from ..policy import Selection
 from ..safetensors_io import TensorInfo
 
@@ -117,11 +119,12 @@ def quantize_weight(w: torch.Tensor, fmt: str, block_size: int,
     return q, scale, sqnr
 
 
-def layer_state_dict(q: torch.Tensor, scale: torch.Tensor, fmt: str, block_size: int,
-                     orig_dtype: torch.dtype, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The tensors ``quantkit convert`` writes for one layer, keyed without the layer prefix."""
-    spec = FORMATS[fmt]
-    marker = encode_comfy_quant(spec.comfy_quant(tuple(q.shape), orig_dtype, block_size))
+def layer_state_dict(q: torch.Tensor, scale: torch.Tensor, lp: LayerPlan,
+                     bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The tensors ``quantkit convert`` writes for the planned layer ``lp``, keyed without the
+    layer prefix."""
+    spec = lp.spec
+    marker = encode_comfy_quant(lp.comfy_quant())
     sd = {"weight": q, "weight_scale": scale,
           "comfy_quant": torch.frombuffer(bytearray(marker), dtype=torch.uint8)}
     if spec.writes_input_scale:
@@ -132,16 +135,18 @@ def layer_state_dict(q: torch.Tensor, scale: torch.Tensor, fmt: str, block_size:
 
 
 def quantize_model(model, target: str, block_size: int = 128, fallback: str = "int8-row",
-                   exclude: tuple[str, ...] = ()):
+                   exclude: tuple[str, ...] = (), preset: str = "auto"):
     """Return ``(clone, summary)``: a clone of the ModelPatcher ``model`` with its linear layers
-    quantized to ``target`` (a key of :data:`TARGETS`) via object patches."""
+    quantized to ``target`` (a key of :data:`TARGETS`) via object patches. ``preset`` picks the
+    family keep rules as ``quantkit convert --preset`` does."""
     ops = importlib.import_module("comfy.ops")
     if target not in TARGETS:
         raise QuantkitError(f"unknown target '{target}'", fix=f"use one of: {', '.join(TARGETS)}")
     fmt = TARGETS[target]
-    options = Options(fmt, block_size, (), tuple(exclude), fallback)
+    options = Options(fmt, block_size, (), tuple(exclude), fallback, preset)
     options.validate()
-    sel = Selection.from_patterns((), options.exclude)
+    shapes = {n: tuple(p.shape) for n, p in model.model.named_parameters()}
+    sel = Selection.from_patterns((), options.exclude, families.resolve(options.preset, shapes))
     spec = FORMATS[fmt]
     if spec.granularity == "block":
         from .register import register
@@ -170,7 +175,7 @@ def quantize_model(model, target: str, block_size: int = 128, fallback: str = "i
             summary.layers.append(LayerResult(name, tuple(w.shape), "kept", None, lp.reason))
             continue
         try:
-            q, scale, sqnr = quantize_weight(w, lp.spec.name, block_size, getattr(model, "load_device", None))
+            q, scale, sqnr = quantize_weight(w, lp.spec.name, lp.block_size, getattr(model, "load_device", None))
         except ValueError as e:
             raise QuantkitError(str(e), tensor=f"{name}.weight",
                                 fix=f"repair the model, or keep the layer with exclude '^{name}$'") from None
@@ -181,7 +186,7 @@ def quantize_model(model, target: str, block_size: int = 128, fallback: str = "i
         bias = None if bias is None else bias.detach().to(compute_dtype)
         new = op_classes[compute_dtype].Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device,
                                                dtype=compute_dtype)
-        new.load_state_dict(layer_state_dict(q, scale, lp.spec.name, block_size, w.dtype, bias), strict=True)
+        new.load_state_dict(layer_state_dict(q, scale, lp, bias), strict=True)
         new.train(False)
         clone.add_object_patch(name, new)
         summary.layers.append(LayerResult(name, tuple(w.shape), "fallback" if lp.fallback else "quantized",

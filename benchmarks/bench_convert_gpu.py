@@ -1,0 +1,110 @@
+"""GPU conversion benchmark (issue 4): `quantkit convert --device cuda` against the disk floor and
+the old converter, in one run on one synthetic Flux-shaped bf16 checkpoint on the local disk.
+
+Disk floor = read of the input with O_DIRECT (`dd iflag=direct`) + write of an output-sized file
+with O_DIRECT and a final sync: the least time any converter that reads the input and writes the
+output can take. Before each timed conversion the input's pages are evicted from the page cache
+(posix_fadvise DONTNEED after sync, plus drop_caches where permitted); whether the eviction worked
+is measured and printed (a cold buffered read must not be faster than the direct read).
+
+    python benchmarks/bench_convert_gpu.py --dir /tmp/qk --gb 8.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import synth  # noqa: E402
+
+
+def evict(path: Path) -> None:
+    os.sync()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
+def wall(cmd: list[str] | str, shell: bool = False) -> float:
+    t = time.perf_counter()
+    r = subprocess.run(cmd, shell=shell, capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd} failed ({r.returncode}): {(r.stderr or r.stdout)[-3000:]}")
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/qk-bench"))
+    ap.add_argument("--gb", type=float, default=8.5)
+    ap.add_argument("--formats", default="fp8,int8-row,int8-block")
+    ap.add_argument("--no-ctq", action="store_true")
+    a = ap.parse_args()
+    a.dir.mkdir(parents=True, exist_ok=True)
+    src = a.dir / "flux-synth.safetensors"
+    t = time.perf_counter()
+    if not src.exists():
+        synth.build(src, a.gb)
+    print(f"built {src.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s", flush=True)
+    out = a.dir / "out.safetensors"
+    size = src.stat().st_size
+    out_size = size // 2 + (1 << 20)
+
+    evict(src)
+    t_read = wall(f"dd if='{src}' of=/dev/null bs=64M iflag=direct status=none", shell=True)
+    evict(src)
+    t_cold = wall(f"cat '{src}' > /dev/null", shell=True)
+    t_write = wall(f"dd if=/dev/zero of='{out}' bs=64M count={out_size >> 26} oflag=direct status=none "
+                   f"&& sync '{out}'", shell=True)
+    out.unlink()
+    floor = t_read + t_write
+    print(f"read direct {size / t_read / 1e9:.2f} GB/s, cold buffered {size / t_cold / 1e9:.2f} GB/s, "
+          f"write direct {out_size / t_write / 1e9:.2f} GB/s, floor {floor:.2f} s", flush=True)
+    evict_ok = t_cold > 0.7 * t_read
+
+    rows = []
+    env = dict(os.environ)
+    qk = [sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(out), "--overwrite", "--quiet",
+          "--device", "cuda"]
+    for fmt in a.formats.split(","):
+        evict(src)
+        rows.append((f"quantkit {fmt} --device cuda", wall(qk + ["--format", fmt])))
+        print(rows[-1], flush=True)
+    if not a.no_ctq and shutil.which("convert_to_quant"):
+        ctq = ["convert_to_quant", "-i", str(src), "-o", str(out), "--simple", "--comfy_quant", "--device", "cuda"]
+        for label, extra in (("fp8", []), ("int8-block", ["--int8", "--scaling_mode", "block", "--block_size", "128",
+                                                           "--exclude-layers", "img_in"])):
+            out.unlink(missing_ok=True)
+            evict(src)
+            try:
+                rows.append((f"convert_to_quant {label} --simple", wall(ctq + extra)))
+            except RuntimeError as e:
+                print(f"convert_to_quant {label} failed: {str(e)[-300:]}", flush=True)
+            print(rows[-1], flush=True)
+    out.unlink(missing_ok=True)
+    ctq_t = {r[0].split()[1]: r[1] for r in rows if r[0].startswith("convert_to_quant")}
+    print(f"\ninput {size / 1e9:.2f} GB; page-cache eviction {'worked' if evict_ok else 'did NOT work'}\n")
+    print("| command | wall s | x disk floor | convert_to_quant s / quantkit s |")
+    print("|---|---|---|---|")
+    print(f"| disk floor (dd direct read + write) | {floor:.2f} | 1.00 | |")
+    for label, w in rows:
+        fmt = label.split()[1]
+        vs = f"{ctq_t[fmt] / w:.1f}x" if label.startswith("quantkit") and fmt in ctq_t else ""
+        print(f"| {label} | {w:.2f} | {w / floor:.2f} | {vs} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""Backend dispatcher: one call that quantizes a weight on the chosen device.
+
+API for the converter (all other modules are implementation)::
+
+    dev = parse_device("auto" | "cpu" | "cuda" | "cuda:N")   # -> torch.device, or UsageError
+    r = quantize_tensor(w, spec, block_size, dev)              # -> QuantResult
+    r.q, r.scale          # on ``dev``; bit-identical to reference.quantize(w, spec, block_size)
+    r.signal, r.noise     # 0-d float64 tensors on ``dev``: sum w^2, sum (w - q.float()*scale)^2
+    check_finite(r.scale, file=..., tensor=...)               # QuantkitError if NaN/Inf weights
+
+``w`` is a 2-D bf16/fp16/fp32 tensor on any device; it is moved to ``dev`` first (``non_blocking``:
+pass a pinned host tensor to overlap the copy). On CUDA ``quantize_tensor`` only queues work on the
+current stream and never waits for it: reading ``float(r.signal)``, ``check_finite`` or copying
+``r.q`` to the host waits. Per call it allocates q, scale and a small partial-sum buffer on ``dev``.
+Where a region's scale is NaN/Inf, ``q`` there is unspecified (the reference's too): call
+``check_finite`` before writing ``q``.
+
+Backends (``backend_for(dev)`` tells which one a device gets):
+
+=========  =======================================================================================
+``torch``  CPU: the chunked fast path of :mod:`quantkit.quantize` (cache-sized row chunks, no
+           fp32 copy of the whole tensor). CUDA: the reference math on the GPU, whole tensor
+           (with the scale divided by a device tensor: see :func:`quantize_torch`).
+``triton`` :mod:`quantkit.kernels.triton_quant` (CUDA only; one pass over the weight per format,
+           SQNR sums in the same kernels).
+=========  =======================================================================================
+
+``auto`` picks ``triton`` on CUDA when Triton imports, else ``torch``. The environment variable
+``QUANTKIT_BACKEND=torch`` forces the torch path everywhere (the fallback and the reference);
+``QUANTKIT_BACKEND=triton`` demands Triton and fails clearly where it cannot run (on CPU it is
+allowed only under ``TRITON_INTERPRET=1``, for debugging kernels). Tests call
+:func:`quantize_torch` and :func:`quantize_triton` directly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import NamedTuple
+
+import torch
+
+from . import quantize as cpu_quantize
+from . import reference
+from .errors import QuantkitError, UsageError
+from .formats import FormatSpec
+
+BACKEND_ENV = "QUANTKIT_BACKEND"
+BACKENDS = ("auto", "torch", "triton")
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+class QuantResult(NamedTuple):
+    q: torch.Tensor  # spec.weight_dtype, shape of w
+    scale: torch.Tensor  # float32, spec.scale_shape(...)
+    signal: torch.Tensor  # 0-d float64: sum w^2
+    noise: torch.Tensor  # 0-d float64: sum (w - dequant(q))^2, dequant = q.float() * scale in fp32
+
+    def sqnr_db(self) -> float:
+        """Weight SQNR in dB (synchronizes)."""
+        return reference.sqnr_db(float(self.signal), float(self.noise))
+
+
+def parse_device(text: str) -> torch.device:
+    """``auto`` (first CUDA device if there is one, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    t = str(text).strip().lower()
+    if t == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if t == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"cuda(?::(\d+))?", t)
+    if not m:
+        raise UsageError(f"unknown device '{text}'", fix=f"use {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else \
+            "no CUDA device or driver is visible"
+        raise UsageError(f"device '{text}' requested but CUDA is not available ({why})",
+                         fix="use --device cpu (or auto), or install a CUDA build of torch")
+    index = int(m.group(1)) if m.group(1) is not None else torch.cuda.current_device()
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise UsageError(f"device '{text}' does not exist: {count} CUDA device(s) visible",
+                         fix=f"use cuda:0 .. cuda:{count - 1}, or check CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", index)
+
+
+def _requested_backend() -> str:
+    v = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if v not in BACKENDS:
+        raise UsageError(f"{BACKEND_ENV}='{os.environ.get(BACKEND_ENV)}' is not a backend",
+                         fix=f"set it to one of: {', '.join(BACKENDS)}, or unset it")
+    return v
+
+
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising anything
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_for(device: torch.device | str) -> str:
+    """'torch' or 'triton': the backend :func:`quantize_tensor` uses on ``device``."""
+    device = torch.device(device)
+    want = _requested_backend()
+    if want == "torch":
+        return "torch"
+    if want == "auto":
+        return "triton" if device.type == "cuda" and _triton_import_error() is None else "torch"
+    err = _triton_import_error()
+    if err is not None:
+        raise QuantkitError(f"{BACKEND_ENV}=triton but Triton cannot be imported ({err})",
+                            fix=f"pip install triton (the 'gpu' extra), or unset {BACKEND_ENV}")
+    if device.type != "cuda" and not _interpreting():
+        raise UsageError(f"{BACKEND_ENV}=triton needs a CUDA device, got '{device}'",
+                         fix=f"use --device cuda, or unset {BACKEND_ENV} (TRITON_INTERPRET=1 runs kernels on CPU)")
+    return "triton"
+
+
+def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int,
+                    device: torch.device | str | None = None) -> QuantResult:
+    """Quantize one 2-D weight on ``device`` (default: w's device) with the backend it gets."""
+    device = w.device if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if w.device != device:
+        w = w.to(device, non_blocking=True)
+    if backend_for(device) == "triton":
+        return quantize_triton(w, spec, block_size)
+    return quantize_torch(w, spec, block_size)
+
+
+def quantize_torch(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantResult:
+    """The torch path on w's device: chunked on CPU, whole-tensor reference on CUDA."""
+    _check_shape(w, spec, block_size)
+    if w.device.type == "cpu":
+        scale = cpu_quantize.compute_scale(w, spec, block_size)
+        q = torch.empty(tuple(w.shape), dtype=spec.weight_dtype)
+        stats = cpu_quantize.ErrorStats()
+        i = 0
+        for chunk in cpu_quantize.quantize_chunks(w, scale, spec, block_size, stats):
+            q[i:i + chunk.shape[0]].copy_(chunk)
+            i += chunk.shape[0]
+        return QuantResult(q, scale, torch.tensor(stats.signal, dtype=torch.float64),
+                           torch.tensor(stats.noise, dtype=torch.float64))
+    # On CUDA, torch divides by a CPU scalar as a multiply by its reciprocal, so the reference's
+    # `amax / torch.tensor(qmax)` can differ in the last bit there (seen on an H100 for int8 row and
+    # block scales). Dividing by a device tensor is an IEEE division: same bits as on CPU.
+    amax = reference.region_amax(w, spec, block_size)
+    scale = amax / torch.full_like(amax, spec.qmax)
+    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+    q = reference.quantize_with_scale(w, scale, spec, block_size)
+    w32 = w.float()
+    deq = q.float() * reference.expand_scale(scale, tuple(w.shape), spec, block_size)
+    signal = torch.dot(w32.view(-1), w32.view(-1)).double()
+    d = (deq - w32).view(-1)
+    return QuantResult(q, scale, signal, torch.dot(d, d).double())
+
+
+def quantize_triton(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantResult:
+    """The Triton kernels on w's device (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    _check_shape(w, spec, block_size)
+    from .kernels import triton_quant
+    return QuantResult(*triton_quant.quantize(w, spec, block_size))
+
+
+def check_finite(scale: torch.Tensor, *, file: object = None, tensor: str | None = None,
+                 layer: str | None = None) -> None:
+    """Raise the converter's error for a weight holding NaN/Inf (its scale is not finite)."""
+    if not bool(torch.isfinite(scale).all()):
+        fix = "repair the checkpoint" + (f", or keep the layer with --exclude '^{layer}$'" if layer else "")
+        raise QuantkitError("weight holds NaN or Inf values, which cannot be quantized", file=file,
+                            tensor=tensor, fix=fix)
+
+
+def _check_shape(w: torch.Tensor, spec: FormatSpec, block_size: int) -> None:
+    if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise QuantkitError(f"cannot quantize a {str(w.dtype).removeprefix('torch.')} weight",
+                            fix="only bf16, fp16 and fp32 weights are quantized; keep this tensor")
+    why = spec.cannot_take(tuple(w.shape), block_size)
+    if why is None and w.numel() == 0:
+        why = "empty weight"
+    if why is not None:
+        raise QuantkitError(f"cannot store as {spec.name}: {why}", fix="keep this tensor or choose another format")
+
+
+__all__ = ["QuantResult", "parse_device", "backend_for", "quantize_tensor", "quantize_torch",
+           "quantize_triton", "check_finite", "BACKEND_ENV"]

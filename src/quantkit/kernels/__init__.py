@@ -1,0 +1,1 @@
+"""Device kernels (Triton). Import through :mod:`quantkit.backend`; triton is an optional dependency."""

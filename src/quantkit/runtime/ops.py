@@ -1,0 +1,158 @@
+"""``mixed_precision_ops``: an operations namespace whose ``Linear`` loads and runs ComfyUI-style
+quantized layers, mirroring ``comfy.ops.mixed_precision_ops``.
+
+A quantized layer ``L`` in a state dict is ``L.weight`` (stored fp8/int8), ``L.weight_scale``,
+optionally ``L.input_scale`` and ``L.comfy_quant`` (uint8 bytes of a JSON object with ``format``;
+``group_size`` for int8_blockwise; ``full_precision_matrix_mult``). ``quant_config`` maps layer
+names to such dicts (the file's ``_quantization_metadata`` layers) and, as in ComfyUI, wins over
+the per-layer marker. Layers without a marker load as plain float weights in ``compute_dtype``.
+
+Differences from ComfyUI, on purpose: an FP8 layer without ``input_scale`` quantizes its input
+dynamically per token on the GPU (ComfyUI uses a static 1.0), and INT8 layers run W8A8 where
+:mod:`quantkit.runtime.linear` says so. ``full_precision_mm=True`` (or the layer's
+``full_precision_matrix_mult``) always dequantizes: exactly ComfyUI's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import reference
+from ..errors import QuantkitError
+from .layouts import QUANT_ALGOS, LayoutParams, get_layout_class
+from .linear import dequantized_linear, supports_fp8_compute
+from .tensor import QuantizedTensor
+
+_STRAY_SCALES = ("weight_scale", "weight_scale_2", "input_scale")
+
+
+def parse_comfy_quant(t: torch.Tensor, layer: str) -> dict:
+    """The JSON object in a ``.comfy_quant`` uint8 tensor."""
+    try:
+        d = json.loads(bytes(t.detach().cpu().to(torch.uint8).numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QuantkitError(f"comfy_quant is not UTF-8 JSON ({e})", tensor=f"{layer}.comfy_quant",
+                            fix="rewrite the file with quantkit convert") from None
+    if not isinstance(d, dict) or "format" not in d:
+        raise QuantkitError("comfy_quant has no 'format' key", tensor=f"{layer}.comfy_quant",
+                            fix="rewrite the file with quantkit convert")
+    return d
+
+
+def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.dtype = torch.bfloat16,
+                        full_precision_mm: bool = False):
+    """An operations namespace (``ops.Linear``, ``ops.Conv2d``, ``ops.LayerNorm``, ...) for building
+    a model that loads quantized state dicts; only ``Linear`` differs from ``torch.nn``."""
+    layer_config = dict(quant_config or {})
+
+    class MixedPrecisionOps:
+        _quant_config = layer_config
+        _compute_dtype = compute_dtype
+        _full_precision_mm = full_precision_mm
+
+        Conv1d, Conv2d, Conv3d = nn.Conv1d, nn.Conv2d, nn.Conv3d
+        ConvTranspose1d, ConvTranspose2d = nn.ConvTranspose1d, nn.ConvTranspose2d
+        GroupNorm, LayerNorm, Embedding = nn.GroupNorm, nn.LayerNorm, nn.Embedding
+        RMSNorm = getattr(nn, "RMSNorm", None)
+
+        class Linear(nn.Module):
+            def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                         dtype=None) -> None:
+                super().__init__()
+                self.in_features = in_features
+                self.out_features = out_features
+                kw = {"device": device, "dtype": compute_dtype}
+                self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
+                self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
+                self.input_scale: torch.Tensor | None = None
+                self.quant_format: str | None = None
+                self.full_precision_mm = full_precision_mm
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs):
+                layer = prefix[:-1]
+                marker = state_dict.pop(prefix + "comfy_quant", None)
+                conf = layer_config.get(layer)
+                if conf is None and marker is not None:
+                    conf = parse_comfy_quant(marker, layer)
+                weight = state_dict.pop(prefix + "weight", None)
+                bias = state_dict.pop(prefix + "bias", None)
+                if weight is None:
+                    missing_keys.append(prefix + "weight")
+                elif conf is None:
+                    stray = [s for s in _STRAY_SCALES if prefix + s in state_dict]
+                    if stray:
+                        raise QuantkitError(f"has {', '.join(stray)} but no comfy_quant marker", tensor=layer,
+                                            fix="write the marker (quantkit convert does), or drop the scales")
+                    self._check_shape(layer, tuple(weight.shape))
+                    self.weight = nn.Parameter(weight.to(compute_dtype), requires_grad=False)
+                else:
+                    self._load_quantized(layer, prefix, state_dict, weight, conf)
+                if bias is not None:
+                    self.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+                elif self.bias is not None:
+                    missing_keys.append(prefix + "bias")
+                for key in state_dict:
+                    if key.startswith(prefix) and "." not in key[len(prefix):]:
+                        unexpected_keys.append(key)
+
+            def _check_shape(self, layer: str, shape: tuple) -> None:
+                if shape != (self.out_features, self.in_features):
+                    raise QuantkitError(f"weight shape {list(shape)} does not match the layer's "
+                                        f"[{self.out_features}, {self.in_features}]", tensor=f"{layer}.weight",
+                                        fix="load the file into the model it was converted from")
+
+            def _load_quantized(self, layer, prefix, state_dict, weight, conf) -> None:
+                fmt = conf["format"]
+                algo = QUANT_ALGOS.get(fmt)
+                if algo is None:
+                    raise QuantkitError(f"unknown quantization format '{fmt}'", tensor=f"{layer}.comfy_quant",
+                                        fix=f"formats this runtime loads: {', '.join(QUANT_ALGOS)}")
+                if weight.dtype != algo["storage_t"]:
+                    raise QuantkitError(f"{fmt} weight stored as {weight.dtype}, expected {algo['storage_t']}",
+                                        tensor=f"{layer}.weight", fix="rewrite the file with quantkit convert")
+                self._check_shape(layer, tuple(weight.shape))
+                scale = state_dict.pop(prefix + "weight_scale", None)
+                if scale is None:
+                    raise QuantkitError(f"{fmt} layer has no weight_scale", tensor=layer,
+                                        fix="rewrite the file with quantkit convert")
+                input_scale = state_dict.pop(prefix + "input_scale", None)
+                layout = algo["comfy_tensor_layout"]
+                block = int(conf.get("group_size", algo.get("group_size", 0))) if "group_size" in algo else 0
+                n, k = weight.shape
+                ok = {"TensorWiseINT8Layout": [(), (n, 1)],
+                      "BlockWiseINT8Layout": [(n // block, k // block)] if block and not (n % block or k % block) else []
+                      }.get(layout, [()])
+                if tuple(scale.shape) not in ok:
+                    raise QuantkitError(f"weight_scale shape {list(scale.shape)} does not fit a {fmt} weight "
+                                        f"[{n}, {k}]" + (f" with group_size {block}" if block else ""),
+                                        tensor=f"{layer}.weight_scale", fix="rewrite the file with quantkit convert")
+                params = LayoutParams(scale.float(), compute_dtype, (n, k), block)
+                self.weight = nn.Parameter(QuantizedTensor(weight, layout, params), requires_grad=False)
+                self.input_scale = None if input_scale is None else input_scale.float()
+                self.quant_format = fmt
+                self.full_precision_mm = full_precision_mm or bool(conf.get("full_precision_matrix_mult", False))
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                w = self.weight
+                if not isinstance(w, QuantizedTensor):
+                    return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+                if self.full_precision_mm:
+                    return dequantized_linear(x, w, self.bias)
+                if (self.input_scale is not None and get_layout_class(w._layout_type).spec.name == "fp8"
+                        and supports_fp8_compute(x.device)):
+                    spec = get_layout_class(w._layout_type).spec
+                    s = self.input_scale.to(x.device)
+                    xq = reference.quantize_with_scale(x, s, spec, 0)
+                    x = QuantizedTensor(xq, w._layout_type, LayoutParams(s, x.dtype, tuple(x.shape)))
+                return F.linear(x, w, self.bias)
+
+            def extra_repr(self) -> str:
+                return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                        f"bias={self.bias is not None}, format={self.quant_format}")
+
+    return MixedPrecisionOps

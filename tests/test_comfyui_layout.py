@@ -189,3 +189,23 @@ def test_cpu_never_takes_the_fast_path(monkeypatch):
     with torch.inference_mode():
         F.linear(torch.randn(2, 128), qt)
     assert calls == []
+
+
+def test_failing_kernel_falls_back_to_dequantize(monkeypatch):
+    """Where the kernel cannot run (e.g. a GPU Triton cannot target) the layer is dequantized, once
+    and for all, never refused. Simulated on CPU by forcing the fast-path decision."""
+    def boom(*a):
+        raise RuntimeError("no kernel for this GPU")
+    monkeypatch.setattr(layout, "_fast_failed", [])
+    monkeypatch.setattr(layout, "fast_linear", boom)
+    monkeypatch.setattr(layout, "_fast_enabled", lambda x: not layout._fast_failed)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    w = torch.randn(128, 128)
+    q, s = reference.quantize(w, SPEC, 128)
+    qt = layout.make_tensor(q, s, 128)
+    x = torch.randn(3, 128)
+    y = layout.block_linear(x, qt, None)
+    failed = list(layout._fast_failed)
+    monkeypatch.undo()
+    assert len(failed) == 1 and "no kernel" in failed[0]
+    assert torch.equal(y, F.linear(x, reference.dequantize(q, s, SPEC, 128)))

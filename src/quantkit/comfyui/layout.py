@@ -11,8 +11,8 @@ replaced). The numbers are quantkit's: ``quantize`` is :func:`quantkit.reference
 =====================================  ===================================================
 where                                  what runs
 =====================================  ===================================================
-CUDA, triton and quantkit's runtime    W8A8: activations quantized per token and per group
-kernel importable                      of b columns, then the Triton block-scaled int8 GEMM
+CUDA (sm >= 8.0), triton and          W8A8: activations quantized per token and per group
+quantkit's runtime kernel importable   of b columns, then the Triton block-scaled int8 GEMM
                                        (``quantkit.runtime.triton_w8a8``)
 anywhere else (CPU, no triton,         ``F.linear(x, dequantize(W, x.dtype), bias)``: exactly
 ``QUANTKIT_NODE_FAST=0``)              what ComfyUI computes for a dequantized layer
@@ -126,8 +126,20 @@ def fast_kernels():
     return triton_w8a8
 
 
+MIN_CAPABILITY = (8, 0)  # Triton's int8 tensor-core dot
+_fast_failed: list[str] = []  # set once the kernel has failed on this machine: dequantize from then on
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _fast_enabled(x: torch.Tensor) -> bool:
-    return x.is_cuda and os.environ.get(FAST_ENV, "1") != "0" and fast_kernels() is not None
+    if not x.is_cuda or os.environ.get(FAST_ENV, "1") == "0" or _fast_failed:
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= MIN_CAPABILITY and fast_kernels() is not None
 
 
 def fast_linear(x2: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -150,8 +162,15 @@ def block_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None)
         bias = bias.to(x.dtype)
     n, k = w._qdata.shape
     if _fast_enabled(x) and w._qdata.is_cuda and x.shape[-1] == k and x.numel() > 0:
-        y = fast_linear(x.reshape(-1, k), w, bias)
-        return y.reshape(*x.shape[:-1], n)
+        try:
+            y = fast_linear(x.reshape(-1, k), w, bias)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # a kernel that does not build or run here: never refuse the layer
+            _fast_failed.append(repr(e))
+            log.warning("quantkit: int8_blockwise Triton kernel failed (%r); dequantizing from now on", e)
+        else:
+            return y.reshape(*x.shape[:-1], n)
     deq = reference.dequantize(w._qdata, w._params.scale, SPEC, w._params.block_size, x.dtype)
     return F.linear(x, deq, bias)
 

@@ -231,6 +231,15 @@ def test_quantize_rejects_bad_options(comfy, minilm):
     assert patcher.object_patches == {}
 
 
+def test_quantizing_a_quantized_clone_adds_nothing(comfy, minilm):
+    model = minilm[0]
+    patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+    first, _ = QuantkitQuantizeModel().quantize(patcher, "int8_rowwise", 128, "int8-row", "")
+    second, text = QuantkitQuantizeModel().quantize(first, "fp8_e4m3fn", 128, "int8-row", "")
+    assert text.startswith("quantkit: 0 of 37 linear layers") and "already quantized" in text
+    assert second.object_patches == first.object_patches and len(first.object_patches) == 37
+
+
 def test_lora_style_set_weight_requantizes_block_layer(comfy, minilm):
     """ComfyUI applies a LoRA to a quantized layer through module.set_weight (requantize)."""
     model = minilm[0]

@@ -153,6 +153,8 @@ class QuantkitConvertCheckpoint:
             "optional": {
                 "exclude": ("STRING", {"default": "", "multiline": True}),
                 "preset": (list(families.PRESET_CHOICES), {"default": "auto", "tooltip": PRESET_TIP}),
+                "device": (["auto", "cpu", "cuda"], {"default": "auto",
+                                                     "tooltip": "where to quantize (same bytes either way)"}),
             },
         }
 
@@ -162,12 +164,13 @@ class QuantkitConvertCheckpoint:
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
 
-    def convert(self, source, format, block_size, fallback, output_name, overwrite, exclude="", preset="auto"):
+    def convert(self, source, format, block_size, fallback, output_name, overwrite, exclude="", preset="auto",
+                device="auto"):
         src = resolve_source(source)
         dst = output_path(src, format, output_name)
         report = convert(src, dst, format=format, block_size=int(block_size), fallback=fallback,
                          exclude=_split_patterns(exclude), overwrite=bool(overwrite), progress=ProgressReporter(),
-                         preset=preset)
+                         preset=preset, device=device)
         q = [layer for layer in report.layers if layer.action != "kept"]
         text = (f"quantkit: wrote {dst} ({report.bytes_out / 1e9:.2f} GB, {len(q)} layers quantized "
                 f"to {format}, {report.seconds:.1f} s)")

@@ -168,6 +168,9 @@ def quantize_model(model, target: str, block_size: int = 128, fallback: str = "i
             continue
         w = _float_weight(clone, name, current)
         if w is None:
+            if type(getattr(current, "weight", None)).__name__ == "QuantizedTensor":
+                summary.layers.append(LayerResult(name, tuple(current.weight.shape), "kept", None,
+                                                  "already quantized"))
             continue
         dtype_name = TORCH_TO_NAME.get(w.dtype, str(w.dtype))
         lp = _plan_one(TensorInfo(f"{name}.weight", dtype_name, tuple(w.shape), 0, 0), spec, sel, options)

@@ -90,9 +90,7 @@ def test_shell_completion_script():
 
 def test_device_errors(sample, tmp_path):
     r = run("convert", sample, "-o", tmp_path / "o.st", "--device", "tpu")
-    assert r.exit_code == 2 and "is not a device" in r.output
-    r = run("convert", sample, "-o", tmp_path / "o.st", "--device", "meta")
-    assert r.exit_code == 2 and "only cpu and cuda" in r.output
+    assert r.exit_code == 2 and "unknown device 'tpu'" in r.output
     import torch
     if not torch.cuda.is_available():
         r = run("convert", sample, "-o", tmp_path / "o.st", "--device", "cuda:0")

@@ -148,13 +148,9 @@ def quantize_torch(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantR
             i += chunk.shape[0]
         return QuantResult(q, scale, torch.tensor(stats.signal, dtype=torch.float64),
                            torch.tensor(stats.noise, dtype=torch.float64))
-    # On CUDA, torch divides by a CPU scalar as a multiply by its reciprocal, so the reference's
-    # `amax / torch.tensor(qmax)` can differ in the last bit there (seen on an H100 for int8 row and
-    # block scales). Dividing by a device tensor is an IEEE division: same bits as on CPU.
-    amax = reference.region_amax(w, spec, block_size)
-    scale = amax / torch.full_like(amax, spec.qmax)
-    scale = torch.where(amax == 0, torch.ones_like(scale), scale)
-    q = reference.quantize_with_scale(w, scale, spec, block_size)
+    # reference.scale_from_amax divides by a device tensor: an IEEE division on CUDA too (torch turns
+    # division by a CPU scalar into a multiply by its reciprocal there), so the bits match the CPU.
+    q, scale = reference.quantize(w, spec, block_size)
     w32 = w.float()
     deq = q.float() * reference.expand_scale(scale, tuple(w.shape), spec, block_size)
     signal = torch.dot(w32.view(-1), w32.view(-1)).double()

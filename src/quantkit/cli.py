@@ -91,6 +91,13 @@ def print_summary(report: ConvertReport, console: Console) -> None:
     for fmt, (lo, med, n) in report.sqnr_by_format().items():
         stock = "stock ComfyUI" if FORMATS[fmt].stock_comfy else "needs the quantkit node"
         t.add_row(f"SQNR {fmt}", f"min {_db(lo)}, median {_db(med)} over {n} layers ({stock})")
+    learned = [lay.reason for lay in report.layers if "objective" in lay.reason]
+    if learned:
+        kept = sum("rtn (learned not better)" in r for r in learned)
+        t.add_row("learned", f"{len(learned) - kept} improved, {kept} kept RTN (calibration objective)")
+    corrected = sum(lay.reason.startswith("bias corrected") for lay in report.layers)
+    if corrected:
+        t.add_row("bias", f"{corrected} biases corrected")
     console.print(t)
     fallen: dict[str, list[str]] = {}
     for lay in report.layers:
@@ -153,7 +160,10 @@ def convert(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-layer plan and write nothing (same as 'quantkit plan').")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plans as a JSON array.")] = False,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write a JSON report: per-layer format, shapes, SQNR, timings; versions; input/output sha256.")] = None,
-    device: Annotated[str, typer.Option("--device", help="Where to quantize: auto (a GPU if present), cpu, cuda or cuda:N. The output bytes are the same on every device.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="Where to quantize: auto (a GPU if present), cpu, cuda or cuda:N. Round-to-nearest output bytes are the same on every device.")] = "auto",
+    learned_rounding: Annotated[bool, typer.Option("--learned-rounding", help="Choose each weight's rounding to lower its expected output error (GPTQ-style error feedback on the format's grid; int8 also searches the scale). Needs --calibration: the data-free proxy we measured (W^T W) made held-out error worse than round-to-nearest, so it is not offered. Keeps round-to-nearest for any layer where it is not better. GPU when present.")] = False,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Stats file from quantkit.calibration.capture(model): sets static fp8 input_scale (max |x| / 448) and the learned-rounding objective.")] = None,
+    bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Rewrite each quantized layer's bias as b + (W - Wq) mean(x). Needs --calibration.")] = False,
 ) -> None:
     """Convert checkpoints: quantize their linear weights, copy everything else bit-exactly.
 
@@ -211,7 +221,9 @@ def convert(
     show_progress = not quiet and err.is_terminal
     for src, dst in targets:
         try:
-            rep = _convert_one(src, dst, opts, overwrite, show_progress, device)
+            rep = _convert_one(src, dst, opts, overwrite, show_progress, device,
+                               dict(learned_rounding=learned_rounding, calibration=calibration,
+                                    bias_correction=bias_correction))
         except QuantkitError as e:
             failed, worst = failed + 1, max(worst, e.exit_code)
             _fail_one(e)
@@ -241,7 +253,7 @@ def _fail_one(e: QuantkitError) -> None:
 
 
 def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool, show_progress: bool,
-                 device: str) -> ConvertReport:
+                 device: str, refine: dict) -> ConvertReport:
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[tensors]} tensors"),
                   _Throughput(), TimeRemainingColumn(), console=err, disable=not show_progress,
                   transient=True) as bar:
@@ -257,7 +269,7 @@ def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool,
                             exclude=opts.exclude, fallback=opts.fallback, overwrite=overwrite,
                             progress=on_progress, preset=opts.preset, config=opts.config,
                             full_precision_matrix_mult=bool(dict(opts.comfy_options).get("full_precision_matrix_mult")),
-                            device=device)
+                            device=device, **refine)
 
 
 @app.command(epilog="Examples:\n\n  quantkit plan flux1-dev.safetensors\n\n"

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 
-from . import quantize
+from . import quantize, reference
+from .backend import parse_device
 from .dtypes import torch_dtype
-from .errors import QuantkitError, UsageError
+from .errors import QuantkitError
 from .formats import FORMATS, encode_comfy_quant
 from .pipeline import DEFAULT_DEPTH, BackgroundWriter
 from .layerconfig import LayerConfig, load_layer_config
 from .plan import LayerPlan, Options, Plan, default_output_name, plan_conversion
+from .refine import Refiner
 from .report import ConvertReport, LayerReport
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
 
@@ -37,44 +39,32 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             exclude: tuple[str, ...] | list[str] = (), fallback: str = "int8-row",
             overwrite: bool = False, progress: Progress | None = None, preset: str = "auto",
             config: str | os.PathLike | LayerConfig | None = None,
-            full_precision_matrix_mult: bool = False, device: str = "auto") -> ConvertReport:
+            full_precision_matrix_mult: bool = False, device: str = "auto", learned_rounding: bool = False,
+            calibration: str | os.PathLike | None = None, bias_correction: bool = False) -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
     beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input.
+
     ``preset``: a model family (``quantkit.families``), ``auto`` (detect) or ``none``; ``config``: a
     per-layer config file (``quantkit.layerconfig``); ``device``: ``auto`` (a GPU if there is one),
-    ``cpu``, ``cuda`` or ``cuda:N`` (the bytes written are the same on every device)."""
+    ``cpu``, ``cuda`` or ``cuda:N`` (round-to-nearest bytes are the same on every device).
+    ``calibration``: a stats file from :func:`quantkit.calibration.capture` (static fp8 input_scale,
+    and the objective of the two options below). ``learned_rounding``: choose q to lower the expected
+    output error (see :mod:`quantkit.learned`). ``bias_correction``: fold the mean output error into
+    the bias (needs ``calibration``)."""
     options = make_options(format, block_size, include, exclude, fallback, preset, config,
                            full_precision_matrix_mult)
-    dev = resolve_device(device)
+    dev = parse_device(device)
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
     t0 = time.perf_counter()
     with SafetensorsReader(src) as reader:
         check_output_path(src, dst, overwrite)
         plan = plan_conversion(reader, options)
-        report = _execute(reader, plan, dst, progress, device=dev)
+        refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
+                                 bias_correction=bias_correction)
+        report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner)
     report.seconds = time.perf_counter() - t0
     return report
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> the current GPU if CUDA works here, else the CPU; ``cuda[:N]`` must exist."""
-    if device == "auto":
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device!r} is not a device", fix="use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise UsageError(f"--device {device!r}: only cpu and cuda are supported", fix="use auto, cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available here", fix="use --device cpu (or auto)")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices",
-                         fix=f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    return dev
 
 
 def make_options(format: str = "fp8", block_size: int = 128, include=(), exclude=(), fallback: str = "int8-row",
@@ -131,13 +121,15 @@ def _max_sizes(plan: Plan, reader: SafetensorsReader) -> tuple[int, int]:
 
 def _device_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.device):
     from .cuda_path import DeviceQuantizer
-    max_in, max_out = _max_sizes(plan, reader)
-    dq = DeviceQuantizer(device, max_in, max_out, n_out=DEFAULT_DEPTH + 1)
+    _, max_out = _max_sizes(plan, reader)
+    jobs = [(lp.tensor, reader.data_start + reader.tensors[lp.tensor].start, reader.tensors[lp.tensor].nbytes)
+            for lp in plan.quantized]
+    dq = DeviceQuantizer(device, reader.fileno(), jobs, max_out, n_out=DEFAULT_DEPTH + 1)
 
     def on_device(reader: SafetensorsReader, name: str, spec, block_size):
         t = reader.tensors[name]
-        return dq.quantize(reader.fileno(), reader.data_start + t.start, torch_dtype(t.dtype), t.shape,
-                           spec, block_size)
+        return dq.quantize(name, torch_dtype(t.dtype), t.shape, spec, block_size)
+    on_device.close = dq.close
     return on_device
 
 
@@ -158,7 +150,8 @@ def _cpu_quantizer(plan: Plan, reader: SafetensorsReader):
 
 
 def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,
-             threaded: bool = True, device: torch.device = torch.device("cpu")) -> ConvertReport:
+             threaded: bool = True, device: torch.device = torch.device("cpu"),
+             refiner: Refiner | None = None) -> ConvertReport:
     opts = plan.options
     report = ConvertReport(str(reader.path), str(dst), opts.format, opts.block_size, bytes_in=reader.file_size)
     total_in = sum(t.nbytes for t in reader.tensors_in_order)
@@ -171,7 +164,8 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             tmp = Path(tmp_name)
             writer = SafetensorsWriter(fd, plan.outputs, plan.metadata)
             need = writer.total_size
-            quantizer = _make_quantizer(plan, reader, device)
+            # refined layers (learned rounding, calibration) are quantized by the refiner instead
+            quantizer = _make_quantizer(plan, reader, device) if refiner is None else None
             bw = BackgroundWriter(threaded)
             stages = report.stage_seconds
             stages.update({"read+quantize": 0.0, "write": 0.0, "fsync": 0.0, "verify": 0.0})
@@ -182,7 +176,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                     if i + 1 < len(layers):
                         reader.prefetch(layers[i + 1].tensor)
                     t0 = time.perf_counter()
-                    report.layers.append(_convert_one(reader, writer, bw, quantizer, lp, lp.block_size, stages))
+                    report.layers.append(_convert_one(reader, writer, bw, quantizer, lp, lp.block_size, stages, refiner))
                     report.layers[-1].seconds = time.perf_counter() - t0
                     stages["read+quantize"] += report.layers[-1].seconds
                     done += reader.tensors[lp.tensor].nbytes
@@ -192,6 +186,9 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             except BaseException:
                 bw.abort()
                 raise
+            finally:
+                if hasattr(quantizer, "close"):
+                    quantizer.close()
             writer.finish()
             t0 = time.perf_counter()
             os.fsync(fd)
@@ -225,13 +222,19 @@ def _timed(stages: dict[str, float], job):
 
 
 def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, quantizer,
-                 lp: LayerPlan, block_size: int, stages: dict[str, float]) -> LayerReport:
+                 lp: LayerPlan, block_size: int, stages: dict[str, float],
+                 refiner: Refiner | None = None) -> LayerReport:
     info = reader.tensors[lp.tensor]
+    if refiner is not None and lp.spec is None and (bias := refiner.bias(lp)) is not None:
+        bw.submit(_timed(stages, lambda: writer.write(lp.tensor, bias)))
+        return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, "bias corrected: b + (W - Wq) mean(x)")
     if lp.spec is None:
         src_fd, src_off = reader.fileno(), reader.data_start + info.start
         bw.submit(_timed(stages, lambda: writer.copy_from_fd(lp.tensor, src_fd, src_off, info.nbytes)))
         return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, lp.reason)
     spec, layer = lp.spec, lp.layer
+    if refiner is not None:
+        return _refined(reader, writer, bw, stages, lp, block_size, refiner)
     q, scale, stats, give_back = quantizer(reader, lp.tensor, spec, block_size)
     if not bool(torch.isfinite(scale).all()):
         give_back()
@@ -251,6 +254,32 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backg
     bw.submit(_timed(stages, write), on_skip=give_back)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
                        spec.comfy_format, lp.reason, stats.sqnr_db)
+
+
+def _refined(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, stages: dict[str, float],
+             lp: LayerPlan, block_size: int, refiner: Refiner) -> LayerReport:
+    spec, layer = lp.spec, lp.layer
+    q, scale, note = refiner.quantize(lp)
+    input_scale = refiner.input_scale(lp) if spec.writes_input_scale else None
+    marker = encode_comfy_quant(lp.comfy_quant())
+    w = reader.tensor(lp.tensor)
+    if not bool(torch.isfinite(scale).all()):
+        raise QuantkitError("weight holds NaN or Inf values, which cannot be quantized", file=reader.path,
+                            tensor=lp.tensor, fix=f"repair the checkpoint, or keep the layer with --exclude '^{layer}$'")
+    sqnr = reference.sqnr(w, reference.dequantize(q, scale, spec, block_size, torch.float32))
+    del w
+    reader.release(lp.tensor)
+
+    def write() -> None:
+        writer.write(f"{layer}.weight", q)
+        writer.write(f"{layer}.weight_scale", scale)
+        if spec.writes_input_scale:
+            writer.write(f"{layer}.input_scale",
+                         input_scale if input_scale is not None else torch.ones((), dtype=torch.float32))
+        writer.write(f"{layer}.comfy_quant", marker)
+    bw.submit(_timed(stages, write))
+    return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
+                       spec.comfy_format, "; ".join(x for x in (lp.reason, note) if x), sqnr)
 
 
 def verify_written(path: Path, plan: Plan, writer: SafetensorsWriter) -> None:

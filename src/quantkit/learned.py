@@ -1,0 +1,261 @@
+"""Learned rounding and bias correction: choose q on the format's real grid to lower the layer's
+expected output error, measured with calibration statistics.
+
+Objective, for W [N, K] and its dequantization Wq = q * scale (the exact formula of
+:func:`quantkit.reference.dequantize`)::
+
+    J(q) = E ||(W - Wq) x||^2 = tr((W - Wq) H (W - Wq)^T),   H = E[x x^T]  (calibration "hessian")
+
+With bias correction the mean error (W - Wq) mu is folded into the bias, so what is left to minimise
+is the same trace with the covariance ``C = H - mu mu^T`` in place of H.
+
+Method (per layer, on the grid of the layer's format, scales kept in the format's shape):
+
+1. INT8 only: clipping search. Each scale region (tensor / row / b x b tile) tries
+   ``scale = alpha * amax / 127`` for alpha in :data:`CLIP_GRID` and keeps the alpha whose
+   round-to-nearest error is lowest on J (rows are independent in J, so per-row is exact; per tile
+   uses the tile's diagonal block of H, ignoring cross-tile terms). alpha = 1 (the RTN scale) is
+   always a candidate.
+2. Sequential error feedback (GPTQ, Frantar et al. 2022): columns in order of decreasing H_kk; each
+   column is rounded to the grid with its fixed scale (fp8: clamp and cast; int8: round half even and
+   clamp), and its error, weighted by the inverse of the damped H, is pushed onto the columns not yet
+   rounded. Damping: ``H + damping * mean(diag H) * I``.
+3. Keep RTN (the reference quantizer, bit for bit) whenever the learned q is not lower on J.
+
+There is no randomness: a result is a pure function of (W, statistics, options); seeds are not needed.
+Layers of the same shape can be processed together (:func:`learn_batch`, the leading batch dim).
+
+Data-free proxy (:func:`proxy_hessian`, library only): H = W^T W / N, i.e. inputs assumed to lie along
+the weight's own dominant input directions. Measured worse than RTN on real inputs (DEVELOPMENT.md,
+issue 5), so the converter refuses learned rounding without calibration instead of using it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+from .errors import QuantkitError
+from .formats import FormatSpec
+
+CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(13))  # 1.00, 0.98, ..., 0.76
+DEFAULT_DAMPING = 1.0  # see DEVELOPMENT.md (issue 5): few calibration rows need strong damping
+COLUMN_BLOCK = 128
+
+
+@dataclass(frozen=True)
+class LearnedOptions:
+    damping: float = DEFAULT_DAMPING  # relative to mean(diag H)
+    clip_search: bool = True  # int8 only
+    device: str | None = None  # None: cuda when available, else cpu
+
+
+@dataclass
+class LearnedResult:
+    q: torch.Tensor  # [N, K] in spec.weight_dtype
+    scale: torch.Tensor  # fp32, spec.scale_shape
+    objective_rtn: float  # J(RTN) / tr(W H W^T): relative output error on the calibration statistics
+    objective: float  # J(chosen) / tr(W H W^T)
+    method: str  # "gptq", "gptq+clip", or "rtn (...)" when RTN was kept
+
+    def dequantize(self, spec: FormatSpec, block_size: int) -> torch.Tensor:
+        return reference.dequantize(self.q, self.scale, spec, block_size, torch.float32)
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def element_scale(scale: torch.Tensor, shape: tuple[int, int], spec: FormatSpec, block_size: int) -> torch.Tensor:
+    """The scale of every element, [N, K] (a view where possible)."""
+    n, k = shape
+    if spec.granularity == "tensor":
+        return scale.reshape(1, 1).expand(n, k)
+    if spec.granularity == "row":
+        return scale.reshape(n, 1).expand(n, k)
+    b = block_size
+    return scale[:, None, :, None].expand(n // b, b, k // b, b).reshape(n, k)
+
+
+def to_grid(x: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
+    """``x = w / scale`` (fp32) -> the grid value q as fp32, exactly as :mod:`quantkit.reference` rounds."""
+    if spec.is_int:
+        return x.round().clamp(-spec.qmax, spec.qmax)
+    return x.clamp(-spec.qmax, spec.qmax).to(spec.weight_dtype).float()
+
+
+def objective(w: torch.Tensor, deq: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """tr(E H E^T) per batch element, E = w - deq; w, deq [B, N, K], h [B, K, K]; fp64 result [B]."""
+    e = w - deq
+    return ((e @ h) * e).sum(dim=(1, 2), dtype=torch.float64)
+
+
+def _clip_search(w: torch.Tensor, h: torch.Tensor, spec: FormatSpec, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per scale region, the alpha in CLIP_GRID minimising the RTN error on J. w [N,K], h [K,K].
+    Returns (scale, alpha per region)."""
+    n, k = w.shape
+    amax = reference.region_amax(w, spec, block_size).to(w.device)
+    best_obj = best_scale = best_alpha = None
+    for alpha in CLIP_GRID:
+        scale = reference.scale_from_amax(amax * alpha, spec)
+        scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+        s = element_scale(scale, (n, k), spec, block_size)
+        e = w - to_grid(w / s, spec) * s
+        if spec.granularity == "tensor":
+            obj = ((e @ h) * e).sum(dtype=torch.float64)
+        elif spec.granularity == "row":
+            obj = ((e @ h) * e).sum(1, keepdim=True, dtype=torch.float64)
+        else:
+            b = block_size
+            hb = torch.stack([h[j:j + b, j:j + b] for j in range(0, k, b)])  # [K/b, b, b]
+            ev = e.view(n, k // b, b)
+            per_row = torch.einsum("nja,jab,njb->nj", ev, hb, ev).double()  # [N, K/b]
+            obj = per_row.view(n // b, b, k // b).sum(1)
+        if best_obj is None:
+            best_obj, best_scale = obj, scale
+            best_alpha = torch.ones_like(obj)
+        else:
+            better = obj < best_obj
+            best_obj = torch.where(better, obj, best_obj)
+            best_scale = torch.where(better, scale, best_scale)
+            best_alpha = torch.where(better, torch.full_like(best_alpha, alpha), best_alpha)
+    return best_scale, best_alpha
+
+
+def gptq(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, spec: FormatSpec,
+         damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+    """Sequential error feedback on a fixed per-element scale. w, s [B, N, K] fp32, h [B, K, K].
+    Returns the grid values q [B, N, K] (fp32 holding exact grid points)."""
+    bsz, n, k = w.shape
+    h = h.clone()
+    diag = h.diagonal(dim1=1, dim2=2)
+    mean_diag = diag.mean(1).clamp_min(torch.finfo(torch.float32).tiny)
+    diag += (damping * mean_diag)[:, None]
+    perm = torch.argsort(diag, dim=1, descending=True, stable=True)  # [B, K]
+    idx = perm[:, None, :].expand(bsz, n, k)
+    w = torch.gather(w, 2, idx).clone()
+    s = torch.gather(s, 2, idx)
+    h = torch.gather(torch.gather(h, 1, perm[:, :, None].expand(bsz, k, k)), 2, perm[:, None, :].expand(bsz, k, k))
+    chol, info = torch.linalg.cholesky_ex(h.double())
+    if bool((info != 0).any()):
+        raise QuantkitError("calibration statistics are not positive definite even after damping",
+                            fix="capture over more rows, or raise the damping")
+    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).to(w.dtype)  # [B, K, K]
+    q = torch.empty_like(w)
+    for i1 in range(0, k, COLUMN_BLOCK):
+        i2 = min(i1 + COLUMN_BLOCK, k)
+        w1 = w[:, :, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        u1 = u[:, i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col, sc = w1[:, :, j], s[:, :, i1 + j]
+            g = to_grid(col / sc, spec)
+            q[:, :, i1 + j] = g
+            err = (col - g * sc) / u1[:, j, j][:, None]
+            w1[:, :, j:] -= err[:, :, None] * u1[:, None, j, j:]
+            err1[:, :, j] = err
+        if i2 < k:
+            w[:, :, i2:] -= torch.bmm(err1, u[:, i1:i2, i2:])
+    inv = torch.argsort(perm, dim=1)
+    return torch.gather(q, 2, inv[:, None, :].expand(bsz, n, k))
+
+
+def _bytes_needed(n: int, k: int, bsz: int) -> int:
+    # w, s, q, e (+ gather copies) [N,K] x ~6 and h, chol, u [K,K] x 3 (+ fp64 factorisation x2), fp32.
+    return bsz * 4 * (6 * n * k + 5 * k * k)
+
+
+def check_memory(name: str, n: int, k: int, bsz: int, device: torch.device) -> None:
+    """Raise a clear error when a layer's learned rounding cannot fit the GPU (never degrade silently)."""
+    if device.type != "cuda":
+        return
+    free, total = torch.cuda.mem_get_info(device)
+    need = _bytes_needed(n, k, bsz)
+    if need > free:
+        raise QuantkitError(f"learned rounding of a {n}x{k} weight needs about {need / 2**30:.1f} GiB of GPU "
+                            f"memory, {free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB are free", tensor=name,
+                            fix=f"free GPU memory, run on CPU with CUDA_VISIBLE_DEVICES='', or keep RTN for it "
+                                f"with --exclude '^{name}$'")
+
+
+def learn_batch(ws: list[torch.Tensor], hs: list[torch.Tensor], spec: FormatSpec, block_size: int,
+                options: LearnedOptions = LearnedOptions(), names: list[str] | None = None) -> list[LearnedResult]:
+    """Learned rounding for layers of one shape at once (GPU-friendly). ``ws`` [N, K] (any float dtype),
+    ``hs`` [K, K] the objective's second-moment matrices. One :class:`LearnedResult` per layer."""
+    if not ws:
+        return []
+    dev = pick_device(options.device)
+    n, k = ws[0].shape
+    if any(tuple(w.shape) != (n, k) for w in ws) or any(tuple(h.shape) != (k, k) for h in hs):
+        raise QuantkitError("learn_batch needs weights of one shape and matching K x K statistics",
+                            fix="group layers by shape")
+    names = names or [f"#{i}" for i in range(len(ws))]
+    check_memory(names[0], n, k, len(ws), dev)
+    w = torch.stack([x.to(dev, torch.float32) for x in ws])
+    h = torch.stack([x.to(dev, torch.float32) for x in hs])
+    scales, s_elem, tags = [], [], []
+    for i in range(len(ws)):
+        if spec.is_int and options.clip_search:
+            sc, alpha = _clip_search(w[i], h[i], spec, block_size)
+            tags.append("gptq+clip" if bool((alpha < 1).any()) else "gptq")
+        else:
+            sc = reference.compute_scale(w[i], spec, block_size)
+            tags.append("gptq")
+        scales.append(sc)
+        s_elem.append(element_scale(sc, (n, k), spec, block_size))
+    s = torch.stack(s_elem)
+    g = gptq(w, s, h, spec, options.damping)
+    deq = g * s
+    rtn = []
+    for i in range(len(ws)):
+        q0, sc0 = reference.quantize(ws[i].to(dev), spec, block_size)
+        rtn.append((q0, sc0, reference.dequantize(q0, sc0, spec, block_size, torch.float32)))
+    j_learn = objective(w, deq, h)
+    j_rtn = objective(w, torch.stack([r[2] for r in rtn]), h)
+    j_ref = objective(w, torch.zeros_like(w), h).clamp_min(torch.finfo(torch.float64).tiny)
+    out = []
+    for i in range(len(ws)):
+        jr, jl = float(j_rtn[i] / j_ref[i]), float(j_learn[i] / j_ref[i])
+        if jl < jr:
+            out.append(LearnedResult(g[i].to(spec.weight_dtype).cpu(), scales[i].float().cpu(), jr, jl, tags[i]))
+        else:
+            out.append(LearnedResult(rtn[i][0].cpu(), rtn[i][1].cpu(), jr, jr, "rtn (learned not better)"))
+    return out
+
+
+def learn(w: torch.Tensor, h: torch.Tensor, spec: FormatSpec, block_size: int,
+          options: LearnedOptions = LearnedOptions(), name: str = "") -> LearnedResult:
+    return learn_batch([w], [h], spec, block_size, options, [name or "weight"])[0]
+
+
+def proxy_hessian(w: torch.Tensor) -> torch.Tensor:
+    """Data-free stand-in for E[x x^T]: W^T W / N (fp32)."""
+    w32 = w.float()
+    return w32.T @ w32 / w32.shape[0]
+
+
+def objective_matrix(stats: dict[str, torch.Tensor], bias_correction: bool) -> torch.Tensor:
+    """H = E[x x^T] (or its diagonal when captured with second_order='diag'); C = H - mu mu^T when the
+    bias absorbs the mean error."""
+    h = stats["hessian"].float() if "hessian" in stats else torch.diag(stats["mean_sq"].float())
+    if bias_correction:
+        mu = stats["mean"].float()
+        h = h - torch.outer(mu, mu)
+    return h
+
+
+def corrected_bias(bias: torch.Tensor, w: torch.Tensor, deq: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """b' = b + (W - Wq) mu, computed in fp32 (fp64 accumulation), returned in the bias's dtype and shape."""
+    delta = (w.double() - deq.double()) @ mean.double()
+    return (bias.double() + delta).to(bias.dtype)
+
+
+def static_input_scale(stats: dict[str, torch.Tensor], spec: FormatSpec) -> torch.Tensor:
+    """Static fp8 activation scale: max |x| seen over the calibration set / qmax of the format (so the
+    calibration range maps onto the full fp8 range; larger inputs at run time are clamped)."""
+    amax = float(stats["absmax"].max())
+    return torch.tensor(amax / spec.qmax if amax > 0 else 1.0, dtype=torch.float32)

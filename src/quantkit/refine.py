@@ -1,0 +1,150 @@
+"""What the converter calls, per layer, when calibration, learned rounding or bias correction is on.
+
+One object per conversion (:class:`Refiner`), built after planning. The converter asks it three
+things, each at one place in ``convert._convert_one``:
+
+* ``quantize(lp)`` -> (q, scale, note) for a quantized layer: learned rounding when asked for
+  (objective from the layer's calibration statistics; refused without them), else round-to-nearest;
+* ``input_scale(lp)`` -> the static fp8 ``input_scale`` from calibration (max |x| / qmax), or None;
+* ``bias(lp)`` -> the corrected bias of a quantized layer, b + (W - Wq) mu, in the bias's dtype and shape.
+
+A layer's learned result is cached from the first of its weight and its bias to be written until
+both are, so it is computed once whatever the file order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import learned, reference
+from .calibration import Calibration, match_layers
+from .errors import QuantkitError, UsageError
+from .plan import LayerPlan, Plan
+from .safetensors_io import SafetensorsReader
+
+
+@dataclass
+class Refiner:
+    reader: SafetensorsReader
+    plan: Plan
+    learned_rounding: bool = False
+    calibration: Calibration | None = None
+    bias_correction: bool = False
+    options: learned.LearnedOptions = learned.LearnedOptions()
+    calibration_path: str | None = None
+    _stats: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    _layers: dict[str, LayerPlan] = field(default_factory=dict)
+    _cache: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = field(default_factory=dict)
+    _pending: dict[str, set[str]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, reader: SafetensorsReader, plan: Plan, *, learned_rounding: bool = False,
+               calibration: str | Path | Calibration | None = None, bias_correction: bool = False,
+               options: learned.LearnedOptions | None = None) -> Refiner | None:
+        """None when nothing beyond round-to-nearest was asked for."""
+        if bias_correction and calibration is None:
+            raise UsageError("--bias-correction needs --calibration: the correction is (W - Wq) times the "
+                             "mean real input, and random zero-mean inputs would make it exactly zero",
+                             fix="capture statistics with quantkit.calibration.capture and pass --calibration")
+        if learned_rounding and calibration is None:
+            raise UsageError("--learned-rounding needs --calibration: without real inputs the only objective is a "
+                             "data-free proxy (H = W^T W), and it raised held-out output error above round-to-nearest "
+                             "(all-MiniLM-L6-v2: median 1.06-1.11x, worst 1.64x; see DEVELOPMENT.md)",
+                             fix="capture statistics with quantkit.calibration.capture and pass --calibration, "
+                                 "or drop --learned-rounding")
+        if not (learned_rounding or calibration is not None or bias_correction):
+            return None
+        path = None
+        if calibration is not None and not isinstance(calibration, Calibration):
+            path = str(calibration)
+            calibration = Calibration.load(calibration)
+        r = cls(reader, plan, learned_rounding, calibration, bias_correction, options or learned.LearnedOptions(),
+                path)
+        r._layers = {lp.layer: lp for lp in plan.quantized}
+        if calibration is not None:
+            m = match_layers(r._layers, calibration, file=path)
+            missing = [L for L in r._layers if L not in m]
+            if missing:
+                raise QuantkitError(f"no calibration statistics for layer '{missing[0]}' "
+                                    f"({len(missing)} quantized layers lack them)", file=path,
+                                    fix=f"capture over the whole model, or keep it with --exclude '^{missing[0]}$'")
+            r._stats = {L: calibration.layers[s] for L, s in m.items()}
+            for L, st in r._stats.items():
+                if learned_rounding and float(st["count"]) > 0 and "hessian" not in st and \
+                        calibration.second_order != "diag":
+                    raise QuantkitError("calibration layer lacks its 'hessian'", file=path, tensor=L,
+                                        fix="recreate the file with quantkit.calibration.capture")
+        return r
+
+    def _seen(self, layer: str) -> bool:
+        return float(self._stats.get(layer, {}).get("count", 0.0)) > 0
+
+    def _bias_name(self, layer: str) -> str | None:
+        name = f"{layer}.bias"
+        return name if name in self.reader.tensors else None
+
+    def _result(self, lp: LayerPlan) -> tuple[torch.Tensor, torch.Tensor, str]:
+        L = lp.layer
+        if L in self._cache:
+            return self._cache[L]
+        spec, b = lp.spec, self.plan.options.block_size
+        assert spec is not None
+        w = self.reader.tensor(lp.tensor)
+        note = ""
+        if self.learned_rounding and self.calibration is not None and not self._seen(L):
+            note = "rtn: layer never ran during calibration"
+        elif self.learned_rounding:
+            h = learned.objective_matrix(self._stats[L], self.bias_correction and self._bias_name(L) is not None)
+            r = learned.learn(w, h, spec, b, self.options, name=L)
+            out = (r.q, r.scale, f"{r.method}: objective {r.objective_rtn:.3g} -> {r.objective:.3g}")
+            self._store(L, out)
+            return out
+        q, scale = reference.quantize(w, spec, b)
+        out = (q, scale, note)
+        self._store(L, out)
+        return out
+
+    def _store(self, layer: str, out: tuple[torch.Tensor, torch.Tensor, str]) -> None:
+        users = {"weight"}
+        if self.bias_correction and self._seen(layer) and self._bias_name(layer):
+            users.add("bias")
+        self._cache[layer] = out
+        self._pending[layer] = users
+
+    def _done(self, layer: str, user: str) -> None:
+        users = self._pending.get(layer)
+        if users is not None:
+            users.discard(user)
+            if not users:
+                self._cache.pop(layer, None)
+                self._pending.pop(layer, None)
+
+    def quantize(self, lp: LayerPlan) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """(q, scale, note) for a quantized layer; ``note`` says what learned rounding did."""
+        out = self._result(lp)
+        self._done(lp.layer, "weight")
+        return out
+
+    def input_scale(self, lp: LayerPlan) -> torch.Tensor | None:
+        spec = lp.spec
+        if spec is None or spec.is_int or not spec.writes_input_scale or not self._seen(lp.layer):
+            return None
+        return learned.static_input_scale(self._stats[lp.layer], spec)
+
+    def bias(self, lp: LayerPlan) -> torch.Tensor | None:
+        """The corrected bias when ``lp`` is the bias of a quantized layer under bias correction."""
+        if not self.bias_correction or not lp.tensor.endswith(".bias"):
+            return None
+        L = lp.tensor.removesuffix(".bias")
+        wlp = self._layers.get(L)
+        if wlp is None or not self._seen(L) or len(lp.shape) != 1 or lp.shape[0] != wlp.shape[0]:
+            return None
+        q, scale, _ = self._result(wlp)
+        w = self.reader.tensor(wlp.tensor).float()
+        deq = reference.dequantize(q, scale, wlp.spec, self.plan.options.block_size, torch.float32)
+        b = learned.corrected_bias(self.reader.tensor(lp.tensor), w, deq, self._stats[L]["mean"])
+        self._done(L, "bias")
+        return b

@@ -1,0 +1,189 @@
+"""The node classes, in ComfyUI's class convention (``nodes.py``): ``INPUT_TYPES`` classmethod,
+``RETURN_TYPES``, ``FUNCTION``, ``CATEGORY``; the function returns a tuple.
+
+* :class:`QuantkitQuantizeModel` -- MODEL in, quantized MODEL clone out (:mod:`.quantize_model`)
+* :class:`QuantkitConvertCheckpoint` -- converts a .safetensors file from ComfyUI's model folders
+  with :func:`quantkit.convert`, writing beside the source, progress on ComfyUI's progress bar
+
+ComfyUI's ``folder_paths``, ``comfy.utils`` and ``comfy.model_management`` are imported when a node
+runs or lists its inputs, never at import time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import re
+
+from .. import families
+from ..convert import convert
+from ..errors import QuantkitError
+from ..formats import DEFAULT_BLOCK_SIZE, FALLBACK_CHOICES, FORMATS
+from ..plan import default_output_name
+from .quantize_model import TARGETS, quantize_model
+
+log = logging.getLogger("quantkit.comfyui")
+
+CATEGORY = "quantkit"
+# Folders the convert node reads from (ComfyUI's folder_paths names).
+SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders")
+FALLBACKS = tuple(f for f in FALLBACK_CHOICES)
+PRESET_TIP = "model family whose high-precision layers stay unquantized (auto: detect; none: generic rules)"
+
+
+def _split_patterns(text: str) -> tuple[str, ...]:
+    """One regex per line (blank lines ignored), as the ``exclude`` text box takes them."""
+    return tuple(line.strip() for line in (text or "").splitlines() if line.strip())
+
+
+class QuantkitQuantizeModel:
+    """Quantize a loaded model's linear layers; the input MODEL is left as it was."""
+
+    DESCRIPTION = ("Quantizes the linear layers of a MODEL with quantkit (the same bits `quantkit convert` "
+                   "writes) and returns a clone; the input MODEL is not modified. Norms, embeddings and "
+                   "excluded layers stay in high precision.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "target": (list(TARGETS), {"default": "fp8_e4m3fn"}),
+                "block_size": ("INT", {"default": DEFAULT_BLOCK_SIZE, "min": 16, "max": 1024, "step": 16,
+                                       "tooltip": "tile size of int8_blockwise (power of two)"}),
+                "fallback": (list(FALLBACKS), {"default": "int8-row",
+                                               "tooltip": "format for layers int8_blockwise cannot tile"}),
+            },
+            "optional": {
+                "exclude": ("STRING", {"default": "", "multiline": True,
+                                       "tooltip": "regexes (one per line) of layer names to keep unquantized"}),
+                "preset": (list(families.PRESET_CHOICES), {"default": "auto", "tooltip": PRESET_TIP}),
+            },
+        }
+
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "summary")
+    FUNCTION = "quantize"
+    CATEGORY = CATEGORY
+
+    def quantize(self, model, target, block_size, fallback, exclude="", preset="auto"):
+        clone, summary = quantize_model(model, target, int(block_size), fallback, _split_patterns(exclude), preset)
+        text = summary.text()
+        log.info("%s", text)
+        return (clone, text)
+
+
+def _source_choices() -> list[str]:
+    fp = importlib.import_module("folder_paths")
+    out = []
+    for folder in SOURCE_FOLDERS:
+        try:
+            names = fp.get_filename_list(folder)
+        except KeyError:
+            continue
+        out.extend(f"{folder}/{n}" for n in names if n.endswith(".safetensors"))
+    return out
+
+
+def resolve_source(source: str) -> str:
+    """``"<folder>/<file>"`` (as listed by the node) -> the file's full path."""
+    folder, _, name = source.partition("/")
+    if folder not in SOURCE_FOLDERS or not name:
+        raise QuantkitError(f"'{source}' is not '<folder>/<file>' with folder one of {', '.join(SOURCE_FOLDERS)}",
+                            fix="pick the file from the node's list")
+    fp = importlib.import_module("folder_paths")
+    path = fp.get_full_path(folder, name)
+    if path is None:
+        raise QuantkitError(f"'{name}' is not in ComfyUI's {folder} folders", fix="refresh the node's file list")
+    return path
+
+
+_SAFE_NAME = re.compile(r"^[^/\\\x00]+\.safetensors$")
+
+
+def output_path(src: str, fmt: str, output_name: str) -> str:
+    """Beside the source file (so the model loaders list it); a bare file name only."""
+    name = output_name.strip() or default_output_name(os.path.basename(src), fmt)
+    if not _SAFE_NAME.match(name) or name in (".safetensors",) or name.startswith(".."):
+        raise QuantkitError(f"output name '{output_name}' must be a plain file name ending in .safetensors",
+                            fix="leave it empty for <source>-<format>.safetensors")
+    return os.path.join(os.path.dirname(src), name)
+
+
+class ProgressReporter:
+    """``quantkit.convert``'s ``progress(done, total, name)`` -> ``comfy.utils.ProgressBar`` (percent),
+    checking ComfyUI's interrupt button on every tensor (an interrupt raises, and ``convert`` then
+    removes its temporary file)."""
+
+    STEPS = 100
+
+    def __init__(self) -> None:
+        utils = importlib.import_module("comfy.utils")
+        self.bar = utils.ProgressBar(self.STEPS)
+        try:
+            mm = importlib.import_module("comfy.model_management")
+            self.check = getattr(mm, "throw_exception_if_processing_interrupted", None)
+        except ImportError:
+            self.check = None
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self.check is not None:
+            self.check()
+        self.bar.update_absolute(self.STEPS * done // max(total, 1), self.STEPS)
+
+
+class QuantkitConvertCheckpoint:
+    """Convert a checkpoint in ComfyUI's model folders to a quantized .safetensors file."""
+
+    DESCRIPTION = ("Converts a .safetensors file from ComfyUI's model folders with quantkit and writes the "
+                   "result beside it (never over the source).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "source": (_source_choices(),),
+                "format": (list(FORMATS), {"default": "fp8"}),
+                "block_size": ("INT", {"default": DEFAULT_BLOCK_SIZE, "min": 16, "max": 1024, "step": 16}),
+                "fallback": (list(FALLBACKS), {"default": "int8-row"}),
+                "output_name": ("STRING", {"default": "", "tooltip": "empty: <source>-<format>.safetensors"}),
+                "overwrite": ("BOOLEAN", {"default": False}),
+            },
+            "optional": {
+                "exclude": ("STRING", {"default": "", "multiline": True}),
+                "preset": (list(families.PRESET_CHOICES), {"default": "auto", "tooltip": PRESET_TIP}),
+                "device": (["auto", "cpu", "cuda"], {"default": "auto",
+                                                     "tooltip": "where to quantize (same bytes either way)"}),
+            },
+        }
+
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("path", "summary")
+    FUNCTION = "convert"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    def convert(self, source, format, block_size, fallback, output_name, overwrite, exclude="", preset="auto",
+                device="auto"):
+        src = resolve_source(source)
+        dst = output_path(src, format, output_name)
+        report = convert(src, dst, format=format, block_size=int(block_size), fallback=fallback,
+                         exclude=_split_patterns(exclude), overwrite=bool(overwrite), progress=ProgressReporter(),
+                         preset=preset, device=device)
+        q = [layer for layer in report.layers if layer.action != "kept"]
+        text = (f"quantkit: wrote {dst} ({report.bytes_out / 1e9:.2f} GB, {len(q)} layers quantized "
+                f"to {format}, {report.seconds:.1f} s)")
+        log.info("%s", text)
+        return (dst, text)
+
+
+NODE_CLASS_MAPPINGS = {
+    "QuantkitQuantizeModel": QuantkitQuantizeModel,
+    "QuantkitConvertCheckpoint": QuantkitConvertCheckpoint,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "QuantkitQuantizeModel": "Quantize Model (quantkit)",
+    "QuantkitConvertCheckpoint": "Convert Checkpoint (quantkit)",
+}

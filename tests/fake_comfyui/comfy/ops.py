@@ -1,0 +1,150 @@
+"""Stand-in for ``comfy.ops``: the module-level loader ``_load_quantized_module`` (same name and
+signature as ComfyUI's; stock formats only, an explicit per-format branch and a ValueError for any
+other name, as in ComfyUI) and ``mixed_precision_ops`` whose ``Linear`` loads through it (looked up
+at call time, so a wrapper installed on the module is used) and runs ComfyUI's forward decisions:
+quantized input unless ``quantize_input`` is False, dequantized weight when ``_full_precision_mm``."""
+
+import json
+
+import torch
+
+from .quant_ops import QUANT_ALGOS, QuantizedTensor, get_layout_class
+
+
+class CastWeightBiasOp:
+    comfy_cast_weights = False
+    weight_function = []
+    bias_function = []
+
+
+def _load_quantized_module(module, super_load, state_dict, prefix, local_metadata, strict,
+                           missing_keys, unexpected_keys, error_msgs, load_extra_params=False):
+    device = module.factory_kwargs["device"]
+    compute_dtype = module.factory_kwargs["dtype"]
+    weight = state_dict.pop(f"{prefix}weight", None)
+    if weight is None:
+        module.weight = None
+        return
+    loaded = [f"{prefix}weight"]
+
+    def pop_scale(name):
+        v = state_dict.pop(f"{prefix}{name}", None)
+        if v is not None:
+            loaded.append(f"{prefix}{name}")
+            v = v.to(device=device)
+        return v
+
+    conf = state_dict.pop(f"{prefix}comfy_quant", None)
+    if conf is None:
+        module.weight = torch.nn.Parameter(weight.to(device=device, dtype=compute_dtype), requires_grad=False)
+    else:
+        conf = json.loads(conf.numpy().tobytes())
+        module.quant_format = conf.get("format", None)
+        module._full_precision_mm_config = conf.get("full_precision_matrix_mult", False)
+        if not module._full_precision_mm:
+            module._full_precision_mm = module._full_precision_mm_config
+        if module.quant_format in module._disabled_formats:
+            module._full_precision_mm = True
+        qconfig = QUANT_ALGOS[module.quant_format]  # KeyError for an unknown format, as in ComfyUI
+        module.layout_type = qconfig["comfy_tensor_layout"]
+        layout_cls = get_layout_class(module.layout_type)
+        if module.quant_format in ("float8_e4m3fn", "float8_e5m2"):
+            scales = {"scale": pop_scale("weight_scale")}
+        elif module.quant_format == "int8_tensorwise":
+            scale = pop_scale("weight_scale")
+            if scale is None:
+                raise ValueError(f"Missing INT8 weight scale for layer {prefix}")
+            scales = {"scale": scale}
+        else:
+            raise ValueError(f"Unsupported quantization format: {module.quant_format}")
+        params = layout_cls.Params(**scales, orig_dtype=compute_dtype, orig_shape=module._orig_shape)
+        module.weight = torch.nn.Parameter(
+            QuantizedTensor(weight.to(device=device, dtype=qconfig["storage_t"]), module.layout_type, params),
+            requires_grad=False)
+        if load_extra_params:
+            for name in qconfig["parameters"]:
+                if name in ("weight_scale", "weight_scale_2"):
+                    continue
+                v = state_dict.pop(f"{prefix}{name}", None)
+                if v is not None:
+                    module.register_parameter(name, torch.nn.Parameter(v.to(device=device), requires_grad=False))
+                    loaded.append(f"{prefix}{name}")
+    super_load(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    for k in loaded:
+        if k in missing_keys:
+            missing_keys.remove(k)
+
+
+class MixedPrecisionOp(CastWeightBiasOp):
+    quant_format = None
+
+    def can_use_quantized_matmul(self, disabled_formats):
+        return (self.quant_format in QUANT_ALGOS and not self._full_precision_mm_config
+                and self.quant_format not in self._disabled_formats and self.quant_format not in disabled_formats)
+
+
+def get_disabled_quant_formats(device=None):
+    # This machine has no FP8 / INT8 tensor cores (CPU): ComfyUI disables its stock quantized matmuls.
+    return {"float8_e4m3fn", "float8_e5m2", "int8_tensorwise"}
+
+
+def mixed_precision_ops(quant_config={}, compute_dtype=torch.bfloat16, full_precision_mm=False, disabled=[]):
+    class MixedPrecisionOps:
+        _quant_config = quant_config
+        _compute_dtype = compute_dtype
+        _full_precision_mm = full_precision_mm
+        _disabled = disabled
+
+        class Linear(torch.nn.Module, MixedPrecisionOp):
+            _disabled_formats = disabled
+
+            def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+                super().__init__()
+                self.factory_kwargs = {"device": device, "dtype": MixedPrecisionOps._compute_dtype}
+                self.in_features = in_features
+                self.out_features = out_features
+                self._orig_shape = (out_features, in_features)
+                if bias:
+                    self.bias = torch.nn.Parameter(torch.empty(out_features, **self.factory_kwargs))
+                else:
+                    self.register_parameter("bias", None)
+                self.tensor_class = None
+                self._full_precision_mm = MixedPrecisionOps._full_precision_mm
+                self._full_precision_mm_config = False
+
+            def reset_parameters(self):
+                return None
+
+            def _load_from_state_dict(self, *args):
+                _load_quantized_module(self, super()._load_from_state_dict, *args, load_extra_params=True)
+
+            def forward(self, input, *args, **kwargs):
+                use_quantized = (getattr(self, "layout_type", None) is not None
+                                 and not isinstance(input, QuantizedTensor) and not self._full_precision_mm)
+                quantize_input = QUANT_ALGOS.get(getattr(self, "quant_format", None), {}).get("quantize_input", True)
+                bias = None if self.bias is None else self.bias.to(input.dtype)
+                shape = input.shape
+                if use_quantized and quantize_input:
+                    x2 = input.reshape(-1, shape[-1])
+                    q_in = QuantizedTensor.from_float(x2, self.layout_type, scale=getattr(self, "input_scale", None))
+                    out = torch.nn.functional.linear(q_in, self.weight.to(dtype=input.dtype), bias)
+                    return out.reshape(*shape[:-1], self.weight.shape[0])
+                weight = self.weight.to(dtype=input.dtype)
+                if not use_quantized and isinstance(weight, QuantizedTensor):
+                    weight = weight.dequantize()
+                return torch.nn.functional.linear(input, weight, bias)
+
+            def convert_weight(self, weight, inplace=False, **kwargs):
+                return weight.dequantize() if isinstance(weight, QuantizedTensor) else weight
+
+            def set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+                if getattr(self, "layout_type", None) is not None:
+                    weight = self.weight.requantize_from_float(weight, scale="recalculate", stochastic_rounding=seed,
+                                                               inplace_ops=True).to(self.weight.dtype)
+                else:
+                    weight = weight.to(self.weight.dtype)
+                if return_weight:
+                    return weight
+                self.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    return MixedPrecisionOps

@@ -1,0 +1,32 @@
+"""Stand-in for ``comfy.quant_ops``: comfy-kitchen's registry re-exported, ComfyUI's FP8 layout
+names, and the stock ``QUANT_ALGOS`` entries quantkit's formats map to."""
+
+import torch
+from comfy_kitchen.tensor import (QuantizedLayout, QuantizedTensor, TensorCoreFP8Layout, TensorWiseINT8Layout,
+                                  get_layout_class, register_layout_class, register_layout_op)
+
+_CK_AVAILABLE = True
+
+
+class TensorCoreFP8E4M3Layout(TensorCoreFP8Layout):
+    FP8_DTYPE = torch.float8_e4m3fn
+
+
+class TensorCoreFP8E5M2Layout(TensorCoreFP8Layout):
+    FP8_DTYPE = torch.float8_e5m2
+
+
+register_layout_class("TensorCoreFP8E4M3Layout", TensorCoreFP8E4M3Layout)
+register_layout_class("TensorCoreFP8E5M2Layout", TensorCoreFP8E5M2Layout)
+
+QUANT_ALGOS = {
+    "float8_e4m3fn": {"storage_t": torch.float8_e4m3fn, "parameters": {"weight_scale", "input_scale"},
+                      "comfy_tensor_layout": "TensorCoreFP8E4M3Layout"},
+    "float8_e5m2": {"storage_t": torch.float8_e5m2, "parameters": {"weight_scale", "input_scale"},
+                    "comfy_tensor_layout": "TensorCoreFP8E5M2Layout"},
+    "int8_tensorwise": {"storage_t": torch.int8, "parameters": {"weight_scale"},
+                        "comfy_tensor_layout": "TensorWiseINT8Layout", "quantize_input": False},
+}
+
+__all__ = ["QuantizedTensor", "QuantizedLayout", "TensorCoreFP8Layout", "TensorWiseINT8Layout", "QUANT_ALGOS",
+           "register_layout_op", "register_layout_class", "get_layout_class"]

@@ -88,14 +88,14 @@ def test_per_token_activation_quantization_kernels_bit_identical(kernel, cfg, k)
 
 
 @pytest.mark.parametrize("cfg", [
-    {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2, "PIPE": 1, "MAGIC": 1},
-    {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 1, "PIPE": 0, "MAGIC": 0},
-    {"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 2, "PIPE": 1, "MAGIC": 1},  # tile spans 2 weight blocks
-    {"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 4, "PIPE": 0, "MAGIC": 1},
+    {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2, "PAIR": 1, "MAGIC": 1},
+    {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 1, "PAIR": 0, "MAGIC": 0},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 2, "PAIR": 1, "MAGIC": 1},  # tile spans 2 weight blocks
+    {"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 4, "PAIR": 0, "MAGIC": 1},
 ])
-@pytest.mark.parametrize("k", [32, 96])
+@pytest.mark.parametrize("k", [32, 64, 96])  # 1, 2, 3 groups: PAIR's odd tail and even loop
 def test_w8a8_block_matmul_kernel_variants(cfg, k):
-    """Every kernel variant the autotuner may pick (software-pipelined dots, the magic-number
+    """Every kernel variant the autotuner may pick (two groups per step, the magic-number
     accumulator start, per-column weight scales) computes the reference, in group order."""
     block, m, n = 32, 45, 96
     g = torch.Generator().manual_seed(k)

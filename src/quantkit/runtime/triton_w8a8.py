@@ -80,8 +80,11 @@ def _act_quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, stride_qm, stride_
 
 
 _MAX_ROW_TILE = 16384  # elements one program holds; longer groups go to the torch reference
-# per-token (group = K) kernel launch parameters: rows per program, chunk width, warps
-ROWS_CFG = {"rows": 1, "chunk": 1024, "warps": 4}
+# per-token (group = K) kernel: autotuned on K over these (rows per program, chunk, warps); on the
+# H100 sweep one row per program led, chunk 1024 at K = 3072 and 2048 at K = 12288 (DEVELOPMENT.md).
+ROWS_CONFIGS = [triton.Config({"ROWS": r, "CHUNK": c}, num_warps=w)
+                for r, c, w in ((1, 1024, 4), (1, 2048, 8), (1, 4096, 16), (1, 2048, 4), (1, 4096, 8))]
+_rows_tuned = triton.autotune(configs=ROWS_CONFIGS, key=["K"])(_act_quant_rows_kernel)
 
 
 def quantize_activations(x: torch.Tensor, dtype: torch.dtype, group: int, *, per_token_kernel: str | None = None,
@@ -96,13 +99,18 @@ def quantize_activations(x: torch.Tensor, dtype: torch.dtype, group: int, *, per
         x = x.contiguous()
     qmax = 127.0 if dtype == torch.int8 else float(torch.finfo(dtype).max)
     if group == k and (per_token_kernel or "rows") == "rows":
-        cfg = rows_cfg or ROWS_CFG
         q = torch.empty((m, k), dtype=dtype, device=x.device)
         s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-        chunk = min(cfg["chunk"], triton.next_power_of_2(k))
-        _act_quant_rows_kernel[(triton.cdiv(m, cfg["rows"]),)](
-            x, q, s, m, x.stride(0), q.stride(0), s.stride(0), K=k, ROWS=cfg["rows"], CHUNK=chunk, QMAX=qmax,
-            IS_INT=dtype == torch.int8, num_warps=cfg["warps"])
+        args = (x, q, s, m, x.stride(0), q.stride(0), s.stride(0))
+        if rows_cfg is None and INTERPRET:
+            rows_cfg = {"rows": 1, "chunk": 1024, "warps": 4}
+        if rows_cfg is not None:
+            chunk = min(rows_cfg["chunk"], triton.next_power_of_2(k))
+            _act_quant_rows_kernel[(triton.cdiv(m, rows_cfg["rows"]),)](
+                *args, K=k, ROWS=rows_cfg["rows"], CHUNK=chunk, QMAX=qmax, IS_INT=dtype == torch.int8,
+                num_warps=rows_cfg["warps"])
+        else:
+            _rows_tuned[lambda cfg: (triton.cdiv(m, cfg["ROWS"]),)](*args, K=k, QMAX=qmax, IS_INT=dtype == torch.int8)
         return q, s
     block_g = triton.next_power_of_2(group)
     if block_g > _MAX_ROW_TILE:
@@ -141,11 +149,12 @@ def _w8a8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
                  stride_am, stride_ak, stride_bn, stride_bk, stride_asm, stride_ask,
                  stride_bsn, stride_bsk, stride_cm, stride_cn,
                  PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, MAGIC: tl.constexpr = 1, PIPE: tl.constexpr = 0):
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, MAGIC: tl.constexpr = 1, PAIR: tl.constexpr = 0,
+                 WS: tl.constexpr = 0):
     """PER_GROUP: scales per K-group of BLOCK_K (int8-block, weight block = BLOCK_K). Each group's
-    int32 dot is scaled into an fp32 accumulator in group order (the reference's order). PIPE: the
-    dot of group g+1 is issued before group g's result is scaled, so the tensor cores need not wait
-    for the scaling. Else one scale per token and per output column, applied once after an int32
+    int32 dot is scaled into an fp32 accumulator in group order (the reference's order). PAIR: two
+    groups per loop step, both dots issued before the first is scaled (fewer waits on the tensor
+    cores). Else one scale per token and per output column, applied once after an int32
     accumulation over all of K (int8 tensor/row)."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -175,27 +184,47 @@ def _w8a8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
             init = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         n_k = K // BLOCK_K
-        if PIPE:
-            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0)
-            b = tl.load(b_ptrs, mask=mask_n[None, :], other=0)
-            d_prev = tl.dot(a, b, init, out_dtype=tl.int32)
-            sm_prev = tl.load(as_ptrs, mask=mask_m, other=0.0)
-            sn_prev = tl.load(bs_ptrs, mask=mask_n, other=0.0) if BLOCK_N > BLOCK_K else tl.load(bs_ptrs)
-            for _ in range(1, n_k):
-                a_ptrs += BLOCK_K * stride_ak
-                b_ptrs += BLOCK_K * stride_bk
-                as_ptrs += stride_ask
-                bs_ptrs += stride_bsk
+        if PAIR:  # two groups per iteration: both dots issued before the first is scaled
+            for _ in range(0, n_k // 2):
+                a0 = tl.load(a_ptrs, mask=mask_m[:, None], other=0)
+                b0 = tl.load(b_ptrs, mask=mask_n[None, :], other=0)
+                a1 = tl.load(a_ptrs + BLOCK_K * stride_ak, mask=mask_m[:, None], other=0)
+                b1 = tl.load(b_ptrs + BLOCK_K * stride_bk, mask=mask_n[None, :], other=0)
+                d0 = tl.dot(a0, b0, init, out_dtype=tl.int32)
+                d1 = tl.dot(a1, b1, init, out_dtype=tl.int32)
+                sm0 = tl.load(as_ptrs, mask=mask_m, other=0.0)
+                sm1 = tl.load(as_ptrs + stride_ask, mask=mask_m, other=0.0)
+                if BLOCK_N > BLOCK_K:
+                    sn0 = tl.load(bs_ptrs, mask=mask_n, other=0.0)
+                    sn1 = tl.load(bs_ptrs + stride_bsk, mask=mask_n, other=0.0)
+                else:
+                    sn0 = tl.load(bs_ptrs)
+                    sn1 = tl.load(bs_ptrs + stride_bsk)
+                acc = acc + _scaled_group(d0, sm0, sn0, MAGIC, BLOCK_N > BLOCK_K)
+                acc = acc + _scaled_group(d1, sm1, sn1, MAGIC, BLOCK_N > BLOCK_K)
+                a_ptrs += 2 * BLOCK_K * stride_ak
+                b_ptrs += 2 * BLOCK_K * stride_bk
+                as_ptrs += 2 * stride_ask
+                bs_ptrs += 2 * stride_bsk
+            if n_k % 2 == 1:  # the last, odd group
                 a = tl.load(a_ptrs, mask=mask_m[:, None], other=0)
                 b = tl.load(b_ptrs, mask=mask_n[None, :], other=0)
                 d = tl.dot(a, b, init, out_dtype=tl.int32)
                 sm = tl.load(as_ptrs, mask=mask_m, other=0.0)
                 sn = tl.load(bs_ptrs, mask=mask_n, other=0.0) if BLOCK_N > BLOCK_K else tl.load(bs_ptrs)
-                acc = acc + _scaled_group(d_prev, sm_prev, sn_prev, MAGIC, BLOCK_N > BLOCK_K)
-                d_prev = d
-                sm_prev = sm
-                sn_prev = sn
-            acc = acc + _scaled_group(d_prev, sm_prev, sn_prev, MAGIC, BLOCK_N > BLOCK_K)
+                acc = acc + _scaled_group(d, sm, sn, MAGIC, BLOCK_N > BLOCK_K)
+        elif WS:  # Triton's warp-specialized loop (producer/consumer warps), where it supports it
+            for _ in tl.range(0, n_k, warp_specialize=True):
+                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0)
+                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0)
+                d = tl.dot(a, b, init, out_dtype=tl.int32)
+                sm = tl.load(as_ptrs, mask=mask_m, other=0.0)
+                sn = tl.load(bs_ptrs, mask=mask_n, other=0.0) if BLOCK_N > BLOCK_K else tl.load(bs_ptrs)
+                acc = acc + _scaled_group(d, sm, sn, MAGIC, BLOCK_N > BLOCK_K)
+                a_ptrs += BLOCK_K * stride_ak
+                b_ptrs += BLOCK_K * stride_bk
+                as_ptrs += stride_ask
+                bs_ptrs += stride_bsk
         else:
             for _ in range(0, n_k):
                 a = tl.load(a_ptrs, mask=mask_m[:, None], other=0)
@@ -226,15 +255,16 @@ def _w8a8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _cfg(bm, bn, warps, stages, pipe=0, magic=1, group_m=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m, "PIPE": pipe, "MAGIC": magic},
+def _cfg(bm, bn, warps, stages, pair=0, magic=1, group_m=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": group_m, "PAIR": pair, "MAGIC": magic},
                          num_warps=warps, num_stages=stages)
 
 
-# int8-block (BLOCK_K = 128): chosen from the H100 sweep in benchmarks/sweep_w8a8.py
+# int8-block (BLOCK_K = 128), from the H100 sweeps in benchmarks/sweep_w8a8.py (DEVELOPMENT.md):
+# 64x128 tiles with 4 warps (several programs per SM, one's scaling overlapping another's dots) led
 BLOCK_CONFIGS = [
-    _cfg(128, 128, 8, 3, pipe=1), _cfg(128, 128, 8, 4, pipe=1), _cfg(128, 128, 8, 3),
-    _cfg(64, 256, 8, 3, pipe=1), _cfg(64, 128, 4, 4, pipe=1), _cfg(128, 128, 8, 3, magic=0),
+    _cfg(64, 128, 4, 4), _cfg(64, 128, 4, 3), _cfg(64, 128, 4, 5), _cfg(64, 128, 4, 3, pair=1),
+    _cfg(64, 64, 4, 4), _cfg(128, 128, 8, 3), _cfg(128, 128, 8, 3, pair=1), _cfg(64, 128, 4, 4, group_m=16),
 ]
 ROW_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
@@ -271,7 +301,7 @@ def _launch(xq, xs, wq, ws, bias, out_dtype, per_group: bool, block_k: int, ws_s
 def w8a8_block_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, block: int,
                       bias: torch.Tensor | None, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """Same contract as :func:`quantkit.runtime.activations.w8a8_block_matmul` (``block`` <= 256).
-    ``config``: explicit kernel parameters (BLOCK_M, BLOCK_N, GROUP_M, PIPE, MAGIC, num_warps,
+    ``config``: explicit kernel parameters (BLOCK_M, BLOCK_N, GROUP_M, PAIR, MAGIC, num_warps,
     num_stages) instead of the autotuned choice; BLOCK_N is a multiple or a divisor of ``block``."""
     if block > 256:
         from .activations import w8a8_block_matmul as reference

@@ -1,13 +1,16 @@
 """Triton kernels for the W8A8 linear paths (GPU; on CPU only under ``TRITON_INTERPRET=1``).
 
-* :func:`quantize_activations` -- one pass per token: amax per group of ``group`` columns, then
-  ``q = clamp(rne(x / scale))`` (INT8) or ``clamp(x / scale)`` cast to FP8. Bit-identical to
+* :func:`quantize_activations` -- per token: amax per group of ``group`` columns, then
+  ``q = clamp(rne(x / scale))`` (INT8) or ``clamp(x / scale)`` cast to FP8. Groups smaller than K
+  (int8-block): one pass over a row held in registers; one scale per token (``group = K``): two
+  passes over K in chunks (no padding of K to a power of two), autotuned on K. Bit-identical to
   :func:`quantkit.runtime.activations.quantize_activations` (IEEE division via ``div_rn``; INT8
   round-half-even by adding and subtracting 1.5 * 2^23, exact for |y| < 2^22).
 * :func:`w8a8_block_matmul` -- ``Y = X W^T + bias`` for INT8 X with per-token group scales
   ``[M, K/b]`` and INT8 W with ``b x b`` tile scales ``[N/b, K/b]`` (the int8-block format). The K
   loop steps one group (``BLOCK_K = b``) at a time: an exact int32 tensor-core dot per step, scaled
-  into an fp32 accumulator by ``dot * (x_scale[m] * w_scale)``, so the result is the torch
+  into an fp32 accumulator by ``dot * (x_scale[m] * w_scale)`` in group order (autotuned over tile
+  shapes and loop structures that all keep that order), so the result is the torch
   reference :func:`quantkit.runtime.activations.w8a8_block_matmul` up to FMA contraction on the GPU
   (bit-identical in the interpreter).
 * :func:`w8a8_row_matmul` -- the same for INT8 W with one scale per tensor or output row: int32
@@ -260,11 +263,13 @@ def _cfg(bm, bn, warps, stages, pair=0, magic=1, group_m=8):
                          num_warps=warps, num_stages=stages)
 
 
-# int8-block (BLOCK_K = 128), from the H100 sweeps in benchmarks/sweep_w8a8.py (DEVELOPMENT.md):
-# 64x128 tiles with 4 warps (several programs per SM, one's scaling overlapping another's dots) led
+# int8-block (BLOCK_K = 128): the configs within 3% of the best at some shape in the H100 sweeps of
+# benchmarks/sweep_w8a8.py (DEVELOPMENT.md). 64x128 tiles with 4 warps led (several programs per
+# SM, so one's scaling overlaps another's dots); the first implementation's 128x128 x 8 warps was
+# 9-14% slower.
 BLOCK_CONFIGS = [
-    _cfg(64, 128, 4, 4), _cfg(64, 128, 4, 3), _cfg(64, 128, 4, 5), _cfg(64, 128, 4, 3, pair=1),
-    _cfg(64, 64, 4, 4), _cfg(128, 128, 8, 3), _cfg(128, 128, 8, 3, pair=1), _cfg(64, 128, 4, 4, group_m=16),
+    _cfg(64, 128, 4, 4), _cfg(64, 128, 4, 4, group_m=16), _cfg(64, 128, 4, 3), _cfg(64, 128, 4, 4, magic=0),
+    _cfg(128, 128, 8, 3, pair=1),
 ]
 ROW_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),

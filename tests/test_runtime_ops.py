@@ -138,3 +138,17 @@ def test_load_quantized_swaps_and_errors(float_file, tmp_path):
     save_file(load_file(str(out)), str(bad), metadata={"_quantization_metadata": json.dumps({"layer": {}})})
     with pytest.raises(QuantkitError, match="bad.safetensors: header entry _quantization_metadata is not"):
         load_quantized(Net(), bad)
+
+
+def test_fp8_weight_scale_row_is_cached_per_scale_tensor():
+    """The [1, N] fp32 scale row the CUDA fp8 path hands torch._scaled_mm is built once per weight
+    and rebuilt when the weight's scale tensor is a different object."""
+    from quantkit.runtime import linear
+    w = torch.randn(48, 32)
+    qt = QuantizedTensor.from_float(w, "TensorCoreFP8Layout")
+    row = linear._fp8_weight_scale_row(qt)
+    assert row.shape == (1, 48) and row.dtype == torch.float32 and row.is_contiguous()
+    assert torch.equal(row, qt.params.scale.float().expand(1, 48))
+    assert linear._fp8_weight_scale_row(qt) is row
+    qt._layout_params = qt.params.replace(scale=qt.params.scale * 2)  # same tensor, new scale
+    assert torch.equal(linear._fp8_weight_scale_row(qt), row * 2)

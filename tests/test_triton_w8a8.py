@@ -74,6 +74,42 @@ def test_w8a8_block_matmul_matches_reference(block, k, with_bias, out_dtype):
         assert torch.equal(y, r)
 
 
+@pytest.mark.parametrize("kernel,cfg", [("rows", {"rows": 1, "chunk": 128, "warps": 4}),
+                                        ("rows", {"rows": 4, "chunk": 256, "warps": 2}),
+                                        ("rows", {"rows": 2, "chunk": 1024, "warps": 4}), ("tile", None)])
+@pytest.mark.parametrize("k", [200, 384])
+def test_per_token_activation_quantization_kernels_bit_identical(kernel, cfg, k):
+    """Per-token scales (group = K): the two-pass kernel over K in chunks (K not a multiple of the
+    chunk, rows not a multiple of ROWS) and the register-tile kernel."""
+    x = acts(37, k, torch.bfloat16, seed=k)
+    q, s = tk.quantize_activations(x, torch.int8, k, per_token_kernel=kernel, rows_cfg=cfg)
+    rq, rs = activations.quantize_activations(x.cpu(), FORMATS["int8-row"], k)
+    assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and s.shape == (37, 1)
+
+
+@pytest.mark.parametrize("cfg", [
+    {"BLOCK_M": 16, "BLOCK_N": 32, "GROUP_M": 2, "PAIR": 1, "MAGIC": 1},
+    {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 1, "PAIR": 0, "MAGIC": 0},
+    {"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 2, "PAIR": 1, "MAGIC": 1},  # tile spans 2 weight blocks
+    {"BLOCK_M": 16, "BLOCK_N": 64, "GROUP_M": 4, "PAIR": 0, "MAGIC": 1},
+])
+@pytest.mark.parametrize("k", [32, 64, 96])  # 1, 2, 3 groups: PAIR's odd tail and even loop
+def test_w8a8_block_matmul_kernel_variants(cfg, k):
+    """Every kernel variant the autotuner may pick (two groups per step, the magic-number
+    accumulator start, per-column weight scales) computes the reference, in group order."""
+    block, m, n = 32, 45, 96
+    g = torch.Generator().manual_seed(k)
+    xq, xs = activations.quantize_activations(acts(m, k, torch.float32, seed=k), INT8, block)
+    wq, ws = reference.quantize((torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)).to(DEV), INT8, block)
+    bias = torch.randn(n, generator=g).to(DEV)
+    y = tk.w8a8_block_matmul(xq, xs, wq, ws, block, bias, torch.float32, config=cfg)
+    r = activations.w8a8_block_matmul(xq, xs, wq, ws, block, bias, torch.float32)
+    if CUDA:
+        assert float((y.double() - r.double()).norm() / r.double().norm()) < 1e-6
+    else:
+        assert torch.equal(y, r)
+
+
 @pytest.mark.parametrize("k", [96, 200])
 @pytest.mark.parametrize("per_row", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])

@@ -126,38 +126,64 @@ def _clip_search(w: torch.Tensor, h: torch.Tensor, spec: FormatSpec, block_size:
     return best_scale, best_alpha
 
 
+def _kernel_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from .kernels import triton_gptq  # noqa: F401
+    except Exception:  # triton missing or unusable: the PyTorch loop computes the same thing
+        return False
+    return True
+
+
 def gptq(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, spec: FormatSpec,
-         damping: float = DEFAULT_DAMPING) -> torch.Tensor:
+         damping: float = DEFAULT_DAMPING, *, kernel: bool | None = None) -> torch.Tensor:
     """Sequential error feedback on a fixed per-element scale. w, s [B, N, K] fp32, h [B, K, K].
-    Returns the grid values q [B, N, K] (fp32 holding exact grid points)."""
+    Returns the grid values q [B, N, K] (fp32 holding exact grid points).
+
+    Columns go in blocks of :data:`COLUMN_BLOCK`; inside a block the per-column loop runs in one
+    Triton program per row tile (:mod:`quantkit.kernels.triton_gptq`) when ``kernel`` is True
+    (default: on CUDA when Triton imports), else as a PyTorch loop; the trailing update of the
+    columns right of the block is one batched GEMM either way."""
     bsz, n, k = w.shape
+    if kernel is None:
+        kernel = _kernel_available(w.device)
     h = h.clone()
     diag = h.diagonal(dim1=1, dim2=2)
     mean_diag = diag.mean(1).clamp_min(torch.finfo(torch.float32).tiny)
     diag += (damping * mean_diag)[:, None]
     perm = torch.argsort(diag, dim=1, descending=True, stable=True)  # [B, K]
     idx = perm[:, None, :].expand(bsz, n, k)
-    w = torch.gather(w, 2, idx).clone()
-    s = torch.gather(s, 2, idx)
+    w = torch.gather(w, 2, idx).contiguous()
+    s = torch.gather(s, 2, idx).contiguous()
     h = torch.gather(torch.gather(h, 1, perm[:, :, None].expand(bsz, k, k)), 2, perm[:, None, :].expand(bsz, k, k))
     chol, info = torch.linalg.cholesky_ex(h.double())
     if bool((info != 0).any()):
         raise QuantkitError("calibration statistics are not positive definite even after damping",
                             fix="capture over more rows, or raise the damping")
-    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).to(w.dtype)  # [B, K, K]
+    del h
+    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).to(w.dtype).contiguous()  # [B, K, K]
+    del chol
     q = torch.empty_like(w)
+    if kernel:
+        from .kernels.triton_gptq import gptq_block
+        err_buf = torch.empty((bsz, n, COLUMN_BLOCK), dtype=w.dtype, device=w.device)
     for i1 in range(0, k, COLUMN_BLOCK):
         i2 = min(i1 + COLUMN_BLOCK, k)
-        w1 = w[:, :, i1:i2].clone()
-        err1 = torch.empty_like(w1)
-        u1 = u[:, i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            col, sc = w1[:, :, j], s[:, :, i1 + j]
-            g = to_grid(col / sc, spec)
-            q[:, :, i1 + j] = g
-            err = (col - g * sc) / u1[:, j, j][:, None]
-            w1[:, :, j:] -= err[:, :, None] * u1[:, None, j, j:]
-            err1[:, :, j] = err
+        if kernel:
+            gptq_block(w, s, u, q, err_buf, i1, i2, spec)
+            err1 = err_buf[:, :, :i2 - i1]
+        else:
+            w1 = w[:, :, i1:i2].clone()
+            err1 = torch.empty_like(w1)
+            u1 = u[:, i1:i2, i1:i2]
+            for j in range(i2 - i1):
+                col, sc = w1[:, :, j], s[:, :, i1 + j]
+                g = to_grid(col / sc, spec)
+                q[:, :, i1 + j] = g
+                err = (col - g * sc) / u1[:, j, j][:, None]
+                w1[:, :, j:] -= err[:, :, None] * u1[:, None, j, j:]
+                err1[:, :, j] = err
         if i2 < k:
             w[:, :, i2:] -= torch.bmm(err1, u[:, i1:i2, i2:])
     inv = torch.argsort(perm, dim=1)

@@ -50,6 +50,8 @@ class LearnedOptions:
     damping: float = DEFAULT_DAMPING  # relative to mean(diag H)
     clip_search: bool = True  # int8 only
     device: str | None = None  # None: cuda when available, else cpu
+    objective: str = "calibration"  # or "subspace": data-free, W's top singular subspace (see learn_subspace)
+    subspace_weight_cost: float = 20.0  # "subspace" only: gamma of learn_subspace's score
 
 
 @dataclass
@@ -256,6 +258,83 @@ def learn_batch(ws: list[torch.Tensor], hs: list[torch.Tensor], spec: FormatSpec
 def learn(w: torch.Tensor, h: torch.Tensor, spec: FormatSpec, block_size: int,
           options: LearnedOptions = LearnedOptions(), name: str = "") -> LearnedResult:
     return learn_batch([w], [h], spec, block_size, options, [name or "weight"])[0]
+
+
+SUBSPACE_TOP_P, SUBSPACE_MIN_K, SUBSPACE_MAX_K = 0.2, 256, 1280  # convert_to_quant's defaults
+SUBSPACE_STEP = 0.05  # fraction of the projected error fed back per iteration
+SUBSPACE_ITERS = 24
+SUBSPACE_PATIENCE = 4
+
+
+def subspace_rank(n: int, k: int) -> int:
+    """k = clamp(0.2 * min(N, K), 256, 1280), as convert_to_quant (top_p, min_k, max_k)."""
+    return min(max(int(SUBSPACE_TOP_P * min(n, k)), SUBSPACE_MIN_K), SUBSPACE_MAX_K, min(n, k))
+
+
+def subspace_basis(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W's top-``rank`` left and right singular vectors (U_k [N, r], V_k [K, r], fp32), from the
+    eigenvectors of the smaller Gram matrix (fp64 eigensolver: near-equal singular values of the noise
+    floor would otherwise reorder)."""
+    n, k = w.shape
+    w64 = w.double()
+    if k <= n:
+        _, vec = torch.linalg.eigh(w64.T @ w64)
+        v = vec[:, -rank:]
+        u = w64 @ v
+        u = u / u.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+    else:
+        _, vec = torch.linalg.eigh(w64 @ w64.T)
+        u = vec[:, -rank:]
+        v = w64.T @ u
+        v = v / v.norm(dim=0).clamp_min(torch.finfo(torch.float64).tiny)
+    return u.float().contiguous(), v.float().contiguous()
+
+
+def learn_subspace(w: torch.Tensor, spec: FormatSpec, block_size: int, options: LearnedOptions = LearnedOptions(),
+                   name: str = "") -> LearnedResult:
+    """Data-free learned rounding on W's top singular subspace (the objective convert_to_quant uses):
+    J(q) = ||U_k^T (W - Wq) V_k||_F^2, k = :func:`subspace_rank` (20% of min(N, K), within 256..1280).
+
+    Scales are the RTN scales. Projected error feedback: q_t = grid((W + c_t) / s) with
+    c_{t+1} = c_t + SUBSPACE_STEP * U_k U_k^T (W - Wq_t) V_k V_k^T, i.e. the rounding threshold of each
+    element is shifted by the part of the error that lies in the subspace, so elements near a rounding
+    tie flip (cheap on plain weight error) where that cancels projected error. Each iterate is scored
+    by ``J/J_rtn + gamma * ||W - Wq||^2 / ||W - Wq_rtn||^2`` (plain weight error is not
+    given away for the projection; gamma = ``options.subspace_weight_cost``); the best is kept, RTN (t = 0) whenever no iterate beats it.
+    ``objective_rtn``/``objective`` are J relative to ||U_k^T W V_k||^2. Deterministic; no calibration."""
+    dev = pick_device(options.device)
+    n, k = w.shape
+    check_memory(name or "weight", n, k, 1, dev)
+    w32 = w.to(dev, torch.float32)
+    u, v = subspace_basis(w32, subspace_rank(n, k))
+    q0, sc0 = reference.quantize(w.to(dev), spec, block_size)
+    s = element_scale(sc0.float(), (n, k), spec, block_size)
+    ref = float((u.T @ w32 @ v).double().pow(2).sum()) or 1.0
+    c = torch.zeros_like(w32)
+    best = None
+    base_j = base_e = None
+    stall = 0
+    for t in range(SUBSPACE_ITERS + 1):
+        g = to_grid((w32 + c) / s, spec)
+        e = w32 - g * s
+        a = u.T @ e @ v
+        j = float(a.double().pow(2).sum())
+        ee = float(e.double().pow(2).sum())
+        if t == 0:
+            base_j, base_e = max(j, torch.finfo(torch.float64).tiny), max(ee, torch.finfo(torch.float64).tiny)
+        score = j / base_j + options.subspace_weight_cost * ee / base_e
+        if best is None or score < best[0]:
+            best, stall = (score, t, g, j), 0
+        else:
+            stall += 1
+            if stall >= SUBSPACE_PATIENCE:
+                break
+        c += SUBSPACE_STEP * ((u @ a) @ v.T)
+    _, t_best, g, j = best
+    jr = base_j / ref
+    if t_best == 0:
+        return LearnedResult(q0.cpu(), sc0.cpu(), jr, jr, "rtn (subspace: learned not better)")
+    return LearnedResult(g.to(spec.weight_dtype).cpu(), sc0.float().cpu(), jr, j / ref, f"subspace ({t_best} steps)")
 
 
 def proxy_hessian(w: torch.Tensor) -> torch.Tensor:

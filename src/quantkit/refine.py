@@ -57,7 +57,8 @@ class Refiner:
                              "data-free proxy (H = W^T W), and it raised held-out output error above round-to-nearest "
                              "(all-MiniLM-L6-v2: median 1.06-1.11x, worst 1.64x; see DEVELOPMENT.md)",
                              fix="capture statistics with quantkit.calibration.capture and pass --calibration, "
-                                 "or drop --learned-rounding")
+                                 "or drop --learned-rounding (--learned-objective subspace is data-free but "
+                                 "neutral on real inputs)")
         if not (learned_rounding or calibration is not None or bias_correction):
             return None
         path = None

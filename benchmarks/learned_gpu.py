@@ -181,7 +181,8 @@ def main() -> None:
     print("| layer | N x K | " + " | ".join(files) + " |")
     print("|---|---|" + "---|" * len(files))
     for layer, row in table.items():
-        cells = [("-" if row.get(n) is None else f"{row[n][0]:.2f} / {row[n][1]:.2f} / {row[n][2] / row['rtn'][2]:.3f}")
+        cells = [("-" if row.get(n) is None else f"{row[n][0]:.2f} / {row[n][1]:.2f} / "
+                  + (f"{row[n][2] / row['rtn'][2]:.3f}" if "rtn" in row else "-"))
                  for n in files]
         print(f"| {layer} | {shapes[layer][0]}x{shapes[layer][1]} | " + " | ".join(cells) + " |")
     print("| wall s | | " + " | ".join(f"{results['runs'][n]['seconds']:.1f} (rc {results['runs'][n]['rc']})"
@@ -197,6 +198,8 @@ def main() -> None:
         print(f"| {layer} | {row['calibrated_s']:.3f} | {row.get('loop_s', float('nan')):.3f} | "
               f"{row.get('loop_same_q', '-')} | {row['subspace_s']:.3f} | {row['subspace_method']} |")
     print(f"| total | {ip['calibrated_total_s']:.2f} | | | {ip['subspace_total_s']:.2f} | |")
+    print("Triton GPTQ kernel: " + ("FAILED, loop used: " + ip["kernel_broken"] if ip["kernel_broken"] else
+                                    "used" if results["device"] != "cpu" else "not used (CPU: both columns are the loop)"))
     print("\nsubspace weight cost sweep (weight SQNR dB / projected dB per layer):")
     for gamma, row in ip["sweep"].items():
         print(f"gamma {gamma}: " + "  ".join(f"{a:.2f}/{b:.2f}" for a, b in row))
@@ -247,7 +250,7 @@ def inprocess(ws: dict, shapes: dict, stats: Path, dev: str) -> dict:
         for gamma in (5.0, 10.0, 20.0, 40.0):
             rg = learned.learn_subspace(w, spec, 128, learned.LearnedOptions(device=dev, subspace_weight_cost=gamma))
             sweep.setdefault(gamma, []).append(evaluate(wd, rg.dequantize(spec, 128).to(dev)))
-    return {"layers": rows, "sweep": sweep,
+    return {"layers": rows, "sweep": sweep, "kernel_broken": learned._KERNEL_BROKEN,
             "calibrated_total_s": sum(r["calibrated_s"] for r in rows.values()),
             "subspace_total_s": sum(r["subspace_s"] for r in rows.values())}
 

@@ -54,6 +54,24 @@ def test_gptq_kernel_matches_column_loop(fmt):
     assert bool((jb < 0.8 * j_rtn).all())
 
 
+def test_kernel_failure_falls_back_to_loop_with_warning(monkeypatch):
+    from quantkit.kernels import triton_gptq
+    spec = FORMATS["fp8"]
+    w, h = _layer(64, 200, 3)
+    s = learned.element_scale(reference.compute_scale(w, spec, 64), (64, 200), spec, 64)[None].contiguous()
+    want = learned.gptq(w[None], s, h[None], spec, kernel=False)
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(learned, "_kernel_available", lambda device: True)
+    monkeypatch.setattr(triton_gptq, "gptq_block", broken)
+    monkeypatch.setattr(learned, "_KERNEL_BROKEN", None)
+    with pytest.warns(RuntimeWarning, match="Triton GPTQ kernel failed .RuntimeError: no kernel here"):
+        got = learned.gptq(w[None], s, h[None], spec)
+    assert torch.equal(got, want) and learned._KERNEL_BROKEN == "RuntimeError: no kernel here"
+
+
 def _tall(n=384, k=320, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = (torch.randn(n, 16, generator=g) @ (torch.randn(16, k, generator=g) * torch.logspace(0, -1.5, 16)[:, None]))

@@ -43,6 +43,7 @@ objective above is offered, on request.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -139,8 +140,11 @@ def _clip_search(w: torch.Tensor, h: torch.Tensor, spec: FormatSpec, block_size:
     return best_scale, best_alpha
 
 
+_KERNEL_BROKEN: str | None = None  # why the Triton kernel failed on this machine (then the loop is used)
+
+
 def _kernel_available(device: torch.device) -> bool:
-    if device.type != "cuda":
+    if device.type != "cuda" or _KERNEL_BROKEN is not None:
         return False
     try:
         from .kernels import triton_gptq  # noqa: F401
@@ -158,8 +162,10 @@ def gptq(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, spec: FormatSpec,
     Triton program per row tile (:mod:`quantkit.kernels.triton_gptq`) when ``kernel`` is True
     (default: on CUDA when Triton imports), else as a PyTorch loop; the trailing update of the
     columns right of the block is one batched GEMM either way."""
+    global _KERNEL_BROKEN
     bsz, n, k = w.shape
-    if kernel is None:
+    auto = kernel is None
+    if auto:
         kernel = _kernel_available(w.device)
     h = h.clone()
     diag = h.diagonal(dim1=1, dim2=2)
@@ -183,8 +189,17 @@ def gptq(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, spec: FormatSpec,
         err_buf = torch.empty((bsz, n, COLUMN_BLOCK), dtype=w.dtype, device=w.device)
     for i1 in range(0, k, COLUMN_BLOCK):
         i2 = min(i1 + COLUMN_BLOCK, k)
-        if kernel:
+        if kernel and auto and i1 == 0:
+            try:  # first launch compiles; a Triton/driver failure falls back to the loop, loudly
+                gptq_block(w, s, u, q, err_buf, i1, i2, spec)
+            except Exception as e:  # noqa: BLE001
+                _KERNEL_BROKEN = f"{type(e).__name__}: {e}"
+                warnings.warn(f"quantkit: the Triton GPTQ kernel failed ({_KERNEL_BROKEN}); using the slower "
+                              "PyTorch column loop", RuntimeWarning, stacklevel=2)
+                kernel = False
+        elif kernel:
             gptq_block(w, s, u, q, err_buf, i1, i2, spec)
+        if kernel:
             err1 = err_buf[:, :, :i2 - i1]
         else:
             w1 = w[:, :, i1:i2].clone()

@@ -359,7 +359,7 @@ def learn_subspace(w: torch.Tensor, spec: FormatSpec, block_size: int, options: 
     _, t_best, g, j = best
     jr = base_j / ref
     if t_best == 0:
-        return LearnedResult(q0.cpu(), sc0.cpu(), jr, jr, "rtn (subspace: learned not better)")
+        return LearnedResult(q0.cpu(), sc0.cpu(), jr, jr, "rtn (learned not better; subspace objective)")
     return LearnedResult(g.to(spec.weight_dtype).cpu(), sc0.float().cpu(), jr, j / ref, f"subspace ({t_best} steps)")
 
 

@@ -4,7 +4,7 @@ Calibrates on ``sentences.CALIBRATION``, converts the fp32 checkpoint with ``qua
 each format and mode, and measures on ``sentences.EVALUATION``: per-layer output error relative to
 round-to-nearest (RTN) and the sentence-embedding cosine vs fp32. Prints markdown tables.
 
-    PYTHONPATH=src python benchmarks/learned_minilm.py [--formats fp8,int8-row,int8-block] [--proxy]
+    PYTHONPATH=src python benchmarks/learned_minilm.py [--formats fp8,int8-row,int8-block] [--proxy] [--subspace]
 """
 
 from __future__ import annotations
@@ -45,8 +45,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--formats", default="fp8,int8-row,int8-block")
     ap.add_argument("--proxy", action="store_true", help="also the data-free proxy (no calibration)")
+    ap.add_argument("--subspace", action="store_true",
+                    help="also --learned-objective subspace (data-free, W's top singular subspace)")
     args = ap.parse_args()
     modes = dict(MODES)
+    if args.subspace:
+        modes["subspace"] = {"learned_rounding": True, "learned_objective": "subspace"}
     if args.proxy:
         modes["proxy"] = None  # learned rounding with learned.proxy_hessian; convert() refuses it, so in-process
     torch.manual_seed(0)

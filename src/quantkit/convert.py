@@ -40,7 +40,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             overwrite: bool = False, progress: Progress | None = None, preset: str = "auto",
             config: str | os.PathLike | LayerConfig | None = None,
             full_precision_matrix_mult: bool = False, device: str = "auto", learned_rounding: bool = False,
-            calibration: str | os.PathLike | None = None, bias_correction: bool = False) -> ConvertReport:
+            calibration: str | os.PathLike | None = None, bias_correction: bool = False,
+            learned_objective: str = "calibration") -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
     beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input.
 
@@ -50,7 +51,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     ``calibration``: a stats file from :func:`quantkit.calibration.capture` (static fp8 input_scale,
     and the objective of the two options below). ``learned_rounding``: choose q to lower the expected
     output error (see :mod:`quantkit.learned`). ``bias_correction``: fold the mean output error into
-    the bias (needs ``calibration``)."""
+    the bias (needs ``calibration``). ``learned_objective``: ``calibration`` (default) or ``subspace``
+    (data-free: error on W's top singular subspace, :func:`quantkit.learned.learn_subspace`)."""
     options = make_options(format, block_size, include, exclude, fallback, preset, config,
                            full_precision_matrix_mult)
     dev = parse_device(device)
@@ -61,10 +63,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
         check_output_path(src, dst, overwrite)
         plan = plan_conversion(reader, options)
         refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
-                                 bias_correction=bias_correction)
+                                 bias_correction=bias_correction,
+                                 options=_learned_options(learned_objective))
         report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _learned_options(objective: str):
+    from .learned import LearnedOptions
+    return LearnedOptions(objective=objective)
 
 
 def make_options(format: str = "fp8", block_size: int = 128, include=(), exclude=(), fallback: str = "int8-row",

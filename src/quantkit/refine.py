@@ -49,12 +49,16 @@ class Refiner:
             raise UsageError("--bias-correction needs --calibration: the correction is (W - Wq) times the "
                              "mean real input, and random zero-mean inputs would make it exactly zero",
                              fix="capture statistics with quantkit.calibration.capture and pass --calibration")
-        if learned_rounding and calibration is None:
+        if learned_rounding and (options or learned.LearnedOptions()).objective not in ("calibration", "subspace"):
+            raise UsageError(f"learned-rounding objective '{options.objective}' is not 'calibration' or 'subspace'")
+        subspace = learned_rounding and options is not None and options.objective == "subspace"
+        if learned_rounding and calibration is None and not subspace:
             raise UsageError("--learned-rounding needs --calibration: without real inputs the only objective is a "
                              "data-free proxy (H = W^T W), and it raised held-out output error above round-to-nearest "
                              "(all-MiniLM-L6-v2: median 1.06-1.11x, worst 1.64x; see DEVELOPMENT.md)",
                              fix="capture statistics with quantkit.calibration.capture and pass --calibration, "
-                                 "or drop --learned-rounding")
+                                 "or drop --learned-rounding (--learned-objective subspace is data-free but "
+                                 "neutral on real inputs)")
         if not (learned_rounding or calibration is not None or bias_correction):
             return None
         path = None
@@ -94,6 +98,11 @@ class Refiner:
         assert spec is not None
         w = self.reader.tensor(lp.tensor)
         note = ""
+        if self.learned_rounding and self.options.objective == "subspace":
+            r = learned.learn_subspace(w, spec, b, self.options, name=L)
+            out = (r.q, r.scale, f"{r.method}: objective {r.objective_rtn:.3g} -> {r.objective:.3g}")
+            self._store(L, out)
+            return out
         if self.learned_rounding and self.calibration is not None and not self._seen(L):
             note = "rtn: layer never ran during calibration"
         elif self.learned_rounding:

@@ -1,0 +1,96 @@
+"""Triton kernel for the inner column block of GPTQ-style error feedback (:func:`quantkit.learned.gptq`).
+
+GPTQ's sequential dependency runs along the columns only: every row of W is rounded independently,
+with the same upper Cholesky factor U of the inverse Hessian. So one program takes a tile of rows
+and one block of up to ``COLS`` columns, keeps the tile in registers, and runs the whole per-column
+loop on it (round the column, divide its error by U[j, j], subtract ``err * U[j, :]`` from the
+tile), writing the grid values and the scaled errors. The trailing update of the columns right of
+the block stays one batched GEMM in :func:`quantkit.learned.gptq`. This replaces ~8 PyTorch kernel
+launches per column (launch-bound on a GPU) with one launch per column block.
+
+Numerics follow :func:`quantkit.learned.to_grid` exactly: ``w / s`` is IEEE division
+(``tl.math.div_rn``), int8 rounds half to even with the 1.5 * 2^23 trick and clamps, fp8 rounds to
+the format's grid of x's binade with ties to even after the clamp (the arithmetic of
+:mod:`quantkit.kernels.triton_quant`, so it runs identically under ``TRITON_INTERPRET=1``). The tile
+update may be contracted to a fused multiply-add by the compiler, so results can differ from the
+PyTorch loop in the last bit of a running value (and, rarely, in one rounding decision); they are
+deterministic for a given device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import FormatSpec
+from .triton_quant import _FP8, _RNE_MAGIC
+
+ROWS = 32  # rows per program
+COLS = 128  # columns per block (quantkit.learned.COLUMN_BLOCK)
+
+
+@triton.jit
+def _grid(x, QMAX: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """x = w / scale (fp32) -> the grid value as fp32 (== learned.to_grid)."""
+    if IS_INT:
+        x = tl.minimum(tl.maximum(x, -4194304.0), 4194304.0)  # keep the RNE trick exact; clamps below
+        r = (x + _RNE_MAGIC) - _RNE_MAGIC
+        g = tl.minimum(tl.maximum(r, -QMAX), QMAX)
+    else:
+        x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
+        a = tl.abs(x)
+        e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, EMIN)
+        c = ((e - MBITS + 150) << 23).to(tl.float32, bitcast=True)
+        r = (a + c) - c
+        g = tl.where(x.to(tl.int32, bitcast=True) < 0, -r, r)
+    return g
+
+
+@triton.jit
+def _gptq_block(w_ptr, s_ptr, u_ptr, q_ptr, e_ptr, n, k, i1, width,
+                QMAX: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr,
+                ROWS: tl.constexpr, COLS: tl.constexpr):
+    """w, s, q [B, n, k] fp32 contiguous; u [B, k, k]; e [B, n, COLS]. Columns i1 .. i1+width-1."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, COLS)
+    rmask = rows < n
+    cmask = cols < width
+    base = b * n * k + rows.to(tl.int64)[:, None] * k + i1
+    tile = tl.load(w_ptr + base + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+    ubase = u_ptr + b * k * k + i1 * k + i1
+    ebase = e_ptr + b * n * COLS + rows.to(tl.int64) * COLS
+    rbase = b * n * k + rows.to(tl.int64) * k + i1
+    for j in range(width):
+        col = tl.sum(tl.where(cols[None, :] == j, tile, 0.0), axis=1)
+        sc = tl.load(s_ptr + rbase + j, mask=rmask, other=1.0)
+        g = _grid(tl.math.div_rn(col, sc), QMAX, IS_INT, MBITS, EMIN)
+        d = tl.load(ubase + j * k + j)
+        err = tl.math.div_rn(col - g * sc, d)
+        urow = tl.load(ubase + j * k + cols, mask=cmask & (cols >= j), other=0.0)
+        tile = tile - err[:, None] * urow[None, :]
+        tl.store(q_ptr + rbase + j, g, mask=rmask)
+        tl.store(ebase + j, err, mask=rmask)
+
+
+def _fmt(spec: FormatSpec) -> dict:
+    if spec.is_int:
+        return dict(QMAX=float(spec.qmax), IS_INT=True, MBITS=0, EMIN=0)
+    mbits, _, emin = _FP8[spec.weight_dtype]
+    return dict(QMAX=float(spec.qmax), IS_INT=False, MBITS=mbits, EMIN=emin)
+
+
+def gptq_block(w: torch.Tensor, s: torch.Tensor, u: torch.Tensor, q: torch.Tensor, err: torch.Tensor,
+               i1: int, i2: int, spec: FormatSpec, rows: int = ROWS, num_warps: int = 4) -> None:
+    """In place: q[:, :, i1:i2] = grid values, err[:, :, :i2-i1] = scaled errors of the block's columns.
+    w, s, q [B, N, K] fp32 contiguous; u [B, K, K] fp32 contiguous (upper factor); err [B, N, COLS]."""
+    bsz, n, k = w.shape
+    width = i2 - i1
+    assert 0 < width <= COLS and err.shape == (bsz, n, COLS)
+    for t in (w, s, u, q, err):
+        assert t.dtype == torch.float32 and t.is_contiguous()
+    grid = (triton.cdiv(n, rows), bsz)
+    _gptq_block[grid](w, s, u, q, err, n, k, i1, width, ROWS=rows, COLS=COLS, num_warps=num_warps,
+                      **_fmt(spec))

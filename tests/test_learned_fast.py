@@ -1,0 +1,143 @@
+"""GPTQ column-block kernel (issue 5 speed) against the PyTorch column loop, and the data-free
+subspace objective (learned.learn_subspace, ``--learned-objective subspace``).
+
+Without a GPU the kernel runs under ``TRITON_INTERPRET=1`` (tests/conftest.py), where its arithmetic
+is exact IEEE fp32 like the loop's: the grid values must then be identical."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantkit import learned, reference
+from quantkit.convert import convert
+from quantkit.errors import UsageError
+from quantkit.formats import FORMATS
+
+pytest.importorskip("triton")
+
+torch.set_num_threads(1)
+
+
+def _layer(n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, 12, generator=g) @ torch.randn(12, k, generator=g)) * 0.02 + 0.01 * torch.randn(n, k, generator=g)
+    w[:, torch.randperm(k, generator=g)[:3]] *= 8
+    x = torch.randn(3 * k, 24, generator=g) @ torch.randn(24, k, generator=g) + 0.3 * torch.randn(3 * k, k, generator=g)
+    return w, x.T @ x / x.shape[0]
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8-row", "int8-block", "int8-tensor"])
+def test_gptq_kernel_matches_column_loop(fmt):
+    spec = FORMATS[fmt]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # K = 320: two full column blocks and a partial one; batch of two layers with different statistics
+    pairs = [_layer(128, 320, s) for s in (1, 2)]
+    w = torch.stack([p[0] for p in pairs]).to(dev)
+    h = torch.stack([p[1] for p in pairs]).to(dev)
+    s = torch.stack([learned.element_scale(reference.compute_scale(w[i], spec, 64), (128, 320), spec, 64)
+                     for i in range(2)]).contiguous()
+    a = learned.gptq(w, s, h, spec, kernel=False)
+    b = learned.gptq(w, s, h, spec, kernel=True)
+    b2 = learned.gptq(w, s, h, spec, kernel=True)
+    assert torch.equal(b, b2)  # deterministic
+    assert torch.equal(learned.to_grid(b, spec), b)  # every value on the format's grid
+    ja, jb = learned.objective(w, a * s, h), learned.objective(w, b * s, h)
+    if dev == "cpu":
+        assert torch.equal(a, b)
+    else:  # fused multiply-adds may flip a rare rounding decision
+        assert float((a != b).float().mean()) < 1e-3
+        torch.testing.assert_close(jb, ja, rtol=1e-3, atol=0)
+    j_rtn = learned.objective(w, torch.stack([reference.dequantize(*reference.quantize(w[i], spec, 64), spec, 64)
+                                              for i in range(2)]), h)
+    assert bool((jb < 0.8 * j_rtn).all())
+
+
+def test_kernel_failure_falls_back_to_loop_with_warning(monkeypatch):
+    from quantkit.kernels import triton_gptq
+    spec = FORMATS["fp8"]
+    w, h = _layer(64, 200, 3)
+    s = learned.element_scale(reference.compute_scale(w, spec, 64), (64, 200), spec, 64)[None].contiguous()
+    want = learned.gptq(w[None], s, h[None], spec, kernel=False)
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(learned, "_kernel_available", lambda device: True)
+    monkeypatch.setattr(triton_gptq, "gptq_block", broken)
+    monkeypatch.setattr(learned, "_KERNEL_BROKEN", None)
+    with pytest.warns(RuntimeWarning, match="Triton GPTQ kernel failed .RuntimeError: no kernel here"):
+        got = learned.gptq(w[None], s, h[None], spec)
+    assert torch.equal(got, want) and learned._KERNEL_BROKEN == "RuntimeError: no kernel here"
+
+
+def _tall(n=384, k=320, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, 16, generator=g) @ (torch.randn(16, k, generator=g) * torch.logspace(0, -1.5, 16)[:, None]))
+    w = w * 0.02 + 0.004 * torch.randn(n, k, generator=g)
+    w[:, :3] *= 12
+    return w
+
+
+def _proj_and_err(w, deq):
+    u, v = learned.subspace_basis(w, learned.subspace_rank(*w.shape))
+    e = w - deq
+    return float((u.T @ e @ v).double().pow(2).sum()), float(e.double().pow(2).sum())
+
+
+@pytest.fixture
+def small_rank(monkeypatch):
+    """k = 20% of min(N, K) also for small test layers (the 256 floor would cover most of a 320-wide one)."""
+    monkeypatch.setattr(learned, "SUBSPACE_MIN_K", 16)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8-row"])
+def test_subspace_lowers_projected_error_at_small_weight_cost(fmt, small_rank):
+    spec = FORMATS[fmt]
+    w = _tall()
+    r = learned.learn_subspace(w, spec, 128, learned.LearnedOptions(device="cpu"))
+    r2 = learned.learn_subspace(w, spec, 128, learned.LearnedOptions(device="cpu"))
+    assert torch.equal(r.q.view(torch.uint8), r2.q.view(torch.uint8)) and torch.equal(r.scale, r2.scale)
+    q0, s0 = reference.quantize(w, spec, 128)
+    assert torch.equal(r.scale, s0.float()) and r.q.dtype == spec.weight_dtype
+    j0, e0 = _proj_and_err(w, reference.dequantize(q0, s0, spec, 128))
+    j1, e1 = _proj_and_err(w, r.dequantize(spec, 128))
+    assert r.method.startswith("subspace (")
+    assert j1 < 0.75 * j0  # > 1.2 dB lower on the projected objective
+    assert e1 < 1.03 * e0  # < 0.13 dB of weight SQNR given up
+    u, v = learned.subspace_basis(w, learned.subspace_rank(*w.shape))
+    assert learned.subspace_rank(*w.shape) == 64
+    assert r.objective == pytest.approx(j1 / float((u.T @ w @ v).double().pow(2).sum()), rel=1e-3)
+    # a huge weight-error cost keeps RTN bit for bit
+    rk = learned.learn_subspace(w, spec, 128, learned.LearnedOptions(device="cpu", subspace_weight_cost=1e9))
+    assert rk.method.startswith("rtn") and torch.equal(rk.q.view(torch.uint8), q0.view(torch.uint8))
+
+
+def test_subspace_basis_matches_svd():
+    w = _tall(200, 120)
+    u, v = learned.subspace_basis(w, 30)
+    uu, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    torch.testing.assert_close((u.double() @ u.double().T), uu[:, :30] @ uu[:, :30].T, atol=1e-4, rtol=0)
+    torch.testing.assert_close((v.double() @ v.double().T), vh[:30].T @ vh[:30], atol=1e-4, rtol=0)
+    ut, vt = learned.subspace_basis(w.T.contiguous(), 30)  # the wide branch
+    torch.testing.assert_close(ut.double() @ ut.double().T, vh[:30].T @ vh[:30], atol=1e-4, rtol=0)
+
+
+def test_convert_subspace_objective_without_calibration(tmp_path, small_rank):
+    src = tmp_path / "m.safetensors"
+    save_file({"blk.fc.weight": _tall().to(torch.bfloat16), "blk.fc.bias": torch.zeros(384)}, str(src))
+    rep = convert(src, tmp_path / "o.safetensors", format="fp8", learned_rounding=True, learned_objective="subspace",
+                  device="cpu")
+    (lay,) = [lay for lay in rep.layers if lay.name == "blk.fc.weight"]
+    assert "subspace" in lay.reason and "objective" in lay.reason
+    out = load_file(str(tmp_path / "o.safetensors"))
+    convert(src, tmp_path / "r.safetensors", format="fp8", device="cpu")
+    rtn = load_file(str(tmp_path / "r.safetensors"))
+    assert out["blk.fc.weight"].dtype == torch.float8_e4m3fn
+    assert not torch.equal(out["blk.fc.weight"].view(torch.uint8), rtn["blk.fc.weight"].view(torch.uint8))
+    with pytest.raises(UsageError, match="needs --calibration"):
+        convert(src, tmp_path / "x.safetensors", format="fp8", learned_rounding=True, device="cpu")
+    with pytest.raises(UsageError, match="is not 'calibration' or 'subspace'"):
+        convert(src, tmp_path / "y.safetensors", format="fp8", learned_rounding=True, learned_objective="nope",
+                device="cpu")

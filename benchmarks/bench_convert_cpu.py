@@ -24,12 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synth  # noqa: E402
 
 
-def timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of a command, via GNU time."""
+def timed(cmd: list[str] | str, shell: bool = False, timeout: float | None = None) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of a command, via GNU time; (inf, 0) past ``timeout``."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as tf:
         full = ["/usr/bin/time", "-f", "%e %M", "-o", tf.name]
         full += ["sh", "-c", cmd] if shell else cmd
-        r = subprocess.run(full, capture_output=True, text=True)
+        try:
+            r = subprocess.run(full, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return float("inf"), 0
         if r.returncode != 0:
             raise RuntimeError(f"{cmd} failed ({r.returncode}): {r.stderr[-2000:]}")
         wall, rss = tf.read().split()[-2:]
@@ -49,6 +52,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--formats", default="fp8,int8-tensor,int8-row,int8-block")
     ap.add_argument("--no-ctq", action="store_true", help="skip the old converter")
+    ap.add_argument("--ctq-timeout", type=float, default=900, help="give up on the old converter after this many s")
     a = ap.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
     src = a.dir / f"flux-synth-{a.gb:g}g.safetensors"
@@ -57,26 +61,29 @@ def main() -> None:
     out = a.dir / "out.safetensors"
     rows: list[tuple[str, float, int]] = []
 
-    def run(label: str, cmd, shell=False) -> None:
+    def run(label: str, cmd, shell=False, timeout=None) -> None:
         walls, rss = [], 0
         for _ in range(a.repeat):
             out.unlink(missing_ok=True)
             warm(src)
-            w, r = timed(cmd, shell)
+            w, r = timed(cmd, shell, timeout)
             walls.append(w)
             rss = max(rss, r)
         rows.append((label, statistics.median(walls), rss))
         print(f"{label}: {statistics.median(walls):.2f} s, peak RSS {rss / 1e6:.0f} MB", file=sys.stderr)
 
     run("cp + sync", f"cp '{src}' '{out}' && sync '{out}'", shell=True)
-    qk = [sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(out), "--overwrite", "--quiet"]
+    # --preset none: quantize every linear, as the old converter does by default
+    qk = [sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(out), "--overwrite", "--quiet",
+          "--preset", "none"]
     for fmt in a.formats.split(","):
         run(f"quantkit {fmt}", qk + ["--format", fmt])
     if not a.no_ctq and shutil.which("convert_to_quant"):
         ctq = ["convert_to_quant", "-i", str(src), "-o", str(out), "--simple", "--low-memory", "--comfy_quant"]
-        run("convert_to_quant fp8 --simple --low-memory", ctq)
+        run("convert_to_quant fp8 --simple --low-memory", ctq, timeout=a.ctq_timeout)
         run("convert_to_quant int8 block --simple --low-memory",
-            ctq + ["--int8", "--scaling_mode", "block", "--block_size", "128", "--exclude-layers", "img_in"])
+            ctq + ["--int8", "--scaling_mode", "block", "--block_size", "128", "--exclude-layers", "img_in"],
+            timeout=a.ctq_timeout)
     out.unlink(missing_ok=True)
 
     base = rows[0][1]

@@ -164,6 +164,7 @@ def convert(
     learned_rounding: Annotated[bool, typer.Option("--learned-rounding", help="Choose each weight's rounding to lower its expected output error (GPTQ-style error feedback on the format's grid; int8 also searches the scale). Needs --calibration: the data-free proxy we measured (W^T W) made held-out error worse than round-to-nearest, so it is not offered. Keeps round-to-nearest for any layer where it is not better. GPU when present.")] = False,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Stats file from quantkit.calibration.capture(model): sets static fp8 input_scale (max |x| / 448) and the learned-rounding objective.")] = None,
     bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Rewrite each quantized layer's bias as b + (W - Wq) mean(x). Needs --calibration.")] = False,
+    devices: Annotated[Optional[str], typer.Option("--devices", help="Spread --learned-rounding over one worker process per device, largest layers first: cuda:0,cuda:1,... or all (cpu,cpu runs CPU workers, for testing). Output bytes are the same as one process.")] = None,
 ) -> None:
     """Convert checkpoints: quantize their linear weights, copy everything else bit-exactly.
 
@@ -223,7 +224,7 @@ def convert(
         try:
             rep = _convert_one(src, dst, opts, overwrite, show_progress, device,
                                dict(learned_rounding=learned_rounding, calibration=calibration,
-                                    bias_correction=bias_correction))
+                                    bias_correction=bias_correction, devices=devices))
         except QuantkitError as e:
             failed, worst = failed + 1, max(worst, e.exit_code)
             _fail_one(e)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import quantize, reference
+from . import multi, quantize, reference
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
 from .formats import FORMATS, encode_comfy_quant
@@ -39,7 +39,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             overwrite: bool = False, progress: Progress | None = None, preset: str = "auto",
             config: str | os.PathLike | LayerConfig | None = None,
             full_precision_matrix_mult: bool = False, device: str = "auto", learned_rounding: bool = False,
-            calibration: str | os.PathLike | None = None, bias_correction: bool = False) -> ConvertReport:
+            calibration: str | os.PathLike | None = None, bias_correction: bool = False,
+            devices: str | list[str] | None = None) -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
     beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input.
 
@@ -49,7 +50,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     ``calibration``: a stats file from :func:`quantkit.calibration.capture` (static fp8 input_scale,
     and the objective of the two options below). ``learned_rounding``: choose q to lower the expected
     output error (see :mod:`quantkit.learned`). ``bias_correction``: fold the mean output error into
-    the bias (needs ``calibration``)."""
+    the bias (needs ``calibration``). ``devices``: spread learned rounding over one worker process per
+    device (``cuda:0,cuda:1``, ``all``, or ``cpu,cpu``; see :mod:`quantkit.multi`); same output bytes."""
     options = make_options(format, block_size, include, exclude, fallback, preset, config,
                            full_precision_matrix_mult)
     dev = resolve_device(device)
@@ -61,7 +63,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
         plan = plan_conversion(reader, options)
         refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
                                  bias_correction=bias_correction)
-        report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner)
+        with multi.precompute(refiner, devices, dst.parent):
+            report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner)
     report.seconds = time.perf_counter() - t0
     return report
 

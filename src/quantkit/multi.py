@@ -230,12 +230,14 @@ class RunLog:
 
 def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration: str, scratch: str,
              options: learned.LearnedOptions, *, work: Callable[[Job, Files], tuple] | None = None,
-             layer_timeout: float = LAYER_TIMEOUT, start_timeout: float = START_TIMEOUT,
+             layer_timeout: float | None = None, start_timeout: float | None = None,
              threads: int | None = None) -> tuple[dict[str, str], RunLog]:
     """Run ``jobs`` largest first over one worker process per entry of ``devices``; results land in
     ``scratch`` at the jobs' offsets. Returns {layer: note} and the :class:`RunLog`; raises
     :class:`QuantkitError` naming the layer when one cannot be computed."""
     work = work or learn_layer
+    layer_timeout = LAYER_TIMEOUT if layer_timeout is None else layer_timeout
+    start_timeout = START_TIMEOUT if start_timeout is None else start_timeout
     if threads is None:
         n_cpu = sum(d.type == "cpu" for d in devices)
         threads = max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else 0
@@ -405,8 +407,8 @@ def _plan_jobs(refiner: Refiner) -> tuple[list[Job], int]:
 
 @contextlib.contextmanager
 def precompute(refiner: Refiner | None, devices: str | Sequence[str] | None, scratch_dir: Path, *,
-               work: Callable[[Job, Files], tuple] | None = None, layer_timeout: float = LAYER_TIMEOUT,
-               start_timeout: float = START_TIMEOUT, threads: int | None = None) -> Iterator[LearnedStore | None]:
+               work: Callable[[Job, Files], tuple] | None = None, layer_timeout: float | None = None,
+               start_timeout: float | None = None, threads: int | None = None) -> Iterator[LearnedStore | None]:
     """Compute every learned layer of ``refiner`` in worker processes over ``devices`` and serve the
     results through ``refiner.precomputed`` inside the ``with`` block; the scratch file (in
     ``scratch_dir``, beside the output) is removed on exit. Yields None when ``devices`` is None."""

@@ -63,8 +63,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
         plan = plan_conversion(reader, options)
         refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
                                  bias_correction=bias_correction)
-        with multi.precompute(refiner, devices, dst.parent):
+        with multi.precompute(refiner, devices, dst.parent) as learned_store:
             report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner)
+        if learned_store is not None:
+            report.stage_seconds["learned workers"] = learned_store.log.seconds
+            report.stage_seconds["learned workers start"] = learned_store.log.start_seconds
     report.seconds = time.perf_counter() - t0
     return report
 

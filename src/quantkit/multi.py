@@ -48,7 +48,6 @@ import torch
 
 from . import learned
 from .calibration import KEYS
-from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
 from .formats import FORMATS
 from .refine import Refiner
@@ -226,6 +225,8 @@ class RunLog:
     worker_module: list[str] = dataclasses.field(default_factory=list)
     events: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # layer -> what happened
     ran_on: dict[str, str] = dataclasses.field(default_factory=dict)  # layer -> device that finished it
+    start_seconds: float = 0.0  # until the last worker was ready (spawn, torch import, files opened)
+    seconds: float = 0.0  # the whole run, start-up and shut-down included
 
 
 def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration: str, scratch: str,
@@ -248,6 +249,7 @@ def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration
     notes: dict[str, str] = {}
     pending = sorted(jobs, key=lambda j: (-j.nbytes, j.layer))
     failed_on: dict[str, set[int]] = {}
+    t0 = time.monotonic()
 
     def fail(slot: _Slot, job: Job, why: str) -> None:
         where = f"worker {slot.setup.rank} ({slot.setup.device})"
@@ -258,8 +260,8 @@ def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration
             tried = "; ".join(log.events[job.layer])
             raise QuantkitError(f"learned rounding failed: {tried}" + ("" if others else "; no other worker left"),
                                 file=src, tensor=job.layer,
-                                fix=f"free memory on the devices, use fewer or larger devices, or keep this layer "
-                                    f"round-to-nearest with --exclude '^{job.layer}$'")
+                                fix=f"free memory on the devices (host RAM too, if a worker was killed), or keep this "
+                                    f"layer round-to-nearest with --exclude '^{job.layer}$'")
         pending.insert(0, job)
 
     try:
@@ -287,6 +289,7 @@ def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration
                 s = slots[rank]
                 if kind == "ready":
                     s.ready = True
+                    log.start_seconds = time.monotonic() - t0
                     log.worker_module.append(text)
                 elif kind == "fatal":
                     s.alive = False
@@ -334,6 +337,7 @@ def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration
         _stop(slots)
         results.cancel_join_thread()
         results.close()
+        log.seconds = time.monotonic() - t0
 
 
 def _stop(slots: list[_Slot]) -> None:

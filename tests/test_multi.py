@@ -7,7 +7,7 @@ Each conversion here starts two spawned worker processes (torch import, ~2-3 s e
 
 from __future__ import annotations
 
-import os
+import re
 from pathlib import Path
 
 import pytest
@@ -157,12 +157,13 @@ def test_killed_worker_layer_retried_on_the_other(files, tmp_path, fault):
 
 
 def test_oom_on_one_worker_retried_on_the_other(files, tmp_path, fault):
-    fault("oom_on_rank0", "blocks.2.fc")
+    fault("oom_once", "blocks.2.fc")
     out = tmp_path / "o.safetensors"
     rep = _convert(files, out, "int8-row")
     assert out.read_bytes() == files[2]["int8-row"].read_bytes()
     reason = {lay.name: lay.reason for lay in rep.layers}["blocks.2.fc.weight"]
-    assert "worker 0 (cpu) failed: out of memory: CUDA out of memory" in reason, reason
+    assert re.search(r"after: worker (\d) \(cpu\) failed: out of memory: CUDA out of memory\. Tried to allocate "
+                     r"20\.00 GiB \(simulated\); done on cpu\)$", reason), reason
 
 
 def test_layer_that_kills_every_worker_stops_the_run(files, tmp_path, fault):
@@ -189,13 +190,13 @@ def test_quantkit_error_in_a_worker_stops_at_once(files, tmp_path, fault):
 
 def test_hung_worker_is_killed_after_the_layer_timeout(files, tmp_path, fault, monkeypatch):
     fault("hang", "blocks.1.fc")
-    monkeypatch.setattr(multi, "LAYER_TIMEOUT", 2.0)
+    monkeypatch.setattr(multi, "LAYER_TIMEOUT", 4.0)
     d = tmp_path / "o"
     d.mkdir()
     with pytest.raises(QuantkitError) as e:
         _convert(files, d / "x.safetensors")
     assert e.value.tensor == "blocks.1.fc"
-    assert e.value.one_line().count("did not finish the layer in 2 s and was killed") == 2, e.value.one_line()
+    assert e.value.one_line().count("did not finish the layer in 4 s and was killed") == 2, e.value.one_line()
     _nothing_left(d, d / "x.safetensors")
 
 

@@ -424,6 +424,9 @@ def precompute(refiner: Refiner | None, devices: str | Sequence[str] | None, scr
         raise UsageError("--devices spreads learned rounding over worker processes, and learned rounding is off",
                          fix="add --learned-rounding --calibration FILE, or drop --devices")
     jobs, size = _plan_jobs(refiner)
+    if not jobs:  # no layer ran during calibration: nothing to spread
+        yield None
+        return
     made: list[Path] = []
     store = None
     try:

@@ -217,3 +217,21 @@ def test_in_memory_calibration_is_handed_to_the_workers(files, tmp_path):
                      bias_correction=True, devices="cpu,cpu")
     assert out.read_bytes() == single["fp8"].read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mem.safetensors"]
+
+
+def test_per_layer_block_size_same_bytes(files, tmp_path):
+    """A config entry's block_size (not the global one) shapes the learned layer's scale, in one process
+    and in the workers alike."""
+    ck, stats, _ = files
+    cfg = tmp_path / "layers.json"
+    cfg.write_text('{"layers": {"blocks.1.fc": {"format": "int8-block", "block_size": 64}}}')
+    outs = []
+    for devices in (None, "cpu,cpu"):
+        outs.append(tmp_path / f"{devices}.safetensors")
+        quantkit.convert(ck, outs[-1], format="int8-block", preset="none", config=cfg, learned_rounding=True,
+                         calibration=stats, bias_correction=True, devices=devices)
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    from safetensors import safe_open
+    with safe_open(str(outs[0]), "pt") as f:
+        assert tuple(f.get_slice("blocks.1.fc.weight_scale").get_shape()) == (2, 2)
+        assert tuple(f.get_slice("blocks.0.fc.weight_scale").get_shape()) == (2, 1)

@@ -107,7 +107,7 @@ class Refiner:
         if self.precomputed is not None and (got := self.precomputed(L)) is not None:
             self._store(L, got)
             return got
-        spec, b = lp.spec, self.plan.options.block_size
+        spec, b = lp.spec, lp.block_size  # a config entry may set its own
         assert spec is not None
         w = self.reader.tensor(lp.tensor)
         note = ""
@@ -161,7 +161,7 @@ class Refiner:
             return None
         q, scale, _ = self._result(wlp)
         w = self.reader.tensor(wlp.tensor).float()
-        deq = reference.dequantize(q, scale, wlp.spec, self.plan.options.block_size, torch.float32)
+        deq = reference.dequantize(q, scale, wlp.spec, wlp.block_size, torch.float32)
         b = learned.corrected_bias(self.reader.tensor(lp.tensor), w, deq, self._stats[L]["mean"])
         self._done(L, "bias")
         return b

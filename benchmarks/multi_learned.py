@@ -15,6 +15,7 @@ from synthetic activations (low rank + noise + a few outlier channels) through
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import tempfile
 import time
@@ -52,6 +53,12 @@ def build(d: Path, hidden: int, blocks: int, rows: int) -> tuple[Path, Path]:
     return ck, stats
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its finished (joined) children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=256)
@@ -59,35 +66,42 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--format", default="fp8")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--main-threads", type=int, default=0, help="torch threads of this process (0: torch's default)")
     ap.add_argument("--runs", nargs="+", default=["single", "cpu", "cpu,cpu"])
     a = ap.parse_args()
+    if a.main_threads:
+        torch.set_num_threads(a.main_threads)
     with tempfile.TemporaryDirectory() as td:
         d = Path(td)
         ck, stats = build(d, a.hidden, a.blocks, a.rows)
         base = None
         times: dict[str, list[float]] = {r: [] for r in a.runs}
         starts: dict[str, list[float]] = {r: [] for r in a.runs}
+        cpu: dict[str, list[float]] = {r: [] for r in a.runs}  # user + sys of this process and its workers
         for _ in range(a.repeat):
             for run in a.runs:  # interleaved, so machine load affects every configuration alike
                 out = d / f"out-{run.replace(',', '_').replace(':', '')}.safetensors"
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), _cpu_seconds()
                 rep = quantkit.convert(ck, out, format=a.format, preset="none", learned_rounding=True, calibration=stats,
                                  bias_correction=True, devices=None if run == "single" else run, overwrite=True)
                 times[run].append(time.perf_counter() - t0)
+                cpu[run].append(_cpu_seconds() - c0)
                 starts[run].append(rep.stage_seconds.get("learned workers start", 0.0))
                 data = out.read_bytes()
                 base = data if base is None and run == a.runs[0] else base
                 assert data == base, f"{run}: output differs from {a.runs[0]}"
         ref = statistics.median(times[a.runs[0]])
-        print(f"hidden {a.hidden}, {a.blocks} blocks ({4 * a.blocks} layers), {a.format}, median of {a.repeat}")
-        print(f"| run | wall s (each) | median s | speed-up vs {a.runs[0]} | worker start-up s (median) |")
-        print("|---|---|---|---|---|")
+        print(f"hidden {a.hidden}, {a.blocks} blocks ({4 * a.blocks} layers), {a.format}, median of {a.repeat}, "
+              f"{torch.get_num_threads()} torch threads in the main process")
+        c_ref = statistics.median(cpu[a.runs[0]])
+        print(f"| run | wall s (each) | median s | speed-up vs {a.runs[0]} | CPU s (median, workers included) | "
+              f"CPU vs {a.runs[0]} | worker start-up s (median) |")
+        print("|---|---|---|---|---|---|---|")
         for run, ts in times.items():
-            m = statistics.median(ts)
-            st = statistics.median(starts[run])
-            print(f"| {run} | {', '.join(f'{t:.1f}' for t in ts)} | {m:.1f} | {ref / m:.2f}x | "
-                  f"{st:.1f} |" if run != "single" else f"| {run} | {', '.join(f'{t:.1f}' for t in ts)} | {m:.1f} | "
-                  f"{ref / m:.2f}x | - |")
+            m, c = statistics.median(ts), statistics.median(cpu[run])
+            st = "-" if run == "single" else f"{statistics.median(starts[run]):.1f}"
+            print(f"| {run} | {', '.join(f'{t:.1f}' for t in ts)} | {m:.1f} | {ref / m:.2f}x | {c:.1f} | "
+                  f"{c / c_ref:.2f}x | {st} |")
         print("outputs byte-identical: yes")
 
 

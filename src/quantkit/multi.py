@@ -22,6 +22,10 @@ Protocol (the queues are ``torch.multiprocessing`` queues; only small messages c
   file is about the size of the quantized part of the output, and is removed when the conversion
   ends, successful or not).
 
+Spawned workers re-import the caller's main module, so a script calling ``convert(..., devices=...)``
+needs the usual ``if __name__ == "__main__":`` guard (the ``quantkit`` command and ``python -m
+quantkit`` have it); without it the workers die at start and the run stops with that error.
+
 Failures: a worker that raises (out of memory, any error) answers with the layer name and the error,
 and a worker that dies (killed, segfault, ``os._exit``) or exceeds ``layer_timeout`` on one layer is
 noticed by polling its process; either way that layer is retried once on another live worker, and if

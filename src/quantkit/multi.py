@@ -8,8 +8,12 @@ thread and the file layout of :mod:`quantkit.convert` are unchanged, and each la
 same function (:func:`quantkit.learned.learn`) on the same inputs as in one process, so the output
 bytes are the same as a single-process run with the same options (tested on CPU).
 
-Protocol (the queues are ``torch.multiprocessing`` queues; only small messages cross them):
+Protocol (``torch.multiprocessing`` spawn context; only small messages cross between processes):
 
+* each worker has its own duplex ``Pipe`` (jobs in, answers out), so a worker killed in the middle
+  of an answer cannot leave a lock held that other workers need (a single shared result ``Queue``
+  can: its writers share one lock, and this hung a test run); the scheduler waits on the pipes and
+  on the processes' sentinels together;
 * each worker opens the input checkpoint and the calibration file itself (mmap, by tensor name), so
   no weight or K x K statistics matrix is copied between processes (Flux-size ``hessian``s are up to
   600 MB, more than a container's default /dev/shm of 64 MB);
@@ -40,10 +44,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import queue
 import signal
 import tempfile
 import time
+from multiprocessing.connection import wait
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +64,7 @@ from .safetensors_io import SafetensorsReader, tensor_bytes
 START_TIMEOUT = 300.0  # seconds for a worker to import torch and open its files
 LAYER_TIMEOUT = 3600.0  # seconds for one layer on one device before that worker is killed
 STOP_TIMEOUT = 10.0  # grace period for workers to exit before they are killed
-POLL = 0.05  # seconds between liveness checks while waiting for results
+POLL = 0.05  # seconds between timeout checks while waiting for answers
 MAX_ATTEMPTS = 2  # a layer runs on at most this many workers
 _ALIGN = 64
 
@@ -162,8 +166,8 @@ def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
         data, pos = data[n:], pos + n
 
 
-def _worker(setup: WorkerSetup, tasks, results, work: Callable[[Job, Files], tuple]) -> None:
-    """Worker process main loop: one job at a time until ``None``."""
+def _worker(setup: WorkerSetup, conn, work: Callable[[Job, Files], tuple]) -> None:
+    """Worker process main loop: one job at a time from ``conn`` until ``None``; answers on ``conn``."""
     import quantkit
     dev = torch.device(setup.device)
     if dev.type == "cuda":
@@ -173,12 +177,12 @@ def _worker(setup: WorkerSetup, tasks, results, work: Callable[[Job, Files], tup
     try:
         files = Files(setup)
     except BaseException as e:  # noqa: BLE001 - reported to the scheduler, which names the worker
-        results.put(("fatal", setup.rank, None, f"cannot open its files: {type(e).__name__}: {e}"))
+        conn.send(("fatal", setup.rank, None, f"cannot open its files: {type(e).__name__}: {e}"))
         return
-    results.put(("ready", setup.rank, os.getpid(), quantkit.__file__))
+    conn.send(("ready", setup.rank, os.getpid(), quantkit.__file__))
     try:
         while True:
-            job = tasks.get()
+            job = conn.recv()
             if job is None:
                 return
             try:
@@ -187,15 +191,15 @@ def _worker(setup: WorkerSetup, tasks, results, work: Callable[[Job, Files], tup
                     raise RuntimeError(f"result shapes {tuple(q.shape)}, {tuple(scale.shape)} differ from the plan")
                 _pwrite_all(files.fd, tensor_bytes(q.cpu()), job.q_offset)
                 _pwrite_all(files.fd, tensor_bytes(scale.cpu().float()), job.scale_offset)
-                results.put(("done", setup.rank, job.layer, note))
+                conn.send(("done", setup.rank, job.layer, note))
             except QuantkitError as e:
-                results.put(("stop", setup.rank, job.layer, e.one_line()))
+                conn.send(("stop", setup.rank, job.layer, e.one_line()))
             except torch.OutOfMemoryError as e:
-                results.put(("error", setup.rank, job.layer, f"out of memory: {str(e).splitlines()[0]}"))
+                conn.send(("error", setup.rank, job.layer, f"out of memory: {str(e).splitlines()[0]}"))
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
             except Exception as e:  # noqa: BLE001 - any other failure is retried elsewhere
-                results.put(("error", setup.rank, job.layer, f"{type(e).__name__}: {e}"))
+                conn.send(("error", setup.rank, job.layer, f"{type(e).__name__}: {e}"))
     finally:
         files.close()
 
@@ -215,7 +219,8 @@ def _exit_text(code: int | None) -> str:
 class _Slot:
     setup: WorkerSetup
     proc: object
-    tasks: object
+    conn: object  # the scheduler's end of the worker's duplex pipe
+    eof: bool = False
     ready: bool = False
     alive: bool = True
     job: Job | None = None
@@ -247,7 +252,6 @@ def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration
         n_cpu = sum(d.type == "cpu" for d in devices)
         threads = max(1, (os.cpu_count() or 1) // n_cpu) if n_cpu else 0
     ctx = torch.multiprocessing.get_context("spawn")
-    results = ctx.Queue()
     slots: list[_Slot] = []
     log = RunLog()
     notes: dict[str, str] = {}
@@ -271,11 +275,11 @@ def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration
     try:
         for rank, dev in enumerate(devices):
             setup = WorkerSetup(rank, str(dev), src, calibration, scratch, options, threads if dev.type == "cpu" else 0)
-            tasks = ctx.Queue()
-            p = ctx.Process(target=_worker, args=(setup, tasks, results, work), daemon=True,
-                            name=f"quantkit-learn-{rank}")
+            mine, theirs = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(setup, theirs, work), daemon=True, name=f"quantkit-learn-{rank}")
             p.start()
-            slots.append(_Slot(setup, p, tasks, since=time.monotonic()))
+            theirs.close()  # so a dead worker reads as EOF here
+            slots.append(_Slot(setup, p, mine, since=time.monotonic()))
         while pending or any(s.job is not None for s in slots):
             for s in slots:
                 if s.alive and s.ready and s.job is None:
@@ -283,14 +287,22 @@ def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration
                     if job is not None:
                         pending.remove(job)
                         s.job, s.since = job, time.monotonic()
-                        s.tasks.put(job)
-            try:
-                msg = results.get(timeout=POLL)
-            except queue.Empty:
-                msg = None
-            if msg is not None:
+                        try:
+                            s.conn.send(job)
+                        except OSError:  # it died just now: noticed below through its sentinel
+                            pass
+            live = [s for s in slots if s.alive]
+            ready = wait([s.conn for s in live] + [s.proc.sentinel for s in live], timeout=POLL)
+            for s in live:  # answers first: a worker may answer and then die
+                if s.conn not in ready:
+                    continue
+                try:
+                    msg = s.conn.recv()
+                except (EOFError, OSError):  # it died (mid-answer at worst): handled below
+                    s.eof = True
+                    s.proc.join(STOP_TIMEOUT)
+                    continue
                 kind, rank, what, text = msg
-                s = slots[rank]
                 if kind == "ready":
                     s.ready = True
                     log.start_seconds = time.monotonic() - t0
@@ -310,12 +322,11 @@ def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration
                                             fix=f"keep this layer round-to-nearest with --exclude '^{job.layer}$'")
                     else:
                         fail(s, job, f"failed: {text}")
-                continue
             now = time.monotonic()
             for s in slots:
                 if not s.alive:
                     continue
-                if not s.proc.is_alive():
+                if not s.proc.is_alive() and (s.eof or not s.conn.poll()):  # dead, nothing left to read
                     s.alive = False
                     job, s.job = s.job, None
                     what = _exit_text(s.proc.exitcode)
@@ -339,24 +350,21 @@ def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration
         return notes, log
     finally:
         _stop(slots)
-        results.cancel_join_thread()
-        results.close()
         log.seconds = time.monotonic() - t0
 
 
 def _stop(slots: list[_Slot]) -> None:
     for s in slots:
         if s.proc.is_alive():
-            with contextlib.suppress(Exception):
-                s.tasks.put(None)
+            with contextlib.suppress(OSError):
+                s.conn.send(None)
     deadline = time.monotonic() + STOP_TIMEOUT
     for s in slots:
         s.proc.join(max(0.0, deadline - time.monotonic()))
         if s.proc.is_alive():
             s.proc.kill()
             s.proc.join(STOP_TIMEOUT)
-        s.tasks.cancel_join_thread()
-        s.tasks.close()
+        s.conn.close()
 
 
 class LearnedStore:

@@ -32,7 +32,7 @@ quantkit`` have it); without it the workers die at start and the run stops with 
 
 Failures: a worker that raises (out of memory, any error) answers with the layer name and the error,
 and a worker that dies (killed, segfault, ``os._exit``) or exceeds ``layer_timeout`` on one layer is
-noticed by polling its process; either way that layer is retried once on another live worker, and if
+noticed through its process sentinel; either way that layer is retried once on another live worker, and if
 that fails too (or none is left) the run stops with a :class:`QuantkitError` naming the layer, the
 device and what happened. A :class:`QuantkitError` raised by learned rounding itself (statistics not
 positive definite, ...) is deterministic, so it stops the run at once. Workers are always stopped

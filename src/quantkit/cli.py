@@ -165,6 +165,7 @@ def convert(
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Stats file from quantkit.calibration.capture(model): sets static fp8 input_scale (max |x| / 448) and the learned-rounding objective.")] = None,
     bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Rewrite each quantized layer's bias as b + (W - Wq) mean(x). Needs --calibration.")] = False,
     learned_objective: Annotated[str, typer.Option("--learned-objective", help="With --learned-rounding: 'calibration' (default; expected output error on the --calibration statistics) or 'subspace' (data-free: error projected on each weight's top singular subspace, the objective convert_to_quant optimizes; needs no calibration). 'subspace' lowers that projected error at a small cost in weight SQNR, but did not lower the output error on real held-out inputs (all-MiniLM-L6-v2: median 1.00x round-to-nearest, worst layer 1.04x; DEVELOPMENT.md, issue 5).")] = "calibration",
+    devices: Annotated[Optional[str], typer.Option("--devices", help="Spread --learned-rounding over one worker process per device, largest layers first: cuda:0,cuda:1,... or all (cpu,cpu runs CPU workers, for testing). Output bytes are the same as one process.")] = None,
 ) -> None:
     """Convert checkpoints: quantize their linear weights, copy everything else bit-exactly.
 
@@ -224,7 +225,8 @@ def convert(
         try:
             rep = _convert_one(src, dst, opts, overwrite, show_progress, device,
                                dict(learned_rounding=learned_rounding, calibration=calibration,
-                                    bias_correction=bias_correction, learned_objective=learned_objective))
+                                    bias_correction=bias_correction, learned_objective=learned_objective,
+                                    devices=devices))
         except QuantkitError as e:
             failed, worst = failed + 1, max(worst, e.exit_code)
             _fail_one(e)

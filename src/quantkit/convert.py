@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from . import quantize, reference
+from . import multi, quantize, reference
 from .backend import parse_device
 from .dtypes import torch_dtype
-from .errors import QuantkitError
+from .errors import QuantkitError, UsageError
 from .formats import FORMATS, encode_comfy_quant
 from .pipeline import DEFAULT_DEPTH, BackgroundWriter
 from .layerconfig import LayerConfig, load_layer_config
@@ -41,7 +41,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             config: str | os.PathLike | LayerConfig | None = None,
             full_precision_matrix_mult: bool = False, device: str = "auto", learned_rounding: bool = False,
             calibration: str | os.PathLike | None = None, bias_correction: bool = False,
-            learned_objective: str = "calibration") -> ConvertReport:
+            learned_objective: str = "calibration", devices: str | list[str] | None = None) -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
     beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input.
 
@@ -52,7 +52,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     and the objective of the two options below). ``learned_rounding``: choose q to lower the expected
     output error (see :mod:`quantkit.learned`). ``bias_correction``: fold the mean output error into
     the bias (needs ``calibration``). ``learned_objective``: ``calibration`` (default) or ``subspace``
-    (data-free: error on W's top singular subspace, :func:`quantkit.learned.learn_subspace`)."""
+    (data-free: error on W's top singular subspace, :func:`quantkit.learned.learn_subspace`).
+    ``devices``: spread learned rounding over one worker process per device (``cuda:0,cuda:1``,
+    ``all``, or ``cpu,cpu``; see :mod:`quantkit.multi`); same output bytes."""
     options = make_options(format, block_size, include, exclude, fallback, preset, config,
                            full_precision_matrix_mult)
     dev = parse_device(device)
@@ -65,7 +67,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
         refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
                                  bias_correction=bias_correction,
                                  options=_learned_options(learned_objective))
-        report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner)
+        if devices is not None and learned_objective != "calibration":
+            raise UsageError("--devices spreads the calibration objective only",
+                             fix="drop --devices, or use --learned-objective calibration")
+        with multi.precompute(refiner, devices, dst.parent) as learned_store:
+            report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner)
+        if learned_store is not None:
+            report.stage_seconds["learned workers"] = learned_store.log.seconds
+            report.stage_seconds["learned workers start"] = learned_store.log.start_seconds
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -9,11 +9,14 @@ things, each at one place in ``convert._convert_one``:
 * ``bias(lp)`` -> the corrected bias of a quantized layer, b + (W - Wq) mu, in the bias's dtype and shape.
 
 A layer's learned result is cached from the first of its weight and its bias to be written until
-both are, so it is computed once whatever the file order.
+both are, so it is computed once whatever the file order. ``precomputed`` (set by
+:mod:`quantkit.multi`) serves results computed beforehand in worker processes; :meth:`learned_layers`
+lists the layers it has to cover.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +42,8 @@ class Refiner:
     _layers: dict[str, LayerPlan] = field(default_factory=dict)
     _cache: dict[str, tuple[torch.Tensor, torch.Tensor, str]] = field(default_factory=dict)
     _pending: dict[str, set[str]] = field(default_factory=dict)
+    _stat_names: dict[str, str] = field(default_factory=dict)
+    precomputed: Callable[[str], tuple[torch.Tensor, torch.Tensor, str] | None] | None = None
 
     @classmethod
     def create(cls, reader: SafetensorsReader, plan: Plan, *, learned_rounding: bool = False,
@@ -76,6 +81,7 @@ class Refiner:
                                     f"({len(missing)} quantized layers lack them)", file=path,
                                     fix=f"capture over the whole model, or keep it with --exclude '^{missing[0]}$'")
             r._stats = {L: calibration.layers[s] for L, s in m.items()}
+            r._stat_names = dict(m)
             for L, st in r._stats.items():
                 if learned_rounding and float(st["count"]) > 0 and "hessian" not in st and \
                         calibration.second_order != "diag":
@@ -86,6 +92,14 @@ class Refiner:
     def _seen(self, layer: str) -> bool:
         return float(self._stats.get(layer, {}).get("count", 0.0)) > 0
 
+    def learned_layers(self) -> list[tuple[LayerPlan, str, bool]]:
+        """The layers learned rounding runs on: (plan, calibration layer name, whether the objective is
+        the bias-corrected covariance), in plan order. Empty without learned rounding."""
+        if not self.learned_rounding or self.calibration is None:
+            return []
+        return [(lp, self._stat_names[L], self.bias_correction and self._bias_name(L) is not None)
+                for L, lp in self._layers.items() if self._seen(L)]
+
     def _bias_name(self, layer: str) -> str | None:
         name = f"{layer}.bias"
         return name if name in self.reader.tensors else None
@@ -94,7 +108,10 @@ class Refiner:
         L = lp.layer
         if L in self._cache:
             return self._cache[L]
-        spec, b = lp.spec, self.plan.options.block_size
+        if self.precomputed is not None and (got := self.precomputed(L)) is not None:
+            self._store(L, got)
+            return got
+        spec, b = lp.spec, lp.block_size  # a config entry may set its own
         assert spec is not None
         w = self.reader.tensor(lp.tensor)
         note = ""
@@ -153,7 +170,7 @@ class Refiner:
             return None
         q, scale, _ = self._result(wlp)
         w = self.reader.tensor(wlp.tensor).float()
-        deq = reference.dequantize(q, scale, wlp.spec, self.plan.options.block_size, torch.float32)
+        deq = reference.dequantize(q, scale, wlp.spec, wlp.block_size, torch.float32)
         b = learned.corrected_bias(self.reader.tensor(lp.tensor), w, deq, self._stats[L]["mean"])
         self._done(L, "bias")
         return b

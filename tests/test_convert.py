@@ -302,3 +302,13 @@ def test_unknown_format_and_bad_options(sample, tmp_path):
     with pytest.raises(quantkit.UsageError, match="power of two"):
         quantkit.convert(sample, tmp_path / "o.st", format="int8-block", block_size=96)
     assert not (tmp_path / "o.st").exists()
+
+
+def test_output_has_ordinary_file_permissions(sample, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "o.st"
+        quantkit.convert(sample, out)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644

@@ -179,6 +179,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
         try:
             fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
             tmp = Path(tmp_name)
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
             writer = SafetensorsWriter(fd, plan.outputs, plan.metadata)
             need = writer.total_size
             # refined layers (learned rounding, calibration) are quantized by the refiner instead
@@ -318,6 +319,12 @@ def verify_written(path: Path, plan: Plan, writer: SafetensorsWriter) -> None:
             if got != lp.comfy_quant():
                 raise QuantkitError("written .comfy_quant marker does not decode to the plan", file=path,
                                     tensor=name, fix="report this as a quantkit bug")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(d: Path) -> None:

@@ -139,13 +139,7 @@ def quantize_torch(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantR
     """The torch path on w's device: chunked on CPU, whole-tensor reference on CUDA."""
     _check_shape(w, spec, block_size)
     if w.device.type == "cpu":
-        scale = cpu_quantize.compute_scale(w, spec, block_size)
-        q = torch.empty(tuple(w.shape), dtype=spec.weight_dtype)
-        stats = cpu_quantize.ErrorStats()
-        i = 0
-        for chunk in cpu_quantize.quantize_chunks(w, scale, spec, block_size, stats):
-            q[i:i + chunk.shape[0]].copy_(chunk)
-            i += chunk.shape[0]
+        q, scale, stats = cpu_quantize.quantize_tensor(w, spec, block_size)
         return QuantResult(q, scale, torch.tensor(stats.signal, dtype=torch.float64),
                            torch.tensor(stats.noise, dtype=torch.float64))
     # reference.scale_from_amax divides by a device tensor: an IEEE division on CUDA too (torch turns

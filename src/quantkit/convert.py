@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import multi, quantize, reference
-from .backend import parse_device
+from .backend import check_finite, parse_device
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
 from .formats import FORMATS, encode_comfy_quant
@@ -250,54 +250,55 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backg
         src_fd, src_off = reader.fileno(), reader.data_start + info.start
         bw.submit(_timed(stages, lambda: writer.copy_from_fd(lp.tensor, src_fd, src_off, info.nbytes)))
         return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, lp.reason)
-    spec, layer = lp.spec, lp.layer
+    spec = lp.spec
     if refiner is not None:
         return _refined(reader, writer, bw, stages, lp, block_size, refiner)
     q, scale, stats, give_back = quantizer(reader, lp.tensor, spec, block_size)
-    if not bool(torch.isfinite(scale).all()):
+    try:
+        check_finite(scale, file=reader.path, tensor=lp.tensor, layer=lp.layer)
+    except QuantkitError:
         give_back()
-        raise QuantkitError("weight holds NaN or Inf values, which cannot be quantized", file=reader.path,
-                            tensor=lp.tensor, fix=f"repair the checkpoint, or keep the layer with --exclude '^{layer}$'")
-    marker = encode_comfy_quant(lp.comfy_quant())
-
-    def write() -> None:
-        try:
-            writer.write(f"{layer}.weight", q)
-        finally:
-            give_back()
-        writer.write(f"{layer}.weight_scale", scale)
-        if spec.writes_input_scale:
-            writer.write(f"{layer}.input_scale", torch.ones((), dtype=torch.float32))
-        writer.write(f"{layer}.comfy_quant", marker)
-    bw.submit(_timed(stages, write), on_skip=give_back)
+        raise
+    _submit_layer(writer, bw, stages, lp, q, scale, None, give_back)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
                        spec.comfy_format, lp.reason, stats.sqnr_db)
 
 
 def _refined(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, stages: dict[str, float],
              lp: LayerPlan, block_size: int, refiner: Refiner) -> LayerReport:
-    spec, layer = lp.spec, lp.layer
+    spec = lp.spec
     q, scale, note = refiner.quantize(lp)
     input_scale = refiner.input_scale(lp) if spec.writes_input_scale else None
-    marker = encode_comfy_quant(lp.comfy_quant())
+    check_finite(scale, file=reader.path, tensor=lp.tensor, layer=lp.layer)
     w = reader.tensor(lp.tensor)
-    if not bool(torch.isfinite(scale).all()):
-        raise QuantkitError("weight holds NaN or Inf values, which cannot be quantized", file=reader.path,
-                            tensor=lp.tensor, fix=f"repair the checkpoint, or keep the layer with --exclude '^{layer}$'")
     sqnr = reference.sqnr(w, reference.dequantize(q, scale, spec, block_size, torch.float32))
     del w
     reader.release(lp.tensor)
-
-    def write() -> None:
-        writer.write(f"{layer}.weight", q)
-        writer.write(f"{layer}.weight_scale", scale)
-        if spec.writes_input_scale:
-            writer.write(f"{layer}.input_scale",
-                         input_scale if input_scale is not None else torch.ones((), dtype=torch.float32))
-        writer.write(f"{layer}.comfy_quant", marker)
-    bw.submit(_timed(stages, write))
+    _submit_layer(writer, bw, stages, lp, q, scale, input_scale, None)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
                        spec.comfy_format, "; ".join(x for x in (lp.reason, note) if x), sqnr)
+
+
+def _submit_layer(writer: SafetensorsWriter, bw: BackgroundWriter, stages: dict[str, float], lp: LayerPlan,
+                  q: torch.Tensor, scale: torch.Tensor, input_scale: torch.Tensor | None, give_back) -> None:
+    """Queue one quantized layer's four tensors for the writer thread. ``give_back`` (if any) returns
+    q's buffer to its pool once q is written, or when the job is skipped after an earlier failure."""
+    spec, layer = lp.spec, lp.layer
+    marker = encode_comfy_quant(lp.comfy_quant())
+    if input_scale is None:
+        input_scale = torch.ones((), dtype=torch.float32)
+
+    def write() -> None:
+        try:
+            writer.write(f"{layer}.weight", q)
+        finally:
+            if give_back is not None:
+                give_back()
+        writer.write(f"{layer}.weight_scale", scale)
+        if spec.writes_input_scale:
+            writer.write(f"{layer}.input_scale", input_scale)
+        writer.write(f"{layer}.comfy_quant", marker)
+    bw.submit(_timed(stages, write), on_skip=give_back)
 
 
 def verify_written(path: Path, plan: Plan, writer: SafetensorsWriter) -> None:

@@ -187,6 +187,17 @@ def test_convert_writes_valid_learned_file(tiny_files, tmp_path):
     assert by["unused.weight"].reason == "rtn: layer never ran during calibration"
 
 
+def test_statistics_of_a_kept_layer_are_ignored(tiny_files, tmp_path):
+    """A layer the plan keeps unquantized (here --exclude) may have statistics: they are not an
+    unmatched calibration layer, and the other layers still get learned rounding."""
+    ck, stats, _ = tiny_files
+    out = tmp_path / "out.safetensors"
+    rep = quantkit.convert(ck, out, format="fp8", learned_rounding=True, calibration=stats, exclude=["^up$"])
+    by = {r.name: r for r in rep.layers}
+    assert by["up.weight"].action == "kept" and load_file(str(out))["up.weight"].dtype == torch.bfloat16
+    assert "objective" in by["down.weight"].reason
+
+
 def test_convert_error_paths(tiny_files, tmp_path):
     ck, stats, _ = tiny_files
     with pytest.raises(UsageError, match="--bias-correction needs --calibration"):

@@ -74,7 +74,11 @@ class Refiner:
                 path)
         r._layers = {lp.layer: lp for lp in plan.quantized}
         if calibration is not None:
-            m = match_layers(r._layers, calibration, file=path)
+            # Match against every weight in the file, so statistics of layers this plan keeps
+            # unquantized (a preset's rule, --exclude) are ignored rather than reported as unmatched.
+            weights = {lp.layer for lp in plan.layers if lp.tensor.endswith(".weight") and len(lp.shape) == 2}
+            m = {L: s for L, s in match_layers(weights | set(r._layers), calibration, file=path).items()
+                 if L in r._layers}
             missing = [L for L in r._layers if L not in m]
             if missing:
                 raise QuantkitError(f"no calibration statistics for layer '{missing[0]}' "

@@ -139,8 +139,9 @@ def main() -> None:
     stats = out / "stats.safetensors"
     cal.save(stats)
     del cal
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "src"))
-    q = [sys.executable, "-m", "quantkit", "convert", str(src), "--format", "fp8", "--overwrite", "-q", "-o"]
+    src_dir = str(Path(__file__).resolve().parents[1] / "src")  # before, not instead of, PYTHONPATH (wheels)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [src_dir, os.environ.get("PYTHONPATH")])))
+    q = [sys.executable, "-m", "quantkit", "convert", str(src), "--format", "fp8", "--preset", "none", "--overwrite", "-q", "-o"]
     results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "runs": {}}
     ctq_extra = ["--num_iter", "20"] if args.quick else []
     ctq = [sys.executable, "-c", "import sys; from convert_to_quant.convert_to_quant import main; "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import multi, quantize, reference
+from . import multi, quantize, readahead, reference
 from .backend import check_finite, parse_device
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
@@ -61,20 +61,25 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
     t0 = time.perf_counter()
-    with SafetensorsReader(src) as reader:
-        check_output_path(src, dst, overwrite)
-        plan = plan_conversion(reader, options)
-        refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
-                                 bias_correction=bias_correction,
-                                 options=_learned_options(learned_objective))
-        if devices is not None and learned_objective != "calibration":
-            raise UsageError("--devices spreads the calibration objective only",
-                             fix="drop --devices, or use --learned-objective calibration")
-        with multi.precompute(refiner, devices, dst.parent) as learned_store:
-            report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner)
-        if learned_store is not None:
-            report.stage_seconds["learned workers"] = learned_store.log.seconds
-            report.stage_seconds["learned workers start"] = learned_store.log.start_seconds
+    ahead = readahead.adopt(src)  # the disk starts now (or started with the process, from the CLI)
+    try:
+        with SafetensorsReader(src) as reader:
+            check_output_path(src, dst, overwrite)
+            plan = plan_conversion(reader, options)
+            refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
+                                     bias_correction=bias_correction,
+                                     options=_learned_options(learned_objective))
+            if devices is not None and learned_objective != "calibration":
+                raise UsageError("--devices spreads the calibration objective only",
+                                 fix="drop --devices, or use --learned-objective calibration")
+            with multi.precompute(refiner, devices, dst.parent) as learned_store:
+                report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead)
+            if learned_store is not None:
+                report.stage_seconds["learned workers"] = learned_store.log.seconds
+                report.stage_seconds["learned workers start"] = learned_store.log.start_seconds
+    finally:
+        if ahead is not None:
+            ahead.stop()
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -168,7 +173,7 @@ def _cpu_quantizer(plan: Plan, reader: SafetensorsReader):
 
 def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,
              threaded: bool = True, device: torch.device = torch.device("cpu"),
-             refiner: Refiner | None = None) -> ConvertReport:
+             refiner: Refiner | None = None, ahead: readahead.Readahead | None = None) -> ConvertReport:
     opts = plan.options
     report = ConvertReport(str(reader.path), str(dst), opts.format, opts.block_size, bytes_in=reader.file_size)
     total_in = sum(t.nbytes for t in reader.tensors_in_order)
@@ -197,7 +202,10 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                     report.layers.append(_convert_one(reader, writer, bw, quantizer, lp, lp.block_size, stages, refiner))
                     report.layers[-1].seconds = time.perf_counter() - t0
                     stages["read+quantize"] += report.layers[-1].seconds
-                    done += reader.tensors[lp.tensor].nbytes
+                    t = reader.tensors[lp.tensor]
+                    done += t.nbytes
+                    if ahead is not None:
+                        ahead.advance(reader.data_start + t.start + t.nbytes)
                     if progress is not None:
                         progress(done, total_in, lp.tensor)
                 bw.close()

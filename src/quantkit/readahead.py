@@ -1,0 +1,195 @@
+"""Reading the input from disk while the process is still starting.
+
+A conversion is bound by the disk, but a fresh process spends seconds before it can use one byte
+(``import torch`` alone took 3.7 s on the benchmark's GPU machine, then CUDA initialisation and the
+kernels' load). :class:`Readahead` pulls the input's tensor data into the page cache in a
+background thread from the first moment, so that by the time the quantizer runs, its reads are
+memory copies, and the disk works through the start-up instead of after it.
+
+It imports nothing heavy (no torch), so the command line can start it before the rest of quantkit
+is imported (:func:`start_for_cli`). The thread maps 32 MB of the file at a time and faults it in
+with ``madvise(MADV_POPULATE_READ)`` (Linux 5.14+; no copy into this process, and the window is
+unmapped again at once, so it adds nothing to the process's resident memory); on older kernels it
+preads into one 32 MB buffer instead. It stays at most ``ahead`` bytes in front of the position
+the converter reports with :meth:`advance` (default: a quarter of the available memory, at most
+8 GB), so a checkpoint larger than memory does not evict its own beginning before it is used.
+Best effort throughout: any OS error ends the thread quietly, and the converter's own reads report
+problems as usual.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+import struct
+import sys
+import threading
+
+CHUNK = 32 << 20
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
+MAX_AHEAD = 8 << 30
+
+# `quantkit convert` options that take a value (so the token after them is not an input path).
+# tests/test_readahead.py checks this against the command's declared options.
+CONVERT_VALUE_OPTIONS = frozenset({
+    "-o", "--output", "-O", "--output-dir", "-f", "--format", "--block-size", "--include", "--exclude",
+    "--fallback", "--preset", "--config", "--report", "--device", "--calibration", "--learned-objective",
+    "--devices",
+})
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_ahead() -> int:
+    avail = _mem_available()
+    return MAX_AHEAD if avail is None else max(256 << 20, min(MAX_AHEAD, avail // 4))
+
+
+class Readahead:
+    """Pull ``path``'s tensor data (after the safetensors header) into the page cache in a daemon
+    thread, at most ``ahead`` bytes beyond the last :meth:`advance` position."""
+
+    def __init__(self, path: str | os.PathLike, ahead: int | None = None) -> None:
+        self.path = os.fspath(path)
+        # O_NONBLOCK: opening a FIFO must not hang (anything but a regular file is left alone)
+        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self._fd)
+            raise OSError(f"{self.path} is not a regular file")
+        self.key = (st.st_dev, st.st_ino)
+        self.end = st.st_size
+        self.ahead = default_ahead() if ahead is None else ahead
+        self.position = 0  # bytes [0, position) have been waited for
+        self._consumed = 0
+        self._stop = False
+        self._buf: bytearray | None = None  # pread fallback's buffer
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="quantkit-readahead", daemon=True)
+        self._thread.start()
+
+    def _data_start(self) -> int:
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            return self.end
+        n = struct.unpack("<Q", head)[0]
+        return min(self.end, 8 + n)
+
+    def _populate(self, pos: int, n: int) -> None:
+        """Bring [pos, pos + n) into the page cache and wait for it."""
+        if self._buf is None:
+            base = pos - pos % mmap.ALLOCATIONGRANULARITY
+            try:
+                with mmap.mmap(self._fd, pos + n - base, access=mmap.ACCESS_READ, offset=base) as m:
+                    m.madvise(MADV_POPULATE_READ)  # faults the pages in; unmapped again right after
+                return
+            except (OSError, ValueError):  # a kernel before 5.14 has no MADV_POPULATE_READ
+                self._buf = bytearray(CHUNK)
+        view = memoryview(self._buf)[:n]
+        while len(view):
+            got = os.preadv(self._fd, [view], pos)
+            if got <= 0:
+                return
+            view, pos = view[got:], pos + got
+
+    def _run(self) -> None:
+        try:
+            pos = self._data_start()
+            with self._cv:
+                self._consumed = max(self._consumed, pos)
+            while pos < self.end:
+                with self._cv:
+                    while not self._stop and pos - self._consumed >= self.ahead:
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                n = min(CHUNK, self.end - pos)
+                self._populate(pos, n)
+                pos += n
+                self.position = pos
+        except OSError:
+            return
+        finally:
+            self._buf = None
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
+    def advance(self, offset: int) -> None:
+        """The converter has used the file up to byte ``offset``."""
+        with self._cv:
+            if offset > self._consumed:
+                self._consumed = offset
+                self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join()
+
+    def same_file(self, path: str | os.PathLike) -> bool:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.key
+
+
+_started: Readahead | None = None
+
+
+def start(path: str | os.PathLike) -> Readahead | None:
+    """Start reading ``path`` ahead (None when it cannot be opened or the platform lacks fadvise)."""
+    if os.environ.get("QUANTKIT_READAHEAD") == "0":
+        return None
+    try:
+        return Readahead(path)
+    except OSError:
+        return None
+
+
+def adopt(path: str | os.PathLike) -> Readahead | None:
+    """The readahead the command line started for ``path``, handed over once; else a new one."""
+    global _started
+    ra, _started = _started, None
+    if ra is not None and not ra.same_file(path):
+        ra.stop()
+        ra = None
+    return ra if ra is not None else start(path)
+
+
+def first_convert_input(argv: list[str]) -> str | None:
+    """The first input path of ``quantkit convert ...`` in ``argv`` (arguments after the program
+    name), or None for any other command, ``--dry-run``, or no input."""
+    if not argv or argv[0] != "convert" or "--dry-run" in argv:
+        return None
+    args = iter(argv[1:])
+    for tok in args:
+        if tok == "--":
+            return next(args, None)
+        if tok.startswith("-"):
+            if tok in CONVERT_VALUE_OPTIONS:
+                next(args, None)
+            continue
+        return tok
+    return None
+
+
+def start_for_cli(argv: list[str] | None = None) -> None:
+    """Called by the command line before anything heavy is imported."""
+    global _started
+    path = first_convert_input(sys.argv[1:] if argv is None else argv)
+    if path is not None and _started is None and os.path.isfile(path):
+        _started = start(path)

@@ -4,8 +4,10 @@ the old converter, in one run on one synthetic Flux-shaped bf16 checkpoint on th
 Disk floor = read of the input with O_DIRECT (`dd iflag=direct`) + write of an output-sized file
 with O_DIRECT and a final sync: the least time any converter that reads the input and writes the
 output can take. Before each timed conversion the input's pages are evicted from the page cache
-(posix_fadvise DONTNEED after sync, plus drop_caches where permitted); whether the eviction worked
-is measured and printed (a cold buffered read must not be faster than the direct read).
+(posix_fadvise DONTNEED after sync); whether that worked is measured and printed (a cold buffered
+read must not be faster than the direct read). Python's and torch's own files stay cached, as on
+any machine that has run Python lately; one extra row drops the whole page cache (drop_caches,
+where permitted) to show a first run after boot.
 
     python benchmarks/bench_convert_gpu.py --dir /tmp/qk --gb 8.5
 """
@@ -24,17 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import synth  # noqa: E402
 
 
-def evict(path: Path) -> None:
+def evict(path: Path, everything: bool = False) -> None:
+    """Drop ``path`` from the page cache; with ``everything``, the whole page cache (Python's and
+    torch's own files too: a first run after boot)."""
     os.sync()
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
+    if everything:
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        except OSError:
+            pass
 
 
 def wall(cmd: list[str] | str, shell: bool = False) -> float:
@@ -66,7 +71,7 @@ def main() -> None:
     size = src.stat().st_size
     out_size = size // 2 + (1 << 20)
 
-    evict(src)
+    evict(src, everything=True)
     t_read = wall(f"dd if='{src}' of=/dev/null bs=64M iflag=direct status=none", shell=True)
     evict(src)
     t_cold = wall(f"cat '{src}' > /dev/null", shell=True)
@@ -96,7 +101,8 @@ def main() -> None:
         evict(src)
         rows.append((f"quantkit {fmt} --device cuda", wall(qk + ["--format", fmt])))
         print(rows[-1], flush=True)
-        if fmt == a.formats.split(",")[0]:  # the same without the start-up readahead (quantkit.readahead)
+        if fmt == a.formats.split(",")[0]:
+            # the same without the start-up readahead (quantkit.readahead)
             evict(src)
             os.environ["QUANTKIT_READAHEAD"] = "0"
             try:
@@ -104,6 +110,15 @@ def main() -> None:
             finally:
                 del os.environ["QUANTKIT_READAHEAD"]
             print(rows[-1], flush=True)
+            # the whole page cache dropped: Python, torch and CUDA libraries load from disk too
+            evict(src, everything=True)
+            rows.append((f"quantkit {fmt} --device cuda, all caches dropped", wall(qk + ["--format", fmt])))
+            print(rows[-1], flush=True)
+            # where the wall time goes (benchmarks/start_timeline.py)
+            evict(src)
+            tl = subprocess.run([sys.executable, str(Path(__file__).with_name("start_timeline.py")), "--",
+                                 *qk[3:], "--format", fmt], capture_output=True, text=True)
+            print("timeline:", tl.stdout.strip(), tl.stderr[-500:], flush=True)
     if not a.no_ctq and shutil.which("convert_to_quant"):
         ctq = ["convert_to_quant", "-i", str(src), "-o", str(out), "--simple", "--comfy_quant", "--device", "cuda"]
         for label, extra in (("fp8", []), ("int8-block", ["--int8", "--scaling_mode", "block", "--block_size", "128",

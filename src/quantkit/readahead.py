@@ -8,9 +8,9 @@ memory copies, and the disk works through the start-up instead of after it.
 
 It imports nothing heavy (no torch), so the command line can start it before the rest of quantkit
 is imported (:func:`start_for_cli`). The thread maps 32 MB of the file at a time and faults it in
-with ``madvise(MADV_POPULATE_READ)`` (Linux 5.14+; no copy into this process, and the window is
-unmapped again at once, so it adds nothing to the process's resident memory); on older kernels it
-preads into one 32 MB buffer instead. It stays at most ``ahead`` bytes in front of the position
+with ``madvise(MADV_POPULATE_READ)`` (Linux 5.14+; called through ctypes, which releases the GIL;
+no copy into this process, and the window is unmapped again at once, so it adds nothing to the
+process's resident memory); elsewhere it preads into one 32 MB buffer instead. It stays at most ``ahead`` bytes in front of the position
 the converter reports with :meth:`advance` (default: a quarter of the available memory, at most
 8 GB), so a checkpoint larger than memory does not evict its own beginning before it is used.
 Best effort throughout: any OS error ends the thread quietly, and the converter's own reads report
@@ -37,6 +37,36 @@ CONVERT_VALUE_OPTIONS = frozenset({
     "--fallback", "--preset", "--config", "--report", "--device", "--calibration", "--learned-objective",
     "--devices",
 })
+
+
+_libc = None
+
+
+def _populate_read(fd: int, offset: int, length: int) -> bool:
+    """mmap + madvise(MADV_POPULATE_READ) + munmap through ctypes, which releases the GIL for each
+    call (``mmap.madvise`` holds it, and would stall the ``import torch`` running beside this
+    thread). False when that is not available here."""
+    global _libc
+    try:
+        if _libc is None:
+            import ctypes
+            import ctypes.util
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            lib.mmap.restype = ctypes.c_void_p
+            lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                 ctypes.c_long]
+            lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            _libc = lib
+        addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+        if addr is None or addr == (1 << (8 * 8)) - 1:  # MAP_FAILED
+            return False
+        try:
+            return _libc.madvise(addr, length, MADV_POPULATE_READ) == 0
+        finally:
+            _libc.munmap(addr, length)
+    except (OSError, AttributeError):
+        return False
 
 
 def _mem_available() -> int | None:
@@ -89,12 +119,9 @@ class Readahead:
         """Bring [pos, pos + n) into the page cache and wait for it."""
         if self._buf is None:
             base = pos - pos % mmap.ALLOCATIONGRANULARITY
-            try:
-                with mmap.mmap(self._fd, pos + n - base, access=mmap.ACCESS_READ, offset=base) as m:
-                    m.madvise(MADV_POPULATE_READ)  # faults the pages in; unmapped again right after
+            if _populate_read(self._fd, base, pos + n - base):
                 return
-            except (OSError, ValueError):  # a kernel before 5.14 has no MADV_POPULATE_READ
-                self._buf = bytearray(CHUNK)
+            self._buf = bytearray(CHUNK)  # a kernel before 5.14, or no libc: read instead
         view = memoryview(self._buf)[:n]
         while len(view):
             got = os.preadv(self._fd, [view], pos)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--gb", type=float, default=8.5)
     ap.add_argument("--formats", default="fp8,int8-row,int8-block")
     ap.add_argument("--no-ctq", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="timed runs per format (the table shows the median)")
     a = ap.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
     src = a.dir / "flux-synth.safetensors"
@@ -98,8 +100,13 @@ def main() -> None:
                         "--quiet", "--device", "cuda", "--format", fmt])
         print(f"{fmt}: 3.7 MB sample, first run {t_first:.2f} s (Triton compile), second {t_again:.2f} s "
               "(process start + CUDA init)", flush=True)
-        evict(src)
-        rows.append((f"quantkit {fmt} --device cuda", wall(qk + ["--format", fmt])))
+        runs = []
+        for _ in range(a.repeat):
+            evict(src)
+            runs.append(wall(qk + ["--format", fmt]))
+        label = f"quantkit {fmt} --device cuda" + (f" (median of {a.repeat}: {', '.join(f'{t:.2f}' for t in runs)})"
+                                                    if a.repeat > 1 else "")
+        rows.append((label, statistics.median(runs)))
         print(rows[-1], flush=True)
         if fmt == a.formats.split(",")[0]:
             # the same without the start-up readahead (quantkit.readahead)

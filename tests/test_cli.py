@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from quantkit import __version__
@@ -96,3 +100,22 @@ def test_device_errors(sample, tmp_path):
         r = run("convert", sample, "-o", tmp_path / "o.st", "--device", "cuda:0")
         assert r.exit_code == 2 and "CUDA is not available" in r.output
     assert not (tmp_path / "o.st").exists()
+
+
+def test_console_process_output_and_exit_codes(tmp_path):
+    """The process ends with os._exit once a command is done: its output must still be complete,
+    its files in place, and its exit code the command's."""
+    sample = Path(__file__).resolve().parents[1] / "samples" / "flux-mini.safetensors"
+    out = tmp_path / "o.safetensors"
+    rep = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-m", "quantkit", "convert", str(sample), "-o", str(out), "--report", str(rep),
+                        "--format", "int8-row"], capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "SQNR int8-row" in r.stdout and json.loads(rep.read_text())["files"][0]["output"] == str(out)
+    assert load_file(str(out))
+    r = subprocess.run([sys.executable, "-m", "quantkit", "convert", str(sample), "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "already exists" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "quantkit", "convert", str(sample), "--format", "int4"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "int4" in r.stderr

@@ -159,3 +159,16 @@ def test_good_files_are_not_over_rejected(tmp_path):
     for name in ("e.st", "z.st"):
         with SafetensorsReader(tmp_path / name) as r:
             assert load_file(str(tmp_path / name)).keys() == r.tensors.keys()
+
+
+def test_read_returns_owned_copies_equal_to_the_views(tmp_path):
+    p = tmp_path / "a.safetensors"
+    ts = sample_tensors()
+    save_file(ts, str(p))
+    with SafetensorsReader(p) as r:
+        got = {n: r.read(n) for n in ts}
+        for n, t in ts.items():
+            assert got[n].dtype == t.dtype and got[n].shape == t.shape
+            assert bytes(tensor_bytes(got[n])) == bytes(tensor_bytes(r.tensor(n)))
+    for n, t in ts.items():  # still valid after the file is closed
+        assert bytes(tensor_bytes(got[n])) == bytes(tensor_bytes(t))

@@ -126,7 +126,7 @@ class Calibration:
                     raise QuantkitError(f"unexpected tensor in a calibration file (keys end in one of "
                                         f"{', '.join(KEYS)})", file=path, tensor=t.name,
                                         fix="recreate the file with quantkit.calibration.capture")
-                layers.setdefault(name, {})[key] = r.tensor(t.name).clone()
+                layers.setdefault(name, {})[key] = r.read(t.name)
         for name, d in layers.items():
             if "count" not in d:
                 raise QuantkitError("layer has statistics but no count", file=path, tensor=f"{name}.count",

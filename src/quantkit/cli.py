@@ -389,11 +389,28 @@ def formats() -> None:
 
 
 def main() -> None:
+    """The console script. Once the command has finished (every output file written, fsynced and
+    closed, worker processes joined), the process ends with ``os._exit`` after flushing stdout and
+    stderr: interpreter teardown (torch and CUDA) took 0.7 s after an 11 s conversion on the GPU
+    benchmark machine, and there is nothing left for it to do."""
     try:
         app()
+        code = 0
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        code = EXIT_INTERRUPTED
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            sys.stderr.write(f"{e.code}\n")
+            code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,9 +19,16 @@ CHILD = r"""
 import sys, time
 t0 = float(sys.argv[1]); marks = [("python up", time.time() - t0)]
 sys.argv = ["quantkit"] + sys.argv[2:]
-import atexit
-atexit.register(lambda: print("TIMELINE " + " | ".join(f"{k} {v:.2f}" for k, v in marks + [("atexit", time.time() - t0)]),
-                              file=sys.stderr, flush=True))
+import atexit, os
+def report(last):
+    print("TIMELINE " + " | ".join(f"{k} {v:.2f}" for k, v in marks + [(last, time.time() - t0)]),
+          file=sys.stderr, flush=True)
+atexit.register(report, "atexit")
+real_exit = os._exit
+def stamped_exit(code):  # the console script ends with os._exit, which skips atexit
+    report("os._exit")
+    real_exit(code)
+os._exit = stamped_exit
 import quantkit; marks.append(("import quantkit", time.time() - t0))
 import quantkit.cli as cli; marks.append(("import cli", time.time() - t0))
 real = cli.convert_file

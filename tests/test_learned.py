@@ -198,6 +198,26 @@ def test_statistics_of_a_kept_layer_are_ignored(tiny_files, tmp_path):
     assert "objective" in by["down.weight"].reason
 
 
+def test_calibration_without_learned_rounding_keeps_rtn_bytes(tiny_files, tmp_path):
+    """--calibration alone sets static input scales and --bias-correction alone rewrites biases; the
+    weights stay the converter's own round-to-nearest bytes (the fast quantizer writes them)."""
+    ck, stats, cal = tiny_files
+    plain, calib, bc = (tmp_path / f"{n}.safetensors" for n in ("plain", "calib", "bc"))
+    quantkit.convert(ck, plain, format="fp8")
+    quantkit.convert(ck, calib, format="fp8", calibration=stats)
+    quantkit.convert(ck, bc, format="fp8", calibration=stats, bias_correction=True)
+    a, b, c, src = (load_file(str(p)) for p in (plain, calib, bc, ck))
+    for L in ("up", "down", "unused"):
+        assert torch.equal(a[f"{L}.weight"].view(torch.uint8), b[f"{L}.weight"].view(torch.uint8))
+        assert torch.equal(a[f"{L}.weight"].view(torch.uint8), c[f"{L}.weight"].view(torch.uint8))
+    assert float(b["down.input_scale"]) == pytest.approx(float(cal.layers["down"]["absmax"].max()) / 448)
+    assert float(a["down.input_scale"]) == 1.0 and float(b["unused.input_scale"]) == 1.0
+    w = src["down.weight"].float()
+    deq = reference.dequantize(c["down.weight"], c["down.weight_scale"], FORMATS["fp8"], 128, torch.float32)
+    want = learned.corrected_bias(src["down.bias"], w, deq, cal.layers["down"]["mean"])
+    assert torch.equal(c["down.bias"], want) and not torch.equal(c["down.bias"], src["down.bias"])
+
+
 def test_convert_error_paths(tiny_files, tmp_path):
     ck, stats, _ = tiny_files
     with pytest.raises(UsageError, match="--bias-correction needs --calibration"):

@@ -69,7 +69,7 @@ def test_device_path_bytes_identical_to_cpu_path(sample, tmp_path, fmt, monkeypa
     with SafetensorsReader(sample) as r:
         conv._execute(r, plan_conversion(r, Options(format=fmt)), a, None)
     monkeypatch.setattr(conv, "_make_quantizer",
-                        lambda plan, reader, device: conv._device_quantizer(plan, reader, torch.device("cpu")))
+                        lambda layers, reader, device: conv._device_quantizer(layers, reader, torch.device("cpu")))
     with SafetensorsReader(sample) as r:
         conv._execute(r, plan_conversion(r, Options(format=fmt)), b, None)
     assert a.read_bytes() == b.read_bytes()

@@ -128,24 +128,25 @@ def _os_error(e: OSError, dst: Path, need: int) -> QuantkitError:
     return QuantkitError(f"cannot write: {e.strerror or e}", file=dst, fix="check the disk and the path")
 
 
-def _make_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.device):
-    """A function (reader, tensor name, spec, block_size) -> (q, scale, stats, give_back); q lives in
-    one of a few reused buffers, handed back by ``give_back`` once written."""
+def _make_quantizer(layers: list[LayerPlan], reader: SafetensorsReader, device: torch.device):
+    """A function (reader, tensor name, spec, block_size) -> (q, scale, stats, give_back) for
+    ``layers`` (asked for in this order); q lives in one of a few reused buffers, handed back by
+    ``give_back`` once written."""
     if device.type != "cpu":
-        return _device_quantizer(plan, reader, device)
-    return _cpu_quantizer(plan, reader)
+        return _device_quantizer(layers, reader, device)
+    return _cpu_quantizer(layers, reader)
 
 
-def _max_sizes(plan: Plan, reader: SafetensorsReader) -> tuple[int, int]:
-    infos = [reader.tensors[lp.tensor] for lp in plan.quantized]
+def _max_sizes(layers: list[LayerPlan], reader: SafetensorsReader) -> tuple[int, int]:
+    infos = [reader.tensors[lp.tensor] for lp in layers]
     return max((t.nbytes for t in infos), default=0), max((t.numel for t in infos), default=0)
 
 
-def _device_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.device):
+def _device_quantizer(layers: list[LayerPlan], reader: SafetensorsReader, device: torch.device):
     from .cuda_path import DeviceQuantizer
-    _, max_out = _max_sizes(plan, reader)
+    _, max_out = _max_sizes(layers, reader)
     jobs = [(lp.tensor, reader.data_start + reader.tensors[lp.tensor].start, reader.tensors[lp.tensor].nbytes)
-            for lp in plan.quantized]
+            for lp in layers]
     dq = DeviceQuantizer(device, reader.fileno(), jobs, max_out, n_out=DEFAULT_DEPTH + 1)
 
     def on_device(reader: SafetensorsReader, name: str, spec, block_size):
@@ -155,8 +156,8 @@ def _device_quantizer(plan: Plan, reader: SafetensorsReader, device: torch.devic
     return on_device
 
 
-def _cpu_quantizer(plan: Plan, reader: SafetensorsReader):
-    _, max_out = _max_sizes(plan, reader)
+def _cpu_quantizer(layers: list[LayerPlan], reader: SafetensorsReader):
+    _, max_out = _max_sizes(layers, reader)
     free: queue.Queue[torch.Tensor] = queue.Queue()
     for _ in range(DEFAULT_DEPTH + 1):  # one being written, DEFAULT_DEPTH queued... and one being filled
         free.put(torch.empty(max(max_out, 1), dtype=torch.uint8))
@@ -187,8 +188,9 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
             writer = SafetensorsWriter(fd, plan.outputs, plan.metadata)
             need = writer.total_size
-            # refined layers (learned rounding, calibration) are quantized by the refiner instead
-            quantizer = _make_quantizer(plan, reader, device) if refiner is None else None
+            # layers whose weights learned rounding chooses are quantized by the refiner instead
+            quantizer = _make_quantizer([lp for lp in plan.quantized if refiner is None or not refiner.rewrites(lp)],
+                                        reader, device)
             bw = BackgroundWriter(threaded)
             stages = report.stage_seconds
             stages.update({"read+quantize": 0.0, "write": 0.0, "fsync": 0.0, "verify": 0.0})
@@ -259,17 +261,19 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backg
         bw.submit(_timed(stages, lambda: writer.copy_from_fd(lp.tensor, src_fd, src_off, info.nbytes)))
         return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, lp.reason)
     spec = lp.spec
-    if refiner is not None:
+    if refiner is not None and refiner.rewrites(lp):
         return _refined(reader, writer, bw, stages, lp, block_size, refiner)
     q, scale, stats, give_back = quantizer(reader, lp.tensor, spec, block_size)
     try:
         check_finite(scale, file=reader.path, tensor=lp.tensor, layer=lp.layer)
+        input_scale = refiner.input_scale(lp) if refiner is not None and spec.writes_input_scale else None
     except QuantkitError:
         give_back()
         raise
-    _submit_layer(writer, bw, stages, lp, q, scale, None, give_back)
+    _submit_layer(writer, bw, stages, lp, q, scale, input_scale, give_back)
+    reason = "; ".join(x for x in (lp.reason, refiner.note(lp) if refiner is not None else "") if x)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
-                       spec.comfy_format, lp.reason, stats.sqnr_db)
+                       spec.comfy_format, reason, stats.sqnr_db)
 
 
 def _refined(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, stages: dict[str, float],
@@ -278,8 +282,9 @@ def _refined(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backgroun
     q, scale, note = refiner.quantize(lp)
     input_scale = refiner.input_scale(lp) if spec.writes_input_scale else None
     check_finite(scale, file=reader.path, tensor=lp.tensor, layer=lp.layer)
-    w = reader.tensor(lp.tensor)
-    sqnr = reference.sqnr(w, reference.dequantize(q, scale, spec, block_size, torch.float32))
+    dev = refiner.device  # the learning device: a whole-tensor fp64 SQNR is slow on CPU cores
+    w = reader.tensor(lp.tensor).to(dev)
+    sqnr = reference.sqnr(w, reference.dequantize(q.to(dev), scale.to(dev), spec, block_size, torch.float32))
     del w
     reader.release(lp.tensor)
     _submit_layer(writer, bw, stages, lp, q, scale, input_scale, None)

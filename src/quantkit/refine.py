@@ -108,12 +108,29 @@ class Refiner:
         name = f"{layer}.bias"
         return name if name in self.reader.tensors else None
 
+    @property
+    def device(self) -> torch.device:
+        return learned.pick_device(self.options.device)
+
+    def rewrites(self, lp: LayerPlan) -> bool:
+        """Whether learned rounding chooses this layer's weight (else it is round-to-nearest, which the
+        converter's own quantizer writes, with :meth:`input_scale` and :meth:`note` from here)."""
+        if not self.learned_rounding or lp.spec is None:
+            return False
+        return self.options.objective == "subspace" or (self.calibration is not None and self._seen(lp.layer))
+
+    def note(self, lp: LayerPlan) -> str:
+        """What the report says about a layer this refiner leaves at round-to-nearest."""
+        if self.learned_rounding and self.calibration is not None and not self._seen(lp.layer):
+            return "rtn: layer never ran during calibration"
+        return ""
+
     def _result(self, lp: LayerPlan) -> tuple[torch.Tensor, torch.Tensor, str]:
         L = lp.layer
         if L in self._cache:
             return self._cache[L]
         if self.precomputed is not None and (got := self.precomputed(L)) is not None:
-            self._store(L, got)
+            self._store(lp, got)
             return got
         spec, b = lp.spec, lp.block_size  # a config entry may set its own
         assert spec is not None
@@ -122,7 +139,7 @@ class Refiner:
         if self.learned_rounding and self.options.objective == "subspace":
             r = learned.learn_subspace(w, spec, b, self.options, name=L)
             out = (r.q, r.scale, f"{r.method}: objective {r.objective_rtn:.3g} -> {r.objective:.3g}")
-            self._store(L, out)
+            self._store(lp, out)
             return out
         if self.learned_rounding and self.calibration is not None and not self._seen(L):
             note = "rtn: layer never ran during calibration"
@@ -130,17 +147,20 @@ class Refiner:
             h = learned.objective_matrix(self._stats[L], self.bias_correction and self._bias_name(L) is not None)
             r = learned.learn(w, h, spec, b, self.options, name=L)
             out = (r.q, r.scale, f"{r.method}: objective {r.objective_rtn:.3g} -> {r.objective:.3g}")
-            self._store(L, out)
+            self._store(lp, out)
             return out
         q, scale = reference.quantize(w, spec, b)
         out = (q, scale, note)
-        self._store(L, out)
+        self._store(lp, out)
         return out
 
-    def _store(self, layer: str, out: tuple[torch.Tensor, torch.Tensor, str]) -> None:
-        users = {"weight"}
+    def _store(self, lp: LayerPlan, out: tuple[torch.Tensor, torch.Tensor, str]) -> None:
+        layer = lp.layer
+        users = {"weight"} if self.rewrites(lp) else set()
         if self.bias_correction and self._seen(layer) and self._bias_name(layer):
             users.add("bias")
+        if not users:
+            return
         self._cache[layer] = out
         self._pending[layer] = users
 

@@ -26,6 +26,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .. import reference
 from ..formats import FORMATS
 from . import activations
 from .tensor import QuantizedTensor, register_layout_op
@@ -50,6 +51,14 @@ def _capability(index: int) -> tuple[int, int]:
 def _triton():
     from . import triton_w8a8
     return triton_w8a8
+
+
+def quantize_input_static(x: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:
+    """An activation quantized with one static scale (a layer's ``input_scale``): the Triton kernel
+    on CUDA, the reference elsewhere; the same bits."""
+    if x.is_cuda and not spec.is_int:
+        return _triton().quantize_static(x, scale, spec.weight_dtype)
+    return reference.quantize_with_scale(x, scale, spec, 0)
 
 
 def dequantized_linear(x, w, bias):

@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import reference
 from ..errors import QuantkitError
 from .layouts import QUANT_ALGOS, LayoutParams, get_layout_class
-from .linear import dequantized_linear, supports_fp8_compute
+from .linear import dequantized_linear, quantize_input_static, supports_fp8_compute
 from .tensor import QuantizedTensor
 
 _STRAY_SCALES = ("weight_scale", "weight_scale_2", "input_scale")
@@ -147,7 +146,7 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                         and supports_fp8_compute(x.device)):
                     spec = get_layout_class(w._layout_type).spec
                     s = self.input_scale.to(x.device)
-                    xq = reference.quantize_with_scale(x, s, spec, 0)
+                    xq = quantize_input_static(x, s, spec)
                     x = QuantizedTensor(xq, w._layout_type, LayoutParams(s, x.dtype, tuple(x.shape)))
                 return F.linear(x, w, self.bias)
 

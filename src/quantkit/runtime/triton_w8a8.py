@@ -6,6 +6,8 @@
   passes over K in chunks (no padding of K to a power of two), autotuned on K. Bit-identical to
   :func:`quantkit.runtime.activations.quantize_activations` (IEEE division via ``div_rn``; INT8
   round-half-even by adding and subtracting 1.5 * 2^23, exact for |y| < 2^22).
+* :func:`quantize_static` -- one fp32 scale for the whole tensor (FP8 with a static ``input_scale``,
+  as ComfyUI runs such layers): one pass, bit-identical to :func:`quantkit.reference.quantize_with_scale`.
 * :func:`w8a8_block_matmul` -- ``Y = X W^T + bias`` for INT8 X with per-token group scales
   ``[M, K/b]`` and INT8 W with ``b x b`` tile scales ``[N/b, K/b]`` (the int8-block format). The K
   loop steps one group (``BLOCK_K = b``) at a time: an exact int32 tensor-core dot per step, scaled
@@ -80,6 +82,30 @@ def _act_quant_rows_kernel(x_ptr, q_ptr, s_ptr, M, stride_xm, stride_qm, stride_
             y = (y + 12582912.0) - 12582912.0
         y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
         tl.store(q_row + c0 + cols[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _static_quant_kernel(x_ptr, q_ptr, s_ptr, N, BLOCK: tl.constexpr, QMAX: tl.constexpr):
+    """One scale for the whole tensor (a static ``input_scale``): q = clamp(x / s), cast; one pass."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    s = tl.load(s_ptr)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.math.div_rn(x, tl.full((BLOCK,), 0.0, tl.float32) + s)
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    tl.store(q_ptr + offs, y.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_static(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``clamp(x / scale)`` cast to the FP8 ``dtype``, ``scale`` a one-element fp32 tensor on x's device:
+    :func:`quantkit.reference.quantize_with_scale` for a per-tensor scale, in one pass."""
+    x = x.contiguous()
+    q = torch.empty(x.shape, dtype=dtype, device=x.device)
+    n = x.numel()
+    block = 4096
+    _static_quant_kernel[(triton.cdiv(n, block),)](x, q, scale.reshape(1).float(), n, BLOCK=block,
+                                                   QMAX=float(torch.finfo(dtype).max), num_warps=8)
+    return q
 
 
 _MAX_ROW_TILE = 16384  # elements one program holds; longer groups go to the torch reference

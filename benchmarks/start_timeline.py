@@ -10,10 +10,13 @@ returned, Python's atexit, and the parent sees the process end. Prints seconds s
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_convert_gpu import evict  # noqa: E402  (the input's pages only)
 
 CHILD = r"""
 import sys, time
@@ -43,20 +46,6 @@ cli.main()
 """
 
 
-def evict(path: str) -> None:
-    os.sync()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--evict", action="append", default=[])
@@ -64,7 +53,7 @@ def main() -> None:
     a = ap.parse_args()
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     for f in a.evict:
-        evict(f)
+        evict(Path(f))
     t0 = time.time()
     r = subprocess.run([sys.executable, "-c", CHILD, repr(t0), *args], capture_output=True, text=True)
     end = time.time() - t0

@@ -137,3 +137,27 @@ def test_adopt_for_another_file_stops_the_early_one(tmp_path):
         assert ra is not early and ra.same_file(b) and not early._thread.is_alive()
     finally:
         ra.stop()
+
+
+def _child_started(path, q):
+    readahead.start_for_cli(["convert", str(path)])
+    q.put(readahead._started is not None)
+
+
+def test_not_started_in_worker_processes(tmp_path):
+    """--devices workers are spawned with the parent's argv; they must not read the input again."""
+    import multiprocessing as mp
+    p = tmp_path / "m.safetensors"
+    _file(p, 1 << 20)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_child_started, args=(p, q))
+    proc.start()
+    got = q.get(timeout=60)
+    proc.join(60)
+    assert got is False
+    readahead.start_for_cli(["convert", str(p)])  # the main process does start one
+    try:
+        assert readahead._started is not None
+    finally:
+        readahead.adopt(p).stop()

@@ -129,21 +129,32 @@ def fp8_linear(func, args, kwargs):
     return y.reshape(*x.shape[:-1], n)
 
 
+def _int8_w8a8(x, w, bias, block: int):
+    """W8A8 for an INT8 weight: activations quantized per token (in groups of ``block`` columns for
+    int8-block, ``block`` 0 for one scale per row), then the Triton kernel on CUDA or the torch
+    reference elsewhere."""
+    n, k = w._qdata.shape
+    group = block or k
+    x2 = _flat(x)
+    if x.device.type == "cuda":
+        mod = _triton()
+        xq, xs = mod.quantize_activations(x2, torch.int8, group)
+    else:
+        mod = activations
+        xq, xs = mod.quantize_activations(x2, FORMATS["int8-block" if block else "int8-row"], group)
+    if block:
+        y = mod.w8a8_block_matmul(xq, xs, w._qdata, w._layout_params.scale, block, bias, x.dtype)
+    else:
+        y = mod.w8a8_row_matmul(xq, xs, w._qdata, w._layout_params.scale, bias, x.dtype)
+    return y.reshape(*x.shape[:-1], n)
+
+
 @register_layout_op(aten.linear.default, "TensorWiseINT8Layout")
 def int8_linear(func, args, kwargs):
     x, w, bias = _unpack(args, kwargs)
     if isinstance(x, QuantizedTensor) or not _weight_ok(x, w):
         return dequantized_linear(x, w, bias)
-    n, k = w._qdata.shape
-    x2 = _flat(x)
-    if x.device.type == "cuda":
-        t = _triton()
-        xq, xs = t.quantize_activations(x2, torch.int8, k)
-        y = t.w8a8_row_matmul(xq, xs, w._qdata, w._layout_params.scale, bias, x.dtype)
-    else:
-        xq, xs = activations.quantize_activations(x2, FORMATS["int8-row"], k)
-        y = activations.w8a8_row_matmul(xq, xs, w._qdata, w.params.scale, bias, x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+    return _int8_w8a8(x, w, bias, 0)
 
 
 @register_layout_op(aten.linear.default, "BlockWiseINT8Layout")
@@ -151,17 +162,7 @@ def int8_block_linear(func, args, kwargs):
     x, w, bias = _unpack(args, kwargs)
     if isinstance(x, QuantizedTensor) or not _weight_ok(x, w):
         return dequantized_linear(x, w, bias)
-    n, k = w._qdata.shape
-    b = w._layout_params.block_size
-    x2 = _flat(x)
-    if x.device.type == "cuda":
-        t = _triton()
-        xq, xs = t.quantize_activations(x2, torch.int8, b)
-        y = t.w8a8_block_matmul(xq, xs, w._qdata, w._layout_params.scale, b, bias, x.dtype)
-    else:
-        xq, xs = activations.quantize_activations(x2, FORMATS["int8-block"], b)
-        y = activations.w8a8_block_matmul(xq, xs, w._qdata, w.params.scale, b, bias, x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+    return _int8_w8a8(x, w, bias, w._layout_params.block_size)
 
 
 @register_layout_op(aten.linear.default, "TensorCoreFP8E5M2Layout")

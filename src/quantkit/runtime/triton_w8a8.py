@@ -174,12 +174,23 @@ def _scaled_group(d, s_m, s_n, MAGIC: tl.constexpr, COL_SCALES: tl.constexpr):
 
 
 @triton.jit
+def _group_step(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, mask_m, mask_n, init, MAGIC: tl.constexpr,
+                COL_SCALES: tl.constexpr):
+    """One K-group: its exact int32 dot, scaled (``_scaled_group``) for the fp32 accumulator."""
+    a = tl.load(a_ptrs, mask=mask_m[:, None], other=0)
+    b = tl.load(b_ptrs, mask=mask_n[None, :], other=0)
+    d = tl.dot(a, b, init, out_dtype=tl.int32)
+    sm = tl.load(as_ptrs, mask=mask_m, other=0.0)
+    sn = tl.load(bs_ptrs, mask=mask_n, other=0.0) if COL_SCALES else tl.load(bs_ptrs)
+    return _scaled_group(d, sm, sn, MAGIC, COL_SCALES)
+
+
+@triton.jit
 def _w8a8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
                  stride_am, stride_ak, stride_bn, stride_bk, stride_asm, stride_ask,
                  stride_bsn, stride_bsk, stride_cm, stride_cn,
                  PER_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, MAGIC: tl.constexpr = 1, PAIR: tl.constexpr = 0,
-                 WS: tl.constexpr = 0):
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, MAGIC: tl.constexpr = 1, PAIR: tl.constexpr = 0):
     """PER_GROUP: scales per K-group of BLOCK_K (int8-block, weight block = BLOCK_K). Each group's
     int32 dot is scaled into an fp32 accumulator in group order (the reference's order). PAIR: two
     groups per loop step, both dots issued before the first is scaled (fewer waits on the tensor
@@ -236,32 +247,12 @@ def _w8a8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
                 as_ptrs += 2 * stride_ask
                 bs_ptrs += 2 * stride_bsk
             if n_k % 2 == 1:  # the last, odd group
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0)
-                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0)
-                d = tl.dot(a, b, init, out_dtype=tl.int32)
-                sm = tl.load(as_ptrs, mask=mask_m, other=0.0)
-                sn = tl.load(bs_ptrs, mask=mask_n, other=0.0) if BLOCK_N > BLOCK_K else tl.load(bs_ptrs)
-                acc = acc + _scaled_group(d, sm, sn, MAGIC, BLOCK_N > BLOCK_K)
-        elif WS:  # Triton's warp-specialized loop (producer/consumer warps), where it supports it
-            for _ in tl.range(0, n_k, warp_specialize=True):
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0)
-                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0)
-                d = tl.dot(a, b, init, out_dtype=tl.int32)
-                sm = tl.load(as_ptrs, mask=mask_m, other=0.0)
-                sn = tl.load(bs_ptrs, mask=mask_n, other=0.0) if BLOCK_N > BLOCK_K else tl.load(bs_ptrs)
-                acc = acc + _scaled_group(d, sm, sn, MAGIC, BLOCK_N > BLOCK_K)
-                a_ptrs += BLOCK_K * stride_ak
-                b_ptrs += BLOCK_K * stride_bk
-                as_ptrs += stride_ask
-                bs_ptrs += stride_bsk
+                acc = acc + _group_step(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, mask_m, mask_n, init, MAGIC,
+                                        BLOCK_N > BLOCK_K)
         else:
             for _ in range(0, n_k):
-                a = tl.load(a_ptrs, mask=mask_m[:, None], other=0)
-                b = tl.load(b_ptrs, mask=mask_n[None, :], other=0)
-                d = tl.dot(a, b, init, out_dtype=tl.int32)
-                sm = tl.load(as_ptrs, mask=mask_m, other=0.0)
-                sn = tl.load(bs_ptrs, mask=mask_n, other=0.0) if BLOCK_N > BLOCK_K else tl.load(bs_ptrs)
-                acc = acc + _scaled_group(d, sm, sn, MAGIC, BLOCK_N > BLOCK_K)
+                acc = acc + _group_step(a_ptrs, b_ptrs, as_ptrs, bs_ptrs, mask_m, mask_n, init, MAGIC,
+                                        BLOCK_N > BLOCK_K)
                 a_ptrs += BLOCK_K * stride_ak
                 b_ptrs += BLOCK_K * stride_bk
                 as_ptrs += stride_ask

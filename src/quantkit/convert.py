@@ -55,6 +55,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     (data-free: error on W's top singular subspace, :func:`quantkit.learned.learn_subspace`).
     ``devices``: spread learned rounding over one worker process per device (``cuda:0,cuda:1``,
     ``all``, or ``cpu,cpu``; see :mod:`quantkit.multi`); same output bytes."""
+    if devices is not None and learned_objective != "calibration":
+        raise UsageError("--devices spreads the calibration objective only",
+                         fix="drop --devices, or use --learned-objective calibration")
     options = make_options(format, block_size, include, exclude, fallback, preset, config,
                            full_precision_matrix_mult)
     dev = parse_device(device)
@@ -69,9 +72,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
                                      bias_correction=bias_correction,
                                      options=_learned_options(learned_objective))
-            if devices is not None and learned_objective != "calibration":
-                raise UsageError("--devices spreads the calibration objective only",
-                                 fix="drop --devices, or use --learned-objective calibration")
             with multi.precompute(refiner, devices, dst.parent) as learned_store:
                 report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead)
             if learned_store is not None:
@@ -198,7 +198,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                 done = 0
                 layers = plan.layers
                 for i, lp in enumerate(layers):
-                    if i + 1 < len(layers):
+                    if ahead is None and i + 1 < len(layers):  # the readahead thread is further ahead already
                         reader.prefetch(layers[i + 1].tensor)
                     t0 = time.perf_counter()
                     report.layers.append(_convert_one(reader, writer, bw, quantizer, lp, lp.block_size, stages, refiner))

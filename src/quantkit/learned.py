@@ -77,6 +77,11 @@ class LearnedResult:
     def dequantize(self, spec: FormatSpec, block_size: int) -> torch.Tensor:
         return reference.dequantize(self.q, self.scale, spec, block_size, torch.float32)
 
+    @property
+    def note(self) -> str:
+        """What the converter's report says about this layer."""
+        return f"{self.method}: objective {self.objective_rtn:.3g} -> {self.objective:.3g}"
+
 
 def pick_device(device: str | None) -> torch.device:
     if device is not None:
@@ -266,7 +271,7 @@ def learn_batch(ws: list[torch.Tensor], hs: list[torch.Tensor], spec: FormatSpec
     deq = g * s
     rtn = []
     for i in range(len(ws)):
-        q0, sc0 = reference.quantize(ws[i].to(dev), spec, block_size)
+        q0, sc0 = reference.quantize(w[i], spec, block_size)  # w[i]: already on dev (fp32, same bits)
         rtn.append((q0, sc0, reference.dequantize(q0, sc0, spec, block_size, torch.float32)))
     j_learn = objective(w, deq, h)
     j_rtn = objective(w, torch.stack([r[2] for r in rtn]), h)
@@ -333,7 +338,7 @@ def learn_subspace(w: torch.Tensor, spec: FormatSpec, block_size: int, options: 
     check_memory(name or "weight", n, k, 1, dev)
     w32 = w.to(dev, torch.float32)
     u, v = subspace_basis(w32, subspace_rank(n, k))
-    q0, sc0 = reference.quantize(w.to(dev), spec, block_size)
+    q0, sc0 = reference.quantize(w32, spec, block_size)
     s = element_scale(sc0.float(), (n, k), spec, block_size)
     ref = float((u.T @ w32 @ v).double().pow(2).sum()) or 1.0
     c = torch.zeros_like(w32)

@@ -140,8 +140,8 @@ class Files:
         self.fd = os.open(setup.scratch, os.O_WRONLY)
 
     def stats(self, name: str) -> dict[str, torch.Tensor]:
-        # the same values Calibration.load holds (it clones each tensor of the file)
-        return {k: self.cal.tensor(f"{name}.{k}").clone() for k in KEYS if f"{name}.{k}" in self.cal.tensors}
+        # the same values Calibration.load holds (owned copies read from the file)
+        return {k: self.cal.read(f"{name}.{k}") for k in KEYS if f"{name}.{k}" in self.cal.tensors}
 
     def close(self) -> None:
         self.src.close()
@@ -157,7 +157,7 @@ def learn_layer(job: Job, files: Files) -> tuple[torch.Tensor, torch.Tensor, str
     opts = dataclasses.replace(files.setup.options, device=files.setup.device)
     r = learned.learn(w, h, spec, job.block_size, opts, name=job.layer)
     files.src.release(job.tensor)
-    return r.q, r.scale, f"{r.method}: objective {r.objective_rtn:.3g} -> {r.objective:.3g}"
+    return r.q, r.scale, r.note
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:

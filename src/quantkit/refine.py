@@ -101,12 +101,15 @@ class Refiner:
         the bias-corrected covariance), in plan order. Empty without learned rounding."""
         if not self.learned_rounding or self.calibration is None:
             return []
-        return [(lp, self._stat_names[L], self.bias_correction and self._bias_name(L) is not None)
-                for L, lp in self._layers.items() if self._seen(L)]
+        return [(lp, self._stat_names[L], self._corrects_bias(L)) for L, lp in self._layers.items() if self._seen(L)]
 
-    def _bias_name(self, layer: str) -> str | None:
-        name = f"{layer}.bias"
-        return name if name in self.reader.tensors else None
+    def _corrects_bias(self, layer: str) -> bool:
+        """Bias correction applies to this quantized layer: it ran during calibration and has a
+        1-D bias of its output size (the objective is then the covariance)."""
+        wlp = self._layers.get(layer)
+        t = self.reader.tensors.get(f"{layer}.bias")
+        return (self.bias_correction and wlp is not None and t is not None and self._seen(layer)
+                and tuple(t.shape) == (wlp.shape[0],))
 
     @property
     def device(self) -> torch.device:
@@ -135,29 +138,23 @@ class Refiner:
         spec, b = lp.spec, lp.block_size  # a config entry may set its own
         assert spec is not None
         w = self.reader.tensor(lp.tensor)
-        note = ""
-        if self.learned_rounding and self.options.objective == "subspace":
-            r = learned.learn_subspace(w, spec, b, self.options, name=L)
-            out = (r.q, r.scale, f"{r.method}: objective {r.objective_rtn:.3g} -> {r.objective:.3g}")
-            self._store(lp, out)
-            return out
-        if self.learned_rounding and self.calibration is not None and not self._seen(L):
-            note = "rtn: layer never ran during calibration"
-        elif self.learned_rounding:
-            h = learned.objective_matrix(self._stats[L], self.bias_correction and self._bias_name(L) is not None)
-            r = learned.learn(w, h, spec, b, self.options, name=L)
-            out = (r.q, r.scale, f"{r.method}: objective {r.objective_rtn:.3g} -> {r.objective:.3g}")
-            self._store(lp, out)
-            return out
-        q, scale = reference.quantize(w, spec, b)
-        out = (q, scale, note)
+        if self.rewrites(lp):
+            if self.options.objective == "subspace":
+                r = learned.learn_subspace(w, spec, b, self.options, name=L)
+            else:
+                r = learned.learn(w, learned.objective_matrix(self._stats[L], self._corrects_bias(L)), spec, b,
+                                  self.options, name=L)
+            out = (r.q, r.scale, r.note)
+        else:  # round-to-nearest, needed here only for a corrected bias
+            q, scale = reference.quantize(w, spec, b)
+            out = (q, scale, "")
         self._store(lp, out)
         return out
 
     def _store(self, lp: LayerPlan, out: tuple[torch.Tensor, torch.Tensor, str]) -> None:
         layer = lp.layer
         users = {"weight"} if self.rewrites(lp) else set()
-        if self.bias_correction and self._seen(layer) and self._bias_name(layer):
+        if self._corrects_bias(layer):
             users.add("bias")
         if not users:
             return
@@ -189,12 +186,13 @@ class Refiner:
         if not self.bias_correction or not lp.tensor.endswith(".bias"):
             return None
         L = lp.tensor.removesuffix(".bias")
-        wlp = self._layers.get(L)
-        if wlp is None or not self._seen(L) or len(lp.shape) != 1 or lp.shape[0] != wlp.shape[0]:
+        if not self._corrects_bias(L):
             return None
+        wlp = self._layers[L]
         q, scale, _ = self._result(wlp)
-        w = self.reader.tensor(wlp.tensor).float()
-        deq = reference.dequantize(q, scale, wlp.spec, wlp.block_size, torch.float32)
-        b = learned.corrected_bias(self.reader.tensor(lp.tensor), w, deq, self._stats[L]["mean"])
+        dev = self.device  # whole-tensor fp64 work: on the learning device, not CPU cores
+        w = self.reader.tensor(wlp.tensor).to(dev)
+        deq = reference.dequantize(q.to(dev), scale.to(dev), wlp.spec, wlp.block_size, torch.float32)
+        b = learned.corrected_bias(self.reader.tensor(lp.tensor).to(dev), w, deq, self._stats[L]["mean"].to(dev))
         self._done(L, "bias")
-        return b
+        return b.cpu()

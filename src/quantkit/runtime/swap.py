@@ -44,7 +44,7 @@ def load_quantized(module: nn.Module, path: str | os.PathLike, *, compute_dtype:
         ops = mixed_precision_ops(quant_config, compute_dtype, full_precision_mm)
         for layer in layers:
             _swap_one(module, layer, ops, reader.path)
-        state = {n: reader.tensor(n).clone() for n in names}
+        state = {n: reader.read(n) for n in names}
     result = module.load_state_dict(state, strict=False)
     if result.missing_keys:
         shown = ", ".join(result.missing_keys[:5]) + (" ..." if len(result.missing_keys) > 5 else "")

@@ -89,6 +89,16 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
     return 10.0 * math.log10(signal_power / noise_power)
 
 
+SQNR_ROWS = 1024  # rows per fp64 chunk: no whole-tensor fp64 copy of w or deq
+
+
 def sqnr(w: torch.Tensor, deq: torch.Tensor) -> float:
-    w64 = w.double()
-    return sqnr_db(float((w64 * w64).sum()), float(((w64 - deq.double()) ** 2).sum()))
+    """SQNR in dB of ``deq`` against ``w``, both summed in fp64 (row chunks of :data:`SQNR_ROWS`)."""
+    if w.dim() == 0:
+        w, deq = w.reshape(1), deq.reshape(1)
+    signal = noise = 0.0
+    for i in range(0, w.shape[0], SQNR_ROWS):
+        w64 = w[i:i + SQNR_ROWS].double()
+        signal += float((w64 * w64).sum())
+        noise += float(((w64 - deq[i:i + SQNR_ROWS].double()) ** 2).sum())
+    return sqnr_db(signal, noise)

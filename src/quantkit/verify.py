@@ -21,8 +21,6 @@ from .formats import FORMATS, SCALE_SUFFIXES, FormatSpec
 from .inspection import Inspection, Violation, inspect_reader
 from .safetensors_io import SafetensorsReader
 
-ROWS_PER_CHUNK = 4096
-
 
 @dataclass
 class LayerCheck:
@@ -92,16 +90,6 @@ def verify(path: str | Path, against: str | Path | None = None, min_sqnr: float 
     return rep
 
 
-def _sqnr(orig: torch.Tensor, deq: torch.Tensor) -> float:
-    signal = noise = 0.0
-    for i in range(0, orig.shape[0], ROWS_PER_CHUNK):
-        w = orig[i:i + ROWS_PER_CHUNK].double()
-        d = deq[i:i + ROWS_PER_CHUNK].double()
-        signal += float((w * w).sum())
-        noise += float(((w - d) ** 2).sum())
-    return reference.sqnr_db(signal, noise)
-
-
 def _compare(out: SafetensorsReader, src: SafetensorsReader, rep: VerifyReport) -> None:
     v = rep.violations.append
     bad_layers = {(x.tensor or "").rsplit(".", 1)[0] for x in rep.violations}
@@ -132,7 +120,7 @@ def _compare(out: SafetensorsReader, src: SafetensorsReader, rep: VerifyReport) 
                 continue
             spec, b = how
             deq = reference.dequantize(out.tensor(name), out.tensor(f"{layer}.weight_scale"), spec, b, torch.float32)
-            check = LayerCheck(name, fmt, _sqnr(src.tensor(name), deq))
+            check = LayerCheck(name, fmt, reference.sqnr(src.tensor(name), deq))
         elif o is None:
             continue  # an extra tensor the output adds (not a violation)
         elif o.dtype == t.dtype and o.shape == t.shape and out.buffer(name) == src.buffer(name):
@@ -141,7 +129,7 @@ def _compare(out: SafetensorsReader, src: SafetensorsReader, rep: VerifyReport) 
         elif t.dtype in ("F32", "F16", "BF16") and o.dtype in ("F32", "F16", "BF16") and o.shape == t.shape \
                 and len(t.shape) >= 1 and t.numel:
             a, b_ = src.tensor(name).reshape(t.shape[0], -1), out.tensor(name).reshape(t.shape[0], -1)
-            check = LayerCheck(name, None, _sqnr(a, b_), f"stored unquantized but changed ({o.dtype} -> {t.dtype})")
+            check = LayerCheck(name, None, reference.sqnr(a, b_), f"stored unquantized but changed ({o.dtype} -> {t.dtype})")
         else:
             v(Violation("changed-tensor", name, f"differs from the original ({o.dtype} {list(o.shape)} -> "
                         f"{t.dtype} {list(t.shape)})"))

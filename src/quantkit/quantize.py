@@ -1,13 +1,11 @@
 """The CPU fast path: the reference math, applied in cache-sized row chunks.
 
 Same bits as :mod:`quantkit.reference` (elementwise ops and an exact max, so chunking cannot
-change a result), but it never materialises an fp32 copy of a whole tensor, and it yields the
-quantized bytes chunk by chunk so the writer can stream them.
+change a result), but it never materialises an fp32 copy of a whole tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,67 +51,63 @@ class ErrorStats:
         return reference.sqnr_db(self.signal, self.noise)
 
 
-def quantize_chunks(w: torch.Tensor, scale: torch.Tensor, spec: FormatSpec, block_size: int,
-                    stats: ErrorStats | None = None) -> Iterator[torch.Tensor]:
-    """Yield q in row chunks (each a contiguous tensor of spec.weight_dtype; valid until the next
-    chunk is requested). Accumulates the dequantization error into ``stats`` if given."""
+def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int, scale: torch.Tensor | None = None,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, ErrorStats]:
+    """Quantize a whole 2-D tensor on the CPU: returns (q, scale, error stats). Bit-identical to
+    ``reference.quantize``; peak extra memory is q plus two cache-sized fp32 chunks. ``out``: a
+    uint8 buffer of at least ``w.numel()`` bytes to hold q (reused buffers keep RSS flat).
+
+    One read of ``w`` for row and block scales (each chunk holds whole rows / block rows, so its
+    scales come from the fp32 chunk just loaded); a per-tensor scale needs one amax pass first.
+    The error stats are ComfyUI's dequantization in fp32 (``q.float() * scale``) against ``w``."""
     n, k = w.shape
+    q = torch.empty((n, k), dtype=spec.weight_dtype) if out is None else \
+        out[:n * k].view(spec.weight_dtype).view(n, k)
+    stats = ErrorStats()
+    chunk_scales = scale is None and spec.granularity != "tensor"
+    if scale is None and not chunk_scales:
+        scale = compute_scale(w, spec, block_size)
+    if scale is not None and not bool(torch.isfinite(scale).all()):
+        return q, scale, stats  # the caller refuses the layer; nothing to quantize
     rows = rows_per_chunk((n, k), spec, block_size)
     w32 = torch.empty((rows, k), dtype=torch.float32)
     x = torch.empty((rows, k), dtype=torch.float32)
-    q = torch.empty((rows, k), dtype=spec.weight_dtype)
     qmax = spec.qmax
-    if stats is not None and not spec.is_int:
+    if not spec.is_int:
         # torch's fp8 -> fp32 cast is slow on CPU; a 256-entry table gives the same values 3x faster.
         lut = torch.arange(256, dtype=torch.uint8).view(spec.weight_dtype).float()
         idx = torch.empty(rows * k, dtype=torch.int32)
+    parts = []
     for i in range(0, n, rows):
         r = min(rows, n - i)
-        wc, xc, qc = w32[:r], x[:r], q[:r]
+        wc, xc, qc = w32[:r], x[:r], q[i:i + r]
         wc.copy_(w[i:i + r])
-        if spec.granularity == "tensor":
-            s, wv, xv = scale, wc, xc
-        elif spec.granularity == "row":
-            s, wv, xv = scale[i:i + r], wc, xc
+        if chunk_scales:
+            parts.append(reference.compute_scale(wc, spec, block_size))  # exact: abs and max in fp32
+            s = parts[-1]
         else:
+            s = scale if spec.granularity == "tensor" else scale[i:i + r]
+        if spec.granularity == "block":
             # r is a multiple of the block size; view the chunk as tiles [r/b, b, K/b, b].
             b = block_size
-            s = scale[i // b:(i + r) // b][:, None, :, None]
+            s = (s if chunk_scales else scale[i // b:(i + r) // b])[:, None, :, None]
             wv, xv = wc.view(r // b, b, k // b, b), xc.view(r // b, b, k // b, b)
+        else:
+            wv, xv = wc, xc
         torch.div(wv, s, out=xv)
         if spec.is_int:
             xc.round_()
         xc.clamp_(-qmax, qmax)
         qc.copy_(xc)
-        if stats is not None:
-            # Dequantize as ComfyUI does in fp32: q.float() * scale (xc holds exactly q for int8).
-            if not spec.is_int:
-                ic = idx[:r * k]
-                ic.copy_(qc.view(torch.uint8).view(-1))
-                torch.index_select(lut, 0, ic, out=xc.view(-1))
-            xv.mul_(s)
-            stats.signal += float(torch.dot(wc.view(-1), wc.view(-1)))
-            xc.sub_(wc)
-            stats.noise += float(torch.dot(xc.view(-1), xc.view(-1)))
-        yield qc
-
-
-def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int, scale: torch.Tensor | None = None,
-                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, ErrorStats]:
-    """Quantize a whole 2-D tensor on the CPU: returns (q, scale, error stats). Bit-identical to
-    ``reference.quantize``; peak extra memory is q plus two cache-sized fp32 chunks. ``out``: a
-    uint8 buffer of at least ``w.numel()`` bytes to hold q (reused buffers keep RSS flat)."""
-    if scale is None:
-        scale = compute_scale(w, spec, block_size)
-    n, k = w.shape
-    if out is None:
-        q = torch.empty((n, k), dtype=spec.weight_dtype)
-    else:
-        q = out[:n * k].view(spec.weight_dtype).view(n, k)
-    stats = ErrorStats()
-    if not bool(torch.isfinite(scale).all()):
-        return q, scale, stats  # the caller refuses the layer; nothing to quantize
-    rows = rows_per_chunk((n, k), spec, block_size)
-    for i, chunk in enumerate(quantize_chunks(w, scale, spec, block_size, stats)):
-        q[i * rows:i * rows + chunk.shape[0]].copy_(chunk)
+        # Dequantize as ComfyUI does in fp32: q.float() * scale (xc holds exactly q for int8).
+        if not spec.is_int:
+            ic = idx[:r * k]
+            ic.copy_(qc.view(torch.uint8).view(-1))
+            torch.index_select(lut, 0, ic, out=xc.view(-1))
+        xv.mul_(s)
+        stats.signal += float(torch.dot(wc.view(-1), wc.view(-1)))
+        xc.sub_(wc)
+        stats.noise += float(torch.dot(xc.view(-1), xc.view(-1)))
+    if chunk_scales:
+        scale = torch.cat(parts) if parts else reference.compute_scale(w, spec, block_size)
     return q, scale, stats

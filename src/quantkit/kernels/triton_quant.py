@@ -2,7 +2,7 @@
 
 One entry point, :func:`quantize`, for every format the converter writes. It returns ``q`` and
 ``scale`` on the input's device, bit-identical to ``reference.quantize(w, spec, block_size)`` for
-bf16 / fp16 / fp32 weights, and the two SQNR sums of ``quantize.quantize_chunks`` (``sum w^2`` and
+bf16 / fp16 / fp32 weights, and the two SQNR sums of ``quantize.quantize_tensor`` (``sum w^2`` and
 ``sum (w - q.float()*scale)^2``) as 0-d float64 tensors, accumulated in the same kernels (fp32 per
 program, fp64 across programs).
 

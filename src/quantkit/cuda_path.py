@@ -1,4 +1,4 @@
-"""The GPU side of the conversion pipeline: pinned host buffers, asynchronous copies, and the
+"""The GPU side of the conversion pipeline: pinned host buffers, copies to and from the device, and the
 quantizer on the device. Each weight is read from the input file straight into a pinned buffer with
 ``preadv`` (one large read per tensor; no mmap page faults, which are slow under some hypervisors),
 copied to the GPU, quantized there, and copied back into one of a small pool of pinned output
@@ -6,13 +6,12 @@ buffers that the writer thread hands back once the bytes are on their way to dis
 So reading the next tensor overlaps writing the previous one; the GPU work in between is ~100x
 faster than either disk stage.
 
-Memory: one pinned input buffer of the largest quantized weight and ``n_out`` pinned output
+Memory: ``n_in`` pinned input buffers of the largest quantized weight and ``n_out`` pinned output
 buffers of its quantized size, plus the device copies of one weight.
 """
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Callable
@@ -20,27 +19,16 @@ from collections.abc import Callable
 import torch
 
 from . import backend
+from .fileio import pread_full
 from .formats import FormatSpec
 from .quantize import ErrorStats
 
 
-def device_quantize(w: torch.Tensor, spec: FormatSpec, block_size: int) -> tuple[torch.Tensor, torch.Tensor, ErrorStats]:
-    """Quantize a tensor already on the device with its backend (Triton kernels on CUDA, see
-    :mod:`quantkit.backend`): (q, scale, error stats), bit-identical to the reference."""
-    r = backend.quantize_tensor(w, spec, block_size, w.device)
-    st = torch.stack([r.signal, r.noise]).cpu()
-    return r.q, r.scale, ErrorStats(float(st[0]), float(st[1]))
-
-
 def pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
     """Fill the uint8 tensor ``buf`` from ``fd`` at ``offset`` (looping over short reads)."""
-    mv = memoryview(buf.numpy()).cast("B")
-    done = 0
-    while done < len(mv):
-        n = os.preadv(fd, [mv[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"unexpected end of file at byte {offset + done}")
-        done += n
+    got = pread_full(fd, memoryview(buf.numpy()), offset)
+    if got < buf.numel():
+        raise OSError(f"unexpected end of file at byte {offset + got}")
 
 
 class _Prefetcher:
@@ -96,7 +84,6 @@ class DeviceQuantizer:
                  n_in: int = 2, n_out: int = 3) -> None:
         self.device = device
         cuda = device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(device) if cuda else None
         max_in = max((n for _, _, n in jobs), default=1)
         self._reader = _Prefetcher(fd, jobs, [torch.empty(max_in, dtype=torch.uint8, pin_memory=cuda)
                                               for _ in range(n_in)])
@@ -113,18 +100,12 @@ class DeviceQuantizer:
         stats, give_back); call ``give_back`` once q's bytes are written, to return its pinned
         buffer to the pool."""
         host, inbuf = self._reader.next(name)  # read by the prefetch thread
-        if self.copy_stream is not None:
-            with torch.cuda.stream(self.copy_stream):
-                wd = host.to(self.device, non_blocking=True)
-            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
-            self.copy_stream.synchronize()
-        else:
-            wd = host.to(self.device, copy=True)
-        self._reader.give_back(inbuf)  # the copy is complete: the reader may refill it
-        wd = wd.view(dtype).view(shape)
-        q, scale, stats = device_quantize(wd, spec, block_size)
+        wd = host.to(self.device, copy=True)  # returns once copied, so the reader may refill inbuf
+        self._reader.give_back(inbuf)
+        r = backend.quantize_tensor(wd.view(dtype).view(shape), spec, block_size, self.device)
         out = self._free.get()  # blocks while the writer still holds every buffer
-        qh = out[:q.numel() * q.element_size()].view(q.dtype).view(q.shape)
-        qh.copy_(q, non_blocking=True)
-        scale_h = scale.cpu()  # synchronizes the stream, so qh is complete
-        return qh, scale_h, stats, lambda: self._free.put(out)
+        qh = out[:r.q.numel() * r.q.element_size()].view(r.q.dtype).view(r.q.shape)
+        qh.copy_(r.q, non_blocking=True)
+        scale_h = r.scale.cpu()  # waits for the stream, so qh is complete too
+        st = torch.stack([r.signal, r.noise]).cpu()
+        return qh, scale_h, ErrorStats(float(st[0]), float(st[1])), lambda: self._free.put(out)

@@ -57,6 +57,7 @@ import torch
 from . import learned
 from .calibration import KEYS
 from .errors import QuantkitError, UsageError
+from .fileio import pread_full, pwrite_all
 from .formats import FORMATS
 from .refine import Refiner
 from .safetensors_io import SafetensorsReader, tensor_bytes
@@ -160,12 +161,6 @@ def learn_layer(job: Job, files: Files) -> tuple[torch.Tensor, torch.Tensor, str
     return r.q, r.scale, r.note
 
 
-def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
-    while len(data):
-        n = os.pwrite(fd, data, pos)
-        data, pos = data[n:], pos + n
-
-
 def _worker(setup: WorkerSetup, conn, work: Callable[[Job, Files], tuple]) -> None:
     """Worker process main loop: one job at a time from ``conn`` until ``None``; answers on ``conn``."""
     import quantkit
@@ -189,8 +184,8 @@ def _worker(setup: WorkerSetup, conn, work: Callable[[Job, Files], tuple]) -> No
                 q, scale, note = work(job, files)
                 if tuple(q.shape) != job.shape or tuple(scale.shape) != job.scale_shape:
                     raise RuntimeError(f"result shapes {tuple(q.shape)}, {tuple(scale.shape)} differ from the plan")
-                _pwrite_all(files.fd, tensor_bytes(q.cpu()), job.q_offset)
-                _pwrite_all(files.fd, tensor_bytes(scale.cpu().float()), job.scale_offset)
+                pwrite_all(files.fd, tensor_bytes(q.cpu()), job.q_offset)
+                pwrite_all(files.fd, tensor_bytes(scale.cpu().float()), job.scale_offset)
                 conn.send(("done", setup.rank, job.layer, note))
             except QuantkitError as e:
                 conn.send(("stop", setup.rank, job.layer, e.one_line()))
@@ -387,18 +382,11 @@ class LearnedStore:
         return q, scale, note
 
     def _read(self, pos: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            k = os.preadv(self._fd, [view[got:]], pos + got)
-            if k <= 0:
-                raise QuantkitError("scratch file of learned rounding is shorter than planned", file=self.path,
-                                    fix="report this as a quantkit bug")
-            got += k
-        if n == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+        buf = torch.empty(torch.Size(shape).numel() * dtype.itemsize, dtype=torch.uint8)
+        if pread_full(self._fd, memoryview(buf.numpy()), pos) < buf.numel():
+            raise QuantkitError("scratch file of learned rounding is shorter than planned", file=self.path,
+                                fix="report this as a quantkit bug")
+        return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
         os.close(self._fd)

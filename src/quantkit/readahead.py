@@ -26,6 +26,8 @@ import struct
 import sys
 import threading
 
+from .fileio import pread_full
+
 CHUNK = 32 << 20
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
 MAX_AHEAD = 8 << 30
@@ -122,12 +124,7 @@ class Readahead:
             if _populate_read(self._fd, base, pos + n - base):
                 return
             self._buf = bytearray(CHUNK)  # a kernel before 5.14, or no libc: read instead
-        view = memoryview(self._buf)[:n]
-        while len(view):
-            got = os.preadv(self._fd, [view], pos)
-            if got <= 0:
-                return
-            view, pos = view[got:], pos + got
+        pread_full(self._fd, memoryview(self._buf)[:n], pos)
 
     def _run(self) -> None:
         try:

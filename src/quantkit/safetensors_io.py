@@ -26,6 +26,7 @@ import torch
 
 from .dtypes import DTYPES, RANK, itemsize, torch_dtype
 from .errors import QuantkitError
+from .fileio import pread_full, pwrite_all
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 METADATA_KEY = "__metadata__"
@@ -220,14 +221,9 @@ class SafetensorsReader:
         view faults on both)."""
         t = self.tensors[name]
         flat = torch.empty(t.nbytes, dtype=torch.uint8)
-        mv = memoryview(flat.numpy()).cast("B")
-        pos, done = self.data_start + t.start, 0
-        while done < t.nbytes:
-            n = os.preadv(self.fileno(), [mv[done:]], pos + done)
-            if n <= 0:
-                raise QuantkitError("file ended inside a tensor's data (truncated?)", file=self.path, tensor=name,
-                                    fix="copy or download the file again")
-            done += n
+        if pread_full(self.fileno(), memoryview(flat.numpy()), self.data_start + t.start) < t.nbytes:
+            raise QuantkitError("file ended inside a tensor's data (truncated?)", file=self.path, tensor=name,
+                                fix="copy or download the file again")
         return flat.view(torch_dtype(t.dtype)).reshape(t.shape)
 
     def prefetch(self, name: str) -> None:
@@ -356,11 +352,7 @@ class SafetensorsWriter:
                 raise
 
     def _pwrite_all(self, data: memoryview | bytes, pos: int) -> None:
-        mv = memoryview(data).cast("B")
-        while mv:
-            n = os.pwrite(self._fd, mv, pos)
-            mv = mv[n:]
-            pos += n
+        pwrite_all(self._fd, data, pos)
 
     def _claim(self, name: str, nbytes: int) -> int:
         if name not in self._planned:

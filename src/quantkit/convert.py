@@ -9,7 +9,6 @@ the temporary file, so the target path never holds a partial file and the input 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import queue
 import tempfile
@@ -23,7 +22,7 @@ from . import multi, quantize, readahead, reference
 from .backend import check_finite, parse_device
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
-from .formats import FORMATS, encode_comfy_quant
+from .formats import FORMATS, decode_comfy_quant, encode_comfy_quant
 from .pipeline import DEFAULT_DEPTH, BackgroundWriter
 from .layerconfig import LayerConfig, load_layer_config
 from .plan import LayerPlan, Options, Plan, default_output_name, plan_conversion
@@ -329,7 +328,7 @@ def verify_written(path: Path, plan: Plan, writer: SafetensorsWriter) -> None:
                                     fix="report this as a quantkit bug")
         for lp in plan.quantized:
             name = f"{lp.layer}.comfy_quant"
-            got = json.loads(bytes(out.buffer(name)).decode("utf-8"))
+            got = decode_comfy_quant(bytes(out.buffer(name)))
             if got != lp.comfy_quant():
                 raise QuantkitError("written .comfy_quant marker does not decode to the plan", file=path,
                                     tensor=name, fix="report this as a quantkit bug")

@@ -115,3 +115,12 @@ def get_format(name: str) -> FormatSpec:
 def encode_comfy_quant(d: dict) -> bytes:
     """The bytes of a .comfy_quant tensor: compact UTF-8 JSON, no padding, no NUL."""
     return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def decode_comfy_quant(raw: bytes) -> dict:
+    """The JSON object in a .comfy_quant tensor's bytes, as ComfyUI's ``json.loads`` reads it;
+    ValueError when they are not UTF-8 JSON or not an object (callers word their own message)."""
+    d = json.loads(bytes(raw).decode("utf-8"))  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    if not isinstance(d, dict):
+        raise ValueError("comfy_quant JSON is not an object")
+    return d

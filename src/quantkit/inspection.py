@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import families
-from .formats import COMFY_READ_KEYS, SCALE_SUFFIXES, STOCK_COMFY_FORMATS
+from .formats import COMFY_READ_KEYS, SCALE_SUFFIXES, STOCK_COMFY_FORMATS, decode_comfy_quant
 from .plan import QUANT_METADATA_KEY
 from .safetensors_io import SafetensorsReader, TensorInfo
 
@@ -118,11 +118,13 @@ def _decode_marker(r: SafetensorsReader, t: TensorInfo, v) -> dict | None:
         return None
     raw = bytes(r.buffer(t.name))
     try:
-        m = json.loads(raw.decode("utf-8"))
+        m = decode_comfy_quant(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         hint = " (NUL padding)" if b"\x00" in raw else ""
         v(Violation("bad-marker", t.name, f"marker bytes are not UTF-8 JSON{hint}; ComfyUI's json.loads fails"))
         return None
+    except ValueError:  # JSON, but not an object
+        m = None
     if not isinstance(m, dict) or not isinstance(m.get("format"), str):
         v(Violation("bad-marker", t.name, "marker JSON must be an object with a string 'format'"))
         return None

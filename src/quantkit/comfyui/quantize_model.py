@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import families, quantize, reference
+from .. import backend, families
 from ..dtypes import TORCH_TO_NAME
 from ..errors import QuantkitError
 from ..formats import FORMATS, encode_comfy_quant
@@ -102,21 +102,13 @@ def quantize_weight(w: torch.Tensor, fmt: str, block_size: int,
     """``(q, scale, sqnr_db)`` on ``w``'s device, bit-identical to what ``quantkit convert`` writes
     for this weight. A CUDA ``work_device`` does the arithmetic there (the weights of an unloaded
     model sit on the CPU); on the CPU the chunked fast path runs."""
-    spec = FORMATS[fmt]
+    dev = w.device
     if work_device is not None and torch.device(work_device).type == "cuda" and w.device.type == "cpu":
-        wd = w.to(work_device)
-        q, scale = reference.quantize(wd, spec, block_size)
-        sqnr = reference.sqnr(wd, reference.dequantize(q, scale, spec, block_size))
-        q, scale = q.to(w.device), scale.to(w.device)
-    elif w.device.type == "cpu":
-        q, scale, stats = quantize.quantize_tensor(w, spec, block_size)
-        sqnr = stats.sqnr_db
-    else:
-        q, scale = reference.quantize(w, spec, block_size)
-        sqnr = reference.sqnr(w, reference.dequantize(q, scale, spec, block_size))
-    if not bool(torch.isfinite(scale).all()):
+        dev = torch.device(work_device)
+    r = backend.quantize_tensor(w, FORMATS[fmt], block_size, dev)  # the converter's own quantizer
+    if not bool(torch.isfinite(r.scale).all()):
         raise ValueError("weight holds NaN or Inf values")
-    return q, scale, sqnr
+    return r.q.to(w.device), r.scale.to(w.device), r.sqnr_db()
 
 
 def layer_state_dict(q: torch.Tensor, scale: torch.Tensor, lp: LayerPlan,

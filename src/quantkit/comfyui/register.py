@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
+from ..formats import decode_comfy_quant
 from .layout import COMFY_FORMAT, LAYOUT_NAME, BlockINT8Layout
 from .loader import load_layer
 
@@ -73,10 +73,9 @@ def loader_signature_ok(fn) -> bool:
 
 def _parse_conf(t) -> dict | None:
     try:
-        d = json.loads(t.numpy().tobytes())
-    except Exception:
+        return decode_comfy_quant(t.detach().cpu().numpy().tobytes())
+    except Exception:  # anything unreadable is left to ComfyUI's own loader
         return None
-    return d if isinstance(d, dict) else None
 
 
 def make_wrapper(original, quant_algos: dict):

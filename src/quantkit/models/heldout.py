@@ -13,14 +13,14 @@ another. Used by the learned-rounding tests and ``benchmarks/learned_minilm.py``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import calibration, reference
-from ..formats import FORMATS
+from ..formats import decode_comfy_quant
+from ..verify import spec_for
 from .bert import BertModel, load_bert, tokenize
 
 
@@ -58,13 +58,9 @@ def load_converted(path: str | Path) -> dict[str, torch.Tensor]:
         layer = name.removesuffix(".weight")
         marker = sd.get(f"{layer}.comfy_quant")
         if name.endswith(".weight") and marker is not None:
-            cq = json.loads(bytes(marker.numpy().tobytes()).decode())
             scale = sd[f"{layer}.weight_scale"]
-            if cq["format"] == "int8_tensorwise":
-                spec = FORMATS["int8-row" if scale.dim() == 2 else "int8-tensor"]
-            else:
-                spec = next(s for s in FORMATS.values() if s.comfy_format == cq["format"])
-            t = reference.dequantize(t, scale, spec, cq.get("group_size", 128), torch.float32)
+            spec, b = spec_for(decode_comfy_quant(marker.numpy().tobytes()), tuple(scale.shape))
+            t = reference.dequantize(t, scale, spec, b, torch.float32)
         out[name] = t.float() if t.is_floating_point() else t
     return out
 

@@ -15,13 +15,13 @@ dynamically per token on the GPU (ComfyUI uses a static 1.0), and INT8 layers ru
 
 from __future__ import annotations
 
-import json
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QuantkitError
+from ..formats import decode_comfy_quant
 from .layouts import QUANT_ALGOS, LayoutParams, get_layout_class
 from .linear import dequantized_linear, quantize_input_static, supports_fp8_compute
 from .tensor import QuantizedTensor
@@ -32,11 +32,11 @@ _STRAY_SCALES = ("weight_scale", "weight_scale_2", "input_scale")
 def parse_comfy_quant(t: torch.Tensor, layer: str) -> dict:
     """The JSON object in a ``.comfy_quant`` uint8 tensor."""
     try:
-        d = json.loads(bytes(t.detach().cpu().to(torch.uint8).numpy()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        d = decode_comfy_quant(t.detach().cpu().to(torch.uint8).numpy().tobytes())
+    except ValueError as e:
         raise QuantkitError(f"comfy_quant is not UTF-8 JSON ({e})", tensor=f"{layer}.comfy_quant",
                             fix="rewrite the file with quantkit convert") from None
-    if not isinstance(d, dict) or "format" not in d:
+    if "format" not in d:
         raise QuantkitError("comfy_quant has no 'format' key", tensor=f"{layer}.comfy_quant",
                             fix="rewrite the file with quantkit convert")
     return d

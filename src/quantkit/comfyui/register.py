@@ -24,9 +24,8 @@ import inspect
 import logging
 from dataclasses import dataclass, field
 
-import torch
-
 from ..formats import decode_comfy_quant
+from ..runtime.layouts import QUANT_ALGOS
 from .layout import COMFY_FORMAT, LAYOUT_NAME, BlockINT8Layout
 from .loader import load_layer
 
@@ -38,10 +37,8 @@ LOADER_PARAMS = ("module", "super_load", "state_dict", "prefix", "local_metadata
 WRAPPED_MARK = "__quantkit_original__"
 
 QUANT_ALGO_ENTRY = {
-    "storage_t": torch.int8,
-    "parameters": {"weight_scale", "input_scale"},
+    **QUANT_ALGOS[COMFY_FORMAT],  # storage_t, parameters, group_size (informational: each layer's own decides)
     "comfy_tensor_layout": LAYOUT_NAME,
-    "group_size": 128,  # informational; each layer's own group_size (or its shapes) decides
     # ComfyUI must not quantize activations with a static input_scale before calling F.linear: the
     # layout's linear handler quantizes them per token itself (W8A8) or dequantizes the weight.
     "quantize_input": False,

@@ -67,7 +67,9 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                 kw = {"device": device, "dtype": compute_dtype}
                 self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
                 self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
+                # fp32 as stored (a plain attribute: a buffer would be cast by module.to(dtype))
                 self.input_scale: torch.Tensor | None = None
+                self._static_spec = None  # the FP8 spec when the input is quantized with input_scale
                 self.quant_format: str | None = None
                 self.full_precision_mm = full_precision_mm
 
@@ -133,6 +135,8 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                 params = LayoutParams(scale.float(), compute_dtype, (n, k), block)
                 self.weight = nn.Parameter(QuantizedTensor(weight, layout, params), requires_grad=False)
                 self.input_scale = None if input_scale is None else input_scale.float()
+                spec = get_layout_class(layout).spec
+                self._static_spec = spec if input_scale is not None and spec.name == "fp8" else None
                 self.quant_format = fmt
                 self.full_precision_mm = full_precision_mm or bool(conf.get("full_precision_matrix_mult", False))
 
@@ -142,11 +146,9 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                     return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
                 if self.full_precision_mm:
                     return dequantized_linear(x, w, self.bias)
-                if (self.input_scale is not None and get_layout_class(w._layout_type).spec.name == "fp8"
-                        and supports_fp8_compute(x.device)):
-                    spec = get_layout_class(w._layout_type).spec
+                if self._static_spec is not None and supports_fp8_compute(x.device):
                     s = self.input_scale.to(x.device)
-                    xq = quantize_input_static(x, s, spec)
+                    xq = quantize_input_static(x, s, self._static_spec)
                     x = QuantizedTensor(xq, w._layout_type, LayoutParams(s, x.dtype, tuple(x.shape)))
                 return F.linear(x, w, self.bias)
 

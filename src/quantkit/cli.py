@@ -24,7 +24,7 @@ from .families import PRESET_CHOICES
 from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS
 from .plan import Options, default_output_name, plan_file
 from .inspection import inspect_file
-from .render import print_inspection, print_plan, print_verify
+from .render import print_inspection, print_plan, print_summary, print_verify
 from .verify import verify as verify_file
 from .report import ConvertReport
 
@@ -54,9 +54,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 def _fail(e: QuantkitError) -> typer.Exit:
-    if os.environ.get("QUANTKIT_DEBUG") == "1":
-        raise e
-    err.print(Text(f"error: {e.one_line()}"), soft_wrap=True, highlight=False)
+    _fail_one(e)
     return typer.Exit(e.exit_code)
 
 
@@ -64,49 +62,6 @@ class _Throughput(ProgressColumn):
     def render(self, task) -> Text:
         speed = task.speed
         return Text(f"{speed / 1e9:.2f} GB/s" if speed else "-- GB/s", style="cyan")
-
-
-def _gb(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
-
-
-def _db(x: float) -> str:
-    return "exact" if x == float("inf") else f"{x:.1f} dB"
-
-
-def print_summary(report: ConvertReport, console: Console) -> None:
-    t = Table(title=f"{Path(report.output).name}", show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("layers", f"{report.count('quantized')} quantized, {report.count('fallback')} fell back, "
-                        f"{report.count('kept')} kept")
-    ratio = report.bytes_out / report.bytes_in if report.bytes_in else 0
-    t.add_row("size", f"{_gb(report.bytes_in)} -> {_gb(report.bytes_out)} ({ratio:.0%})")
-    stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_seconds.items())
-    t.add_row("time", f"{report.seconds:.1f} s ({report.bytes_in / max(report.seconds, 1e-9) / 1e9:.2f} GB/s in; "
-                      f"{stages})")
-    for fmt, (lo, med, n) in report.sqnr_by_format().items():
-        stock = "stock ComfyUI" if FORMATS[fmt].stock_comfy else "needs the quantkit node"
-        t.add_row(f"SQNR {fmt}", f"min {_db(lo)}, median {_db(med)} over {n} layers ({stock})")
-    learned = [lay.reason for lay in report.layers if "objective" in lay.reason]
-    if learned:
-        kept = sum("rtn (learned not better)" in r for r in learned)
-        t.add_row("learned", f"{len(learned) - kept} improved, {kept} kept RTN (calibration objective)")
-    corrected = sum(lay.reason.startswith("bias corrected") for lay in report.layers)
-    if corrected:
-        t.add_row("bias", f"{corrected} biases corrected")
-    console.print(t)
-    fallen: dict[str, list[str]] = {}
-    for lay in report.layers:
-        if lay.action == "fallback" or (lay.action == "kept" and "--fallback keep" in lay.reason):
-            fallen.setdefault(lay.format or "keep (unquantized)", []).append(f"{lay.name} {list(lay.shape)}")
-    for fmt, names in fallen.items():
-        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        console.print(Text(f"fallback -> {fmt}: {len(names)} layers the requested format cannot take: {shown}"),
-                      highlight=False)
 
 
 # Options shared by `convert` and `plan`.

@@ -3,12 +3,16 @@ cli.py that prints)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from .formats import FORMATS
 from .inspection import Inspection, Violation
 from .plan import Plan
+from .report import ConvertReport
 from .verify import VerifyReport
 
 
@@ -134,3 +138,35 @@ def print_verify(rep: VerifyReport, console: Console, worst: int = 10) -> None:
     print_violations(rep.violations, console)
     console.print(Text("OK" if rep.ok else f"FAILED: {len(rep.violations)} violation(s)",
                        style="bold green" if rep.ok else "bold red"))
+
+
+def print_summary(report: ConvertReport, console: Console) -> None:
+    t = Table(title=f"{Path(report.output).name}", show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("layers", f"{report.count('quantized')} quantized, {report.count('fallback')} fell back, "
+                        f"{report.count('kept')} kept")
+    ratio = report.bytes_out / report.bytes_in if report.bytes_in else 0
+    t.add_row("size", f"{gb(report.bytes_in)} -> {gb(report.bytes_out)} ({ratio:.0%})")
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_seconds.items())
+    t.add_row("time", f"{report.seconds:.1f} s ({report.bytes_in / max(report.seconds, 1e-9) / 1e9:.2f} GB/s in; "
+                      f"{stages})")
+    for fmt, (lo, med, n) in report.sqnr_by_format().items():
+        stock = "stock ComfyUI" if FORMATS[fmt].stock_comfy else "needs the quantkit node"
+        t.add_row(f"SQNR {fmt}", f"min {db(lo)}, median {db(med)} over {n} layers ({stock})")
+    learned = [lay.reason for lay in report.layers if "objective" in lay.reason]
+    if learned:
+        kept = sum("rtn (learned not better)" in r for r in learned)
+        t.add_row("learned", f"{len(learned) - kept} improved, {kept} kept RTN (calibration objective)")
+    corrected = sum(lay.reason.startswith("bias corrected") for lay in report.layers)
+    if corrected:
+        t.add_row("bias", f"{corrected} biases corrected")
+    console.print(t)
+    fallen: dict[str, list[str]] = {}
+    for lay in report.layers:
+        if lay.action == "fallback" or (lay.action == "kept" and "--fallback keep" in lay.reason):
+            fallen.setdefault(lay.format or "keep (unquantized)", []).append(f"{lay.name} {list(lay.shape)}")
+    for fmt, names in fallen.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        console.print(Text(f"fallback -> {fmt}: {len(names)} layers the requested format cannot take: {shown}"),
+                      highlight=False)

@@ -1,5 +1,5 @@
-"""Rich views of a plan, an inspection and a verification, for the CLI (the only module besides
-cli.py that prints)."""
+"""Rich views of a plan, an inspection, a verification and a conversion summary, for the CLI (the only
+module besides cli.py that prints)."""
 
 from __future__ import annotations
 

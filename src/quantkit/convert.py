@@ -136,14 +136,14 @@ def _make_quantizer(layers: list[LayerPlan], reader: SafetensorsReader, device: 
     return _cpu_quantizer(layers, reader)
 
 
-def _max_sizes(layers: list[LayerPlan], reader: SafetensorsReader) -> tuple[int, int]:
-    infos = [reader.tensors[lp.tensor] for lp in layers]
-    return max((t.nbytes for t in infos), default=0), max((t.numel for t in infos), default=0)
+def _max_numel(layers: list[LayerPlan], reader: SafetensorsReader) -> int:
+    """Elements of the largest weight: the size of a q buffer (1-byte formats)."""
+    return max((reader.tensors[lp.tensor].numel for lp in layers), default=0)
 
 
 def _device_quantizer(layers: list[LayerPlan], reader: SafetensorsReader, device: torch.device):
     from .cuda_path import DeviceQuantizer
-    _, max_out = _max_sizes(layers, reader)
+    max_out = _max_numel(layers, reader)
     jobs = [(lp.tensor, reader.data_start + reader.tensors[lp.tensor].start, reader.tensors[lp.tensor].nbytes)
             for lp in layers]
     dq = DeviceQuantizer(device, reader.fileno(), jobs, max_out, n_out=DEFAULT_DEPTH + 1)
@@ -156,7 +156,7 @@ def _device_quantizer(layers: list[LayerPlan], reader: SafetensorsReader, device
 
 
 def _cpu_quantizer(layers: list[LayerPlan], reader: SafetensorsReader):
-    _, max_out = _max_sizes(layers, reader)
+    max_out = _max_numel(layers, reader)
     free: queue.Queue[torch.Tensor] = queue.Queue()
     for _ in range(DEFAULT_DEPTH + 1):  # one being written, DEFAULT_DEPTH queued... and one being filled
         free.put(torch.empty(max(max_out, 1), dtype=torch.uint8))

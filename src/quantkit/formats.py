@@ -97,6 +97,7 @@ STOCK_COMFY_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "mxfp8
 COMFY_READ_KEYS = ("format", "full_precision_matrix_mult", "convrot", "convrot_groupsize", "group_size")
 # The scale tensors a quantized layer L may carry; ComfyUI refuses any of them without L.comfy_quant.
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale")
+QUANT_SUFFIXES = (".comfy_quant", *SCALE_SUFFIXES)  # every tensor a quantized layer adds besides .weight
 
 # Extra .comfy_quant keys a user may set per layer (or for all layers), with their type. Stock
 # ComfyUI reads full_precision_matrix_mult: dequantize and run a normal matmul for that layer.

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import families
-from .formats import COMFY_READ_KEYS, SCALE_SUFFIXES, STOCK_COMFY_FORMATS, decode_comfy_quant
+from .formats import COMFY_READ_KEYS, QUANT_SUFFIXES, SCALE_SUFFIXES, STOCK_COMFY_FORMATS, decode_comfy_quant
 from .plan import QUANT_METADATA_KEY
 from .safetensors_io import SafetensorsReader, TensorInfo
 
@@ -107,7 +107,7 @@ def inspect_reader(r: SafetensorsReader) -> Inspection:
     for layer, m in ins.markers.items():
         _check_layer(layer, m, T, v)
     _check_header(r.metadata, ins.markers, v, ins.notes.append)
-    names = {n: t.shape for n, t in T.items() if not n.endswith((".comfy_quant", *SCALE_SUFFIXES))}
+    names = {n: t.shape for n, t in T.items() if not n.endswith(QUANT_SUFFIXES)}
     ins.families = families.detect(names)
     return ins
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from . import families, policy
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
-from .formats import FALLBACK_CHOICES, FORMATS, LAYER_OPTIONS, FormatSpec, encode_comfy_quant, get_format
+from .formats import FALLBACK_CHOICES, FORMATS, LAYER_OPTIONS, QUANT_SUFFIXES, FormatSpec, encode_comfy_quant, get_format
 from .layerconfig import LayerConfig, LayerRule
 from .safetensors_io import PlannedTensor, SafetensorsReader, TensorInfo, build_header
 
@@ -140,7 +140,7 @@ def plan_conversion(reader: SafetensorsReader, options: Options) -> Plan:
     spec = FORMATS[options.format]
     sel = policy.Selection.from_patterns(options.include, options.exclude)
     for t in reader.tensors_in_order:
-        if t.name.endswith(policy.QUANT_SUFFIXES):
+        if t.name.endswith(QUANT_SUFFIXES):
             raise QuantkitError("input already holds quantized layers", file=reader.path, tensor=t.name,
                                 fix="convert the original bf16/fp16/fp32 checkpoint")
     if reader.metadata and QUANT_METADATA_KEY in reader.metadata:

@@ -25,7 +25,6 @@ DEFAULT_KEEP: tuple[tuple[str, str], ...] = (
 )
 
 # Tensor suffixes that mean the input is already quantized.
-QUANT_SUFFIXES = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".input_scale")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 
 from . import reference
 from .errors import UsageError
-from .formats import FORMATS, SCALE_SUFFIXES, FormatSpec
+from .formats import FORMATS, QUANT_SUFFIXES, FormatSpec
 from .inspection import Inspection, Violation, inspect_reader
 from .safetensors_io import SafetensorsReader
 
@@ -98,7 +98,7 @@ def _compare(out: SafetensorsReader, src: SafetensorsReader, rep: VerifyReport) 
         if name not in out.tensors:
             v(Violation("missing-tensor", name, f"in the original but not in the output ({src.path})"))
     for name, t in out.tensors.items():
-        if name.endswith((".comfy_quant", *SCALE_SUFFIXES)):
+        if name.endswith(QUANT_SUFFIXES):
             continue
         layer = name.removesuffix(".weight")
         o = src.tensors.get(name)

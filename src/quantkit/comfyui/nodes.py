@@ -28,7 +28,6 @@ log = logging.getLogger("quantkit.comfyui")
 CATEGORY = "quantkit"
 # Folders the convert node reads from (ComfyUI's folder_paths names).
 SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders")
-FALLBACKS = tuple(f for f in FALLBACK_CHOICES)
 PRESET_TIP = "model family whose high-precision layers stay unquantized (auto: detect; none: generic rules)"
 
 
@@ -52,7 +51,7 @@ class QuantkitQuantizeModel:
                 "target": (list(TARGETS), {"default": "fp8_e4m3fn"}),
                 "block_size": ("INT", {"default": DEFAULT_BLOCK_SIZE, "min": 16, "max": 1024, "step": 16,
                                        "tooltip": "tile size of int8_blockwise (power of two)"}),
-                "fallback": (list(FALLBACKS), {"default": "int8-row",
+                "fallback": (list(FALLBACK_CHOICES), {"default": "int8-row",
                                                "tooltip": "format for layers int8_blockwise cannot tile"}),
             },
             "optional": {
@@ -146,7 +145,7 @@ class QuantkitConvertCheckpoint:
                 "source": (_source_choices(),),
                 "format": (list(FORMATS), {"default": "fp8"}),
                 "block_size": ("INT", {"default": DEFAULT_BLOCK_SIZE, "min": 16, "max": 1024, "step": 16}),
-                "fallback": (list(FALLBACKS), {"default": "int8-row"}),
+                "fallback": (list(FALLBACK_CHOICES), {"default": "int8-row"}),
                 "output_name": ("STRING", {"default": "", "tooltip": "empty: <source>-<format>.safetensors"}),
                 "overwrite": ("BOOLEAN", {"default": False}),
             },

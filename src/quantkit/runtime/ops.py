@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QuantkitError
-from ..formats import decode_comfy_quant
+from ..formats import SCALE_SUFFIXES, decode_comfy_quant
 from .layouts import QUANT_ALGOS, LayoutParams, get_layout_class
 from .linear import dequantized_linear, quantize_input_static, supports_fp8_compute
 from .tensor import QuantizedTensor
 
-_STRAY_SCALES = ("weight_scale", "weight_scale_2", "input_scale")
+_STRAY_SCALES = tuple(s[1:] for s in SCALE_SUFFIXES)
 
 
 def parse_comfy_quant(t: torch.Tensor, layer: str) -> dict:

@@ -7,6 +7,7 @@ to measure sentence-embedding error on real text. Needs the ``tokenizers`` packa
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -154,12 +155,18 @@ def load_bert(model_dir: str | Path | None = None, weights: str | Path | None = 
 def tokenize(sentences: list[str], model_dir: str | Path | None = None,
              max_len: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask [B, T] with the checkpoint's own tokenizer.json."""
-    from tokenizers import Tokenizer
     d = Path(model_dir) if model_dir else minilm_dir()
-    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-    tok.enable_truncation(max_len)
-    tok.enable_padding(pad_id=0, pad_token="[PAD]")
-    enc = tok.encode_batch(sentences)
+    enc = _tokenizer(str(d / "tokenizer.json"), max_len).encode_batch(sentences)
     ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
     mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
     return ids, mask
+
+
+@functools.cache
+def _tokenizer(path: str, max_len: int):
+    """One parsed tokenizer.json per file (callers tokenize one sentence at a time)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(path)
+    tok.enable_truncation(max_len)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    return tok

@@ -76,6 +76,24 @@ def test_stats_file_roundtrip_and_rejects_other_files(tmp_path):
         calibration.capture(m, second_order="x")
 
 
+def test_loaded_hessians_are_read_on_demand(tmp_path):
+    """A stats file's K x K matrices stay on disk until a layer asks (a Flux.1 file holds 67 GB of
+    them); what a layer gets, and a file saved again, are the captured values."""
+    torch.manual_seed(0)
+    m = Tiny()
+    with torch.no_grad(), calibration.capture(m) as cap:
+        m(torch.randn(16, 8))
+    p, again = tmp_path / "stats.safetensors", tmp_path / "again.safetensors"
+    cap.save(p)
+    back = calibration.Calibration.load(p)
+    d = back.layers["down"]
+    assert dict.__getitem__(d, "hessian") is None  # not held in memory
+    assert torch.equal(d["hessian"], cap.result.layers["down"]["hessian"])
+    assert torch.equal(learned.objective_matrix(d, False), cap.result.layers["down"]["hessian"])
+    back.save(again)
+    assert torch.equal(load_file(str(again))["down.hessian"], load_file(str(p))["down.hessian"])
+
+
 def test_layer_names_match_under_one_prefix():
     cal = calibration.Calibration({"blocks.0.fc": {}, "blocks.1.fc": {}})
     ck = ["model.diffusion_model.blocks.0.fc", "model.diffusion_model.blocks.1.fc", "model.diffusion_model.x"]

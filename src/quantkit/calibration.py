@@ -27,7 +27,8 @@ stored as ``"<layer>.<key>"`` in fp32 (count in fp64), with ``__metadata__`` nam
 Second-order memory: the full ``E[x x^T]`` is K*K*4 bytes per layer. For Flux.1 (12B DiT:
 19 double blocks with ten linears each, K = 3072 except the two MLP down-projections at K = 12288;
 38 single blocks with K = 3072, 3072 and 15360) that is 4*(19*(8*3072^2 + 2*12288^2) +
-38*(2*3072^2 + 15360^2)) bytes = 67.4 GB (smaller top-level linears aside). Ways to bound it:
+38*(2*3072^2 + 15360^2)) bytes = 67.4 GB (smaller top-level linears aside) on disk; :meth:`Calibration.load`
+reads each layer's matrix only when that layer asks for it. Ways to bound the file:
 capture a subset at a time (``layers=r"double_blocks\\.(0|1)\\."``), or ``second_order="diag"``, which keeps only
 the K-float keys (about 21 MB in all for Flux); with a diagonal H, error feedback has nothing to feed
 (it reduces to round-to-nearest), so only the int8 clipping search can still act (not measured).
@@ -96,6 +97,38 @@ class LayerStats:
         return out
 
 
+class _FileStats(dict):
+    """One layer's statistics from a stats file: the K-float keys held in memory, the K x K
+    ``hessian`` read from the file each time it is asked for (a whole Flux.1 file holds 67 GB of
+    them; the converter needs one layer's at a time)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._path = path
+        self._deferred: dict[str, str] = {}
+
+    def defer(self, key: str, tensor: str) -> None:
+        self._deferred[key] = tensor
+        super().__setitem__(key, None)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        tensor = self._deferred.get(key)
+        if tensor is None:
+            return super().__getitem__(key)
+        from .safetensors_io import SafetensorsReader
+        with SafetensorsReader(self._path) as r:
+            return r.read(tensor)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+    def values(self):
+        return [self[k] for k in self]
+
+
 @dataclass
 class Calibration:
     """Statistics per layer name: ``{"count": float, "mean": [K], ...}`` (see the module table)."""
@@ -126,7 +159,11 @@ class Calibration:
                     raise QuantkitError(f"unexpected tensor in a calibration file (keys end in one of "
                                         f"{', '.join(KEYS)})", file=path, tensor=t.name,
                                         fix="recreate the file with quantkit.calibration.capture")
-                layers.setdefault(name, {})[key] = r.read(t.name)
+                d = layers.setdefault(name, _FileStats(path))
+                if key == "hessian":  # K x K: read when a layer asks for it, not all at once
+                    d.defer(key, t.name)
+                else:
+                    d[key] = r.read(t.name)
         for name, d in layers.items():
             if "count" not in d:
                 raise QuantkitError("layer has statistics but no count", file=path, tensor=f"{name}.count",

@@ -24,10 +24,27 @@ import triton
 import triton.language as tl
 
 from ..formats import FormatSpec
-from .triton_quant import _format_args, to_grid
+from .triton_quant import _FP8, _RNE_MAGIC
 
 ROWS = 32  # rows per program
 COLS = 128  # columns per block (quantkit.learned.COLUMN_BLOCK)
+
+
+@triton.jit
+def _grid(x, QMAX: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """x = w / scale (fp32) -> the grid value as fp32 (== learned.to_grid)."""
+    if IS_INT:
+        x = tl.minimum(tl.maximum(x, -4194304.0), 4194304.0)  # keep the RNE trick exact; clamps below
+        r = (x + _RNE_MAGIC) - _RNE_MAGIC
+        g = tl.minimum(tl.maximum(r, -QMAX), QMAX)
+    else:
+        x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
+        a = tl.abs(x)
+        e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, EMIN)
+        c = ((e - MBITS + 150) << 23).to(tl.float32, bitcast=True)
+        r = (a + c) - c
+        g = tl.where(x.to(tl.int32, bitcast=True) < 0, -r, r)
+    return g
 
 
 @triton.jit
@@ -49,7 +66,7 @@ def _gptq_block(w_ptr, s_ptr, u_ptr, q_ptr, e_ptr, n, k, i1, width,
     for j in range(width):
         col = tl.sum(tl.where(cols[None, :] == j, tile, 0.0), axis=1)
         sc = tl.load(s_ptr + rbase + j, mask=rmask, other=1.0)
-        g = to_grid(tl.math.div_rn(col, sc), QMAX, IS_INT, MBITS, EMIN)
+        g = _grid(tl.math.div_rn(col, sc), QMAX, IS_INT, MBITS, EMIN)
         d = tl.load(ubase + j * k + j)
         err = tl.math.div_rn(col - g * sc, d)
         urow = tl.load(ubase + j * k + cols, mask=cmask & (cols >= j), other=0.0)
@@ -59,8 +76,10 @@ def _gptq_block(w_ptr, s_ptr, u_ptr, q_ptr, e_ptr, n, k, i1, width,
 
 
 def _fmt(spec: FormatSpec) -> dict:
-    a = _format_args(spec)
-    return dict(QMAX=float(a["QMAX"]), IS_INT=a["IS_INT"], MBITS=a["MBITS"], EMIN=a["EMIN"])
+    if spec.is_int:
+        return dict(QMAX=float(spec.qmax), IS_INT=True, MBITS=0, EMIN=0)
+    mbits, _, emin = _FP8[spec.weight_dtype]
+    return dict(QMAX=float(spec.qmax), IS_INT=False, MBITS=mbits, EMIN=emin)
 
 
 def gptq_block(w: torch.Tensor, s: torch.Tensor, u: torch.Tensor, q: torch.Tensor, err: torch.Tensor,

@@ -95,38 +95,29 @@ def _load_f32_full(ptrs, IN_BF16: tl.constexpr):
 
 
 @triton.jit
-def to_grid(x, QMAX: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr, EMIN: tl.constexpr):
-    """x = w / scale (fp32) -> its round-to-nearest-even value on the format's grid, as fp32 (the sign
-    of -0.0 kept). INT8: |x| is clamped to 2^22 first, where the add-and-subtract rounding is exact
-    (the result is clamped to QMAX anyway)."""
-    if IS_INT:
-        x = tl.minimum(tl.maximum(x, -4194304.0), 4194304.0)
-        r = (x + _RNE_MAGIC) - _RNE_MAGIC  # round half to even
-        return tl.minimum(tl.maximum(r, -QMAX), QMAX)
-    x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
-    a = tl.abs(x)
-    e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, EMIN)  # binade (>= EMIN)
-    c = ((e - MBITS + 150) << 23).to(tl.float32, bitcast=True)  # 2^23 * the fp8 ulp there
-    r = (a + c) - c  # |x| rounded to the fp8 grid, ties to even
-    return tl.where(x.to(tl.int32, bitcast=True) < 0, -r, r)
-
-
-@triton.jit
 def _quant_values(w, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr, MBITS: tl.constexpr,
                   EBIAS: tl.constexpr, EMIN: tl.constexpr,
                   SUB_MUL: tl.constexpr, MIN_NORMAL: tl.constexpr):
     """w (fp32) and its broadcast scale -> (stored values, dequantized fp32 values)."""
-    g = to_grid(tl.math.div_rn(w, scale), QMAX, IS_INT, MBITS, EMIN)
+    x = tl.math.div_rn(w, scale)
     if IS_INT:
-        q = g.to(tl.int8)
+        r = (x + _RNE_MAGIC) - _RNE_MAGIC  # round half to even (exact for |x| < 2^22)
+        r = tl.minimum(tl.maximum(r, -QMAX), QMAX)
+        q = r.to(tl.int8)
+        deq = r * scale
     else:
-        r = tl.abs(g)
+        x = tl.minimum(tl.maximum(x, -QMAX), QMAX)
+        a = tl.abs(x)
+        e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, EMIN)  # binade (>= EMIN)
+        c = ((e - MBITS + 150) << 23).to(tl.float32, bitcast=True)  # 2^23 * the fp8 ulp there
+        r = (a + c) - c  # |x| rounded to the fp8 grid, ties to even
         normal = (r.to(tl.int32, bitcast=True) >> (23 - MBITS)) - ((127 - EBIAS) << MBITS)
         sub = (tl.minimum(r, MIN_NORMAL) * SUB_MUL).to(tl.int32)  # fp8 subnormal: r / 2^(EMIN-MBITS)
-        neg = g.to(tl.int32, bitcast=True) < 0  # sign bit: -0.0 stays -0.0
+        neg = x.to(tl.int32, bitcast=True) < 0  # sign bit: -0.0 stays -0.0
         bits = tl.where(r >= MIN_NORMAL, normal, sub) | tl.where(neg, 0x80, 0)
         q = bits.to(tl.uint8)
-    return q, g * scale
+        deq = tl.where(neg, -r, r) * scale
+    return q, deq
 
 
 @triton.jit

@@ -18,7 +18,7 @@ and convert_to_quant's own objective, the error projected on W's top-k singular 
 top_p / min_k / max_k), both relative to ||W||_F^2 as dB. Then, in-process on the same weights:
 per-layer seconds of quantkit's learned rounding alone (CUDA-synchronised; calibrated GPTQ with
 the Triton column-block kernel, the same with the PyTorch column loop on two layers, and the
-subspace method), and the subspace method's trade-off for several ``subspace_weight_cost`` values.
+subspace method), and the subspace method's trade-off for several ``subspace_target_db`` values.
 Run on the device machine:
 
     python3 -m pip install --no-deps --no-index wheels/*.whl   # convert_to_quant, prodigy-plus-schedule-free, tqdm
@@ -201,9 +201,9 @@ def main() -> None:
     print(f"| total | {ip['calibrated_total_s']:.2f} | | | {ip['subspace_total_s']:.2f} | |")
     print("Triton GPTQ kernel: " + ("FAILED, loop used: " + ip["kernel_broken"] if ip["kernel_broken"] else
                                     "used" if results["device"] != "cpu" else "not used (CPU: both columns are the loop)"))
-    print("\nsubspace weight cost sweep (weight SQNR dB / projected dB per layer):")
-    for gamma, row in ip["sweep"].items():
-        print(f"gamma {gamma}: " + "  ".join(f"{a:.2f}/{b:.2f}" for a, b in row))
+    print("\nsubspace target sweep (weight SQNR dB / projected dB per layer):")
+    for target, row in ip["sweep"].items():
+        print(f"target {target} dB: " + "  ".join(f"{a:.2f}/{b:.2f}" for a, b in row))
 
 
 def inprocess(ws: dict, shapes: dict, stats: Path, dev: str) -> dict:
@@ -248,9 +248,9 @@ def inprocess(ws: dict, shapes: dict, stats: Path, dev: str) -> dict:
         row["subspace_s"], row["subspace_method"] = sec, r.method
         rows[layer] = row
         wd = w.to(dev)
-        for gamma in (5.0, 10.0, 20.0, 40.0):
-            rg = learned.learn_subspace(w, spec, 128, learned.LearnedOptions(device=dev, subspace_weight_cost=gamma))
-            sweep.setdefault(gamma, []).append(evaluate(wd, rg.dequantize(spec, 128).to(dev)))
+        for target in (1.5, 3.0, 4.5, 6.0):
+            rg = learned.learn_subspace(w, spec, 128, learned.LearnedOptions(device=dev, subspace_target_db=target))
+            sweep.setdefault(target, []).append(evaluate(wd, rg.dequantize(spec, 128).to(dev)))
     return {"layers": rows, "sweep": sweep, "kernel_broken": learned._KERNEL_BROKEN,
             "calibrated_total_s": sum(r["calibrated_s"] for r in rows.values()),
             "subspace_total_s": sum(r["subspace_s"] for r in rows.values())}

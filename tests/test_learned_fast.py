@@ -106,6 +106,13 @@ def test_subspace_lowers_projected_error_at_small_weight_cost(fmt, small_rank):
     assert r.method.startswith("subspace (")
     assert j1 < 0.75 * j0  # > 1.2 dB lower on the projected objective
     assert e1 < 1.03 * e0  # < 0.13 dB of weight SQNR given up
+    # it stops at the first iterate that reaches the target: a lower target gives up less weight error
+    lo = learned.learn_subspace(w, spec, 128, learned.LearnedOptions(device="cpu", subspace_target_db=1.0))
+    hi = learned.learn_subspace(w, spec, 128, learned.LearnedOptions(device="cpu", subspace_target_db=2.0))
+    jl, el = _proj_and_err(w, lo.dequantize(spec, 128))
+    jh, eh = _proj_and_err(w, hi.dequantize(spec, 128))
+    assert 10 ** -0.2 * j0 < jl <= 10 ** -0.1 * j0 and jh <= 10 ** -0.2 * j0
+    assert e0 < el < eh < 1.01 * e0  # 1 dB for < 0.043 dB of weight SQNR
     u, v = learned.subspace_basis(w, learned.subspace_rank(*w.shape))
     assert learned.subspace_rank(*w.shape) == 64
     assert r.objective == pytest.approx(j1 / float((u.T @ w @ v).double().pow(2).sum()), rel=1e-3)

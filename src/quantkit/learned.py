@@ -64,6 +64,7 @@ class LearnedOptions:
     device: str | None = None  # None: cuda when available, else cpu
     objective: str = "calibration"  # or "subspace": data-free, W's top singular subspace (see learn_subspace)
     subspace_weight_cost: float = 20.0  # "subspace" only: gamma of learn_subspace's score
+    subspace_target_db: float = 3.0  # "subspace" only: stop once the projected error is this far below RTN's
 
 
 @dataclass
@@ -329,9 +330,14 @@ def learn_subspace(w: torch.Tensor, spec: FormatSpec, block_size: int, options: 
     Scales are the RTN scales. Projected error feedback: q_t = grid((W + c_t) / s) with
     c_{t+1} = c_t + SUBSPACE_STEP * U_k U_k^T (W - Wq_t) V_k V_k^T, i.e. the rounding threshold of each
     element is shifted by the part of the error that lies in the subspace, so elements near a rounding
-    tie flip (cheap on plain weight error) where that cancels projected error. Each iterate is scored
-    by ``J/J_rtn + gamma * ||W - Wq||^2 / ||W - Wq_rtn||^2`` (plain weight error is not
-    given away for the projection; gamma = ``options.subspace_weight_cost``); the best is kept, RTN (t = 0) whenever no iterate beats it.
+    tie flip (cheap on plain weight error) where that cancels projected error. Each step flips more
+    elements, so the weight error only grows with t: the first iterate whose J is
+    ``options.subspace_target_db`` below J_rtn (3 dB: half the projected error) is kept and the loop
+    stops there, spending the least weight SQNR for that gain (RTN minimises plain weight error, and
+    the projection is a proxy: on real inputs it did not lower output error, DEVELOPMENT.md). Layers
+    that never reach the target keep the iterate with the best
+    ``J/J_rtn + gamma * ||W - Wq||^2 / ||W - Wq_rtn||^2`` (gamma = ``options.subspace_weight_cost``),
+    the target iterate too must beat RTN on that score; RTN (t = 0) whenever no iterate does.
     ``objective_rtn``/``objective`` are J relative to ||U_k^T W V_k||^2. Deterministic; no calibration."""
     dev = pick_device(options.device)
     n, k = w.shape
@@ -353,7 +359,11 @@ def learn_subspace(w: torch.Tensor, spec: FormatSpec, block_size: int, options: 
         ee = float(e.double().pow(2).sum())
         if t == 0:
             base_j, base_e = max(j, torch.finfo(torch.float64).tiny), max(ee, torch.finfo(torch.float64).tiny)
+            target_j = base_j * 10 ** (-options.subspace_target_db / 10)
         score = j / base_j + options.subspace_weight_cost * ee / base_e
+        if t > 0 and j <= target_j and score < 1.0 + options.subspace_weight_cost:
+            best = (score, t, g, j)
+            break
         if best is None or score < best[0]:
             best, stall = (score, t, g, j), 0
         else:

@@ -104,9 +104,8 @@ def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int, scale: t
             ic = idx[:r * k]
             ic.copy_(qc.view(torch.uint8).view(-1))
             torch.index_select(lut, 0, ic, out=xc.view(-1))
-        xv.mul_(s)
         stats.signal += float(torch.dot(wc.view(-1), wc.view(-1)))
-        xc.sub_(wc)
+        torch.addcmul(wv, xv, s, value=-1, out=xv)  # w - q * scale in one pass
         stats.noise += float(torch.dot(xc.view(-1), xc.view(-1)))
     if chunk_scales:
         scale = torch.cat(parts) if parts else reference.compute_scale(w, spec, block_size)

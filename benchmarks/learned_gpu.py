@@ -146,6 +146,11 @@ def main() -> None:
     ctq_extra = ["--num_iter", "20"] if args.quick else []
     ctq = [sys.executable, "-c", "import sys; from convert_to_quant.convert_to_quant import main; "
            "sys.argv[0] = 'convert_to_quant'; sys.exit(main())", "-i", str(src), "--comfy_quant"]
+    # untimed warm-up of both tools: Python's bytecode and Triton's kernel caches, as on any machine
+    # that has converted once (otherwise the first timed run pays them and its tool's net times shrink)
+    for cmd in (q + [str(out / "warm.safetensors")], ctq + ["-o", str(out / "warm.safetensors"), "--simple"]):
+        run(cmd, 600, env, out.resolve())
+    (out / "warm.safetensors").unlink(missing_ok=True)
     for name, cmd in {
         "rtn": q + [str(out / "rtn.safetensors")],
         "quantkit-calibrated": q + [str(out / "qc.safetensors"), "--learned-rounding", "--calibration", str(stats)],
@@ -191,6 +196,17 @@ def main() -> None:
     r = results["runs"]
     print(f"\nconvert_to_quant --simple (no learned rounding): {r['convert_to_quant-simple']['seconds']:.1f} s "
           f"(rc {r['convert_to_quant-simple']['rc']})")
+    net = {n: r[n]["seconds"] - r[base]["seconds"] for n, base in
+           (("quantkit-calibrated", "rtn"), ("quantkit-subspace", "rtn"), ("convert_to_quant", "convert_to_quant-simple"))}
+    ratio = lambda a, b: f"{a / b:.1f}x" if b > 0.05 else "n/a (below timing noise)"  # noqa: E731
+    ipt = results["inprocess"]
+    print("learned rounding, wall net of its tool's plain run: " + ", ".join(f"{n} {v:.1f} s" for n, v in net.items())
+          + f"\nconvert_to_quant net / quantkit net: calibrated {ratio(net['convert_to_quant'], net['quantkit-calibrated'])}, "
+          f"subspace {ratio(net['convert_to_quant'], net['quantkit-subspace'])}"
+          f"\nconvert_to_quant net / quantkit in-process learned rounding: calibrated "
+          f"{ratio(net['convert_to_quant'], ipt['calibrated_total_s'])}, subspace {ratio(net['convert_to_quant'], ipt['subspace_total_s'])}"
+          f"\nwhole wall convert_to_quant / quantkit: calibrated {ratio(r['convert_to_quant']['seconds'], r['quantkit-calibrated']['seconds'])}, "
+          f"subspace {ratio(r['convert_to_quant']['seconds'], r['quantkit-subspace']['seconds'])}")
     ip = results["inprocess"]
     print("\nin-process, seconds (CUDA-synchronised), quantkit learned rounding alone:")
     print("| layer | calibrated (Triton block kernel) | calibrated (PyTorch column loop) | same q | subspace | subspace method |")

@@ -5,14 +5,14 @@ file, with the input in the page cache for every command (it is read once before
     python benchmarks/bench_convert_cpu.py --dir /work/bench --gb 4.2 [--repeat 3] [--no-ctq]
 
 Needs /usr/bin/time (GNU). The old converter: `pip install convert-to-quant prodigy-plus-schedule-free`.
-Prints a Markdown table; ratios are wall time over the cp baseline (median of --repeat runs).
+Prints a Markdown table. cp and the quantkit formats run in interleaved rounds (--repeat of them);
+each quantkit run's ratio is over the cp of its own round, and the table gives the median ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -60,24 +60,41 @@ def main() -> None:
         synth.build(src, a.gb)
     out = a.dir / "out.safetensors"
     rows: list[tuple[str, float, int]] = []
+    ratios: dict[str, list[float]] = {}
+
+    def one(cmd, shell=False, timeout=None) -> tuple[float, int]:
+        out.unlink(missing_ok=True)
+        warm(src)
+        return timed(cmd, shell, timeout)
 
     def run(label: str, cmd, shell=False, timeout=None) -> None:
         walls, rss = [], 0
         for _ in range(a.repeat):
-            out.unlink(missing_ok=True)
-            warm(src)
-            w, r = timed(cmd, shell, timeout)
+            w, r = one(cmd, shell, timeout)
             walls.append(w)
             rss = max(rss, r)
         rows.append((label, statistics.median(walls), rss))
         print(f"{label}: {statistics.median(walls):.2f} s, peak RSS {rss / 1e6:.0f} MB", file=sys.stderr)
 
-    run("cp + sync", f"cp '{src}' '{out}' && sync '{out}'", shell=True)
     # --preset none: quantize every linear, as the old converter does by default
     qk = [sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(out), "--overwrite", "--quiet",
           "--preset", "none"]
-    for fmt in a.formats.split(","):
-        run(f"quantkit {fmt}", qk + ["--format", fmt])
+    cmds = [("cp + sync", f"cp '{src}' '{out}' && sync '{out}'", True)]
+    cmds += [(f"quantkit {fmt}", qk + ["--format", fmt], False) for fmt in a.formats.split(",")]
+    # Interleaved rounds: this disk's write speed drifts by 3x over minutes, so each quantkit run is
+    # compared with the cp of its own round (the ratio column is the median of those per-round ratios).
+    walls: dict[str, list[float]] = {label: [] for label, _, _ in cmds}
+    peak: dict[str, int] = {label: 0 for label, _, _ in cmds}
+    for rnd in range(a.repeat):
+        for label, cmd, shell in cmds:
+            w, r = one(cmd, shell)
+            walls[label].append(w)
+            peak[label] = max(peak[label], r)
+            if label != "cp + sync":
+                ratios.setdefault(label, []).append(w / walls["cp + sync"][-1])
+        print(f"round {rnd + 1}: " + ", ".join(f"{lbl} {walls[lbl][-1]:.2f} s" for lbl, _, _ in cmds), file=sys.stderr)
+    for label, _, _ in cmds:
+        rows.append((label, statistics.median(walls[label]), peak[label]))
     if not a.no_ctq and shutil.which("convert_to_quant"):
         ctq = ["convert_to_quant", "-i", str(src), "-o", str(out), "--simple", "--low-memory", "--comfy_quant"]
         run("convert_to_quant fp8 --simple --low-memory", ctq, timeout=a.ctq_timeout)
@@ -89,15 +106,18 @@ def main() -> None:
     base = rows[0][1]
     ctq_times = {lbl.split()[1]: w for lbl, w, _ in rows if lbl.startswith("convert_to_quant")}
     size = src.stat().st_size
-    print(f"\ninput {size / 1e9:.2f} GB, {os.cpu_count()} cores, median of {a.repeat}\n")
-    print("| command | wall s | x cp | peak RSS MB | x convert_to_quant |")
-    print("|---|---|---|---|---|")
+    print(f"\ninput {size / 1e9:.2f} GB, {os.cpu_count()} cores, median of {a.repeat} interleaved rounds\n")
+    print("| command | wall s (median) | x cp (median of per-round ratios) | per-round x cp, min-max | peak RSS MB | x convert_to_quant |")
+    print("|---|---|---|---|---|---|")
     for label, wall, rss in rows:
         vs = ""
         if label.startswith("quantkit") and ctq_times:
             ref = ctq_times.get("int8" if "int8-block" in label else "fp8")
             vs = f"{wall / ref:.2f}" if ref else ""
-        print(f"| {label} | {wall:.2f} | {wall / base:.2f} | {rss / 1e6:.0f} | {vs} |")
+        rr = ratios.get(label)
+        x = f"{statistics.median(rr):.2f}" if rr else f"{wall / base:.2f}"
+        spread = f"{min(rr):.2f}-{max(rr):.2f}" if rr else ""
+        print(f"| {label} | {wall:.2f} | {x} | {spread} | {rss / 1e6:.0f} | {vs} |")
 
 
 if __name__ == "__main__":

@@ -24,15 +24,17 @@ def _synth():
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8-block"])
-def test_threaded_and_inline_bytes_identical(sample, tmp_path, fmt):
+def test_threaded_inline_and_buffered_bytes_identical(sample, tmp_path, fmt, monkeypatch):
+    """Threaded and inline, O_DIRECT (the default where the file system allows it) and buffered."""
     outs = []
-    for threaded in (True, False):
-        out = tmp_path / f"o-{threaded}.st"
+    for threaded, direct in ((True, "1"), (False, "1"), (True, "0")):
+        monkeypatch.setenv("QUANTKIT_DIRECT_IO", direct)
+        out = tmp_path / f"o-{threaded}-{direct}.st"
         with SafetensorsReader(sample) as r:
             plan = plan_conversion(r, Options(format=fmt))
             importlib.import_module("quantkit.convert")._execute(r, plan, out, None, threaded=threaded)
         outs.append(out.read_bytes())
-    assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]
 
 
 @pytest.fixture(scope="module")

@@ -180,6 +180,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
     need = 0
     fd = -1
     tmp = None
+    writer = None
     try:
         try:
             fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
@@ -223,6 +224,8 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
         except OSError as e:
             raise _os_error(e, dst, need) from None
         finally:
+            if writer is not None:
+                writer.close()
             if fd >= 0:
                 os.close(fd)
         t0 = time.perf_counter()

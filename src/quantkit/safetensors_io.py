@@ -26,7 +26,7 @@ import torch
 
 from .dtypes import DTYPES, RANK, itemsize, torch_dtype
 from .errors import QuantkitError
-from .fileio import pread_full, pwrite_all
+from .fileio import DirectWriter, open_direct, pread_full, pwrite_all
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 METADATA_KEY = "__metadata__"
@@ -341,6 +341,8 @@ class SafetensorsWriter:
         self._planned = {t.name: t.nbytes for t in self.order}
         self._written = dict.fromkeys(self._planned, 0)
         self._reserve()
+        dfd = open_direct(fd)
+        self._io = DirectWriter(fd, dfd) if dfd is not None else None  # None: buffered writes
         self._pwrite_all(header, 0)
 
     def _reserve(self) -> None:
@@ -352,7 +354,10 @@ class SafetensorsWriter:
                 raise
 
     def _pwrite_all(self, data: memoryview | bytes, pos: int) -> None:
-        pwrite_all(self._fd, data, pos)
+        if self._io is not None:
+            self._io.write(data, pos)
+        else:
+            pwrite_all(self._fd, data, pos)
 
     def _claim(self, name: str, nbytes: int) -> int:
         if name not in self._planned:
@@ -368,13 +373,16 @@ class SafetensorsWriter:
         mv = _as_bytes(data)
         pos = self._claim(name, len(mv))
         self._pwrite_all(mv, pos)
-        if len(mv) >= _WRITEBACK_MIN:
+        if self._io is None and len(mv) >= _WRITEBACK_MIN:
             _start_writeback(self._fd, pos, len(mv))
 
     def copy_from_fd(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
         """Append ``nbytes`` of another file to tensor ``name`` with a kernel-side copy (no buffer in
         this process, so no RSS), falling back to pread/pwrite where the kernel cannot."""
         pos = self._claim(name, nbytes)
+        if self._io is not None:
+            self._io.write_from_fd(src_fd, src_offset, nbytes, pos)
+            return
         done = 0
         try:
             while done < nbytes:
@@ -397,4 +405,13 @@ class SafetensorsWriter:
         for t in self.order:
             if self._written[t.name] != t.nbytes:
                 raise RuntimeError(f"file incomplete: {t.name!r} has {self._written[t.name]} of {t.nbytes} bytes")
+        if self._io is not None:
+            self._io.flush()
+        self.close()
         os.ftruncate(self._fd, self.total_size)
+
+    def close(self) -> None:
+        """Release the direct-I/O descriptor and buffer (``finish`` does; call it on failure)."""
+        if self._io is not None:
+            self._io.close()
+            self._io = None

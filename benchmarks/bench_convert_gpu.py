@@ -109,14 +109,15 @@ def main() -> None:
         rows.append((label, statistics.median(runs)))
         print(rows[-1], flush=True)
         if fmt == a.formats.split(",")[0]:
-            # the same without the start-up readahead (quantkit.readahead)
-            evict(src)
-            os.environ["QUANTKIT_READAHEAD"] = "0"
-            try:
-                rows.append((f"quantkit {fmt} --device cuda, QUANTKIT_READAHEAD=0", wall(qk + ["--format", fmt])))
-            finally:
-                del os.environ["QUANTKIT_READAHEAD"]
-            print(rows[-1], flush=True)
+            # the same without the start-up readahead (quantkit.readahead), and with buffered writes
+            for var in ("QUANTKIT_READAHEAD", "QUANTKIT_DIRECT_IO"):
+                evict(src)
+                os.environ[var] = "0"
+                try:
+                    rows.append((f"quantkit {fmt} --device cuda, {var}=0", wall(qk + ["--format", fmt])))
+                finally:
+                    del os.environ[var]
+                print(rows[-1], flush=True)
             # the whole page cache dropped: Python, torch and CUDA libraries load from disk too
             evict(src, everything=True)
             rows.append((f"quantkit {fmt} --device cuda, all caches dropped", wall(qk + ["--format", fmt])))

@@ -51,7 +51,8 @@ def test_peak_rss_bounded(flux_file, tmp_path, fmt):
     out = tmp_path / "o.st"
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child started from a
     # large pytest process would report the parent's peak.
-    code = ("import quantkit; quantkit.convert(%r, %r, format=%r); "
+    # the CPU path's bound: on a GPU machine `auto` would pick CUDA, whose libraries alone take ~0.6 GB
+    code = ("import quantkit; quantkit.convert(%r, %r, format=%r, device='cpu'); "
             "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
             ) % (str(flux_file), str(out), fmt)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -30,6 +30,7 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
 
 BLOCK = 4096  # O_DIRECT alignment: offsets, lengths and buffer addresses (the largest logical block in use)
 BOUNCE = 8 << 20
+BUFFERS = 4  # bounce buffers: one being filled, the rest queued for or under the I/O thread
 
 
 def open_direct(fd: int) -> int | None:
@@ -50,35 +51,89 @@ class DirectWriter:
     every byte into the page cache and then writes it back; 2 GB took 2-6 s of system time on the
     dev box, against 0.1 s with O_DIRECT), and they compete with it for the same cores. O_DIRECT
     needs aligned offsets, lengths and buffers, and a write's ends rarely align: the aligned interior
-    goes out through a page-aligned bounce buffer, and each edge is kept in a 4 KiB block until every
+    is copied into page-aligned bounce buffers, and each edge is kept in a 4 KiB block until every
     byte of that block has been written (each byte of the file is written exactly once), then that
-    block goes out whole. ``flush`` writes what is left (the file's last block, padded: truncate
-    after it). If the kernel refuses a direct write, the rest goes through ``fd`` (buffered)."""
+    block goes out whole. A direct write blocks until the disk has the data, so one I/O thread
+    writes the filled buffers in order while the caller fills the next (``BUFFERS`` of ``BOUNCE``
+    bytes). ``flush`` writes what is left (the file's last block, padded: truncate after it), waits
+    for the I/O thread and raises its first error. If the kernel refuses a direct write, that write
+    and all later ones go through ``fd`` (buffered) instead."""
 
     def __init__(self, fd: int, dfd: int) -> None:
         import mmap
+        import queue
         import threading
         self._fd, self._dfd = fd, dfd
-        self._bounce = mmap.mmap(-1, BOUNCE)
-        self._mv = memoryview(self._bounce)
+        self._refused = dfd < 0
+        self._bufs = [mmap.mmap(-1, BOUNCE) for _ in range(BUFFERS)]
+        self._free: queue.Queue = queue.Queue()
+        for b in self._bufs:
+            self._free.put(b)
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
         self._partial: dict[int, list] = {}  # block index -> [bytearray(BLOCK), bytes filled]
         self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._io_loop, name="quantkit-direct-io", daemon=True)
+        self._thread.start()
 
     @property
     def direct(self) -> bool:
-        return self._dfd >= 0
+        return not self._refused
+
+    # -- the I/O thread --------------------------------------------------------------------------
+    def _io_loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            buf, n, pos = job
+            try:
+                if self._error is None:
+                    self._out(memoryview(buf)[:n], pos)
+            except BaseException as e:  # raised to the caller at its next write or flush
+                self._error = e
+            finally:
+                self._free.put(buf)
+                self._jobs.task_done()
+        self._jobs.task_done()
+
+    def _out(self, mv: memoryview, pos: int) -> None:
+        if not self._refused:
+            try:
+                pwrite_all(self._dfd, mv, pos)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                self._refused = True  # this write and every later one: buffered
+        pwrite_all(self._fd, mv, pos)
+
+    # -- the caller's side -----------------------------------------------------------------------
+    def _check(self) -> None:
+        if self._error is not None:  # sticky: nothing more is written after a failed write
+            raise self._error
+
+    def _submit(self, fill, n: int, pos: int) -> None:
+        """Fill a free bounce buffer (``fill(view)``) with ``n`` bytes and queue its write at ``pos``."""
+        buf = self._free.get()
+        try:
+            fill(memoryview(buf)[:n])
+        except BaseException:
+            self._free.put(buf)
+            raise
+        self._jobs.put((buf, n, pos))
 
     def write(self, data: memoryview | bytes, pos: int) -> None:
         mv = memoryview(data).cast("B")
+
+        def fill(off: int, k: int, out: memoryview) -> None:
+            out[:] = mv[off:off + k]
         with self._lock:
-            self._write_range(pos, len(mv), lambda off, n, out: out.__setitem__(slice(0, n), mv[off:off + n]),
-                              lambda off, n: mv[off:off + n])
+            self._check()
+            self._write_range(pos, len(mv), fill, lambda off, k: mv[off:off + k])
 
     def write_from_fd(self, src_fd: int, src_pos: int, n: int, pos: int) -> None:
-        """Copy ``n`` bytes of another file (at ``src_pos``) to ``pos``: read straight into the
-        bounce buffer, so no copy of the data is held by the process."""
+        """Copy ``n`` bytes of another file (at ``src_pos``) to ``pos``, read straight into the
+        bounce buffers (no copy of the data held by the process)."""
         def fill(off: int, k: int, out: memoryview) -> None:
-            if pread_full(src_fd, out[:k], src_pos + off) != k:
+            if pread_full(src_fd, out, src_pos + off) != k:
                 raise OSError(f"unexpected end of input at byte {src_pos + off + k}")
 
         def piece(off: int, k: int) -> bytes:
@@ -87,14 +142,12 @@ class DirectWriter:
                 raise OSError(f"unexpected end of input at byte {src_pos + off + k}")
             return b
         with self._lock:
+            self._check()
             self._write_range(pos, n, fill, piece)
 
     def _write_range(self, pos: int, n: int, fill, piece) -> None:
         """``fill(off, k, out)`` puts bytes [off, off+k) of the data into ``out``; ``piece(off, k)``
         returns them."""
-        if not self.direct:
-            self._buffered(pos, n, fill)
-            return
         end = pos + n
         lo, hi = -(-pos // BLOCK) * BLOCK, end // BLOCK * BLOCK  # the aligned interior [lo, hi)
         if lo >= hi:
@@ -102,14 +155,9 @@ class DirectWriter:
             return
         if pos < lo:
             self._edge(pos, piece(0, lo - pos))
-        off = lo - pos
-        while off < hi - pos:
+        for off in range(lo - pos, hi - pos, BOUNCE):
             k = min(BOUNCE, hi - pos - off)
-            fill(off, k, self._mv)
-            if not self._out(self._mv[:k], pos + off):
-                self._buffered(pos + off, end - pos - off, lambda o, kk, out: fill(off + o, kk, out))
-                return
-            off += k
+            self._submit(lambda out, off=off, k=k: fill(off, k, out), k, pos + off)
         if end > hi:
             self._edge(hi, piece(hi - pos, end - hi))
 
@@ -118,61 +166,36 @@ class DirectWriter:
         while mv:
             b, o = divmod(pos, BLOCK)
             k = min(BLOCK - o, len(mv))
-            if not self.direct:
-                pwrite_all(self._fd, mv[:k], pos)
-            else:
-                slot = self._partial.setdefault(b, [bytearray(BLOCK), 0])
-                slot[0][o:o + k] = mv[:k]
-                slot[1] += k
-                if slot[1] == BLOCK:
-                    del self._partial[b]
-                    self._mv[:BLOCK] = slot[0]
-                    if not self._out(self._mv[:BLOCK], b * BLOCK):
-                        pwrite_all(self._fd, slot[0], b * BLOCK)
+            slot = self._partial.setdefault(b, [bytearray(BLOCK), 0])
+            slot[0][o:o + k] = mv[:k]
+            slot[1] += k
+            if slot[1] == BLOCK:
+                del self._partial[b]
+                self._submit(lambda out, blk=slot[0]: out.__setitem__(slice(None), blk), BLOCK, b * BLOCK)
             pos, mv = pos + k, mv[k:]
 
-    def _out(self, mv: memoryview, pos: int) -> bool:
-        """One direct write; on refusal switch to buffered writes for good (False: not written)."""
-        try:
-            pwrite_all(self._dfd, mv, pos)
-            return True
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-        self._fall_back()
-        return False
-
-    def _fall_back(self) -> None:
-        os.close(self._dfd)
-        self._dfd = -1
-        for b, (buf, _) in sorted(self._partial.items()):
-            pwrite_all(self._fd, buf, b * BLOCK)  # gaps are zeros until their own writes land
-        self._partial.clear()
-
-    def _buffered(self, pos: int, n: int, fill) -> None:
-        off = 0
-        while off < n:
-            k = min(BOUNCE, n - off)
-            fill(off, k, self._mv)
-            pwrite_all(self._fd, self._mv[:k], pos + off)
-            off += k
-
     def flush(self) -> None:
-        """Write the blocks still waiting for bytes (the file's last one: padded with zeros)."""
+        """Queue the blocks still waiting for bytes (the file's last one, padded with zeros), wait
+        until everything queued is written, and raise the I/O thread's first error."""
         with self._lock:
-            for b, (buf, _) in sorted(self._partial.items()):
-                self._mv[:BLOCK] = buf
-                if not self._out(self._mv[:BLOCK], b * BLOCK):
-                    pwrite_all(self._fd, buf, b * BLOCK)
+            self._check()
+            for b, (blk, _) in sorted(self._partial.items()):
+                self._submit(lambda out, blk=blk: out.__setitem__(slice(None), blk), BLOCK, b * BLOCK)
             self._partial.clear()
+            self._jobs.join()
+            self._check()
 
     def close(self) -> None:
+        """Stop the I/O thread (after the writes already queued) and release the buffers."""
         with self._lock:
+            if self._thread.is_alive():
+                self._jobs.put(None)
+                self._thread.join()
             if self._dfd >= 0:
                 os.close(self._dfd)
                 self._dfd = -1
-            try:
-                self._mv.release()
-                self._bounce.close()
-            except BufferError:  # a failed write's traceback still holds a slice; freed with it
-                pass
+            for b in self._bufs:
+                try:
+                    b.close()
+                except BufferError:  # a failed write's traceback still holds a view; freed with it
+                    pass

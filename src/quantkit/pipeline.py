@@ -5,7 +5,9 @@
   each tensor's pages from the process once done (``release``), so RSS stays bounded;
 * quantize: the calling thread (torch uses all cores inside each op);
 * write: one writer thread takes finished tensors from a bounded queue and writes them at their
-  planned offsets, starting disk writeback as it goes so the final fsync has little left to do.
+  planned offsets, with O_DIRECT where the file system allows it (:class:`quantkit.fileio.DirectWriter`,
+  whose own I/O thread keeps the disk busy while the next buffer fills), else buffered with
+  writeback started as it goes, so the final fsync has little left to do.
 
 At most ``depth`` finished tensors wait for the writer, so memory in flight is bounded by
 ``(depth + 2) x`` the largest quantized tensor (one being written, ``depth`` queued, one being

@@ -377,8 +377,9 @@ class SafetensorsWriter:
             _start_writeback(self._fd, pos, len(mv))
 
     def copy_from_fd(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
-        """Append ``nbytes`` of another file to tensor ``name`` with a kernel-side copy (no buffer in
-        this process, so no RSS), falling back to pread/pwrite where the kernel cannot."""
+        """Append ``nbytes`` of another file to tensor ``name``: read into the direct writer's bounce
+        buffers, or (buffered output) a kernel-side copy, falling back to pread/pwrite where the
+        kernel cannot. Either way no copy of the tensor is held by the process."""
         pos = self._claim(name, nbytes)
         if self._io is not None:
             self._io.write_from_fd(src_fd, src_offset, nbytes, pos)

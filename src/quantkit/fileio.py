@@ -4,7 +4,10 @@ import: :mod:`quantkit.readahead` uses it before torch is loaded."""
 from __future__ import annotations
 
 import errno
+import mmap
 import os
+import queue
+import threading
 
 
 def pread_full(fd: int, buf: memoryview, offset: int) -> int:
@@ -60,12 +63,10 @@ class DirectWriter:
     and all later ones go through ``fd`` (buffered) instead."""
 
     def __init__(self, fd: int, dfd: int) -> None:
-        import mmap
-        import queue
-        import threading
         self._fd, self._dfd = fd, dfd
         self._refused = dfd < 0
-        self._bufs = [mmap.mmap(-1, BOUNCE) for _ in range(BUFFERS)]
+        self._size = BOUNCE
+        self._bufs = [mmap.mmap(-1, self._size) for _ in range(BUFFERS)]
         self._free: queue.Queue = queue.Queue()
         for b in self._bufs:
             self._free.put(b)
@@ -155,8 +156,8 @@ class DirectWriter:
             return
         if pos < lo:
             self._edge(pos, piece(0, lo - pos))
-        for off in range(lo - pos, hi - pos, BOUNCE):
-            k = min(BOUNCE, hi - pos - off)
+        for off in range(lo - pos, hi - pos, self._size):
+            k = min(self._size, hi - pos - off)
             self._submit(lambda out, off=off, k=k: fill(off, k, out), k, pos + off)
         if end > hi:
             self._edge(hi, piece(hi - pos, end - hi))

@@ -86,7 +86,6 @@ def main() -> None:
     evict_ok = t_cold > 0.7 * t_read
 
     rows = []
-    env = dict(os.environ)
     qk = [sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(out), "--overwrite",
           "--device", "cuda", "--preset", "none"]
     sample = Path(__file__).resolve().parents[1] / "samples" / "flux-mini.safetensors"

@@ -128,7 +128,7 @@ class DirectWriter:
             out[:] = mv[off:off + k]
         with self._lock:
             self._check()
-            self._write_range(pos, len(mv), fill, lambda off, k: mv[off:off + k])
+            self._write_range(pos, len(mv), fill)
 
     def write_from_fd(self, src_fd: int, src_pos: int, n: int, pos: int) -> None:
         """Copy ``n`` bytes of another file (at ``src_pos``) to ``pos``, read straight into the
@@ -136,19 +136,17 @@ class DirectWriter:
         def fill(off: int, k: int, out: memoryview) -> None:
             if pread_full(src_fd, out, src_pos + off) != k:
                 raise OSError(f"unexpected end of input at byte {src_pos + off + k}")
-
-        def piece(off: int, k: int) -> bytes:
-            b = os.pread(src_fd, k, src_pos + off)
-            if len(b) != k:
-                raise OSError(f"unexpected end of input at byte {src_pos + off + k}")
-            return b
         with self._lock:
             self._check()
-            self._write_range(pos, n, fill, piece)
+            self._write_range(pos, n, fill)
 
-    def _write_range(self, pos: int, n: int, fill, piece) -> None:
-        """``fill(off, k, out)`` puts bytes [off, off+k) of the data into ``out``; ``piece(off, k)``
-        returns them."""
+    def _write_range(self, pos: int, n: int, fill) -> None:
+        """``fill(off, k, out)`` puts bytes [off, off+k) of the data into ``out`` (a bounce buffer,
+        or a small buffer for the unaligned edges)."""
+        def piece(off: int, k: int) -> bytearray:
+            b = bytearray(k)
+            fill(off, k, memoryview(b))
+            return b
         end = pos + n
         lo, hi = -(-pos // BLOCK) * BLOCK, end // BLOCK * BLOCK  # the aligned interior [lo, hi)
         if lo >= hi:

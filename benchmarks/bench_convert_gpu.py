@@ -7,7 +7,9 @@ output can take. Before each timed conversion the input's pages are evicted from
 (posix_fadvise DONTNEED after sync); whether that worked is measured and printed (a cold buffered
 read must not be faster than the direct read). Python's and torch's own files stay cached, as on
 any machine that has run Python lately; one extra row drops the whole page cache (drop_caches,
-where permitted) to show a first run after boot.
+where permitted) to show a first run after boot. The floor is measured at the start and again at
+the end (the disk drifts over minutes); ratios use the mean. Each format also gets one run under
+`start_timeline.py --disk`: process milestones plus the disk's read/write GB/s in 0.5 s bins.
 
     python benchmarks/bench_convert_gpu.py --dir /tmp/qk --gb 8.5
 """
@@ -73,17 +75,19 @@ def main() -> None:
     size = src.stat().st_size
     out_size = size // 2 + (1 << 20)
 
-    evict(src, everything=True)
-    t_read = wall(f"dd if='{src}' of=/dev/null bs=64M iflag=direct status=none", shell=True)
-    evict(src)
-    t_cold = wall(f"cat '{src}' > /dev/null", shell=True)
-    t_write = wall(f"dd if=/dev/zero of='{out}' bs=64M count={out_size >> 26} oflag=direct status=none "
-                   f"&& sync '{out}'", shell=True)
-    out.unlink()
-    floor = t_read + t_write
-    print(f"read direct {size / t_read / 1e9:.2f} GB/s, cold buffered {size / t_cold / 1e9:.2f} GB/s, "
-          f"write direct {out_size / t_write / 1e9:.2f} GB/s, floor {floor:.2f} s", flush=True)
-    evict_ok = t_cold > 0.7 * t_read
+    def disk_floor() -> tuple[float, bool]:
+        evict(src, everything=True)
+        t_read = wall(f"dd if='{src}' of=/dev/null bs=64M iflag=direct status=none", shell=True)
+        evict(src)
+        t_cold = wall(f"cat '{src}' > /dev/null", shell=True)
+        t_write = wall(f"dd if=/dev/zero of='{out}' bs=64M count={out_size >> 26} oflag=direct status=none "
+                       f"&& sync '{out}'", shell=True)
+        out.unlink()
+        print(f"read direct {size / t_read / 1e9:.2f} GB/s, cold buffered {size / t_cold / 1e9:.2f} GB/s, "
+              f"write direct {out_size / t_write / 1e9:.2f} GB/s, floor {t_read + t_write:.2f} s", flush=True)
+        return t_read + t_write, t_cold > 0.7 * t_read
+
+    floor_first, evict_ok = disk_floor()
 
     rows = []
     qk = [sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(out), "--overwrite",
@@ -121,11 +125,11 @@ def main() -> None:
             evict(src, everything=True)
             rows.append((f"quantkit {fmt} --device cuda, all caches dropped", wall(qk + ["--format", fmt])))
             print(rows[-1], flush=True)
-            # where the wall time goes (benchmarks/start_timeline.py)
-            evict(src)
-            tl = subprocess.run([sys.executable, str(Path(__file__).with_name("start_timeline.py")), "--",
-                                 *qk[3:], "--format", fmt], capture_output=True, text=True)
-            print("timeline:", tl.stdout.strip(), tl.stderr[-500:], flush=True)
+        # where the wall time goes, and when the disk idles (benchmarks/start_timeline.py)
+        evict(src)
+        tl = subprocess.run([sys.executable, str(Path(__file__).with_name("start_timeline.py")), "--disk", str(src),
+                             "--", *qk[3:], "--format", fmt], capture_output=True, text=True)
+        print("timeline:", tl.stdout.strip(), tl.stderr[-500:], flush=True)
     if not a.no_ctq and shutil.which("convert_to_quant"):
         ctq = ["convert_to_quant", "-i", str(src), "-o", str(out), "--simple", "--comfy_quant", "--device", "cuda"]
         for label, extra in (("fp8", []), ("int8-block", ["--int8", "--scaling_mode", "block", "--block_size", "128",
@@ -138,11 +142,15 @@ def main() -> None:
                 print(f"convert_to_quant {label} failed: {str(e)[-300:]}", flush=True)
             print(rows[-1], flush=True)
     out.unlink(missing_ok=True)
+    # the disk's speed drifts over minutes: measure the floor again at the end, use the mean of both
+    floor_last, _ = disk_floor()
+    floor = (floor_first + floor_last) / 2
     ctq_t = {r[0].split()[1]: r[1] for r in rows if r[0].startswith("convert_to_quant")}
     print(f"\ninput {size / 1e9:.2f} GB; page-cache eviction {'worked' if evict_ok else 'did NOT work'}\n")
     print("| command | wall s | x disk floor | convert_to_quant s / quantkit s |")
     print("|---|---|---|---|")
-    print(f"| disk floor (dd direct read + write) | {floor:.2f} | 1.00 | |")
+    print(f"| disk floor (dd direct read + write; mean of {floor_first:.2f} s first, {floor_last:.2f} s last) "
+          f"| {floor:.2f} | 1.00 | |")
     for label, w in rows:
         fmt = label.split()[1]
         vs = f"{ctq_t[fmt] / w:.1f}x" if label.startswith("quantkit") and fmt in ctq_t else ""

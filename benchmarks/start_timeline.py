@@ -3,15 +3,19 @@
 Runs the command line in a child process that stamps the wall clock at: interpreter up, `import
 quantkit` done (readahead started, torch imported), `quantkit.cli` imported, `convert()` entered and
 returned, Python's atexit, and the parent sees the process end. Prints seconds since launch.
+With ``--disk FILE`` it also samples /proc/diskstats for the block device holding FILE and prints
+the disk's read and write throughput in 0.5 s bins over the same clock: where the disk sits idle.
 
-    python benchmarks/start_timeline.py [--evict FILE] -- convert model.safetensors -o out.safetensors --device cuda
+    python benchmarks/start_timeline.py [--evict FILE] [--disk FILE] -- convert model.safetensors -o out.safetensors --device cuda
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -46,20 +50,80 @@ cli.main()
 """
 
 
+def _disk_name(path: Path) -> str:
+    """The /proc/diskstats name of the block device that holds ``path`` (its partition's, if any)."""
+    dev = os.stat(path).st_dev
+    want = (os.major(dev), os.minor(dev))
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if (int(f[0]), int(f[1])) == want:
+            return f[2]
+    raise LookupError(f"no /proc/diskstats entry for device {want[0]}:{want[1]} ({path})")
+
+
+def _sectors(name: str) -> tuple[int, int]:
+    for line in Path("/proc/diskstats").read_text().splitlines():
+        f = line.split()
+        if f[2] == name:
+            return int(f[5]), int(f[9])  # sectors read, sectors written (512 B each)
+    raise LookupError(name)
+
+
+class DiskSampler:
+    """Samples a block device's read/write sector counters every ``dt`` seconds on a thread."""
+
+    def __init__(self, path: Path, t0: float, dt: float = 0.1) -> None:
+        self.name, self.t0, self.dt = _disk_name(path), t0, dt
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time() - self.t0, *_sectors(self.name)))
+            if self._stop.wait(self.dt):
+                self.samples.append((time.time() - self.t0, *_sectors(self.name)))
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join()
+
+    def profile(self, bin_s: float = 0.5) -> str:
+        """Two lines, read and write GB/s per ``bin_s`` bin from launch, and the totals."""
+        s = self.samples
+        nbins = int(s[-1][0] / bin_s) + 1
+        rd, wr = [0.0] * nbins, [0.0] * nbins
+        for (ta, ra, wa), (tb, rb, wb) in zip(s, s[1:]):
+            b = min(int(ta / bin_s), nbins - 1)
+            rd[b] += (rb - ra) * 512
+            wr[b] += (wb - wa) * 512
+        fmt = lambda xs: " ".join(f"{x / bin_s / 1e9:4.1f}" for x in xs)  # noqa: E731
+        return (f"disk {self.name}, GB/s per {bin_s} s from launch\n  read  {fmt(rd)}\n  write {fmt(wr)}\n"
+                f"  total read {sum(rd) / 1e9:.2f} GB, written {sum(wr) / 1e9:.2f} GB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--evict", action="append", default=[])
+    ap.add_argument("--disk", type=Path, help="sample the disk that holds this file")
     ap.add_argument("args", nargs=argparse.REMAINDER)
     a = ap.parse_args()
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     for f in a.evict:
         evict(Path(f))
     t0 = time.time()
+    disk = DiskSampler(a.disk, t0) if a.disk is not None else None
     r = subprocess.run([sys.executable, "-c", CHILD, repr(t0), *args], capture_output=True, text=True)
     end = time.time() - t0
+    if disk is not None:
+        disk.stop()
     line = next((ln for ln in r.stderr.splitlines() if ln.startswith("TIMELINE")), "TIMELINE (none)")
     summary = [ln.strip() for ln in r.stdout.splitlines() if ln.lstrip().startswith("time")]
     print(f"{line[9:]} | process end {end:.2f}  (rc {r.returncode}) {' '.join(summary)}")
+    if disk is not None:
+        print(disk.profile())
     if r.returncode:
         print(r.stderr[-2000:])
 

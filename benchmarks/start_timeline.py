@@ -46,8 +46,31 @@ def stamped(*a, **k):
     finally:
         marks.append(("convert() out", time.time() - t0))
 cli.convert_file = stamped
+import importlib
+def wrap(owner, attr, label):
+    real = getattr(owner, attr)
+    def inner(*a, **k):
+        t = time.time() - t0
+        try:
+            return real(*a, **k)
+        finally:
+            marks.append((f"{label} {t:.2f}-", time.time() - t0))
+    setattr(owner, attr, inner)
+for spec in STAMPS:  # "module:Class.attr" or "module:function"
+    mod, _, path = spec.partition(":")
+    owner = importlib.import_module(mod)
+    *outer, attr = path.split(".")
+    for o in outer:
+        owner = getattr(owner, o)
+    wrap(owner, attr, path.rsplit(".", 2)[-1] if len(outer) == 0 else ".".join(path.split(".")[-2:]))
 cli.main()
 """
+
+# Steps of a conversion stamped with their start and end ("label start-end"), in the order they end.
+STAMPS = ["quantkit.convert:_execute", "quantkit.pipeline:BackgroundWriter.close",
+          "quantkit.safetensors_io:SafetensorsWriter.finish", "quantkit.safetensors_io:SafetensorsWriter.close",
+          "os:fsync", "quantkit.convert:verify_written", "os:replace", "quantkit.convert:_fsync_dir",
+          "quantkit.safetensors_io:SafetensorsReader.close", "quantkit.readahead:Readahead.stop"]
 
 
 def _disk_name(path: Path) -> str:
@@ -115,7 +138,8 @@ def main() -> None:
         evict(Path(f))
     t0 = time.time()
     disk = DiskSampler(a.disk, t0) if a.disk is not None else None
-    r = subprocess.run([sys.executable, "-c", CHILD, repr(t0), *args], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", f"STAMPS = {STAMPS!r}\n" + CHILD, repr(t0), *args],
+                       capture_output=True, text=True)
     end = time.time() - t0
     if disk is not None:
         disk.stop()

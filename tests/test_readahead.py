@@ -78,6 +78,7 @@ def test_brings_the_data_into_the_page_cache(tmp_path, monkeypatch, populate):
         monkeypatch.setattr(readahead, "MADV_POPULATE_READ", 12345)  # unknown advice: EINVAL, as on old kernels
     if not hasattr(os, "RWF_NOWAIT"):
         pytest.skip("needs preadv2(RWF_NOWAIT) to see what is cached")
+    monkeypatch.setattr(readahead, "CHUNK", 3 << 20)  # the fallback reads each window in pieces
     p = tmp_path / "m.safetensors"
     start = _file(p, 16 << 20)
     fd = os.open(p, os.O_RDONLY)
@@ -92,12 +93,22 @@ def test_brings_the_data_into_the_page_cache(tmp_path, monkeypatch, populate):
                 return False
         if cached():
             pytest.skip("this file system keeps the file in memory (DONTNEED evicts nothing)")
-        ra = readahead.Readahead(p)
+        ra = readahead.Readahead(p, ahead=40 << 20)
+        assert ra.window == 10 << 20  # a quarter of ahead, between CHUNK and WINDOW
         _wait(lambda: ra.position == start + (16 << 20))
         ra.stop()
         assert cached()
     finally:
         os.close(fd)
+
+
+def test_window_sizes(tmp_path, monkeypatch):
+    p = tmp_path / "m.safetensors"
+    _file(p, 1 << 20)
+    for ahead, window in ((8 << 30, readahead.WINDOW), (256 << 20, 64 << 20), (2 << 20, readahead.CHUNK)):
+        ra = readahead.Readahead(p, ahead=ahead)
+        ra.stop()
+        assert ra.window == window
 
 
 def test_not_a_regular_file_is_left_alone(tmp_path):

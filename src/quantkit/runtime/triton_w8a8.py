@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import gluon_w8a8
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -324,10 +326,21 @@ def w8a8_block_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: 
                       bias: torch.Tensor | None, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
     """Same contract as :func:`quantkit.runtime.activations.w8a8_block_matmul` (``block`` <= 256).
     ``config``: explicit kernel parameters (BLOCK_M, BLOCK_N, GROUP_M, PAIR, MAGIC, num_warps,
-    num_stages) instead of the autotuned choice; BLOCK_N is a multiple or a divisor of ``block``."""
+    num_stages) instead of the autotuned choice; BLOCK_N is a multiple or a divisor of ``block``.
+    On an sm_90 GPU (without ``config``) the Gluon kernel of :mod:`.gluon_w8a8` runs instead where
+    it timed faster for the shape."""
     if block > 256:
         from .activations import w8a8_block_matmul as reference
         return reference(xq, xs, wq, ws, block, bias, out_dtype)
+    if config is None and gluon_w8a8.usable(xq, wq, block):  # Hopper: the Gluon kernel, where faster
+        return gluon_w8a8.tuned_block_matmul(
+            xq, xs, wq, ws, bias, out_dtype, lambda: triton_block_matmul(xq, xs, wq, ws, block, bias, out_dtype))
+    return triton_block_matmul(xq, xs, wq, ws, block, bias, out_dtype, config)
+
+
+def triton_block_matmul(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor, block: int,
+                        bias: torch.Tensor | None, out_dtype: torch.dtype, config: dict | None = None) -> torch.Tensor:
+    """The Triton kernel of :func:`w8a8_block_matmul` (``block`` <= 256), on any GPU."""
     return _launch(xq, xs, wq, ws, bias, out_dtype, True, block, (ws.stride(0), ws.stride(1)), config)
 
 

@@ -80,6 +80,21 @@ def test_ops_linear_plain_layers_and_metadata_override(float_file, tmp_path):
     assert net.a.quant_format == "int8_blockwise"
 
 
+def test_block_size_read_off_the_shapes_without_group_size(float_file, tmp_path):
+    """A marker without group_size (as ComfyUI saves its own state dicts): b from the two shapes."""
+    out = tmp_path / "q.safetensors"
+    quantkit.convert(float_file, out, format="int8-block", block_size=64)
+    sd = load_file(str(out))
+    with_gs = Net(mixed_precision_ops(compute_dtype=torch.float32))
+    with_gs.load_state_dict(dict(sd))
+    sd["a.comfy_quant"] = marker({"format": "int8_blockwise"})
+    without = Net(mixed_precision_ops(compute_dtype=torch.float32))
+    without.load_state_dict(sd)
+    assert without.a.weight.params.block_size == 64
+    x = torch.randn(3, 256)
+    assert torch.equal(without.a(x), with_gs.a(x))
+
+
 def _broken(float_file, tmp_path, edit):
     out = tmp_path / "q.safetensors"
     quantkit.convert(float_file, out, format="int8-block", block_size=64)
@@ -99,10 +114,14 @@ def _broken(float_file, tmp_path, edit):
     (lambda sd: sd.update({"a.weight": sd["a.weight"].view(torch.uint8)}),
      "tensor 'a.weight': int8_blockwise weight stored as torch.uint8, expected torch.int8"),
     (lambda sd: sd.update({"a.weight_scale": sd["a.weight_scale"].reshape(-1)}),
-     r"tensor 'a.weight_scale': weight_scale shape \[8\] does not fit a int8_blockwise weight \[128, 256\] with "
-     "group_size 64"),
+     r"tensor 'a.weight_scale': weight_scale has shape \[8\], needs a 2-D grid \[N/b, K/b\]"),
     (lambda sd: sd.update({"a.comfy_quant": marker({"format": "int8_blockwise", "group_size": 128})}),
-     r"weight_scale shape \[2, 4\] does not fit .* group_size 128"),
+     r"tensor 'a.weight_scale': weight 128x256 with group_size 128 needs weight_scale \[1, 2\] .*found \[2, 4\]"),
+    (lambda sd: sd.update({"a.comfy_quant": marker({"format": "int8_blockwise"}),
+                           "a.weight_scale": torch.ones(2, 2)}),  # no group_size: read off the shapes
+     r"tensor 'a.comfy_quant': no group_size in .comfy_quant and weight 128x256 / scale 2x2 give no square tile"),
+    (lambda sd: sd.update({"a.weight_scale": sd["a.weight_scale"][:, :2].contiguous()}),
+     r"tensor 'a.weight_scale': weight 128x256 with group_size 64 needs weight_scale \[2, 4\]"),
     (lambda sd: sd.update({"a.weight": sd["a.weight"][:64]}),
      r"tensor 'a.weight': weight shape \[64, 256\] does not match the layer's \[128, 256\]"),
 ])

@@ -18,33 +18,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import QuantkitError
+from ..formats import block_size_of
 from .layout import LAYOUT_NAME, make_tensor
-
-
-def block_size_of(layer: str, conf: dict, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> int:
-    """The tile size b, checked against both shapes (raises :class:`QuantkitError` naming the layer)."""
-    if len(weight_shape) != 2:
-        raise QuantkitError(f"int8_blockwise weight is {len(weight_shape)}-D {list(weight_shape)}, needs 2-D [N, K]",
-                            tensor=f"{layer}.weight", fix="only linear layers can be stored int8_blockwise")
-    n, k = weight_shape
-    if len(scale_shape) != 2 or 0 in scale_shape:
-        raise QuantkitError(f"weight_scale has shape {list(scale_shape)}, needs a 2-D grid [N/b, K/b]",
-                            tensor=f"{layer}.weight_scale", fix="re-convert the layer with quantkit")
-    b = conf.get("group_size")
-    if b is None:
-        if n % scale_shape[0] or k % scale_shape[1] or n // scale_shape[0] != k // scale_shape[1]:
-            raise QuantkitError(f"no group_size in .comfy_quant and weight {n}x{k} / scale "
-                                f"{scale_shape[0]}x{scale_shape[1]} give no square tile",
-                                tensor=f"{layer}.comfy_quant", fix="re-convert the layer with quantkit")
-        b = n // scale_shape[0]
-    if not isinstance(b, int) or isinstance(b, bool) or b <= 0:
-        raise QuantkitError(f"group_size {b!r} is not a positive integer", tensor=f"{layer}.comfy_quant",
-                            fix="re-convert the layer with quantkit")
-    if n % b or k % b or tuple(scale_shape) != (n // b, k // b):
-        raise QuantkitError(f"weight {n}x{k} with group_size {b} needs weight_scale [{n // b}, {k // b}] "
-                            f"(N and K divisible by {b}), found {list(scale_shape)}",
-                            tensor=f"{layer}.weight_scale", fix="re-convert the layer with quantkit")
-    return b
 
 
 def load_layer(module, super_load, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

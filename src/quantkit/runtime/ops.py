@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QuantkitError
-from ..formats import SCALE_SUFFIXES, decode_comfy_quant
+from ..formats import SCALE_SUFFIXES, block_size_of, decode_comfy_quant
 from .layouts import QUANT_ALGOS, LayoutParams, get_layout_class
 from .linear import dequantized_linear, quantize_input_static, supports_fp8_compute
 from .tensor import QuantizedTensor
@@ -123,15 +123,15 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                                         fix="rewrite the file with quantkit convert")
                 input_scale = state_dict.pop(prefix + "input_scale", None)
                 layout = algo["comfy_tensor_layout"]
-                block = int(conf.get("group_size", algo.get("group_size", 0))) if "group_size" in algo else 0
                 n, k = weight.shape
-                ok = {"TensorWiseINT8Layout": [(), (n, 1)],
-                      "BlockWiseINT8Layout": [(n // block, k // block)] if block and not (n % block or k % block) else []
-                      }.get(layout, [()])
-                if tuple(scale.shape) not in ok:
-                    raise QuantkitError(f"weight_scale shape {list(scale.shape)} does not fit a {fmt} weight "
-                                        f"[{n}, {k}]" + (f" with group_size {block}" if block else ""),
-                                        tensor=f"{layer}.weight_scale", fix="rewrite the file with quantkit convert")
+                if "group_size" in algo:  # block-wise: the tile size, checked as every loader checks it
+                    block = block_size_of(layer, conf, (n, k), tuple(scale.shape))
+                else:
+                    block = 0
+                    if tuple(scale.shape) not in ([(), (n, 1)] if layout == "TensorWiseINT8Layout" else [()]):
+                        raise QuantkitError(f"weight_scale shape {list(scale.shape)} does not fit a {fmt} weight "
+                                            f"[{n}, {k}]", tensor=f"{layer}.weight_scale",
+                                            fix="rewrite the file with quantkit convert")
                 params = LayoutParams(scale.float(), compute_dtype, (n, k), block)
                 self.weight = nn.Parameter(QuantizedTensor(weight, layout, params), requires_grad=False)
                 self.input_scale = None if input_scale is None else input_scale.float()

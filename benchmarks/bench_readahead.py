@@ -17,7 +17,8 @@ process imports torch (and initialises CUDA where there is a GPU), as at the sta
 ``quantkit convert``. Rows: how many GB the disk read by the time the import finished, and when
 the whole file was cached, for a reading thread (32 MB or 512 MB windows; between windows it
 needs the GIL, which the import holds through long stretches such as loading torch's libraries),
-a thread queueing posix_fadvise(WILLNEED), and a forked child process (no GIL shared).
+a thread queueing posix_fadvise(WILLNEED) (32 MB or 512 MB ranges), and a forked child process (no
+GIL shared).
 """
 
 from __future__ import annotations
@@ -100,9 +101,15 @@ end = os.fstat(fd).st_size
 def populate(chunk):
     for pos in range(0, end, chunk):
         populate_read(fd, pos, min(chunk, end - pos))
-def fadvise():
-    for pos in range(0, end, 32 << 20):
-        os.posix_fadvise(fd, pos, min(32 << 20, end - pos), os.POSIX_FADV_WILLNEED)
+def sendfile(chunk):  # the kernel reads the file into the page cache and /dev/null drops it
+    null = os.open("/dev/null", os.O_WRONLY)
+    pos = 0
+    while pos < end:
+        pos += os.sendfile(null, fd, pos, min(chunk, end - pos)) or end
+    os.close(null)
+def fadvise(chunk):
+    for pos in range(0, end, chunk):
+        os.posix_fadvise(fd, pos, min(chunk, end - pos), os.POSIX_FADV_WILLNEED)
     populate(32 << 20)  # waits for the queued reads
 if method == "fork":
     pid = os.fork()
@@ -112,7 +119,8 @@ if method == "fork":
     wait = lambda: os.waitpid(pid, 0)
 else:
     target = {"thread32": lambda: populate(32 << 20), "thread512": lambda: populate(512 << 20),
-              "fadvise": fadvise}[method]
+              "fadvise": lambda: fadvise(32 << 20), "fadvise512": lambda: fadvise(512 << 20),
+              "sendfile512": lambda: sendfile(512 << 20)}[method]
     th = threading.Thread(target=target, daemon=True)
     th.start()
     wait = th.join
@@ -131,7 +139,7 @@ def with_import(path: Path, repeat: int) -> None:
     size = path.stat().st_size
     rows: dict[str, list[tuple[float, float, float]]] = {}
     for _ in range(repeat):
-        for m in ("thread32", "thread512", "fadvise", "fork"):
+        for m in ("thread32", "thread512", "fadvise", "fadvise512", "sendfile512", "fork"):
             evict(path)
             r = subprocess.run([sys.executable, "-c", IMPORT_CHILD, m, str(path)],
                                capture_output=True, text=True, check=True)

@@ -7,22 +7,27 @@ background thread from the first moment, so that by the time the quantizer runs,
 memory copies, and the disk works through the start-up instead of after it.
 
 It imports nothing heavy (no torch), so the command line can start it before the rest of quantkit
-is imported (:func:`start_for_cli`). The thread maps up to 512 MB of the file at a time and faults
-it in with one ``madvise(MADV_POPULATE_READ)`` (Linux 5.14+; called through ctypes, which releases
-the GIL; no copy into this process, and the window is unmapped again at once, so it adds nothing
-to the process's resident memory); elsewhere it preads into one 32 MB buffer instead. The windows
-are large because between two of them the thread needs the GIL, which ``import torch`` holds for
-long stretches: with 32 MB windows the disk read 1.2 GB/s during the import on the benchmark's GPU
-machine, with 512 MB 1.6-1.9 GB/s, as fast as a forked reader process (``bench_readahead.py``). It stays at most ``ahead`` bytes in front of the position
-the converter reports with :meth:`advance` (default: a quarter of the available memory, at most
-8 GB), so a checkpoint larger than memory does not evict its own beginning before it is used.
-Best effort throughout: any OS error ends the thread quietly, and the converter's own reads report
-problems as usual.
+is imported (:func:`start_for_cli`). The thread hands the kernel up to 512 MB of the file at a time
+with ``sendfile`` to ``/dev/null``: the kernel reads the range into the page cache (with its usual
+sequential readahead) and drops the copy, so nothing is mapped into or copied to this process and
+its resident memory does not grow. Where ``sendfile`` cannot write to ``/dev/null`` it preads into
+one 32 MB buffer instead. It stays at most ``ahead`` bytes in front of the position the converter
+reports with :meth:`advance` (default: a quarter of the available memory, at most 8 GB), so a
+checkpoint larger than memory does not evict its own beginning before it is used. Best effort
+throughout: any OS error ends the thread quietly, and the converter's own reads report problems as
+usual.
+
+Why 512 MB per call: between two calls the thread needs the GIL, which ``import torch`` holds for
+long stretches. With 32 MB per call the disk read 1.2 GB/s during the import on the benchmark's
+GPU machine; with 512 MB 1.6-1.9 GB/s, as fast as a forked reader process
+(``benchmarks/bench_readahead.py --with-import``, DEVELOPMENT.md). The first 512 MB version mapped
+each window and faulted it in with ``madvise(MADV_POPULATE_READ)``, which put the window into the
+resident set (up to +500 MB of peak RSS); ``sendfile`` reads as fast on the dev box (1.73-1.79 GB/s
+during the import, against 1.81-1.82) without that.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import stat
 import struct
@@ -32,8 +37,7 @@ import threading
 from .fileio import pread_full
 
 CHUNK = 32 << 20  # the pread fallback's buffer, and the smallest window
-WINDOW = 512 << 20  # the largest window one madvise call brings in
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
+WINDOW = 512 << 20  # the most one sendfile call reads
 MAX_AHEAD = 8 << 30
 
 # `quantkit convert` options that take a value (so the token after them is not an input path).
@@ -43,36 +47,6 @@ CONVERT_VALUE_OPTIONS = frozenset({
     "--fallback", "--preset", "--config", "--report", "--device", "--calibration", "--learned-objective",
     "--devices",
 })
-
-
-_libc = None
-
-
-def _populate_read(fd: int, offset: int, length: int) -> bool:
-    """mmap + madvise(MADV_POPULATE_READ) + munmap through ctypes, which releases the GIL for each
-    call (``mmap.madvise`` holds it, and would stall the ``import torch`` running beside this
-    thread). False when that is not available here."""
-    global _libc
-    try:
-        if _libc is None:
-            import ctypes
-            import ctypes.util
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            lib.mmap.restype = ctypes.c_void_p
-            lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                 ctypes.c_long]
-            lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-            _libc = lib
-        addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
-        if addr is None or addr == (1 << (8 * 8)) - 1:  # MAP_FAILED
-            return False
-        try:
-            return _libc.madvise(addr, length, MADV_POPULATE_READ) == 0
-        finally:
-            _libc.munmap(addr, length)
-    except (OSError, AttributeError):
-        return False
 
 
 def _mem_available() -> int | None:
@@ -111,6 +85,10 @@ class Readahead:
         self._consumed = 0
         self._stop = False
         self._buf: bytearray | None = None  # pread fallback's buffer
+        try:
+            self._null: int | None = os.open(os.devnull, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            self._null = None
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="quantkit-readahead", daemon=True)
         self._thread.start()
@@ -122,13 +100,22 @@ class Readahead:
         n = struct.unpack("<Q", head)[0]
         return min(self.end, 8 + n)
 
-    def _populate(self, pos: int, n: int) -> None:
+    def _fill(self, pos: int, n: int) -> None:
         """Bring [pos, pos + n) into the page cache and wait for it."""
-        if self._buf is None:
-            base = pos - pos % mmap.ALLOCATIONGRANULARITY
-            if _populate_read(self._fd, base, pos + n - base):
+        if self._null is not None:
+            try:
+                done = 0
+                while done < n:
+                    got = os.sendfile(self._null, self._fd, pos + done, n - done)
+                    if got == 0:  # end of file (it shrank)
+                        return
+                    done += got
                 return
-            self._buf = bytearray(CHUNK)  # a kernel before 5.14, or no libc: read instead
+            except OSError:  # /dev/null refused (not Linux): read instead
+                os.close(self._null)
+                self._null = None
+        if self._buf is None:
+            self._buf = bytearray(CHUNK)
         for at in range(pos, pos + n, CHUNK):
             pread_full(self._fd, memoryview(self._buf)[:min(CHUNK, pos + n - at)], at)
 
@@ -144,17 +131,19 @@ class Readahead:
                     if self._stop:
                         return
                 n = min(self.window, self.end - pos)
-                self._populate(pos, n)
+                self._fill(pos, n)
                 pos += n
                 self.position = pos
         except OSError:
             return
         finally:
             self._buf = None
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
+            for fd in (self._fd, self._null):
+                try:
+                    if fd is not None:
+                        os.close(fd)
+                except OSError:
+                    pass
 
     def advance(self, offset: int) -> None:
         """The converter has used the file up to byte ``offset``."""

@@ -309,3 +309,37 @@ def test_output_has_ordinary_file_permissions(sample, tmp_path):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu-device-path"])
+def test_progress_reports_bytes_read_and_written(sample, tmp_path, device, monkeypatch):
+    """progress(read, total, tensor, written) once per input tensor: read climbs to the input's tensor
+    bytes, written never falls and stays within the output; the CLI turns both into GB/s."""
+    if device == "cpu-device-path":  # the GPU pipeline's buffers and reader thread, on the CPU
+        import importlib
+        qc = importlib.import_module("quantkit.convert")
+        monkeypatch.setattr(qc, "_make_quantizer", lambda layers, reader, dev: qc._device_quantizer(layers, reader, dev))
+    calls = []
+    out = tmp_path / "o.safetensors"
+    rep = quantkit.convert(sample, out, format="int8-block", device="cpu",
+                           progress=lambda *a: calls.append(a))
+    from quantkit.safetensors_io import SafetensorsReader
+    with SafetensorsReader(sample) as r:
+        names = [t.name for t in r.tensors_in_order]
+        total = sum(t.nbytes for t in r.tensors_in_order)
+    assert [c[2] for c in calls] == names
+    reads = [c[0] for c in calls]
+    written = [c[3] for c in calls]
+    assert all(c[1] == total for c in calls) and reads == sorted(reads) and reads[-1] == total
+    assert written == sorted(written) and 0 < written[0] and written[-1] <= rep.bytes_out == out.stat().st_size
+
+
+def test_cli_rates_over_a_window():
+    from quantkit.cli import Rates
+    now = [0.0]
+    r = Rates(window=2.0, clock=lambda: now[0])
+    assert r.text() == "read -- / write -- GB/s"
+    for t, rd, wr in ((0, 0, 0), (1, 1e9, 0), (2, 3e9, 1e9), (3, 5e9, 2e9), (4, 5e9, 4e9)):
+        now[0] = t
+        r.add(int(rd), int(wr))
+    assert r.text() == "read 1.00 / write 1.50 GB/s"  # the last 2 s: 3 -> 5 GB read, 1 -> 4 GB written

@@ -5,14 +5,16 @@ Exit codes: 0 success, 1 bad input or failed conversion, 2 usage error, 130 inte
 
 from __future__ import annotations
 
+import collections
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -58,10 +60,24 @@ def _fail(e: QuantkitError) -> typer.Exit:
     return typer.Exit(e.exit_code)
 
 
-class _Throughput(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.speed
-        return Text(f"{speed / 1e9:.2f} GB/s" if speed else "-- GB/s", style="cyan")
+class Rates:
+    """Read and write throughput over the last ``window`` seconds, from cumulative byte counts."""
+
+    def __init__(self, window: float = 2.0, clock=time.monotonic) -> None:
+        self.window, self.clock = window, clock
+        self.samples: collections.deque[tuple[float, int, int]] = collections.deque()
+
+    def add(self, read: int, written: int) -> None:
+        now = self.clock()
+        self.samples.append((now, read, written))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
+            self.samples.popleft()  # keep one sample at least `window` old
+
+    def text(self) -> str:
+        if len(self.samples) < 2 or self.samples[-1][0] <= self.samples[0][0]:
+            return "read -- / write -- GB/s"
+        (t0, r0, w0), (t1, r1, w1) = self.samples[0], self.samples[-1]
+        return f"read {(r1 - r0) / (t1 - t0) / 1e9:.2f} / write {(w1 - w0) / (t1 - t0) / 1e9:.2f} GB/s"
 
 
 # Options shared by `convert` and `plan`.
@@ -212,16 +228,18 @@ def _fail_one(e: QuantkitError) -> None:
 
 def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool, show_progress: bool,
                  device: str, refine: dict) -> ConvertReport:
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[tensors]} tensors"),
-                  _Throughput(), TimeRemainingColumn(), console=err, disable=not show_progress,
-                  transient=True) as bar:
-        task = bar.add_task(f"{src.name} -> {opts.format}", total=None, tensors=0)
+    rates = Rates()
+    with Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[tensors]} tensors"),
+                  TextColumn("{task.fields[rates]}", style="cyan"), TimeRemainingColumn(), console=err,
+                  disable=not show_progress, transient=True) as bar:
+        task = bar.add_task(f"{src.name} -> {opts.format}", total=None, tensors=0, rates=rates.text())
         count = 0
 
-        def on_progress(done: int, total: int, name: str) -> None:
+        def on_progress(done: int, total: int, name: str, written: int) -> None:
             nonlocal count
             count += 1
-            bar.update(task, completed=done, total=total, tensors=count)
+            rates.add(done, written)
+            bar.update(task, completed=done, total=total, tensors=count, rates=rates.text())
 
         return convert_file(src, dst, format=opts.format, block_size=opts.block_size, include=opts.include,
                             exclude=opts.exclude, fallback=opts.fallback, overwrite=overwrite,

@@ -30,7 +30,9 @@ from .refine import Refiner
 from .report import ConvertReport, LayerReport
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
 
-Progress = Callable[[int, int, str], None]  # (input bytes done, input bytes total, tensor name)
+# (input bytes read, input bytes total, tensor name, output bytes written): called after each tensor
+# is read and queued; the written count trails it by the writer's queue.
+Progress = Callable[[int, int, str, int], None]
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, format: str = "fp8",
@@ -53,7 +55,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     the bias (needs ``calibration``). ``learned_objective``: ``calibration`` (default) or ``subspace``
     (data-free: error on W's top singular subspace, :func:`quantkit.learned.learn_subspace`).
     ``devices``: spread learned rounding over one worker process per device (``cuda:0,cuda:1``,
-    ``all``, or ``cpu,cpu``; see :mod:`quantkit.multi`); same output bytes."""
+    ``all``, or ``cpu,cpu``; see :mod:`quantkit.multi`); same output bytes. ``progress(read, total,
+    tensor, written)``: input bytes read of ``total``, the tensor just read, output bytes written."""
     if devices is not None and learned_objective != "calibration":
         raise UsageError("--devices spreads the calibration objective only",
                          fix="drop --devices, or use --learned-objective calibration")
@@ -209,7 +212,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                     if ahead is not None:
                         ahead.advance(reader.data_start + t.start + t.nbytes)
                     if progress is not None:
-                        progress(done, total_in, lp.tensor)
+                        progress(done, total_in, lp.tensor, writer.written)
                 bw.close()
             except BaseException:
                 bw.abort()

@@ -111,7 +111,7 @@ def output_path(src: str, fmt: str, output_name: str) -> str:
 
 
 class ProgressReporter:
-    """``quantkit.convert``'s ``progress(done, total, name)`` -> ``comfy.utils.ProgressBar`` (percent),
+    """``quantkit.convert``'s ``progress(done, total, name, written)`` -> ``comfy.utils.ProgressBar`` (percent),
     checking ComfyUI's interrupt button on every tensor (an interrupt raises, and ``convert`` then
     removes its temporary file)."""
 
@@ -126,7 +126,7 @@ class ProgressReporter:
         except ImportError:
             self.check = None
 
-    def __call__(self, done: int, total: int, name: str) -> None:
+    def __call__(self, done: int, total: int, name: str, written: int = 0) -> None:
         if self.check is not None:
             self.check()
         self.bar.update_absolute(self.STEPS * done // max(total, 1), self.STEPS)

@@ -60,6 +60,22 @@ def test_chunked_quantize_bit_identical_to_reference():
                 assert torch.equal(q.view(torch.int8), q_ref.view(torch.int8)), (fmt, shape, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_chunked_scale_matches_reference_at_the_edges(dtype):
+    """Per-tensor scales come from one aminmax pass: the amax is max(|min|, |max|), and NaN / inf /
+    all-negative / all-zero weights give the reference's scale."""
+    g = torch.Generator().manual_seed(1)
+    base = (torch.randn(300, 256, generator=g) * 0.05).to(dtype)
+    cases = [base, -base.abs(), torch.zeros_like(base), base.clone().index_put_((torch.tensor(7), torch.tensor(9)),
+             torch.tensor(float("nan"), dtype=dtype)), base.clone().index_put_((torch.tensor(0), torch.tensor(0)),
+             torch.tensor(float("-inf"), dtype=dtype))]
+    for fmt in ("fp8", "fp8-e5m2", "int8-tensor"):
+        spec = FORMATS[fmt]
+        for w in cases:
+            got, want = quantize.compute_scale(w, spec, 128), reference.compute_scale(w, spec, 128)
+            assert torch.equal(got, want) or (got.isnan().all() and want.isnan().all()), (fmt, got, want)
+
+
 def test_chunked_sqnr_matches_reference():
     w = (torch.randn(512, 768) * 0.02).to(torch.bfloat16)
     for fmt in ("fp8", "int8-row", "int8-block"):

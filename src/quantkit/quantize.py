@@ -28,6 +28,11 @@ def rows_per_chunk(shape: tuple[int, int], spec: FormatSpec, block_size: int) ->
 def compute_scale(w: torch.Tensor, spec: FormatSpec, block_size: int) -> torch.Tensor:
     """Same result as reference.compute_scale, chunked."""
     n, k = w.shape
+    if spec.granularity == "tensor" and w.numel():
+        # one reduction pass over w and no |w| temporary: max(|min|, |max|) is the amax (NaN and inf
+        # carry through as they do in reference.region_amax)
+        lo, hi = torch.aminmax(w)
+        return reference.scale_from_amax(torch.maximum(hi.abs(), lo.abs()).float(), spec)
     rows = rows_per_chunk((n, k), spec, block_size)
     parts = []
     for i in range(0, n, rows):

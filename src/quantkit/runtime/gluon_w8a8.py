@@ -13,9 +13,11 @@ step of UNROLL groups; the step's last group is scaled after its dot). The opera
 in through a ring of ``STAGES`` shared-memory slots filled by TMA, each slot refilled as soon as
 the dot that read it has finished.
 
-Each dot starts from the accumulator value 0x4B400000, so its int32 result reads as the float
-1.5 * 2^23 + dot (exact for |dot| < 2^22; a 128-deep int8 dot is below 2^21) and one float
-subtract recovers it, with no integer-to-float conversion.
+Each dot starts from zero (``use_acc=False``); adding 0x4B400000 to its int32 result makes bits that
+read as the float 1.5 * 2^23 + dot (exact for |dot| < 2^22; a 128-deep int8 dot is below 2^21), and
+one float subtract recovers the dot, with no slow integer-to-float conversion. (Starting each dot
+from 0x4B400000 instead, as the Triton kernel does, put that constant in a register that later
+became an in-flight accumulator, and ptxas serialised the wgmmas.)
 
 Only used where :func:`usable` says so (an sm_90 GPU, Gluon importable, K a multiple of 128,
 16-byte aligned rows); elsewhere the Triton kernel runs. :func:`tuned_block_matmul` times each of

@@ -38,6 +38,32 @@ def test_not_used_off_hopper():
     assert not gluon_w8a8.usable(xq, wq, 128)
 
 
+def test_tuner_keeps_the_fastest_and_survives_a_kernel_that_does_not_build(monkeypatch):
+    """The per-shape choice (timings faked: CPU only here): the fastest entry wins; a Gluon kernel
+    that raises while building leaves the Triton kernel in use, with one warning."""
+    xq, xs, wq, ws, _ = _operands(64, 128, 256, "cpu")
+    speed = {gluon_w8a8.CONFIGS[1]: 0.5, None: 1.0}
+    calls = []
+
+    def fake_bench(fn, warmup, rep):
+        calls.append(fn())
+        return speed.get(calls[-1], 2.0)
+    monkeypatch.setattr(gluon_w8a8.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(gluon_w8a8, "_choice", {})
+    monkeypatch.setattr(gluon_w8a8, "w8a8_block_matmul", lambda *a: a[-1])  # returns the config it ran
+    assert gluon_w8a8.tuned_block_matmul(xq, xs, wq, ws, None, torch.float32, lambda: None) == gluon_w8a8.CONFIGS[1]
+    assert list(gluon_w8a8._choice.values()) == [gluon_w8a8.CONFIGS[1]]
+
+    def broken(*a):
+        raise RuntimeError("tma has no attribute async_load\nmore")
+    monkeypatch.setattr(gluon_w8a8, "w8a8_block_matmul", broken)
+    monkeypatch.setattr(gluon_w8a8, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="did not build here .RuntimeError: tma has no attribute async_load.; "
+                                            "using the Triton kernel"):
+        assert gluon_w8a8.tuned_block_matmul(xq, xs, wq, ws, None, torch.bfloat16, lambda: "triton") == "triton"
+    assert gluon_w8a8._choice[(64, 128, 256, torch.bfloat16, True, None)] is None
+
+
 def _ptxas() -> Path:
     """The ptxas Triton itself uses for sm_90 (newer Triton ships two)."""
     try:

@@ -174,3 +174,25 @@ def test_not_started_in_worker_processes(tmp_path):
         assert readahead._started is not None
     finally:
         readahead.adopt(p).stop()
+
+
+def test_stop_with_a_timeout_does_not_wait_for_a_window_in_flight(tmp_path, monkeypatch):
+    """convert() stops the readahead with a short timeout: an error (or the end) is reported at once,
+    while a window still being read on a slow disk finishes in the background."""
+    p = tmp_path / "m.safetensors"
+    _file(p, 4 << 20)
+    started, release = threading.Event(), threading.Event()
+
+    def slow_fill(self, pos, n):
+        started.set()
+        release.wait(10)
+    monkeypatch.setattr(readahead.Readahead, "_fill", slow_fill)
+    monkeypatch.setattr(readahead, "CHUNK", 1 << 20)
+    ra = readahead.Readahead(p, ahead=8 << 20)  # 2 MB windows: the file is two of them
+    assert started.wait(5)
+    t = time.monotonic()
+    ra.stop(timeout=0.1)
+    assert time.monotonic() - t < 1 and ra._thread.is_alive()
+    release.set()
+    ra._thread.join(5)
+    assert not ra._thread.is_alive() and ra.position < ra.end  # it stopped after that window

@@ -81,7 +81,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
                 report.stage_seconds["learned workers start"] = learned_store.log.start_seconds
     finally:
         if ahead is not None:
-            ahead.stop()
+            ahead.stop(timeout=0.1)  # an error or the end is not held up by a window still being read
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -152,11 +152,14 @@ class Readahead:
                 self._consumed = offset
                 self._cv.notify()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop reading ahead. With ``timeout``, wait at most that long: a window already being read
+        (up to 512 MB, seconds on a slow disk) finishes in the background, and the thread then ends
+        and closes its descriptors by itself."""
         with self._cv:
             self._stop = True
             self._cv.notify()
-        self._thread.join()
+        self._thread.join(timeout)
 
     def same_file(self, path: str | os.PathLike) -> bool:
         try:

@@ -25,23 +25,14 @@ def rows_per_chunk(shape: tuple[int, int], spec: FormatSpec, block_size: int) ->
     return min(rows, max(n, 1))
 
 
-def compute_scale(w: torch.Tensor, spec: FormatSpec, block_size: int) -> torch.Tensor:
-    """Same result as reference.compute_scale, chunked."""
-    n, k = w.shape
-    if spec.granularity == "tensor" and w.numel():
-        # one reduction pass over w and no |w| temporary: max(|min|, |max|) is the amax (NaN and inf
-        # carry through as they do in reference.region_amax)
-        lo, hi = torch.aminmax(w)
-        return reference.scale_from_amax(torch.maximum(hi.abs(), lo.abs()).float(), spec)
-    rows = rows_per_chunk((n, k), spec, block_size)
-    parts = []
-    for i in range(0, n, rows):
-        parts.append(reference.region_amax(w[i:i + rows], spec, block_size))
-    if spec.granularity == "tensor":
-        amax = torch.stack(parts).amax() if parts else torch.zeros((), dtype=torch.float32)
-    else:
-        amax = torch.cat(parts, 0)
-    return reference.scale_from_amax(amax, spec)
+def tensor_scale(w: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
+    """The per-tensor scale, equal to ``reference.compute_scale``: one reduction pass over ``w`` and no
+    |w| temporary, since max(|min|, |max|) is the amax (NaN and inf carry through as they do in
+    ``reference.region_amax``). Row and block scales come from each chunk in :func:`quantize_tensor`."""
+    if not w.numel():
+        return reference.scale_from_amax(torch.zeros((), dtype=torch.float32), spec)
+    lo, hi = torch.aminmax(w)
+    return reference.scale_from_amax(torch.maximum(hi.abs(), lo.abs()).float(), spec)
 
 
 @dataclass
@@ -71,7 +62,7 @@ def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int, scale: t
     stats = ErrorStats()
     chunk_scales = scale is None and spec.granularity != "tensor"
     if scale is None and not chunk_scales:
-        scale = compute_scale(w, spec, block_size)
+        scale = tensor_scale(w, spec)
     if scale is not None and not bool(torch.isfinite(scale).all()):
         return q, scale, stats  # the caller refuses the layer; nothing to quantize
     rows = rows_per_chunk((n, k), spec, block_size)

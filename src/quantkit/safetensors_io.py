@@ -323,8 +323,8 @@ class SafetensorsWriter:
     """Writes a planned header to an open file descriptor, then each tensor's bytes at its planned
     offset. Tensors may arrive in any order and in chunks (so the converter reads its input once, in
     file order); ``finish`` checks that every planned byte was written exactly once. Writes that
-    overrun a tensor raise ``RuntimeError`` (a caller bug, not bad input). ``written``: bytes handed
-    to the file so far, header included."""
+    overrun a tensor raise ``RuntimeError`` (a caller bug, not bad input). ``written``: bytes of the
+    file claimed by writes so far, header included."""
 
     def __init__(self, fd: int, tensors: list[PlannedTensor], metadata: dict[str, str] | None) -> None:
         names = [t.name for t in tensors]
@@ -344,8 +344,8 @@ class SafetensorsWriter:
         self._reserve()
         dfd = open_direct(fd)
         self._io = DirectWriter(fd, dfd) if dfd is not None else None  # None: buffered writes
-        self.written = 0  # bytes handed to the file so far (for progress)
         self._pwrite_all(header, 0)
+        self.written = self.header_size  # the header, then what each write or copy claims (for progress)
 
     def _reserve(self) -> None:
         """Allocate the whole file now, so a full disk fails before any work, not hours in."""
@@ -360,7 +360,6 @@ class SafetensorsWriter:
             self._io.write(data, pos)
         else:
             pwrite_all(self._fd, data, pos)
-        self.written += len(data)
 
     def _claim(self, name: str, nbytes: int) -> int:
         if name not in self._planned:
@@ -369,6 +368,7 @@ class SafetensorsWriter:
         if done + nbytes > self._planned[name]:
             raise RuntimeError(f"{name!r}: {done + nbytes} bytes written, {self._planned[name]} planned")
         self._written[name] = done + nbytes
+        self.written += nbytes
         return self.offsets[name] + done
 
     def write(self, name: str, data: bytes | memoryview | torch.Tensor) -> None:
@@ -386,7 +386,6 @@ class SafetensorsWriter:
         pos = self._claim(name, nbytes)
         if self._io is not None:
             self._io.write_from_fd(src_fd, src_offset, nbytes, pos)
-            self.written += nbytes
             return
         done = 0
         try:
@@ -395,7 +394,6 @@ class SafetensorsWriter:
                 if n == 0:
                     raise OSError(f"unexpected end of input while copying {name!r}")
                 done += n
-                self.written += n
             return
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):

@@ -32,6 +32,8 @@ from collections.abc import Callable
 import torch
 import triton
 
+from .linear import device_capability
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -57,7 +59,7 @@ def usable(xq: torch.Tensor, wq: torch.Tensor, block: int) -> bool:
     architectures have other tensor-core instructions)."""
     if not (HAVE_GLUON and xq.is_cuda and block == BLOCK_K):
         return False
-    if torch.cuda.get_device_capability(xq.device) != (9, 0):
+    if device_capability(xq.device) != (9, 0):
         return False
     k = xq.shape[1]
     return (k % BLOCK_K == 0 and xq.stride(1) == 1 and wq.stride(1) == 1 and xq.stride(0) % 16 == 0

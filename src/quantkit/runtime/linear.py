@@ -11,7 +11,8 @@ FP8 E5M2            dequantize                                             dequa
 INT8 tensor / row   dynamic per-token INT8 (Triton) + the Triton W8A8      the torch reference W8A8
                     kernel (int32 accumulation, scales in the epilogue)    (``torch._int_mm``)
 INT8 block          dynamic per-token, per-group INT8 (Triton) + the        the torch reference W8A8
-                    Triton W8A8 block kernel                               (``_int_mm`` per group)
+                    Triton W8A8 block kernel (sm_90: or the Gluon one,     (``_int_mm`` per group)
+                    whichever timed faster for the shape)
 ==================  =====================================================  ===========================
 
 "Dequantize" means ``F.linear(x, W.dequantize(x.dtype), bias)``: exactly ComfyUI's result.
@@ -39,7 +40,12 @@ def supports_fp8_compute(device: torch.device | str | None = None) -> bool:
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (8, 9)
+    return device_capability(device) >= (8, 9)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) of a CUDA device, looked up once per device; (0, 0) without CUDA."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.cache

@@ -88,7 +88,11 @@ def test_help_has_examples(cmd):
 
 
 def test_shell_completion_script():
-    r = subprocess.run([sys.executable, "-m", "quantkit", "--show-completion", "bash"], capture_output=True, text=True)
+    # typer reads the shell off the process tree unless told not to; a detached run (no shell among the
+    # parents) then prints "Shell  not supported." whatever was asked for
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    r = subprocess.run([sys.executable, "-m", "quantkit", "--show-completion", "bash"], capture_output=True,
+                       text=True, env=env)
     assert r.returncode == 0 and "QUANTKIT_COMPLETE=complete_bash" in r.stdout and "complete -o default -F" in r.stdout
 
 

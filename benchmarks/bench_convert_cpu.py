@@ -2,7 +2,11 @@
 per format against `cp in out && sync out` and against the old converter, all in one run on the same
 file, with the input in the page cache for every command (it is read once before each).
 
-    python benchmarks/bench_convert_cpu.py --dir /work/bench --gb 4.2 [--repeat 3] [--no-ctq]
+    python benchmarks/bench_convert_cpu.py --dir /work/bench --gb 4.2 [--repeat 3] [--no-ctq] [--torch-too]
+
+quantkit runs with the backend it picks (``native`` where a C compiler builds it, built once before the
+rounds, as on a user's first conversion); ``--torch-too`` adds the same formats with
+``QUANTKIT_BACKEND=torch`` to every round.
 
 Needs /usr/bin/time (GNU). The old converter: `pip install convert-to-quant prodigy-plus-schedule-free`.
 Prints a Markdown table. cp and the quantkit formats run in interleaved rounds (--repeat of them);
@@ -52,6 +56,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--formats", default="fp8,int8-tensor,int8-row,int8-block")
     ap.add_argument("--no-ctq", action="store_true", help="skip the old converter")
+    ap.add_argument("--torch-too", action="store_true", help="also time each format on the torch backend")
     ap.add_argument("--ctq-timeout", type=float, default=900, help="give up on the old converter after this many s")
     a = ap.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
@@ -81,6 +86,13 @@ def main() -> None:
           "--preset", "none"]
     cmds = [("cp + sync", f"cp '{src}' '{out}' && sync '{out}'", True)]
     cmds += [(f"quantkit {fmt}", qk + ["--format", fmt], False) for fmt in a.formats.split(",")]
+    if a.torch_too:
+        cmds += [(f"quantkit {fmt}, torch backend", ["env", "QUANTKIT_BACKEND=torch", *qk, "--format", fmt], False)
+                 for fmt in a.formats.split(",")]
+    built = subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); from quantkit import "
+                            "backend; print(backend.backend_for('cpu'), f'{time.perf_counter() - t:.2f}')"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    print(f"CPU backend: {built[0]} (first use, build included: {built[1]} s)", file=sys.stderr)
     # Interleaved rounds: this disk's write speed drifts by 3x over minutes, so each quantkit run is
     # compared with the cp of its own round (the ratio column is the median of those per-round ratios).
     walls: dict[str, list[float]] = {label: [] for label, _, _ in cmds}
@@ -111,7 +123,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for label, wall, rss in rows:
         vs = ""
-        if label.startswith("quantkit") and ctq_times:
+        if label.startswith("quantkit") and ctq_times and "torch backend" not in label:
             ref = ctq_times.get("int8" if "int8-block" in label else "fp8")
             vs = f"{wall / ref:.2f}" if ref else ""
         rr = ratios.get(label)

@@ -13,6 +13,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# The native CPU kernels are built once per test session, into a folder of the session's own (so
+# the suite always exercises the build, as a fresh machine would).
+if "QUANTKIT_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["QUANTKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="quantkit-test-cache-")
+
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,15 +21,18 @@ Backends (``backend_for(dev)`` tells which one a device gets):
 ``torch``  CPU: the chunked fast path of :mod:`quantkit.quantize` (cache-sized row chunks, no
            fp32 copy of the whole tensor). CUDA: the reference math on the GPU, whole tensor
            (with the scale divided by a device tensor: see :func:`quantize_torch`).
+``native`` CPU only: :mod:`quantkit.kernels.native`, C vector code built at first use with the
+           machine's C compiler (one pass per row, SQNR sums in the same loop).
 ``triton`` :mod:`quantkit.kernels.triton_quant` (CUDA only; one pass over the weight per format,
            SQNR sums in the same kernels).
 =========  =======================================================================================
 
-``auto`` picks ``triton`` on CUDA when Triton imports, else ``torch``. The environment variable
-``QUANTKIT_BACKEND=torch`` forces the torch path everywhere (the fallback and the reference);
-``QUANTKIT_BACKEND=triton`` demands Triton and fails clearly where it cannot run (on CPU it is
-allowed only under ``TRITON_INTERPRET=1``, for debugging kernels). Tests call
-:func:`quantize_torch` and :func:`quantize_triton` directly.
+``auto`` picks ``triton`` on CUDA when Triton imports, else ``torch``; on the CPU ``native`` when it
+builds, else ``torch``. The environment variable ``QUANTKIT_BACKEND=torch`` forces the torch path
+everywhere (the fallback and the reference); ``QUANTKIT_BACKEND=triton`` / ``native`` demand that
+backend and fail clearly where it cannot run (Triton on CPU is allowed only under
+``TRITON_INTERPRET=1``, for debugging kernels). Tests call :func:`quantize_torch`,
+:func:`quantize_native` and :func:`quantize_triton` directly.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from .errors import QuantkitError, UsageError
 from .formats import FormatSpec
 
 BACKEND_ENV = "QUANTKIT_BACKEND"
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "native", "triton")
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 
 
@@ -104,14 +107,30 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _native_error() -> str | None:
+    from .kernels import native
+    return native.available()
+
+
 def backend_for(device: torch.device | str) -> str:
-    """'torch' or 'triton': the backend :func:`quantize_tensor` uses on ``device``."""
+    """'torch', 'native' or 'triton': the backend :func:`quantize_tensor` uses on ``device``."""
     device = torch.device(device)
     want = _requested_backend()
     if want == "torch":
         return "torch"
     if want == "auto":
+        if device.type == "cpu":
+            return "native" if _native_error() is None else "torch"
         return "triton" if device.type == "cuda" and _triton_import_error() is None else "torch"
+    if want == "native":
+        if device.type != "cpu":
+            raise UsageError(f"{BACKEND_ENV}=native runs on the CPU, got '{device}'",
+                             fix=f"use --device cpu, or unset {BACKEND_ENV}")
+        err = _native_error()
+        if err is not None:
+            raise QuantkitError(f"{BACKEND_ENV}=native but the CPU kernels cannot be built ({err})",
+                                fix=f"install a C compiler (gcc or clang) or set CC, or unset {BACKEND_ENV}")
+        return "native"
     err = _triton_import_error()
     if err is not None:
         raise QuantkitError(f"{BACKEND_ENV}=triton but Triton cannot be imported ({err})",
@@ -130,9 +149,21 @@ def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int,
         device = torch.device("cuda", torch.cuda.current_device())
     if w.device != device:
         w = w.to(device, non_blocking=True)
-    if backend_for(device) == "triton":
+    chosen = backend_for(device)
+    if chosen == "triton":
         return quantize_triton(w, spec, block_size)
+    if chosen == "native":
+        return quantize_native(w, spec, block_size)
     return quantize_torch(w, spec, block_size)
+
+
+def cpu_quantizer():
+    """The CPU quantizer the backend choice names: ``(w, spec, block_size, out=None) -> (q, scale,
+    ErrorStats)``, as :func:`quantkit.quantize.quantize_tensor` (the converter's per-layer call)."""
+    if backend_for("cpu") == "native":
+        from .kernels import native
+        return native.quantize_tensor
+    return cpu_quantize.quantize_tensor
 
 
 def quantize_torch(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantResult:
@@ -150,6 +181,15 @@ def quantize_torch(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantR
     signal = torch.dot(w32.view(-1), w32.view(-1)).double()
     d = (deq - w32).view(-1)
     return QuantResult(q, scale, signal, torch.dot(d, d).double())
+
+
+def quantize_native(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantResult:
+    """The native C kernels (CPU tensors only)."""
+    _check_shape(w, spec, block_size)
+    from .kernels import native
+    q, scale, stats = native.quantize_tensor(w, spec, block_size)
+    return QuantResult(q, scale, torch.tensor(stats.signal, dtype=torch.float64),
+                       torch.tensor(stats.noise, dtype=torch.float64))
 
 
 def quantize_triton(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantResult:
@@ -180,4 +220,4 @@ def _check_shape(w: torch.Tensor, spec: FormatSpec, block_size: int) -> None:
 
 
 __all__ = ["QuantResult", "parse_device", "backend_for", "quantize_tensor", "quantize_torch",
-           "quantize_triton", "check_finite", "BACKEND_ENV"]
+           "quantize_native", "quantize_triton", "cpu_quantizer", "check_finite", "BACKEND_ENV"]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import multi, quantize, readahead, reference
+from . import backend, multi, readahead, reference
 from .backend import check_finite, parse_device
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
@@ -160,6 +160,7 @@ def _device_quantizer(layers: list[LayerPlan], reader: SafetensorsReader, device
 
 def _cpu_quantizer(layers: list[LayerPlan], reader: SafetensorsReader):
     max_out = _max_numel(layers, reader)
+    quantize_tensor = backend.cpu_quantizer()
     free: queue.Queue[torch.Tensor] = queue.Queue()
     for _ in range(DEFAULT_DEPTH + 1):  # one being written, DEFAULT_DEPTH queued... and one being filled
         free.put(torch.empty(max(max_out, 1), dtype=torch.uint8))
@@ -167,7 +168,7 @@ def _cpu_quantizer(layers: list[LayerPlan], reader: SafetensorsReader):
     def on_cpu(reader: SafetensorsReader, name: str, spec, block_size):
         w = reader.tensor(name)
         buf = free.get()
-        q, scale, stats = quantize.quantize_tensor(w, spec, block_size, out=buf)
+        q, scale, stats = quantize_tensor(w, spec, block_size, out=buf)
         del w
         reader.release(name)
         return q, scale, stats, lambda: free.put(buf)

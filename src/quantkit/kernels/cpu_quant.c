@@ -1,0 +1,227 @@
+/* quantkit's CPU kernels: the math of quantkit/reference.py, eight lanes at a time.
+ *
+ * Built at first use by quantkit/kernels/native.py with `cc -O3 -ffp-contract=off`: no FMA
+ * contraction and no fast-math, so every fp32 operation rounds as torch's does (IEEE division,
+ * one rounding per multiply). The tests hold q and scale to the torch reference bit for bit.
+ *
+ * Layout: w is [rows, k] row-major, bf16 / fp16 / fp32. A row is quantized in segments that share
+ * one scale (the whole row, or b columns of an int8-block tile row). Per row the kernels write the
+ * fp64 sums  sum w^2  and  sum (w - q*scale)^2,  q*scale being ComfyUI's fp32 dequantization. Each
+ * row's sums are formed in a fixed order, so they do not depend on how rows are split over threads.
+ */
+#include <stdint.h>
+#include <string.h>
+
+enum { IN_F32 = 0, IN_BF16 = 1, IN_F16 = 2 };
+
+#define W 8
+#define ALWAYS static inline __attribute__((always_inline))
+typedef float vf __attribute__((vector_size(32)));
+typedef int32_t vi __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(32)));
+typedef uint16_t vu16 __attribute__((vector_size(16)));
+typedef double vd __attribute__((vector_size(64)));  /* eight fp64 lanes */
+typedef int8_t vi8 __attribute__((vector_size(8)));
+typedef uint8_t vu8 __attribute__((vector_size(8)));
+
+static const size_t ELEM[3] = {4, 2, 2};
+
+static inline vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+static inline vu usel(vi mask, vu a, vu b) { return (a & (vu)mask) | (b & ~(vu)mask); }
+
+/* Eight elements as fp32 (exact for every input dtype). */
+ALWAYS vf load8(const uint8_t *p, const int kind) {
+    if (kind == IN_F32) { vf x; memcpy(&x, p, sizeof x); return x; }
+    vu16 h; memcpy(&h, p, sizeof h);
+    vu u = __builtin_convertvector(h, vu);
+    if (kind == IN_BF16) return (vf)(u << 16);
+    /* fp16: exponent and mantissa moved into place read as fp32 are the value times 2^-112, exactly,
+     * subnormals included; inf and NaN get the all-ones exponent back */
+    vu mag = (u & 0x7fffu) << 13;
+    vf x = (vf)mag * 0x1p112f;
+    vu special = (vu)((vi)((u & 0x7c00u) == 0x7c00u));
+    return (vf)(((vu)x | (special & 0x7f800000u)) | ((u & 0x8000u) << 16));
+}
+
+/* |w| as ordered integers: NaN sorts above inf, so a max over them carries NaN through as torch's
+ * amax does. */
+static inline vu absbits8(const uint8_t *p, int kind) {
+    if (kind == IN_F32) { vu x; memcpy(&x, p, sizeof x); return x & 0x7fffffffu; }
+    vu16 h; memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h & (uint16_t)0x7fff, vu);
+}
+
+static inline float bits_to_amax(uint32_t m, int kind) {
+    float f;
+    if (kind == IN_BF16) { m <<= 16; memcpy(&f, &m, 4); return f; }
+    if (kind == IN_F16) {  /* |w| bits of an fp16 value; see load8 */
+        uint32_t e = m << 13;
+        memcpy(&f, &e, 4);
+        f *= 0x1p112f;
+        if ((m & 0x7c00u) == 0x7c00u) { memcpy(&e, &f, 4); e |= 0x7f800000u; memcpy(&f, &e, 4); }
+        return f;
+    }
+    memcpy(&f, &m, 4);
+    return f;
+}
+
+/* Largest |w| over n consecutive elements starting at p, as ordered bits (see absbits8). */
+static uint32_t seg_amax_bits(const uint8_t *p, int kind, int64_t n) {
+    const size_t es = ELEM[kind];
+    vu m = {0};
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+        vu a = absbits8(p + j * es, kind);
+        m = usel((vi)(a > m), a, m);
+    }
+    uint32_t r = 0;
+    for (int l = 0; l < W; l++) r = m[l] > r ? m[l] : r;
+    for (; j < n; j++) {
+        uint32_t a;
+        if (kind == IN_F32) { memcpy(&a, p + j * 4, 4); a &= 0x7fffffffu; }
+        else { uint16_t h; memcpy(&h, p + j * 2, 2); a = h & 0x7fffu; }
+        r = a > r ? a : r;
+    }
+    return r;
+}
+
+/* Quantize eight fp32 values w by scale s: q bytes into *out, the fp32 dequantization into *deq. */
+ALWAYS void quant8(vf w, vf s, vf hi, const int is_int, const int man_bits, const int bias, vu8 *out, vf *deq) {
+    vf x = w / s;
+    const vf lo = -hi;
+    if (is_int) {
+        /* round half to even: exact for |x| < 2^22; larger values clamp to +-qmax either way */
+        const vf magic = (vf){0} + 12582912.0f;
+        x = (x + magic) - magic;
+        x = vsel(x < lo, lo, x);
+        x = vsel(x > hi, hi, x);
+        *out = (vu8)__builtin_convertvector(__builtin_convertvector(x, vi), vi8);
+        *deq = x * s;
+        return;
+    }
+    x = vsel(x < lo, lo, x);
+    x = vsel(x > hi, hi, x);
+    const int shift = 23 - man_bits;
+    vu u = (vu)x;
+    vu sign = u & 0x80000000u;
+    vu a = u & 0x7fffffffu;
+    /* normal: round the fp32 mantissa to man_bits bits, half to even (a carry bumps the exponent) */
+    vu rn = (a + ((1u << (shift - 1)) - 1) + ((a >> shift) & 1u)) >> shift;
+    /* subnormal: the value is m * 2^(1 - bias - man_bits); m = round_half_even(|x| * 2^(bias - 1 + man_bits)),
+     * m == 2^man_bits being the smallest normal's code */
+    const float sub = (float)(1u << (bias - 1 + man_bits));
+    vu m = (vu)((vf)a * sub + 8388608.0f) - 0x4B000000u;
+    vi normal = (vi)(a >= (uint32_t)(128 - bias) << 23);
+    vu code = usel(normal, rn - ((uint32_t)(127 - bias) << man_bits), m);
+    *out = __builtin_convertvector(code | (sign >> 24), vu8);
+    vf qv = vsel(normal, (vf)(rn << shift), __builtin_convertvector((vi)m, vf) * (1.0f / sub));
+    *deq = (vf)((vu)qv | sign) * s;
+}
+
+/* Quantize n consecutive elements with one scale. The squares are summed in fp32 over runs of RUN
+ * vectors, each run's sums then added in fp64. w - q*scale is exact in fp32 (the two lie within a
+ * factor of two of each other, or q is 0), so a run's sums are within ~RUN x 2^-24 of exact. */
+#define RUN 16
+ALWAYS void seg_quant_t(const uint8_t *p, int64_t n, float scale, float qmax, uint8_t *q, vd *sig, vd *noise,
+                        const int kind, const int is_int, const int man_bits, const int bias) {
+    const size_t es = ELEM[kind];
+    const vf s = (vf){0} + scale, hi = (vf){0} + qmax;
+    vd ss = *sig, nn = *noise;  /* locals: q's bytes may alias anything */
+    vu8 c;
+    vf d;
+    int64_t j = 0;
+    while (j + W <= n) {
+        vf s2 = {0}, n2 = {0};
+        for (int i = 0; i < RUN && j + W <= n; i++, j += W) {
+            vf w = load8(p + j * es, kind);
+            quant8(w, s, hi, is_int, man_bits, bias, &c, &d);
+            memcpy(q + j, &c, W);
+            vf e = w - d;
+            s2 += w * w;
+            n2 += e * e;
+        }
+        ss += __builtin_convertvector(s2, vd);
+        nn += __builtin_convertvector(n2, vd);
+    }
+    if (j < n) {  /* the tail, zero-padded: zeros add nothing to either sum */
+        uint8_t buf[W * 4] = {0};
+        memcpy(buf, p + j * es, (size_t)(n - j) * es);
+        vf w = load8(buf, kind);
+        quant8(w, s, hi, is_int, man_bits, bias, &c, &d);
+        memcpy(q + j, &c, (size_t)(n - j));
+        vf e = w - d;
+        ss += __builtin_convertvector(w * w, vd);
+        nn += __builtin_convertvector(e * e, vd);
+    }
+    *sig = ss;
+    *noise = nn;
+}
+
+/* One compiled loop per (input dtype, format): the constants fold into straight-line vector code. */
+#define SEG(K) \
+    if (is_int) seg_quant_t(p, n, scale, qmax, q, sig, noise, K, 1, 0, 0); \
+    else if (man_bits == 3) seg_quant_t(p, n, scale, qmax, q, sig, noise, K, 0, 3, 7); \
+    else seg_quant_t(p, n, scale, qmax, q, sig, noise, K, 0, 2, 15);
+
+static void seg_quant(const uint8_t *p, int kind, int64_t n, float scale, float qmax, int is_int, int man_bits,
+                      uint8_t *q, vd *sig, vd *noise) {
+    if (kind == IN_BF16) { SEG(IN_BF16) }
+    else if (kind == IN_F16) { SEG(IN_F16) }
+    else { SEG(IN_F32) }
+}
+
+static double hsum(vd v) {
+    double t = 0;
+    for (int l = 0; l < W; l++) t += v[l];
+    return t;
+}
+
+static inline float scale_of(float amax, float qmax) {
+    return amax == 0.0f ? 1.0f : amax / qmax;  /* reference.scale_from_amax; NaN stays NaN */
+}
+
+/* Per-row amax of rows [r0, r1): out[r]. */
+void qk_row_amax(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, float *out) {
+    const uint8_t *p = (const uint8_t *)w;
+    for (int64_t r = r0; r < r1; r++) out[r] = bits_to_amax(seg_amax_bits(p + r * k * ELEM[kind], kind, k), kind);
+}
+
+/* Quantize rows [r0, r1) of w [rows, k].
+ *   gran 0: one scale, scales[0], given.
+ *   gran 1: a scale per row, computed here into scales[r].
+ *   gran 2: a scale per b x b tile, computed here into scales[(r / b) * (k / b) + c]; r0, r1 and k are
+ *           multiples of b.
+ * q: rows x k bytes; sig, noise: fp64 sums per row. */
+void qk_quantize(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int gran, int64_t b,
+                 int is_int, int man_bits, int bias, float qmax, float *scales, uint8_t *q,
+                 double *sig, double *noise) {
+    const uint8_t *p = (const uint8_t *)w;
+    const size_t es = ELEM[kind];
+    (void)bias;  /* 7 with 3 mantissa bits (e4m3fn), 15 with 2 (e5m2): implied by man_bits */
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = p + r * k * es;
+        if (gran == 1) scales[r] = scale_of(bits_to_amax(seg_amax_bits(row, kind, k), kind), qmax);
+        if (gran == 2 && r % b == 0) {
+            const int64_t nb = k / b;
+            float *ts = scales + (r / b) * nb;
+            for (int64_t c = 0; c < nb; c++) {
+                uint32_t m = 0;
+                for (int64_t i = 0; i < b; i++) {
+                    uint32_t a = seg_amax_bits(p + ((r + i) * k + c * b) * es, kind, b);
+                    m = a > m ? a : m;
+                }
+                ts[c] = scale_of(bits_to_amax(m, kind), qmax);
+            }
+        }
+        vd ss = {0}, nn = {0};
+        if (gran == 2) {
+            const float *ts = scales + (r / b) * (k / b);
+            for (int64_t c = 0; c < k / b; c++)
+                seg_quant(row + c * b * es, kind, b, ts[c], qmax, is_int, man_bits, q + r * k + c * b, &ss, &nn);
+        } else {
+            seg_quant(row, kind, k, gran == 0 ? scales[0] : scales[r], qmax, is_int, man_bits, q + r * k, &ss, &nn);
+        }
+        sig[r] = hsum(ss);
+        noise[r] = hsum(nn);
+    }
+}

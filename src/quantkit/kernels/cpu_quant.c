@@ -15,6 +15,10 @@
 enum { IN_F32 = 0, IN_BF16 = 1, IN_F16 = 2 };
 
 #define W 8
+/* Bytes ahead of the loads to prefetch: the quantizing loops do enough work per byte that the hardware
+ * prefetcher alone leaves them waiting on memory (a 12288 x 3072 int8-tensor pass took 47 ms on one
+ * core without, 19-21 ms with; dev box). */
+#define PREFETCH 4096
 #define ALWAYS static inline __attribute__((always_inline))
 typedef float vf __attribute__((vector_size(32)));
 typedef int32_t vi __attribute__((vector_size(32)));
@@ -43,14 +47,6 @@ ALWAYS vf load8(const uint8_t *p, const int kind) {
     return (vf)(((vu)x | (special & 0x7f800000u)) | ((u & 0x8000u) << 16));
 }
 
-/* |w| as ordered integers: NaN sorts above inf, so a max over them carries NaN through as torch's
- * amax does. */
-static inline vu absbits8(const uint8_t *p, int kind) {
-    if (kind == IN_F32) { vu x; memcpy(&x, p, sizeof x); return x & 0x7fffffffu; }
-    vu16 h; memcpy(&h, p, sizeof h);
-    return __builtin_convertvector(h & (uint16_t)0x7fff, vu);
-}
-
 static inline float bits_to_amax(uint32_t m, int kind) {
     float f;
     if (kind == IN_BF16) { m <<= 16; memcpy(&f, &m, 4); return f; }
@@ -65,23 +61,80 @@ static inline float bits_to_amax(uint32_t m, int kind) {
     return f;
 }
 
-/* Largest |w| over n consecutive elements starting at p, as ordered bits (see absbits8). */
+/* Largest |w| over n consecutive elements starting at p, as ordered bits: |w|'s bit pattern read as
+ * an unsigned integer orders like |w|, and NaN sorts above inf, so the max carries NaN through as
+ * torch's amax does. Four accumulators keep the max chains independent. */
+typedef uint16_t vu16x __attribute__((vector_size(32)));
+static inline vu16x max16(vu16x a, vu16x b) { vu16x m = (vu16x)(a > b); return (a & m) | (b & ~m); }
+static inline vu max32(vu a, vu b) { return usel((vi)(a > b), a, b); }
+
 static uint32_t seg_amax_bits(const uint8_t *p, int kind, int64_t n) {
-    const size_t es = ELEM[kind];
-    vu m = {0};
-    int64_t j = 0;
-    for (; j + W <= n; j += W) {
-        vu a = absbits8(p + j * es, kind);
-        m = usel((vi)(a > m), a, m);
-    }
     uint32_t r = 0;
-    for (int l = 0; l < W; l++) r = m[l] > r ? m[l] : r;
-    for (; j < n; j++) {
-        uint32_t a;
-        if (kind == IN_F32) { memcpy(&a, p + j * 4, 4); a &= 0x7fffffffu; }
-        else { uint16_t h; memcpy(&h, p + j * 2, 2); a = h & 0x7fffu; }
-        r = a > r ? a : r;
+    int64_t j = 0;
+    if (kind == IN_F32) {
+        vu m[4] = {{0}};
+        for (; j + 4 * W <= n; j += 4 * W) {
+            __builtin_prefetch(p + j * 4 + PREFETCH);
+            __builtin_prefetch(p + j * 4 + PREFETCH + 64);
+            for (int u = 0; u < 4; u++) {
+                vu a;
+                memcpy(&a, p + (j + u * W) * 4, sizeof a);
+                m[u] = max32(m[u], a & 0x7fffffffu);
+            }
+        }
+        vu t = max32(max32(m[0], m[1]), max32(m[2], m[3]));
+        for (int l = 0; l < W; l++) r = t[l] > r ? t[l] : r;
+        for (; j < n; j++) {
+            uint32_t a;
+            memcpy(&a, p + j * 4, 4);
+            a &= 0x7fffffffu;
+            r = a > r ? a : r;
+        }
+        return r;
     }
+    const int L16 = 16;
+    vu16x m[4] = {{0}};
+    for (; j + 4 * L16 <= n; j += 4 * L16) {
+        __builtin_prefetch(p + j * 2 + PREFETCH);
+        __builtin_prefetch(p + j * 2 + PREFETCH + 64);
+        for (int u = 0; u < 4; u++) {
+            vu16x a;
+            memcpy(&a, p + (j + u * L16) * 2, sizeof a);
+            m[u] = max16(m[u], a & (uint16_t)0x7fff);
+        }
+    }
+    vu16x t = max16(max16(m[0], m[1]), max16(m[2], m[3]));
+    for (int l = 0; l < L16; l++) r = t[l] > r ? t[l] : r;
+    for (; j < n; j++) {
+        uint16_t h;
+        memcpy(&h, p + j * 2, 2);
+        h &= 0x7fffu;
+        r = h > r ? h : r;
+    }
+    return r;
+}
+
+/* Largest |w| of a b x b tile (row stride k), as ordered bits. 16-bit inputs with b a multiple of 16
+ * take a column-wise max over the tile's rows first, so there is one horizontal max per tile. */
+static uint32_t tile_amax_bits(const uint8_t *p, int kind, int64_t b, int64_t k) {
+    uint32_t r = 0;
+    if (kind == IN_F32 || b % 16 || b > 256) {
+        for (int64_t i = 0; i < b; i++) {
+            uint32_t a = seg_amax_bits(p + i * k * ELEM[kind], kind, b);
+            r = a > r ? a : r;
+        }
+        return r;
+    }
+    vu16x m[16] = {{0}};
+    const int64_t nv = b / 16;
+    for (int64_t i = 0; i < b; i++)
+        for (int64_t v = 0; v < nv; v++) {
+            vu16x a;
+            memcpy(&a, p + (i * k + v * 16) * 2, sizeof a);
+            m[v] = max16(m[v], a & (uint16_t)0x7fff);
+        }
+    for (int64_t v = 1; v < nv; v++) m[0] = max16(m[0], m[v]);
+    for (int l = 0; l < 16; l++) r = m[0][l] > r ? m[0][l] : r;
     return r;
 }
 
@@ -133,6 +186,7 @@ ALWAYS void seg_quant_t(const uint8_t *p, int64_t n, float scale, float qmax, ui
     while (j + W <= n) {
         vf s2 = {0}, n2 = {0};
         for (int i = 0; i < RUN && j + W <= n; i++, j += W) {
+            __builtin_prefetch(p + j * es + PREFETCH);
             vf w = load8(p + j * es, kind);
             quant8(w, s, hi, is_int, man_bits, bias, &c, &d);
             memcpy(q + j, &c, W);
@@ -205,12 +259,7 @@ void qk_quantize(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int
             const int64_t nb = k / b;
             float *ts = scales + (r / b) * nb;
             for (int64_t c = 0; c < nb; c++) {
-                uint32_t m = 0;
-                for (int64_t i = 0; i < b; i++) {
-                    uint32_t a = seg_amax_bits(p + ((r + i) * k + c * b) * es, kind, b);
-                    m = a > m ? a : m;
-                }
-                ts[c] = scale_of(bits_to_amax(m, kind), qmax);
+                ts[c] = scale_of(bits_to_amax(tile_amax_bits(p + (r * k + c * b) * es, kind, b, k), kind), qmax);
             }
         }
         vd ss = {0}, nn = {0};

@@ -212,3 +212,24 @@ def test_convert_output_identical_to_torch_path(fmt, sample, tmp_path):
         outs.append(dst.read_bytes())
     assert outs[0] == outs[1]
     assert math.isfinite(len(outs[0]))
+
+
+def test_fp16_subnormals_with_flush_to_zero_on(tmp_path):
+    """A process that turned flush-to-zero on (``torch.set_flush_denormal(True)``) before the kernel's
+    threads start gets the same bytes for fp16 subnormal weights: their conversion has no fp32
+    denormal operand."""
+    w = (torch.arange(1, 1024, dtype=torch.float32) * 2.0 ** -24).to(torch.float16).reshape(1, -1)
+    path = tmp_path / "w.pt"
+    torch.save(w, path)
+    code = ("import sys, torch\n"
+            "assert torch.set_flush_denormal(True)\n"
+            "from quantkit.kernels import native\nfrom quantkit.formats import FORMATS\n"
+            f"w = torch.load({str(path)!r})\n"
+            "for f in ('fp8', 'int8-tensor', 'int8-row'):\n"
+            "    q, s, _ = native.quantize_tensor(w, FORMATS[f], 128)\n"
+            "    print(f, q.view(torch.uint8).tolist(), float(s.reshape(-1)[0]))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for line, f in zip(r.stdout.splitlines(), ("fp8", "int8-tensor", "int8-row")):
+        qr, sr = reference.quantize(w, FORMATS[f], 128)
+        assert line == f"{f} {qr.view(torch.uint8).tolist()} {float(sr.reshape(-1)[0])}"

@@ -39,22 +39,24 @@ ALWAYS vf load8(const uint8_t *p, const int kind) {
     vu16 h; memcpy(&h, p, sizeof h);
     vu u = __builtin_convertvector(h, vu);
     if (kind == IN_BF16) return (vf)(u << 16);
-    /* fp16: exponent and mantissa moved into place read as fp32 are the value times 2^-112, exactly,
-     * subnormals included; inf and NaN get the all-ones exponent back */
-    vu mag = (u & 0x7fffu) << 13;
-    vf x = (vf)mag * 0x1p112f;
-    vu special = (vu)((vi)((u & 0x7c00u) == 0x7c00u));
-    return (vf)(((vu)x | (special & 0x7f800000u)) | ((u & 0x8000u) << 16));
+    /* fp16, in integer steps and one exact conversion, so no fp32 denormal is ever an operand (a
+     * thread with flush-to-zero on gets the same values): normals re-biased (+112 on the exponent),
+     * subnormals m * 2^-24 (a normal fp32), inf and NaN with the all-ones exponent */
+    vu mag = u & 0x7fffu, e = mag & 0x7c00u;
+    vu normal = (mag << 13) + (112u << 23);
+    vu sub = (vu)(__builtin_convertvector((vi)mag, vf) * 0x1p-24f);
+    vu special = (mag << 13) | 0x7f800000u;
+    vu x = usel((vi)(e == 0), sub, usel((vi)(e == 0x7c00u), special, normal));
+    return (vf)(x | ((u & 0x8000u) << 16));
 }
 
 static inline float bits_to_amax(uint32_t m, int kind) {
     float f;
     if (kind == IN_BF16) { m <<= 16; memcpy(&f, &m, 4); return f; }
-    if (kind == IN_F16) {  /* |w| bits of an fp16 value; see load8 */
-        uint32_t e = m << 13;
-        memcpy(&f, &e, 4);
-        f *= 0x1p112f;
-        if ((m & 0x7c00u) == 0x7c00u) { memcpy(&e, &f, 4); e |= 0x7f800000u; memcpy(&f, &e, 4); }
+    if (kind == IN_F16) {  /* |w| bits of an fp16 value, converted as in load8 */
+        uint32_t e = m & 0x7c00u, b = e == 0x7c00u ? (m << 13) | 0x7f800000u : (m << 13) + (112u << 23);
+        if (e == 0) return (float)m * 0x1p-24f;
+        memcpy(&f, &b, 4);
         return f;
     }
     memcpy(&f, &m, 4);

@@ -3,7 +3,7 @@ cache and fallback; and the converter's output with them against the torch path'
 
 from __future__ import annotations
 
-import math
+import os
 import subprocess
 import sys
 
@@ -79,7 +79,8 @@ def test_fp16_special_inputs():
     """fp16 subnormals convert exactly; inf and NaN give a non-finite scale, as the reference's."""
     sub = torch.tensor([[2.0 ** -24, -(2.0 ** -20), 6e-5, 1.0, -3.0, 0.0, 2.0 ** -14, 65504.0]], dtype=torch.float16)
     for fmt, spec in FORMATS.items():
-        check(sub, fmt, 128) if spec.granularity != "block" else None
+        if spec.granularity != "block":
+            check(sub, fmt, 128)
     for bad in (float("inf"), float("nan")):
         w = torch.ones(16, 32, dtype=torch.float16)
         w[3, 5] = bad
@@ -201,7 +202,6 @@ def test_auto_picks_native_on_cpu(monkeypatch):
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_convert_output_identical_to_torch_path(fmt, sample, tmp_path):
     """Whole output files, byte for byte: native (auto) vs QUANTKIT_BACKEND=torch."""
-    import os
     outs = []
     for env in ("auto", "torch"):
         dst = tmp_path / f"{env}.safetensors"
@@ -210,8 +210,7 @@ def test_convert_output_identical_to_torch_path(fmt, sample, tmp_path):
                            env={**os.environ, backend.BACKEND_ENV: env}, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         outs.append(dst.read_bytes())
-    assert outs[0] == outs[1]
-    assert math.isfinite(len(outs[0]))
+    assert len(outs[0]) > 0 and outs[0] == outs[1]
 
 
 def test_fp16_subnormals_with_flush_to_zero_on(tmp_path):

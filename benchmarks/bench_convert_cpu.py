@@ -92,7 +92,7 @@ def main() -> None:
     built = subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); from quantkit import "
                             "backend; print(backend.backend_for('cpu'), f'{time.perf_counter() - t:.2f}')"],
                            capture_output=True, text=True, check=True).stdout.split()
-    print(f"CPU backend: {built[0]} (first use, build included: {built[1]} s)", file=sys.stderr)
+    print(f"CPU backend: {built[0]} (import and backend choice, any first-use build included: {built[1]} s)", file=sys.stderr)
     # Interleaved rounds: this disk's write speed drifts by 3x over minutes, so each quantkit run is
     # compared with the cp of its own round (the ratio column is the median of those per-round ratios).
     walls: dict[str, list[float]] = {label: [] for label, _, _ in cmds}

@@ -170,9 +170,7 @@ def quantize_torch(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantR
     """The torch path on w's device: chunked on CPU, whole-tensor reference on CUDA."""
     _check_shape(w, spec, block_size)
     if w.device.type == "cpu":
-        q, scale, stats = cpu_quantize.quantize_tensor(w, spec, block_size)
-        return QuantResult(q, scale, torch.tensor(stats.signal, dtype=torch.float64),
-                           torch.tensor(stats.noise, dtype=torch.float64))
+        return _cpu_result(*cpu_quantize.quantize_tensor(w, spec, block_size))
     # reference.scale_from_amax divides by a device tensor: an IEEE division on CUDA too (torch turns
     # division by a CPU scalar into a multiply by its reciprocal there), so the bits match the CPU.
     q, scale = reference.quantize(w, spec, block_size)
@@ -187,7 +185,10 @@ def quantize_native(w: torch.Tensor, spec: FormatSpec, block_size: int) -> Quant
     """The native C kernels (CPU tensors only)."""
     _check_shape(w, spec, block_size)
     from .kernels import native
-    q, scale, stats = native.quantize_tensor(w, spec, block_size)
+    return _cpu_result(*native.quantize_tensor(w, spec, block_size))
+
+
+def _cpu_result(q: torch.Tensor, scale: torch.Tensor, stats: cpu_quantize.ErrorStats) -> QuantResult:
     return QuantResult(q, scale, torch.tensor(stats.signal, dtype=torch.float64),
                        torch.tensor(stats.noise, dtype=torch.float64))
 

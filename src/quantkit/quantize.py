@@ -47,7 +47,7 @@ class ErrorStats:
         return reference.sqnr_db(self.signal, self.noise)
 
 
-def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int, scale: torch.Tensor | None = None,
+def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int,
                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, ErrorStats]:
     """Quantize a whole 2-D tensor on the CPU: returns (q, scale, error stats). Bit-identical to
     ``reference.quantize``; peak extra memory is q plus two cache-sized fp32 chunks. ``out``: a
@@ -60,9 +60,8 @@ def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int, scale: t
     q = torch.empty((n, k), dtype=spec.weight_dtype) if out is None else \
         out[:n * k].view(spec.weight_dtype).view(n, k)
     stats = ErrorStats()
-    chunk_scales = scale is None and spec.granularity != "tensor"
-    if scale is None and not chunk_scales:
-        scale = tensor_scale(w, spec)
+    chunk_scales = spec.granularity != "tensor"
+    scale = None if chunk_scales else tensor_scale(w, spec)
     if scale is not None and not bool(torch.isfinite(scale).all()):
         return q, scale, stats  # the caller refuses the layer; nothing to quantize
     rows = rows_per_chunk((n, k), spec, block_size)
@@ -82,11 +81,11 @@ def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int, scale: t
             parts.append(reference.compute_scale(wc, spec, block_size))  # exact: abs and max in fp32
             s = parts[-1]
         else:
-            s = scale if spec.granularity == "tensor" else scale[i:i + r]
+            s = scale
         if spec.granularity == "block":
             # r is a multiple of the block size; view the chunk as tiles [r/b, b, K/b, b].
             b = block_size
-            s = (s if chunk_scales else scale[i // b:(i + r) // b])[:, None, :, None]
+            s = s[:, None, :, None]
             wv, xv = wc.view(r // b, b, k // b, b), xc.view(r // b, b, k // b, b)
         else:
             wv, xv = wc, xc

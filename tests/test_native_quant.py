@@ -157,6 +157,14 @@ def test_build_is_cached_by_content(fresh_native, monkeypatch):
     check(wide_weight(32, 48, torch.float16, 1), "fp8", 128)
 
 
+def test_unwritable_cache_builds_into_a_private_folder(fresh_native, monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv(native.CACHE_ENV, str(blocker / "cache"))  # mkdir under a file fails
+    assert native.available() is None
+    check(wide_weight(16, 40, torch.bfloat16, 2), "int8-row", 128)
+
+
 def test_no_compiler_falls_back_to_torch(fresh_native, monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     why = native.available()

@@ -83,29 +83,26 @@ def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
-    suffix = ".dll" if os.name == "nt" else ".so"
-    out_dir = cache_dir()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=out_dir, delete=True)
-        probe.close()
-    except OSError:  # not writable: build into a private temporary folder, uncached
-        out_dir = Path(tempfile.mkdtemp(prefix="quantkit-native-"))
-    lib = out_dir / f"cpu_quant-{key}{suffix}"
+    name = f"cpu_quant-{key}{'.dll' if os.name == 'nt' else '.so'}"
+    lib = cache_dir() / name
     if lib.is_file():
         return lib
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{lib.name}.", suffix=".tmp")
+    try:
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=f".{name}.", suffix=".tmp")
+    except OSError:  # cache not writable: build into a private temporary folder, uncached
+        lib = Path(tempfile.mkdtemp(prefix="quantkit-native-")) / name
+        fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
     try:
-        errors = []
         for extra in (NATIVE_FLAGS, []):  # some compilers (Apple clang on arm64) refuse -march=native
             r = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True,
                                timeout=300)
             if r.returncode == 0:
                 os.replace(tmp, lib)
                 return lib
-            errors.append((r.stderr or r.stdout).strip().splitlines()[-1:] or ["failed"])
-        raise RuntimeError(f"{cc} could not build {SOURCE.name}: {errors[-1][0]}")
+        last = (r.stderr or r.stdout).strip().splitlines()
+        raise RuntimeError(f"{cc} could not build {SOURCE.name}: {last[-1] if last else 'failed'}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

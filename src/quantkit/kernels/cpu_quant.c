@@ -242,18 +242,17 @@ void qk_row_amax(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, flo
     for (int64_t r = r0; r < r1; r++) out[r] = bits_to_amax(seg_amax_bits(p + r * k * ELEM[kind], kind, k), kind);
 }
 
-/* Quantize rows [r0, r1) of w [rows, k].
+/* Quantize rows [r0, r1) of w [rows, k]: int8 (is_int), else fp8 with man_bits 3 (e4m3fn, exponent
+ * bias 7) or 2 (e5m2, bias 15).
  *   gran 0: one scale, scales[0], given.
  *   gran 1: a scale per row, computed here into scales[r].
  *   gran 2: a scale per b x b tile, computed here into scales[(r / b) * (k / b) + c]; r0, r1 and k are
  *           multiples of b.
  * q: rows x k bytes; sig, noise: fp64 sums per row. */
 void qk_quantize(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int gran, int64_t b,
-                 int is_int, int man_bits, int bias, float qmax, float *scales, uint8_t *q,
-                 double *sig, double *noise) {
+                 int is_int, int man_bits, float qmax, float *scales, uint8_t *q, double *sig, double *noise) {
     const uint8_t *p = (const uint8_t *)w;
     const size_t es = ELEM[kind];
-    (void)bias;  /* 7 with 3 mantissa bits (e4m3fn), 15 with 2 (e5m2): implied by man_bits */
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = p + r * k * es;
         if (gran == 1) scales[r] = scale_of(bits_to_amax(seg_amax_bits(row, kind, k), kind), qmax);

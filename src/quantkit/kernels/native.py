@@ -39,7 +39,7 @@ CACHE_ENV = "QUANTKIT_CACHE_DIR"
 FLAGS = ["-O3", "-std=c11", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
 NATIVE_FLAGS = ["-march=native"]
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_FP8 = {torch.float8_e4m3fn: (3, 7), torch.float8_e5m2: (2, 15)}  # mantissa bits, exponent bias
+_FP8_MANTISSA = {torch.float8_e4m3fn: 3, torch.float8_e5m2: 2}  # the kernel knows each one's bias
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -116,7 +116,7 @@ def _load() -> ctypes.CDLL:
     i64, p, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.qk_row_amax.argtypes = [p, i32, i64, i64, i64, p]
     lib.qk_row_amax.restype = None
-    lib.qk_quantize.argtypes = [p, i32, i64, i64, i64, i32, i64, i32, i32, i32, f32, p, p, p, p]
+    lib.qk_quantize.argtypes = [p, i32, i64, i64, i64, i32, i64, i32, i32, f32, p, p, p, p]
     lib.qk_quantize.restype = None
     return lib
 
@@ -180,10 +180,10 @@ def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int,
         scales = torch.empty(spec.scale_shape((n, k), block_size), dtype=torch.float32)
     sig = torch.zeros(n, dtype=torch.float64)
     noise = torch.zeros(n, dtype=torch.float64)
-    man, bias = _FP8.get(spec.weight_dtype, (0, 0))
+    man = _FP8_MANTISSA.get(spec.weight_dtype, 0)
 
     def job(r0: int, r1: int) -> None:
-        lib.qk_quantize(w.data_ptr(), kind, r0, r1, k, gran, b, int(spec.is_int), man, bias, spec.qmax,
+        lib.qk_quantize(w.data_ptr(), kind, r0, r1, k, gran, b, int(spec.is_int), man, spec.qmax,
                         scales.data_ptr(), q.data_ptr(), sig.data_ptr(), noise.data_ptr())
     _parallel(n, b, job)
     if gran == 0:

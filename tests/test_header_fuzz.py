@@ -316,17 +316,19 @@ HOSTILE_FOR_CLI = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(HOSTILE_FOR_CLI))
-def test_cli_hostile_header_is_one_line(tmp_path, name):
-    src = write_case(tmp_path / f"{name}.safetensors", *HOSTILE_FOR_CLI[name], None)
+def test_cli_hostile_headers_are_one_line_each(tmp_path):
+    srcs = [write_case(tmp_path / f"{name}.safetensors", *case, None) for name, case in HOSTILE_FOR_CLI.items()]
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     env.pop("QUANTKIT_DEBUG", None)
-    r = subprocess.run([sys.executable, "-m", "quantkit", "convert", str(src), "-o", str(out / "x.safetensors")],
+    r = subprocess.run([sys.executable, "-m", "quantkit", "convert", *map(str, srcs), "-O", str(out)],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 1, r.stderr
     lines = r.stderr.splitlines()
-    assert len(lines) == 1 and str(src) in lines[0] and "fix:" in lines[0], r.stderr
-    assert "Traceback" not in r.stderr + r.stdout
+    # one line per input, then the count (the multi-input summary)
+    assert len(lines) == len(srcs) + 1 and lines[-1] == f"{len(srcs)} of {len(srcs)} inputs failed", r.stderr
+    assert "Traceback" not in r.stderr + r.stdout, r.stderr
+    for src in srcs:
+        assert sum(f"{src}: " in line and "fix:" in line for line in lines) == 1, (src, r.stderr)
     assert not list(out.iterdir())

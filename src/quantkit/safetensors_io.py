@@ -27,7 +27,7 @@ import torch
 
 from .dtypes import DTYPES, PACKED_X2, RANK, bitsize, itemsize, torch_dtype, torch_shape
 from .errors import QuantkitError
-from .fileio import DirectWriter, open_direct, pread_full, pwrite_all
+from .fileio import DirectWriter, NotRegularFile, open_direct, open_regular, pread_full, pwrite_all
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE): one byte more is refused
 MAX_JSON_DEPTH = 127  # nested arrays/objects serde_json parses in a header (128 is its recursion limit)
@@ -109,7 +109,7 @@ def _show(v: object) -> str:
         return json.dumps(v[:60]) + ("..." if len(v) > 60 else "")
     if isinstance(v, dict | list) and (len(v) > 8 or any(isinstance(x, dict | list) for x in
                                                           (v.values() if isinstance(v, dict) else v))):
-        return f"(a JSON {'object' if isinstance(v, dict) else 'array'} of {len(v)} items)"
+        return f"(a JSON {'object' if isinstance(v, dict) else 'array'} of {len(v)} item{'s' * (len(v) != 1)})"
     return _clip(json.dumps(v), 80)
 
 
@@ -289,15 +289,21 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         try:
-            self._f = open(self.path, "rb")
-        except FileNotFoundError:
+            self._f = os.fdopen(open_regular(self.path), "rb")
+        except (FileNotFoundError, NotADirectoryError):
             raise QuantkitError("no such file", file=self.path, fix="check the path") from None
-        except IsADirectoryError:
-            raise QuantkitError("is a directory, not a file", file=self.path,
-                                fix="pass the .safetensors file inside it") from None
+        except NotRegularFile as e:
+            if e.kind == "a directory":
+                raise QuantkitError("is a directory, not a file", file=self.path,
+                                    fix="pass the .safetensors file inside it") from None
+            raise QuantkitError(f"is {e.kind}, not a regular file", file=self.path,
+                                fix="pass the .safetensors file itself") from None
         except PermissionError:
             raise QuantkitError("permission denied reading the file", file=self.path,
                                 fix="make it readable (chmod +r)") from None
+        except OSError as e:
+            raise QuantkitError(f"cannot open the file ({e.strerror or e})", file=self.path,
+                                fix="check the path and the disk") from None
         try:
             self._open()
         except BaseException:

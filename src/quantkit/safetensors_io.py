@@ -2,7 +2,11 @@
 
 The reader treats every file as hostile: the header is parsed and checked completely (JSON object,
 known dtypes, shapes matching byte sizes, offsets contiguous from 0 with no gap, overlap or
-truncation, no duplicate names) before any tensor is touched.
+truncation) before any tensor is touched. Its verdict is safetensors 0.8's own (``safe_open`` and
+reading every tensor with torch; tests/test_header_fuzz.py compares the two): what serde_json
+refuses and Python's json takes (deep nesting, NaN, lone surrogates, numbers past 64 bits) is
+refused, what serde takes (a name given twice: the last entry; unknown entry fields) is read.
+Only regular files (or symlinks to one) are opened.
 
 The writer plans the whole header from names, dtypes and shapes, then takes tensor data strictly in
 that planned order. It uses the layout rules of ``safetensors.torch.save_file`` (descending dtype

@@ -200,7 +200,7 @@ def test_several_inputs_one_failure_and_report(sample, tmp_path):
     (["--dry-run", "--report", "{tmp}/r.json"], "--report records a conversion"),
     (["--preset", "flux3"], "'flux3' is not one of"),
     (["--config", "{tmp}/nope.toml"], "no such per-layer config file"),
-    (["--config", "{tmp}"], "cannot read the per-layer config"),
+    (["--config", "{tmp}"], "is a directory, not a regular file"),
     (["--config", "{sample}"], "unknown config file type"),
 ])
 def test_convert_usage_errors(sample, tmp_path, args, needle):

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import write_raw
-from quantkit.dtypes import DTYPES, RANK, name_of
+from quantkit.dtypes import DTYPES, RANK, file_shape, name_of
 from quantkit.errors import QuantkitError
 from quantkit.safetensors_io import PlannedTensor, SafetensorsReader, SafetensorsWriter, build_header, tensor_bytes
 
@@ -21,7 +21,8 @@ def all_torch_dtypes():
 
 
 def write_with_ours(path, tensors: dict, metadata=None, order=None):
-    plan = [PlannedTensor(k, name_of(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
+    plan = [PlannedTensor(k, name_of(v.dtype), file_shape(name_of(v.dtype), tuple(v.shape)))
+            for k, v in tensors.items()]
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         w = SafetensorsWriter(fd, plan, metadata)
@@ -39,6 +40,8 @@ def sample_tensors():
         base = torch.randn(3, 5, generator=g) * 10
         if dt == torch.bool:
             t = base > 0
+        elif dt.itemsize == 1 and "float4" in str(dt):  # packed pairs: no casts, any byte is a value
+            t = torch.randint(0, 256, (3, 5), generator=g, dtype=torch.uint8).view(dt)
         elif dt.is_complex:
             t = base.to(dt)
         elif dt.is_floating_point:
@@ -61,7 +64,7 @@ def test_bytes_identical_to_save_file(tmp_path, metadata):
 
 
 def test_dtype_order_matches_save_file(tmp_path):
-    d = {f"x{name}": torch.zeros(1, dtype=dt) for name, (dt, _) in DTYPES.items() if dt is not None}
+    d = {f"x{name}": torch.zeros(8, dtype=torch.uint8).view(dt) for name, (dt, _) in DTYPES.items() if dt is not None}
     save_file(d, str(tmp_path / "ref.st"))
     raw = (tmp_path / "ref.st").read_bytes()
     header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
@@ -126,9 +129,12 @@ BAD_FILES = {
     "out of range": (lambda p: write_raw(p, _hdr({"a": _entry(offs=(0, 8))}), b"\0" * 4), "truncated"),
     "trailing bytes": (lambda p: write_raw(p, _hdr({"a": _entry(offs=(0, 8))}), b"\0" * 12), "unexplained"),
     "reversed offsets": (lambda p: write_raw(p, _hdr({"a": _entry(offs=(8, 0))}), b"\0" * 8), "data_offsets"),
-    "duplicate names": (lambda p: write_raw(p, b'{"a":' + _hdr(_entry(offs=(0, 8))) + b',"a":' + _hdr(_entry(offs=(8, 16))) + b"}", b"\0" * 16), "twice"),
+    # a name given twice keeps its last entry (as in safetensors), so the first one's bytes are a gap
+    "duplicate names": (lambda p: write_raw(p, b'{"a":' + _hdr(_entry(offs=(0, 8))) + b',"a":' + _hdr(_entry(offs=(8, 16))) + b"}", b"\0" * 16), "gap of 8"),
     "bad metadata": (lambda p: write_raw(p, _hdr({"__metadata__": {"a": 1}})), "__metadata__"),
-    "extra entry keys": (lambda p: write_raw(p, _hdr({"a": {**_entry(), "x": 1}}), b"\0" * 8), "exactly"),
+    "duplicate metadata": (lambda p: write_raw(p, b'{"__metadata__":{},"__metadata__":{}}'), "__metadata__ twice"),
+    "duplicate field": (lambda p: write_raw(p, b'{"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}', b"\0" * 8), "twice"),
+    "missing field": (lambda p: write_raw(p, _hdr({"a": {"dtype": "F32", "shape": [2]}}), b"\0" * 8), "lacks data_offsets"),
 }
 
 
@@ -172,3 +178,143 @@ def test_read_returns_owned_copies_equal_to_the_views(tmp_path):
             assert bytes(tensor_bytes(got[n])) == bytes(tensor_bytes(r.tensor(n)))
     for n, t in ts.items():  # still valid after the file is closed
         assert bytes(tensor_bytes(got[n])) == bytes(tensor_bytes(t))
+
+
+# --- the reader's verdict against safetensors' own -------------------------------------------------
+
+E = _entry
+DEEP = 1100
+
+
+def _nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+# Headers the issue found escaping as tracebacks, and others Python's json takes but serde_json
+# (safetensors) refuses: each must be one QuantkitError line, and safetensors must refuse it too.
+REFUSED = {
+    "nesting 100000": (b"[" * 100_000, b""),
+    "metadata nested 1100 deep": (b'{"__metadata__":{"a":' + _nested(DEEP) + b"}}", b""),
+    "extra field nested 128 deep": (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":'
+                                    + _nested(126) + b"}}", b"\0" * 8),
+    "5000-digit shape": (b'{"a":{"dtype":"F32","shape":[' + b"9" * 5000 + b'],"data_offsets":[0,8]}}', b"\0" * 8),
+    "5000-digit offset": (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,' + b"9" * 5000 + b"]}}", b"\0" * 8),
+    "5000-digit extra field": (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":' + b"9" * 5000 + b"}}",
+                               b"\0" * 8),
+    "lone surrogate in a name": (b'{"buf\\ud800":' + _hdr(E()) + b"}", b"\0" * 8),
+    "lone low surrogate in a name": (b'{"buf\\udc00x":' + _hdr(E()) + b"}", b"\0" * 8),
+    "lone surrogate in metadata": (b'{"__metadata__":{"k":"v\\ud800"},"a":' + _hdr(E()) + b"}", b"\0" * 8),
+    "lone surrogate in a shadowed entry": (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":"\\ud800"},'
+                                           b'"a":' + _hdr(E()) + b"}", b"\0" * 8),
+    "dtype object": (_hdr({"a": E({"a": 1})}), b"\0" * 8),
+    "dtype list": (_hdr({"a": E(["F32"])}), b"\0" * 8),
+    "dtype object of two": (_hdr({"a": E({"F32": None, "F16": None})}), b"\0" * 8),
+    "dtype lowercase": (_hdr({"a": E("f32")}), b"\0" * 8),
+    "shape 2**64": (_hdr({"a": E(shape=(0, 2 ** 64), offs=(0, 0))}), b""),
+    "shape 2**63 (torch sizes are signed)": (_hdr({"a": E(shape=(0, 2 ** 63), offs=(0, 0))}), b""),
+    "shape product overflows before the zero": (_hdr({"a": E(shape=(2 ** 32, 2 ** 32, 0), offs=(0, 0))}), b""),
+    "shape -0": (b'{"a":{"dtype":"F32","shape":[-0],"data_offsets":[0,0]}}', b""),
+    "shape 2.0": (b'{"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}', b"\0" * 8),
+    "shape true": (b'{"a":{"dtype":"F32","shape":[true,2],"data_offsets":[0,8]}}', b"\0" * 8),
+    "NaN in an extra field": (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":NaN}}', b"\0" * 8),
+    "1e400 in an extra field": (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":1e400}}', b"\0" * 8),
+    "F6 (no torch dtype)": (_hdr({"a": E("F6_E2M3", (4,), (0, 3))}), b"\0" * 3),
+    "F4 odd last dimension": (_hdr({"a": E("F4", (2, 3), (0, 3))}), b"\0" * 3),
+    "F4 odd element count": (_hdr({"a": E("F4", (3,), (0, 2))}), b"\0" * 2),
+    "U8 2**61 (bits overflow)": (_hdr({"a": E("U8", (2 ** 61,), (0, 2 ** 61))}), b""),
+    "metadata twice": (b'{"__metadata__":{"x":"1"},"__metadata__":null}', b""),
+    "metadata value null": (_hdr({"__metadata__": {"x": None}}), b""),
+    "entry as a sequence of 4": (_hdr({"a": ["F32", [2], [0, 8], 1]}), b"\0" * 8),
+    "entry null": (_hdr({"a": None}), b""),
+    "three offsets": (_hdr({"a": E(offs=(0, 8, 8))}), b"\0" * 8),
+    "form feed after the JSON": (_hdr({"a": E()}) + b"\x0c", b"\0" * 8),
+    "byte-order mark": (b"\xef\xbb\xbf" + _hdr({"a": E()}), b"\0" * 8),
+    "header length 100000001": (_hdr({"a": E()}), b"\0" * 8, 100_000_001),
+}
+
+# Files safetensors 0.8 loads that the reader used to refuse (or might): each must read the same.
+ACCEPTED = {
+    "duplicated entry": (b'{"a":' + _hdr(E()) + b',"a":' + _hdr(E()) + b"}", b"\0" * 8),
+    "duplicated entry, the first elsewhere": (b'{"a":' + _hdr(E(offs=(8, 16))) + b',"a":' + _hdr(E()) + b"}", b"\1" * 8),
+    "extra field": (_hdr({"a": {**E(), "x": 1}}), b"\2" * 8),
+    "extra field nested 127 deep": (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":'
+                                    + _nested(125) + b"}}", b"\0" * 8),
+    "300-digit integer in an extra field": (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":'
+                                            + b"9" * 300 + b"}}", b"\0" * 8),
+    "duplicated key in an extra field": (b'{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":{"k":1,"k":2}}}',
+                                         b"\0" * 8),
+    "F4": (_hdr({"a": E("F4", (3, 4), (0, 6))}), bytes(range(6))),
+    "F4 zero-size": (_hdr({"a": E("F4", (2, 0), (0, 0))}), b""),
+    "F8_E8M0": (_hdr({"a": E("F8_E8M0", (2,), (0, 2))}), b"\x7f\x80"),
+    "F8_E4M3FNUZ and F8_E5M2FNUZ": (_hdr({"a": E("F8_E4M3FNUZ", (2,), (0, 2)), "b": E("F8_E5M2FNUZ", (2,), (2, 4))}),
+                                    b"\1\2\3\4"),
+    "entry as a sequence": (_hdr({"a": ["F32", [2], [0, 8]]}), b"\3" * 8),
+    "dtype as an object": (_hdr({"a": E({"F32": None})}), b"\4" * 8),
+    "whitespace around the JSON": (b" \r\n\t" + _hdr({"a": E()}) + b"\n  ", b"\0" * 8),
+    "surrogate pair in a name": (b'{"a\\ud83d\\ude00":' + _hdr(E()) + b"}", b"\0" * 8),
+    "control escape in a name": (b'{"a\\u000ab":' + _hdr(E()) + b"}", b"\0" * 8),
+    "empty name": (_hdr({"": E()}), b"\0" * 8),
+    "repeated metadata key": (b'{"__metadata__":{"k":"1","k":"2"}}', b""),
+    "metadata null": (_hdr({"__metadata__": None, "a": E()}), b"\0" * 8),
+    "shape [0, 2**63-1]": (_hdr({"a": E(shape=(0, 2 ** 63 - 1), offs=(0, 0))}), b""),
+    "shape [0, 2**62, 4]": (_hdr({"a": E(shape=(0, 2 ** 62, 4), offs=(0, 0))}), b""),
+    "scalar": (_hdr({"a": E(shape=(), offs=(0, 4))}), b"\0" * 4),
+    "empty object": (b"{}", b""),
+}
+
+
+def _make(tmp_path, case):
+    header, data, *length = case
+    return write_raw(tmp_path / "h.safetensors", header, data, length=length[0] if length else None)
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_as_safetensors_refuses(tmp_path, name):
+    from st_oracle import quantkit_view, safetensors_view
+    p = _make(tmp_path, REFUSED[name])
+    assert safetensors_view(p) is None
+    got = quantkit_view(p)
+    assert isinstance(got, QuantkitError), got
+    msg = got.one_line()
+    assert msg.startswith(str(p) + ": ") and "fix:" in msg and len(msg.splitlines()) == 1, msg
+    assert len(msg) < 400, msg  # a 5000-digit number or 100000 brackets are not echoed
+
+
+@pytest.mark.parametrize("name", sorted(ACCEPTED))
+def test_accepted_as_safetensors_accepts(tmp_path, name):
+    from st_oracle import quantkit_view, safetensors_view
+    p = _make(tmp_path, ACCEPTED[name])
+    want = safetensors_view(p)
+    assert want is not None
+    assert quantkit_view(p) == want
+
+
+def test_header_length_limit_is_safetensors_own(tmp_path):
+    """100_000_000 header bytes load; one more is refused (safetensors' MAX_HEADER_SIZE)."""
+    from st_oracle import quantkit_view, safetensors_view
+    for n, ok in ((100_000_000, True), (100_000_001, False)):
+        h = _hdr({"a": E()})
+        p = write_raw(tmp_path / "big.safetensors", h + b" " * (n - len(h)), b"\5" * 8)
+        want, got = safetensors_view(p), quantkit_view(p)
+        assert (want is not None) == ok
+        assert got == want if ok else isinstance(got, QuantkitError)
+        p.unlink()
+
+
+def test_header_builder_refuses_a_lone_surrogate():
+    with pytest.raises(QuantkitError, match="not Unicode text") as ei:
+        build_header([PlannedTensor("buf\ud800", "F32", (1,))], None)
+    assert "\\ud800" in ei.value.one_line()
+    with pytest.raises(QuantkitError, match="not Unicode text"):
+        build_header([PlannedTensor("a", "F32", (1,))], {"k": "v\udfff"})
+
+
+def test_header_builder_refuses_an_oversized_header():
+    with pytest.raises(QuantkitError, match="over safetensors' 100000000-byte limit"):
+        build_header([PlannedTensor("a", "F32", (1,))], {"k": "v" * 100_000_000})
+
+
+def test_one_line_escapes_line_breaks_in_names():
+    e = QuantkitError("bad", file="f", tensor="a\rb\u2028c\x85d\ne", fix="x")
+    assert len(e.one_line().splitlines()) == 1
+    assert "a\\rb\\u2028c\\x85d e" in e.one_line()

@@ -35,7 +35,23 @@ class QuantkitError(Exception):
         text = f"{where}: {self.message}" if where else self.message
         if self.fix:
             text += f" (fix: {self.fix})"
-        return " ".join(text.split("\n"))
+        return " ".join(text.split("\n")).translate(_UNPRINTABLE)
+
+
+class _Unprintable(dict):
+    """str.translate table: a character that is no printable text (a control character, a line or
+    paragraph separator, a lone surrogate: a tensor name may hold any) becomes its escape, so the
+    message stays one line."""
+
+    def __missing__(self, cp: int) -> str:
+        c = chr(cp)
+        if c.isprintable():
+            raise LookupError(cp)  # translate leaves it as it is
+        self[cp] = ascii(c)[1:-1]
+        return self[cp]
+
+
+_UNPRINTABLE = _Unprintable()
 
 
 class UsageError(QuantkitError):

@@ -7,6 +7,7 @@ import errno
 import mmap
 import os
 import queue
+import stat
 import threading
 
 
@@ -21,6 +22,43 @@ def pread_full(fd: int, buf: memoryview, offset: int) -> int:
             break
         done += n
     return done
+
+
+class NotRegularFile(OSError):
+    """``path`` is no regular file: ``kind`` says what it is ("a FIFO (named pipe)", ...)."""
+
+    def __init__(self, path: str | os.PathLike, kind: str) -> None:
+        super().__init__(f"{os.fspath(path)} is {kind}, not a regular file")
+        self.kind = kind
+
+
+def file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def open_regular(path: str | os.PathLike) -> int:
+    """A read-only descriptor on ``path``, which must be a regular file or a symlink to one. Anything
+    else raises :class:`NotRegularFile` before it is opened for reading (a FIFO with no writer
+    blocks ``open()`` for ever, a device can stream without end); the open itself is non-blocking
+    and checked again, so a path swapped in between cannot hang it either."""
+    st = os.stat(path)  # follows symlinks
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(path, file_kind(st.st_mode))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(path, file_kind(st.st_mode))
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:

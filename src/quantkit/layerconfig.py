@@ -19,11 +19,13 @@ validated when the file is loaded: an unknown key, format or option is an error,
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .fileio import NotRegularFile, open_regular
 from .formats import FORMATS, LAYER_OPTIONS
 
 ENTRY_KEYS = ("format", "block_size", "skip", "options")
@@ -91,9 +93,13 @@ class LayerConfig:
 def load_layer_config(path: str | Path) -> LayerConfig:
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with os.fdopen(open_regular(path), "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise UsageError("no such per-layer config file", file=path, fix="check the --config path") from None
+    except NotRegularFile as e:
+        raise UsageError(f"is {e.kind}, not a regular file", file=path,
+                         fix="pass the per-layer config file itself") from None
     except OSError as e:
         raise UsageError(f"cannot read the per-layer config ({e.strerror})", file=path, fix="check the path") from None
     if path.suffix.lower() == ".json":

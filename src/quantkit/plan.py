@@ -165,6 +165,10 @@ def plan_conversion(reader: SafetensorsReader, options: Options) -> Plan:
         metadata = metadata or {}
         metadata[QUANT_METADATA_KEY] = quantization_metadata(plan)
     plan.metadata = metadata
+    try:
+        build_header(plan.outputs, metadata)  # what the writer will refuse, refused before any work
+    except QuantkitError as e:
+        raise QuantkitError(e.message, file=reader.path, tensor=e.tensor, fix=e.fix) from None
     return plan
 
 

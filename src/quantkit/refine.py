@@ -88,7 +88,7 @@ class Refiner:
             r._stat_names = dict(m)
             for L, st in r._stats.items():
                 if learned_rounding and float(st["count"]) > 0 and "hessian" not in st and \
-                        calibration.second_order != "diag":
+                        calibration.second_order == "full":
                     raise QuantkitError("calibration layer lacks its 'hessian'", file=path, tensor=L,
                                         fix="recreate the file with quantkit.calibration.capture")
         return r

@@ -153,7 +153,7 @@ def test_capture_node_equals_library_capture(world):
     want_bytes = sum(8 * 3 * k + (8 * k * k if ".img_mlp." in n else 0) for n, k in ks.items())
     assert session.accumulator.nbytes() == want_bytes
     assert summary.startswith(f"quantkit: recording {len(names)} linear layers (4 with the full E[x x^T]")
-    assert f"{want_bytes / 2**30:.2f} GiB of statistics on cpu" in summary
+    assert f"{want_bytes / 2**20:.1f} MiB of statistics on cpu" in summary
 
     # The library on the same calls: sample with the original MODEL inside capture().
     with calibration.capture(dit, hessian_layers=HESSIAN) as cap:
@@ -237,7 +237,7 @@ def test_save_node_writes_the_stats_file(world, tmp_path):
 def test_capture_memory_bound_errors(world, monkeypatch):
     comfy, base, patcher, prompts, negative, latent = world
     monkeypatch.setattr(capture_nodes, "available_bytes", lambda dev: 100_000)
-    with pytest.raises(QuantkitError, match=r"4 with the full E\[x x\^T\].* of statistics on cpu, but 0\.00 GiB "
+    with pytest.raises(QuantkitError, match=r"4 with the full E\[x x\^T\].* MiB of statistics on cpu, but 0\.00 GiB "
                                             r"are free.*narrow hessian_layers"):
         QuantkitCaptureCalibration().capture(patcher, HESSIAN, "auto")
     with pytest.raises(QuantkitError, match="hessian_layers 'nothing_like_this' matches none of the 21 linear layers"):

@@ -49,6 +49,10 @@ HESSIAN_TIP = ("regex (searched in layer names as the checkpoint has them) of th
                "correction need only those)")
 
 
+def _size(n: int) -> str:
+    return _gib(n) if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def register_folder() -> list[str]:
     """Make sure ``folder_paths`` knows ``models/calibration`` (added once, beside the stock folders)."""
     fp = importlib.import_module("folder_paths")
@@ -146,7 +150,7 @@ def start_capture(model, hessian_layers: str = "", layers: str = "", device: str
         pending = max(0, int(clone.model_size()) - int(clone.loaded_size()))
     nfull = len(acc.full)
     what = (f"{len(acc.stats)} linear layers ({nfull} with the full E[x x^T], the rest diagonal): "
-            f"{_gib(need)} of statistics on {where}")
+            f"{_size(need)} of statistics on {where}")
     if free is not None and need + pending > free:
         raise QuantkitError(f"{what}, but {_gib(free)} are free" + (f" and the model needs {_gib(pending)} more"
                                                                       if pending else ""),

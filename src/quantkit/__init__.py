@@ -9,6 +9,7 @@ if _sys.argv and (_sys.argv[0] == "-m" or _os.path.basename(_sys.argv[0]) == "qu
     from .readahead import start_for_cli as _start_for_cli
     _start_for_cli()
 
+from .compare import compare
 from .convert import convert
 from .errors import QuantkitError, UsageError
 from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FORMAT, FORMATS, FormatSpec
@@ -16,5 +17,5 @@ from .report import ConvertReport, LayerReport
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "QuantkitError", "UsageError", "FORMATS", "FormatSpec", "DEFAULT_FORMAT",
+__all__ = ["convert", "compare", "QuantkitError", "UsageError", "FORMATS", "FormatSpec", "DEFAULT_FORMAT",
            "DEFAULT_BLOCK_SIZE", "ConvertReport", "LayerReport", "__version__"]

@@ -33,6 +33,14 @@ capture a subset at a time (``layers=r"double_blocks\\.(0|1)\\."``), or ``second
 the K-float keys (about 21 MB in all for Flux); with a diagonal H, error feedback has nothing to feed
 (it reduces to round-to-nearest), so only the int8 clipping search can still act (not measured).
 
+Bounding it while capturing: ``hessian_layers`` (a regex) keeps the full ``E[x x^T]`` only for the
+layers it matches and the diagonal keys for every other one (the file's ``second_order`` is then
+``"mixed"``). :class:`Accumulator` (used by :class:`capture` and by the ComfyUI capture node, so both
+give the same numbers) knows its byte count before the first batch (:meth:`Accumulator.nbytes`) and
+checks it against the free memory of the device it is about to allocate on, raising
+:class:`QuantkitError` (never a torch out-of-memory crash) when it does not fit; inputs are folded in
+row chunks of at most 64 MiB of fp64, and the finished means are moved to the CPU.
+
 Accumulation is in fp64 on the activations' device when it supports fp64 (CPU, CUDA), so long
 captures do not lose small contributions; that doubles the memory above while capturing (the file is
 fp32), so on a GPU capture a subset of layers per pass. Names are ``model.named_modules()`` names; see
@@ -54,6 +62,33 @@ from .errors import QuantkitError
 FORMAT_KEY = "quantkit_calibration"
 FORMAT_VERSION = "1"
 KEYS = ("count", "mean", "mean_sq", "absmax", "hessian")
+SECOND_ORDER = ("full", "diag", "mixed")  # every layer has a hessian / none has / some have
+CHUNK_BYTES = 64 << 20  # rows folded in at once: at most this much fp64 input copy
+
+
+def stats_bytes(k: int, full: bool) -> int:
+    """Accumulator bytes of one layer with ``k`` input features (fp64 sums; K*K more with ``full``)."""
+    return 8 * (3 * k + (k * k if full else 0))
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory where statistics would be allocated: CUDA's free bytes, or the CPU's
+    ``MemAvailable`` (/proc/meminfo); None where it cannot be known (no check then)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
 @dataclass
@@ -67,22 +102,27 @@ class LayerStats:
     absmax: torch.Tensor | None = None
     xtx: torch.Tensor | None = None  # sum x x^T, or None for second_order="diag"
 
+    device: torch.device | None = None  # accumulate here (default: where the inputs are)
+
     def add(self, x: torch.Tensor, full: bool) -> None:
         x = x.detach().reshape(-1, self.k)
-        acc = torch.float64 if x.device.type in ("cpu", "cuda") else torch.float32
-        x = x.to(acc)
+        dev = x.device if self.device is None else self.device
+        acc = torch.float64 if dev.type in ("cpu", "cuda") else torch.float32
         if self.sum is None:
-            self.sum = torch.zeros(self.k, dtype=acc, device=x.device)
+            self.sum = torch.zeros(self.k, dtype=acc, device=dev)
             self.sum_sq = torch.zeros_like(self.sum)
             self.absmax = torch.zeros_like(self.sum)
             if full:
-                self.xtx = torch.zeros((self.k, self.k), dtype=acc, device=x.device)
+                self.xtx = torch.zeros((self.k, self.k), dtype=acc, device=dev)
         self.count += x.shape[0]
-        self.sum += x.sum(0)
-        self.sum_sq += (x * x).sum(0)
-        torch.maximum(self.absmax, x.abs().amax(0) if x.shape[0] else self.absmax, out=self.absmax)
-        if self.xtx is not None:
-            self.xtx.addmm_(x.T, x)
+        rows = max(1, CHUNK_BYTES // (self.k * 8))
+        for i in range(0, x.shape[0], rows):  # bounded fp64 copies of the input
+            c = x[i:i + rows].to(device=dev, dtype=acc)
+            self.sum += c.sum(0)
+            self.sum_sq += (c * c).sum(0)
+            torch.maximum(self.absmax, c.abs().amax(0), out=self.absmax)
+            if self.xtx is not None:
+                self.xtx.addmm_(c.T, c)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"count": torch.tensor(float(self.count), dtype=torch.float64)}
@@ -95,6 +135,114 @@ class LayerStats:
         if self.xtx is not None:
             out["hessian"] = (self.xtx / n).float().cpu()
         return out
+
+
+class Accumulator:
+    """Input statistics of named layers, with the full ``E[x x^T]`` for the names in ``full``.
+
+    ``layers``: name -> input features K. ``device``: where to accumulate (None: the inputs' device).
+    The byte count (:meth:`nbytes`) is known up front; the first :meth:`add` on a device checks that
+    every accumulator not yet allocated fits in that device's free memory (``headroom`` bytes kept
+    free besides), and raises :class:`QuantkitError` naming the sizes and the fix if not."""
+
+    def __init__(self, layers: dict[str, int], full: Iterable[str] = (), device: torch.device | str | None = None,
+                 headroom: int = 0) -> None:
+        self.full = set(full)
+        unknown = self.full - set(layers)
+        if unknown:
+            raise QuantkitError(f"hessian requested for unknown layer '{sorted(unknown)[0]}'")
+        self.device = torch.device(device) if device is not None else None
+        self.headroom = headroom
+        self.stats = {n: LayerStats(k, device=self.device) for n, k in layers.items()}
+        self._checked: set[str] = set()
+
+    @classmethod
+    def for_model(cls, model: nn.Module, layers: str | None = None, hessian_layers: str | None = None,
+                  full: bool = True, device: torch.device | str | None = None, headroom: int = 0,
+                  prefix: str = "") -> Accumulator:
+        """Every ``nn.Linear`` of ``model`` (names searched by the ``layers`` regex, if given); the
+        full E[x x^T] for all of them when ``full`` and no ``hessian_layers``, else for the names the
+        ``hessian_layers`` regex finds. ``prefix`` is removed from the names searched by both regexes."""
+        pat = _compile(layers, "layers")
+        hpat = _compile(hessian_layers, "hessian_layers")
+        lin = {n: m.in_features for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and (pat is None or pat.search(n.removeprefix(prefix)))}
+        if not lin:
+            raise QuantkitError("the model has no nn.Linear to calibrate" + (f" matching {layers!r}" if layers else ""),
+                                fix="pass the model whose linear layers you will quantize")
+        if hpat is not None:
+            chosen = {n for n in lin if hpat.search(n.removeprefix(prefix))}
+            if not chosen:
+                raise QuantkitError(f"hessian_layers {hessian_layers!r} matches none of the {len(lin)} linear layers "
+                                    f"(e.g. '{next(iter(lin)).removeprefix(prefix)}')",
+                                    fix="use a regex searched in the layer names, or leave it empty for diagonal "
+                                        "statistics only")
+        else:
+            chosen = set(lin) if full else set()
+        return cls(lin, chosen, device, headroom)
+
+    def nbytes(self, names: Iterable[str] | None = None) -> int:
+        names = self.stats if names is None else names
+        return sum(stats_bytes(self.stats[n].k, n in self.full) for n in names)
+
+    @property
+    def second_order(self) -> str:
+        return "full" if self.full == set(self.stats) else ("diag" if not self.full else "mixed")
+
+    def _check(self, device: torch.device, name: str) -> None:
+        key = str(device)
+        if key in self._checked:
+            return
+        self._checked.add(key)
+        pending = [n for n, s in self.stats.items() if s.sum is None]
+        need = self.nbytes(pending)
+        free = available_bytes(device)
+        if free is not None and need + self.headroom > free:
+            nfull = sum(1 for n in pending if n in self.full)
+            raise QuantkitError(f"calibration statistics need {_gib(need)} on {device} ({len(pending)} layers, "
+                                f"{nfull} with the full E[x x^T]) but {_gib(max(free - self.headroom, 0))} "
+                                f"are free", tensor=name,
+                                fix="select fewer layers for the full E[x x^T] (hessian_layers), use diagonal "
+                                    "statistics only, or accumulate on the CPU")
+
+    def add(self, name: str, x: torch.Tensor, row_mask: torch.Tensor | None = None) -> None:
+        if row_mask is not None:
+            mask = row_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
+            rows = x.reshape(-1, x.shape[-1])
+            if rows.shape[0] != mask.shape[0]:
+                raise QuantkitError(f"row_mask has {mask.shape[0]} rows but layer input has {rows.shape[0]}",
+                                    tensor=name, fix="set row_mask to the [batch, tokens] padding mask")
+            x = rows[mask]
+        st = self.stats[name]
+        if st.sum is None:
+            dev = self.device or x.device
+            self._check(dev, name)
+            try:
+                st.add(x, name in self.full)
+            except torch.OutOfMemoryError as e:
+                st.sum = st.sum_sq = st.absmax = st.xtx = None
+                st.count = 0
+                raise QuantkitError(f"out of memory allocating {_gib(stats_bytes(st.k, name in self.full))} of "
+                                    f"statistics on {dev}", tensor=name,
+                                    fix="select fewer layers for the full E[x x^T] (hessian_layers), or "
+                                        "accumulate on the CPU") from e
+        else:
+            st.add(x, name in self.full)
+
+    def calibration(self, rename: dict[str, str] | None = None, meta: dict[str, str] | None = None) -> Calibration:
+        """The finished means (on the CPU), under ``rename[name]`` where given."""
+        rename = rename or {}
+        return Calibration({rename.get(n, n): s.tensors() for n, s in self.stats.items()}, self.second_order,
+                           dict(meta or {}))
+
+
+def _compile(pattern: str | None, what: str) -> re.Pattern | None:
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise QuantkitError(f"{what} regex {pattern!r} is invalid: {e}", fix="write a Python regular expression") from e
 
 
 class _FileStats(dict):
@@ -135,11 +283,13 @@ class Calibration:
 
     layers: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     second_order: str = "full"
+    meta: dict[str, str] = field(default_factory=dict)  # extra header entries (e.g. which steps contributed)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
         flat = {f"{name}.{k}": v.contiguous() for name, d in self.layers.items() for k, v in d.items()}
-        meta = {FORMAT_KEY: FORMAT_VERSION, "layers": str(len(self.layers)), "second_order": self.second_order}
+        meta = {**self.meta, FORMAT_KEY: FORMAT_VERSION, "layers": str(len(self.layers)),
+                "second_order": self.second_order}
         save_file(flat, str(path), metadata=meta)
 
     @classmethod
@@ -171,41 +321,40 @@ class Calibration:
             if float(d["count"]) > 0 and not {"mean", "mean_sq", "absmax"} <= set(d):
                 raise QuantkitError("layer lacks mean, mean_sq or absmax", file=path, tensor=name,
                                     fix="recreate the file with quantkit.calibration.capture")
-        return cls(layers, meta.get("second_order", "full"))
+        extra = {k: v for k, v in meta.items() if k not in (FORMAT_KEY, "layers", "second_order")}
+        return cls(layers, meta.get("second_order", "full"), extra)
 
 
 class capture:
     """Context manager hooking every ``nn.Linear`` of ``model`` (names matching ``layers``, a regex
-    searched in the module name, if given). ``second_order``: ``"full"`` (E[x x^T]) or ``"diag"``."""
+    searched in the module name, if given). ``second_order``: ``"full"`` (E[x x^T]) or ``"diag"``;
+    ``hessian_layers``: a regex choosing the layers that keep the full E[x x^T] (the others get the
+    diagonal keys only). ``device``: accumulate there instead of on the activations' device."""
 
-    def __init__(self, model: nn.Module, layers: str | None = None, second_order: str = "full") -> None:
+    def __init__(self, model: nn.Module, layers: str | None = None, second_order: str = "full",
+                 hessian_layers: str | None = None, device: torch.device | str | None = None) -> None:
         if second_order not in ("full", "diag"):
             raise QuantkitError(f"second_order {second_order!r} is not 'full' or 'diag'",
                                 fix="use 'full' (needed by learned rounding) or 'diag'")
-        pat = re.compile(layers) if layers else None
+        if hessian_layers and second_order == "diag":
+            raise QuantkitError("hessian_layers asks for full E[x x^T] but second_order is 'diag'",
+                                fix="drop one of the two")
         self.model = model
         self.full = second_order == "full"
         self.row_mask: torch.Tensor | None = None
-        self._linears = {n: m for n, m in model.named_modules()
-                         if isinstance(m, nn.Linear) and (pat is None or pat.search(n))}
-        if not self._linears:
-            raise QuantkitError("the model has no nn.Linear to calibrate" + (f" matching {layers!r}" if layers else ""),
-                                fix="pass the model whose linear layers you will quantize")
-        self._stats = {n: LayerStats(m.in_features) for n, m in self._linears.items()}
+        self.accumulator = Accumulator.for_model(model, layers, hessian_layers, full=self.full, device=device)
+        self._linears = {n: m for n, m in model.named_modules() if n in self.accumulator.stats}
         self._handles: list = []
         self.result: Calibration | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the accumulators (known before the first batch)."""
+        return self.accumulator.nbytes()
+
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if self.row_mask is not None:
-                mask = self.row_mask.reshape(-1).to(device=x.device, dtype=torch.bool)
-                rows = x.reshape(-1, x.shape[-1])
-                if rows.shape[0] != mask.shape[0]:
-                    raise QuantkitError(f"row_mask has {mask.shape[0]} rows but layer input has {rows.shape[0]}",
-                                        tensor=name, fix="set row_mask to the [batch, tokens] padding mask")
-                x = rows[mask]
-            self._stats[name].add(x, self.full)
+            self.accumulator.add(name, args[0], self.row_mask)
         return hook
 
     def __enter__(self) -> capture:
@@ -220,8 +369,7 @@ class capture:
         self.result = self.calibration()
 
     def calibration(self) -> Calibration:
-        return Calibration({n: s.tensors() for n, s in self._stats.items()},
-                           "full" if self.full else "diag")
+        return self.accumulator.calibration()
 
     def save(self, path: str | Path) -> None:
         (self.result or self.calibration()).save(path)

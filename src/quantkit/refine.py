@@ -88,7 +88,7 @@ class Refiner:
             r._stat_names = dict(m)
             for L, st in r._stats.items():
                 if learned_rounding and float(st["count"]) > 0 and "hessian" not in st and \
-                        calibration.second_order != "diag":
+                        calibration.second_order == "full":
                     raise QuantkitError("calibration layer lacks its 'hessian'", file=path, tensor=L,
                                         fix="recreate the file with quantkit.calibration.capture")
         return r
@@ -101,7 +101,8 @@ class Refiner:
         the bias-corrected covariance), in plan order. Empty without learned rounding."""
         if not self.learned_rounding or self.calibration is None:
             return []
-        return [(lp, self._stat_names[L], self._corrects_bias(L)) for L, lp in self._layers.items() if self._seen(L)]
+        return [(lp, self._stat_names[L], self._corrects_bias(L)) for L, lp in self._layers.items() if self._seen(L)
+                and not self._lacks_hessian(L)]
 
     def _corrects_bias(self, layer: str) -> bool:
         """Bias correction applies to this quantized layer: it ran during calibration and has a
@@ -120,12 +121,21 @@ class Refiner:
         converter's own quantizer writes, with :meth:`input_scale` and :meth:`note` from here)."""
         if not self.learned_rounding or lp.spec is None:
             return False
-        return self.options.objective == "subspace" or (self.calibration is not None and self._seen(lp.layer))
+        return self.options.objective == "subspace" or (self.calibration is not None and self._seen(lp.layer)
+                                                         and not self._lacks_hessian(lp.layer))
+
+    def _lacks_hessian(self, layer: str) -> bool:
+        """A file captured with hessians for some layers only ('mixed'): the others keep RTN (a
+        diagonal H gives error feedback nothing to feed, and minus mu mu^T it is not even PSD)."""
+        return (self.calibration is not None and self.calibration.second_order == "mixed"
+                and "hessian" not in self._stats.get(layer, {}))
 
     def note(self, lp: LayerPlan) -> str:
         """What the report says about a layer this refiner leaves at round-to-nearest."""
         if self.learned_rounding and self.calibration is not None and not self._seen(lp.layer):
             return "rtn: layer never ran during calibration"
+        if self.learned_rounding and self._lacks_hessian(lp.layer):
+            return "rtn: no hessian for this layer in the calibration file"
         return ""
 
     def _result(self, lp: LayerPlan) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -2,12 +2,16 @@
 
 import os
 
+models_dir = os.path.join(os.path.dirname(os.path.realpath(__file__)), "models")  # tests set their own
 supported_pt_extensions = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
 folder_names_and_paths = {}
 
 
 def add_model_folder_path(folder_name, full_folder_path, is_default=False):
-    paths = folder_names_and_paths.setdefault(folder_name, ([], supported_pt_extensions))[0]
+    if folder_name not in folder_names_and_paths:  # a new folder lists every file, as in ComfyUI
+        folder_names_and_paths[folder_name] = ([full_folder_path], set())
+        return
+    paths = folder_names_and_paths[folder_name][0]
     if full_folder_path not in paths:
         paths.insert(0, full_folder_path) if is_default else paths.append(full_folder_path)
 
@@ -40,6 +44,6 @@ def get_filename_list(folder_name):
     for d in paths:
         for root, _dirs, files in os.walk(d):
             for f in files:
-                if os.path.splitext(f)[1].lower() in exts:
+                if not exts or os.path.splitext(f)[1].lower() in exts:
                     out.add(os.path.relpath(os.path.join(root, f), d))
     return sorted(out)

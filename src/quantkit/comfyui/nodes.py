@@ -4,6 +4,8 @@
 * :class:`QuantkitQuantizeModel` -- MODEL in, quantized MODEL clone out (:mod:`.quantize_model`)
 * :class:`QuantkitConvertCheckpoint` -- converts a .safetensors file from ComfyUI's model folders
   with :func:`quantkit.convert`, writing beside the source, progress on ComfyUI's progress bar
+  (optionally with a stats file from models/calibration: input_scale, learned rounding, bias correction)
+* Capture / Save Calibration (:mod:`.capture_nodes`), Compare Models (:mod:`.compare_node`)
 
 ComfyUI's ``folder_paths``, ``comfy.utils`` and ``comfy.model_management`` are imported when a node
 runs or lists its inputs, never at import time.
@@ -21,6 +23,8 @@ from ..convert import convert
 from ..errors import QuantkitError
 from ..formats import DEFAULT_BLOCK_SIZE, FALLBACK_CHOICES, FORMATS
 from ..plan import default_output_name
+from .capture_nodes import FOLDER, QuantkitCaptureCalibration, QuantkitSaveCalibration, calibration_files, register_folder
+from .compare_node import QuantkitCompareModels
 from .quantize_model import TARGETS, quantize_model
 
 log = logging.getLogger("quantkit.comfyui")
@@ -110,6 +114,17 @@ def output_path(src: str, fmt: str, output_name: str) -> str:
     return os.path.join(os.path.dirname(src), name)
 
 
+def resolve_calibration(name: str) -> str | None:
+    """A file of ComfyUI's ``calibration`` folder (as the convert node lists it) -> its path; ``none`` -> None."""
+    if not name or name == "none":
+        return None
+    register_folder()
+    path = importlib.import_module("folder_paths").get_full_path(FOLDER, name)
+    if path is None:
+        raise QuantkitError(f"'{name}' is not in ComfyUI's {FOLDER} folder", fix="refresh the node's file list")
+    return path
+
+
 class ProgressReporter:
     """``quantkit.convert``'s ``progress(done, total, name, written)`` -> ``comfy.utils.ProgressBar`` (percent),
     checking ComfyUI's interrupt button on every tensor (an interrupt raises, and ``convert`` then
@@ -154,6 +169,14 @@ class QuantkitConvertCheckpoint:
                 "preset": (list(families.PRESET_CHOICES), {"default": "auto", "tooltip": PRESET_TIP}),
                 "device": (["auto", "cpu", "cuda"], {"default": "auto",
                                                      "tooltip": "where to quantize (same bytes either way)"}),
+                "calibration": (["none"] + calibration_files(), {
+                    "default": "none", "tooltip": "stats file from Save Calibration (models/calibration): static "
+                                                  "fp8 input_scale, and the data for the two options below"}),
+                "learned_rounding": ("BOOLEAN", {"default": False, "tooltip": "choose each weight's rounding to "
+                                                 "lower the output error on the calibration data (needs a file "
+                                                 "with hessians for the layers it should change)"}),
+                "bias_correction": ("BOOLEAN", {"default": False, "tooltip": "fold the mean output error into "
+                                                "each bias (needs calibration)"}),
             },
         }
 
@@ -164,12 +187,13 @@ class QuantkitConvertCheckpoint:
     OUTPUT_NODE = True
 
     def convert(self, source, format, block_size, fallback, output_name, overwrite, exclude="", preset="auto",
-                device="auto"):
+                device="auto", calibration="none", learned_rounding=False, bias_correction=False):
         src = resolve_source(source)
         dst = output_path(src, format, output_name)
         report = convert(src, dst, format=format, block_size=int(block_size), fallback=fallback,
                          exclude=_split_patterns(exclude), overwrite=bool(overwrite), progress=ProgressReporter(),
-                         preset=preset, device=device)
+                         preset=preset, device=device, calibration=resolve_calibration(calibration),
+                         learned_rounding=bool(learned_rounding), bias_correction=bool(bias_correction))
         q = [layer for layer in report.layers if layer.action != "kept"]
         text = (f"quantkit: wrote {dst} ({report.bytes_out / 1e9:.2f} GB, {len(q)} layers quantized "
                 f"to {format}, {report.seconds:.1f} s)")
@@ -180,9 +204,15 @@ class QuantkitConvertCheckpoint:
 NODE_CLASS_MAPPINGS = {
     "QuantkitQuantizeModel": QuantkitQuantizeModel,
     "QuantkitConvertCheckpoint": QuantkitConvertCheckpoint,
+    "QuantkitCaptureCalibration": QuantkitCaptureCalibration,
+    "QuantkitSaveCalibration": QuantkitSaveCalibration,
+    "QuantkitCompareModels": QuantkitCompareModels,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
     "QuantkitQuantizeModel": "Quantize Model (quantkit)",
     "QuantkitConvertCheckpoint": "Convert Checkpoint (quantkit)",
+    "QuantkitCaptureCalibration": "Capture Calibration (quantkit)",
+    "QuantkitSaveCalibration": "Save Calibration (quantkit)",
+    "QuantkitCompareModels": "Compare Models (quantkit)",
 }

@@ -1,5 +1,8 @@
-"""Stand-in for ``comfy.model_patcher.ModelPatcher``: clone shares the torch module; object patches
-are swapped in by ``patch_model`` and back by ``unpatch_model``."""
+"""Stand-in for ``comfy.model_patcher.ModelPatcher``: clone shares the torch module and deep-copies
+``model_options`` (lists and dicts; functions by reference, as ``comfy.utils.deepcopy_list_dict``);
+object patches are swapped in by ``patch_model`` and back by ``unpatch_model``;
+``set_model_unet_function_wrapper`` sets ``model_options["model_function_wrapper"]``, which the
+samplers (comfy/samplers.py stand-in) call instead of ``apply_model``."""
 
 import comfy.utils
 
@@ -22,11 +25,26 @@ class ModelPatcher:
         n = ModelPatcher(self.model, self.load_device, self.offload_device, self.size, self.weight_inplace_update)
         n.patches = {k: v[:] for k, v in self.patches.items()}
         n.object_patches = self.object_patches.copy()
-        n.model_options = {"transformer_options": dict(self.model_options["transformer_options"])}
+        n.model_options = comfy.utils.deepcopy_list_dict(self.model_options)
         n.backup = self.backup
         n.object_patches_backup = self.object_patches_backup
         n.parent = self
         return n
+
+    def model_size(self):
+        if self.size > 0:
+            return self.size
+        self.size = sum(t.nelement() * t.element_size() for t in self.model.state_dict().values())
+        return self.size
+
+    def loaded_size(self):
+        return getattr(self.model, "model_loaded_weight_memory", 0)
+
+    def is_clone(self, other):
+        return hasattr(other, "model") and self.model is other.model
+
+    def set_model_unet_function_wrapper(self, unet_wrapper_function):
+        self.model_options["model_function_wrapper"] = unet_wrapper_function
 
     def add_object_patch(self, name, obj):
         self.object_patches[name] = obj

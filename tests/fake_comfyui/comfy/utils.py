@@ -44,3 +44,28 @@ def set_attr(obj, attr, value):
     prev = getattr(obj, last)
     setattr(obj, last, value)
     return prev
+
+
+def deepcopy_list_dict(obj, memo=None):
+    if memo is None:
+        memo = {}
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if isinstance(obj, dict):
+        res = {deepcopy_list_dict(k, memo): deepcopy_list_dict(v, memo) for k, v in obj.items()}
+    elif isinstance(obj, list):
+        res = [deepcopy_list_dict(i, memo) for i in obj]
+    else:
+        res = obj
+    memo[id(obj)] = res
+    return res
+
+
+def repeat_to_batch_size(tensor, batch_size, dim=0):
+    import math
+    if tensor.shape[dim] > batch_size:
+        return tensor.narrow(dim, 0, batch_size)
+    if tensor.shape[dim] < batch_size:
+        reps = dim * [1] + [math.ceil(batch_size / tensor.shape[dim])] + [1] * (len(tensor.shape) - 1 - dim)
+        return tensor.repeat(reps).narrow(dim, 0, batch_size)
+    return tensor

@@ -12,12 +12,12 @@ from quantkit.runtime import QuantizedTensor, load_quantized
 
 # format -> measured (mean, worst) cosine: runtime path on CPU (W8A8 for int8), then dequantize path.
 # Lowest of: 2 machines (one reported 0.971660 for the int8-tensor runtime mean, 6e-5 under the value
-# here), 1 and 2 threads, ATEN_CPU_CAPABILITY avx512 and default. Only the W8A8 path moves (int8
-# activation rounding turns one-ulp differences into other integers): 1 - cos of the mean by up to
-# 0.8% (relative), of the worst sentence by up to 4.2% (int8-tensor: 0.957535 vs 0.959318). Floors let
-# 1 - cos grow 25% for the mean and 50% for the worst sentence (30x and 12x those spreads); a quantizer
-# one bit coarser (int8 q/2 at 2x scale, fp8 with one mantissa bit fewer) grows it 1.8x (int8-row
-# runtime mean) to 10x, and fails every one of these floors.
+# here), 1 and 2 threads, ATEN_CPU_CAPABILITY avx512 and default (MKL_ENABLE_INSTRUCTIONS=SSE4_2
+# changes nothing more). Only the W8A8 path moves (int8 activation rounding turns one-ulp differences
+# into other integers): 1 - cos of the mean by up to 0.8% (relative), of the worst sentence by up to
+# 4.2% (int8-tensor: 0.957535 vs 0.959318). Floors let 1 - cos grow 25% for the mean and 50% for the
+# worst sentence (30x and 12x those spreads); a quantizer one bit coarser (int8 q/2 at 2x scale, fp8
+# with one mantissa bit fewer) grows it 1.8x (int8-row runtime mean) to 10x, and fails every floor.
 MEASURED = {
     "fp8": ((0.998572, 0.998051), (0.998572, 0.998051)),
     "fp8-e5m2": ((0.994344, 0.991558), (0.994344, 0.991558)),
@@ -25,7 +25,8 @@ MEASURED = {
     "int8-row": ((0.997286, 0.996339), (0.999620, 0.999494)),
     "int8-block": ((0.997073, 0.995972), (0.997988, 0.996947)),
 }
-FLOORS = {fmt: tuple((cos_floor(mean), cos_floor(worst, slack=0.5)) for mean, worst in m) for fmt, m in MEASURED.items()}
+FLOORS = {fmt: tuple((cos_floor(mean), cos_floor(worst, slack=0.5)) for mean, worst in m)
+          for fmt, m in MEASURED.items()}
 
 
 @pytest.fixture(scope="module")

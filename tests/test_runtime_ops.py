@@ -39,7 +39,8 @@ def float_file(tmp_path_factory):
 
 
 # worst row's cosine to the float model, lower of the W8A8 and full-precision paths: measured (the same
-# at 1 and 2 threads and every ATEN_CPU_CAPABILITY), through cos_floor (1 - cos may grow 25%)
+# at 1 and 2 threads, ATEN_CPU_CAPABILITY avx512 / default and MKL_ENABLE_INSTRUCTIONS=SSE4_2),
+# through cos_floor (1 - cos may grow 25%)
 WORST_COS = {k: cos_floor(v) for k, v in {"fp8": 0.999192, "int8-row": 0.999925, "int8-block": 0.999923}.items()}
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,82 @@ if not torch.cuda.is_available():
             import triton.language  # noqa: F401
     except ImportError:
         pass
+
+
+# ---- quality floors -----------------------------------------------------------------------------------
+# A quality number (cosine similarity, SQNR in dB, an error ratio) depends on the machine in its last
+# bits: CPU vector kernels, the BLAS and the thread count change the order of float sums, and int8
+# activation rounding in the W8A8 path turns a one-ulp difference into a different integer. So a floor
+# is never the value measured here: it is that value less a margin far wider than the spread measured
+# across thread counts and CPU kernel levels, and still far from what a broken quantizer gives. Each
+# floor's comment says what was measured, the spread and the margin.
+#
+# QUANTKIT_TEST_QUALITY_LOG=FILE appends every value checked by at_least / at_most / record to FILE as one JSON
+# line (test, what, value, bound): run the suite with it under other conditions to re-measure.
+
+
+def cos_floor(measured: float, slack: float = 0.25) -> float:
+    """Floor for a cosine similarity measured as ``measured``: its distance from 1 may grow by
+    ``slack`` (relative). A quantizer one bit coarser roughly quadruples that distance."""
+    return 1.0 - (1.0 - measured) * (1.0 + slack)
+
+
+def record(what: str, value: float, **bound: float) -> None:
+    """Append a measured quality number to $QUANTKIT_TEST_QUALITY_LOG, if set."""
+    path = os.environ.get("QUANTKIT_TEST_QUALITY_LOG")
+    if path:
+        import json
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": test, "what": what, "value": float(value),
+                                **{k: float(v) for k, v in bound.items()}}) + "\n")
+
+
+def db_floor(measured: float, margin: float = 0.5) -> float:
+    """Floor for an SQNR in dB on the converter's own (bit-exact) output: only the float sum behind it
+    can differ between machines (< 1e-3 dB); 0.5 dB is far above that and far under the 6 dB a
+    quantizer one bit coarser loses."""
+    return measured - margin
+
+
+def at_least(value: float, floor: float, what: str) -> None:
+    """Assert a quality number is at or above its floor (and record it, see above)."""
+    record(what, value, floor=floor)
+    assert value >= floor, f"{what}: {value:.6g} is below its floor {floor:.6g}"
+
+
+def at_most(value: float, ceiling: float, what: str) -> None:
+    """Assert an error number is at or below its ceiling (and record it, see above)."""
+    record(what, value, ceiling=ceiling)
+    assert value <= ceiling, f"{what}: {value:.6g} is above its ceiling {ceiling:.6g}"
+
+
+# ---- CLI output ---------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _fixed_terminal_width(monkeypatch):
+    """Rich lays out the CLI's tables and boxes for $COLUMNS, else the terminal's width, else 80: one
+    width for every test makes the output the same on every machine. Checks on the output still go
+    through says(), which no wrap can break (a long temporary path wraps at any width)."""
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_BOX = re.compile("[\u2500-\u257f]")  # Rich's panel borders
+
+
+def text_of(output: str) -> str:
+    """CLI output as it reads, whatever the terminal: colour codes and box borders removed, every run
+    of whitespace one space."""
+    return " ".join(_BOX.sub(" ", _ANSI.sub("", output)).split())
+
+
+def says(output: str, *phrases: str) -> bool:
+    """Whether the CLI output contains every phrase, however a terminal wrapped it: a wrap can fall
+    inside a phrase (or inside a long path), so all whitespace is ignored on both sides."""
+    flat = "".join(text_of(output).split())
+    return all("".join(p.split()) in flat for p in phrases)
+
+
+def count_of(output: str, phrase: str) -> int:
+    """How often the phrase appears in the CLI output, however a terminal wrapped it."""
+    return "".join(text_of(output).split()).count("".join(phrase.split()))

@@ -2,6 +2,8 @@
 
 import torch
 
+from conftest import record
+
 from quantkit.models.bert import load_bert, tokenize
 
 
@@ -11,5 +13,7 @@ def test_minilm_forward_matches_published_similarity(minilm_fp32):
     with torch.no_grad():
         e = torch.nn.functional.normalize(model.sentence_embeddings(ids, mask), dim=-1)
     # sentence-transformers documents 0.7553 for the first pair with this model
+    record("similarity of the eating pair", float(e[0] @ e[1]))
+    record("similarity eating / riding", float(e[0] @ e[2]))
     assert abs(float(e[0] @ e[1]) - 0.7553) < 2e-3
     assert float(e[0] @ e[2]) < 0.3

@@ -14,6 +14,7 @@ pytest.importorskip("comfy_kitchen")
 from comfy_kitchen.tensor import QuantizedTensor, get_layout_class, register_layout_class  # noqa: E402
 
 import quantkit  # noqa: E402
+from conftest import at_least, db_floor, record  # noqa: E402
 from quantkit import reference  # noqa: E402
 from quantkit.comfyui import layout  # noqa: E402
 from quantkit.formats import FORMATS  # noqa: E402
@@ -65,8 +66,9 @@ def test_dequantize_is_the_contract_formula_bit_for_bit(block_file):
             assert got.dtype == dtype
             assert torch.equal(got, contract_dequant(q, s, 64, dtype)), (name, dtype)
             assert torch.equal(got, reference.dequantize(q, s, SPEC, 64, dtype)), (name, dtype)
-        # a real quantization of the source weight (these synthetic weights measure 29-41 dB)
-        assert reference.sqnr(orig[f"{name}.weight"].float(), qt.dequantize().float()) > 27.0
+        # a real quantization of the source weight: these synthetic weights measure 28.93 dB (worst) to 32.1 dB
+        at_least(reference.sqnr(orig[f"{name}.weight"].float(), qt.dequantize().float()), db_floor(28.93),
+                 f"{name} SQNR dB")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -160,7 +162,7 @@ want = activations.w8a8_block_matmul(xq, xs, q, s, 64, bias, torch.float32)
 assert torch.equal(y, want), (y - want).abs().max()
 deq = torch.nn.functional.linear(x, reference.dequantize(q, s, spec, 64), bias)
 rel = float((y - deq).norm() / deq.norm())
-assert rel < 0.01, rel
+assert rel < 0.0054 * 1.25, rel  # measured 0.0054 (spread 4e-9); one bit coarser weights raise it ~1.6x
 print("ok", rel)
 """
 
@@ -172,13 +174,10 @@ def test_fast_path_calls_the_runtime_kernel_correctly(tmp_path):
     import subprocess
     import sys
     pytest.importorskip("triton")
-    try:
-        import quantkit.runtime.activations  # noqa: F401
-    except ImportError:
-        pytest.skip("quantkit.runtime (issue 3) is not merged into this branch yet")
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", FAST_CHECK], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+    record("W8A8 vs dequantized matmul rel. error", float(r.stdout.split()[1]), ceiling=0.0054 * 1.25)
 
 
 def test_cpu_never_takes_the_fast_path(monkeypatch):

@@ -20,7 +20,7 @@ from quantkit.comfyui.quantize_model import TARGETS
 from quantkit.errors import QuantkitError
 
 from comfy_fixture import comfy  # noqa: F401  (fixture)
-from conftest import ROOT, SAMPLE, sha
+from conftest import ROOT, SAMPLE, at_least, at_most, cos_floor, sha
 
 NODE_DIR = ROOT / "comfyui_node"
 
@@ -84,10 +84,10 @@ SENTENCES = ["A man is playing a guitar on stage.", "The stock market fell sharp
 
 # Cosine similarity of sentence embeddings to the fp32 model's, worst of the five sentences, with
 # every linear layer quantized (weights dequantized on CPU, as ComfyUI runs them there). Measured
-# on this machine (torch 2.13 CPU): fp8_e4m3fn 0.99813, fp8_e5m2 0.99232, int8_rowwise 0.99943,
-# int8_tensorwise 0.96885, int8_blockwise (b=128) 0.99756. Floors sit just below.
-COS_FLOOR = {"fp8_e4m3fn": 0.997, "fp8_e5m2": 0.99, "int8_rowwise": 0.999, "int8_tensorwise": 0.96,
-             "int8_blockwise": 0.997}
+# (torch 2.13 CPU, AMD EPYC), within 2e-7 at 1 and 2 threads, ATEN_CPU_CAPABILITY avx512 / default
+# and MKL_ENABLE_INSTRUCTIONS=SSE4_2; cos_floor lets 1 - cos grow 25% (see conftest.py).
+COS_FLOOR = {k: cos_floor(v) for k, v in {"fp8_e4m3fn": 0.998127, "fp8_e5m2": 0.992324, "int8_rowwise": 0.999427,
+                                          "int8_tensorwise": 0.968854, "int8_blockwise": 0.997563}.items()}
 # Layer-by-layer identity with `quantkit convert` is checked for one stock format and ours (the
 # other formats share the code path; converting MiniLM costs seconds per format).
 FILE_CHECK = ("fp8_e4m3fn", "int8_blockwise")
@@ -139,7 +139,7 @@ def test_quantize_minilm_matches_converter_and_keeps_original(comfy, minilm, min
     finally:
         clone.unpatch_model()
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=1)
-    assert float(cos.min()) >= COS_FLOOR[target], cos
+    at_least(float(cos.min()), COS_FLOOR[target], f"{target} worst cosine")
     assert not torch.equal(got, ref)
     # unpatched: the original model again, bit for bit
     assert type(model.encoder.layer[0].attention.self.query) is torch.nn.Linear
@@ -218,7 +218,9 @@ def test_quantize_dit_shaped_model_decides_like_the_converter(comfy, tmp_path, p
         y, y0 = new(x), orig(x)
         assert torch.equal(y, torch.nn.functional.linear(x, deq, orig.bias))
     rel = float((y.float() - y0.float()).norm() / y0.float().norm())
-    assert rel < 0.05, rel  # measured 0.039 (these synthetic weights quantize at ~30 dB)
+    # measured 0.0394 (no spread over threads and CPU kernel levels, as COS_FLOOR; these synthetic
+    # weights quantize at ~30 dB); 25% margin, while weights one bit coarser double it
+    at_most(rel, 0.0394 * 1.25, "flux-mini qkv int8-block output rel. error")
 
 
 def test_quantize_rejects_bad_options(comfy, minilm):

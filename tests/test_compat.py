@@ -11,7 +11,7 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from conftest import ROOT
+from conftest import ROOT, says
 from quantkit.compat import map_args
 from quantkit.errors import UsageError
 
@@ -90,14 +90,14 @@ def test_entry_module_converts_and_prints_the_command(sample, tmp_path):
              "--low-memory")
     out = tmp_path / "flux-mini_simple_int8_rowwise.safetensors"
     assert r.returncode == 0, r.stderr
-    assert f"equivalent: quantkit convert {sample} -o {out} --format int8-row --preset none" in r.stderr
+    assert says(r.stderr, f"equivalent: quantkit convert {sample} -o {out} --format int8-row --preset none")
     with safe_open(str(out), "pt") as f:
         layers = json.loads(f.metadata()["_quantization_metadata"])["layers"]
         assert list(f.get_slice("img_in.weight_scale").get_shape()) == [128, 1]
     assert len(layers) == 34 and {v["format"] for v in layers.values()} == {"int8_tensorwise"}
     r = _run("-i", sample, "--int8", "--scaling_mode", "row", "--simple")  # output exists now
-    assert r.returncode == 1 and "already exists" in r.stderr
+    assert r.returncode == 1 and says(r.stderr, "already exists")
     r = _run("-i", sample, "--mxfp8", "--simple")
     assert r.returncode == 2 and r.stderr.startswith("error: --mxfp8") and "Traceback" not in r.stderr
     r = _run("--help")
-    assert r.returncode == 0 and "--simple is required" in r.stdout
+    assert r.returncode == 0 and says(r.stdout, "--simple is required")

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import quantkit
-from conftest import sha
+from conftest import at_least, db_floor, sha
 from quantkit import quantize, reference
 from quantkit.errors import QuantkitError
 from quantkit.formats import FORMATS
@@ -23,16 +23,19 @@ from quantkit.formats import FORMATS
 ck = pytest.importorskip("comfy_kitchen.tensor")
 
 
-# Round-to-nearest SQNR floors per layer on all-MiniLM-L6-v2 (bf16), 37 linear weights.
-# Measured values (DEVELOPMENT.md): fp8 min 31.4; int8-row min 33.4 / median 42.0;
-# int8-block(128) min 23.1 / median 37.8; int8-tensor median 35.8.
-FLOORS = {  # format: (min floor, median floor)
-    "fp8": (31.4, 31.4),
-    "fp8-e5m2": (25.4, 25.4),
-    "int8-row": (33.4, 42.0),
-    "int8-block": (23.1, 37.8),
-    "int8-tensor": (7.9, 35.8),
-}
+# Round-to-nearest SQNR per layer on all-MiniLM-L6-v2 (bf16), 37 linear weights: (worst, median) dB
+# measured, identical at 1 and 2 threads and ATEN_CPU_CAPABILITY avx512 / default (the quantized bits
+# are machine-independent and the same on the torch and native paths; only the SQNR's float sum is not:
+# the two paths agree to 1e-5 dB, tests/test_native_quant.py). db_floor takes
+# 0.5 dB off; a quantizer one bit coarser measures 6-8.5 dB lower (int8-tensor's worst layer, an
+# outlier-dominated one, measures 8.07 dB, and 1.55 dB one bit coarser).
+FLOORS = {fmt: (db_floor(lo), db_floor(med)) for fmt, (lo, med) in {
+    "fp8": (31.472, 31.540),
+    "fp8-e5m2": (25.525, 25.560),
+    "int8-row": (33.482, 42.084),
+    "int8-block": (23.137, 37.879),
+    "int8-tensor": (8.070, 35.847),
+}.items()}
 
 
 def layers_of(path: Path) -> dict[str, dict]:
@@ -93,7 +96,8 @@ def test_minilm_output_contract_and_quality(minilm_bf16, tmp_path, fmt):
     assert rep.count("quantized") == 37 and rep.count("fallback") == 0
     sq = sorted(lay.sqnr_db for lay in rep.layers if lay.sqnr_db is not None)
     lo, med = FLOORS[fmt]
-    assert min(sq) >= lo and sq[len(sq) // 2] >= med, (min(sq), sq[len(sq) // 2])
+    at_least(min(sq), lo, f"{fmt} worst layer SQNR dB")
+    at_least(sq[len(sq) // 2], med, f"{fmt} median layer SQNR dB")
 
     src = load_file(str(minilm_bf16))
     dst = load_file(str(out))
@@ -359,3 +363,12 @@ def test_cli_rates_over_a_window():
         now[0] = t
         r.add(int(rd), int(wr))
     assert r.text() == "read 1.00 / write 1.50 GB/s"  # the last 2 s: 3 -> 5 GB read, 1 -> 4 GB written
+
+
+def test_cuda_unavailable_is_a_usage_error(sample, tmp_path, monkeypatch):
+    """Runs everywhere: on a CUDA machine too, CUDA is made to look absent."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(quantkit.UsageError, match=f"device '{device}' requested but CUDA is not available"):
+            quantkit.convert(sample, tmp_path / "o.st", device=device)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [sample.name]

@@ -21,10 +21,3 @@ def test_cuda_output_bytes_equal_cpu(sample, tmp_path, fmt):
     for la, lb in zip(ra.layers, rb.layers):
         if la.sqnr_db is not None:
             assert lb.sqnr_db == pytest.approx(la.sqnr_db, abs=0.01)
-
-
-def test_cuda_unavailable_is_a_usage_error(sample, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
-    with pytest.raises(quantkit.UsageError, match="CUDA is not available"):
-        quantkit.convert(sample, tmp_path / "o.st", device="cuda")

@@ -14,6 +14,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import quantkit
+from conftest import at_most, record, says
 from quantkit import calibration, learned, reference
 from quantkit.cli import app
 from quantkit.errors import QuantkitError, UsageError
@@ -136,8 +137,10 @@ def test_learned_lowers_objective_on_grid_and_deterministic(fmt):
     e_rtn = ((xe @ (w - reference.dequantize(q0, s0, spec, 128)).T) ** 2).sum()
     e_l = ((xe @ (w - r.dequantize(spec, 128)).T) ** 2).sum()
     assert r.method.startswith("gptq")
-    assert r.objective < 0.7 * r.objective_rtn
-    assert float(e_l / e_rtn) < 0.75
+    # measured 0.035 (fp8) to 0.169 (int8-row), moving < 1e-4 over threads and CPU kernel levels:
+    # learned rounding must beat RTN by far (RTN is 1.0; these ceilings sit 4x over the worst)
+    at_most(r.objective / r.objective_rtn, 0.7, f"{fmt} calibration objective / RTN's")
+    at_most(float(e_l / e_rtn), 0.75, f"{fmt} held-out error / RTN's")
 
 
 def test_identity_objective_keeps_rtn_bit_for_bit():
@@ -257,17 +260,19 @@ def test_cli_flags(tiny_files, tmp_path):
     r = CliRunner().invoke(app, ["convert", str(ck), "-o", str(tmp_path / "c.safetensors"), "--format", "int8-row",
                                  "--learned-rounding", "--calibration", str(stats), "--bias-correction"])
     assert r.exit_code == 0, r.output
-    assert "2 improved, 0 kept RTN (calibration objective)" in r.output
-    assert "2 biases corrected" in r.output
+    assert says(r.output, "2 improved, 0 kept RTN (calibration objective)")
+    assert says(r.output, "2 biases corrected")
     assert load_file(str(tmp_path / "c.safetensors"))["down.weight_scale"].shape == (128, 1)
     r = CliRunner().invoke(app, ["convert", str(ck), "-o", str(tmp_path / "d.safetensors"), "--bias-correction"])
-    assert r.exit_code == 2 and "needs --calibration" in r.output
+    assert r.exit_code == 2 and says(r.output, "needs --calibration")
 
 
 # ---- held-out quality on all-MiniLM-L6-v2 ----
 
-# Held-out output error relative to RTN, measured (DEVELOPMENT.md, issue 5), learned + bias correction:
-# FFN down-projections worst 0.50 (int8-row), every layer worst 0.91. Floors leave some margin.
+# Held-out output error relative to RTN, learned + bias correction: FFN down-projections worst 0.470 /
+# 0.504 / 0.481 (fp8 / int8-row / int8-block), every layer worst 0.851 / 0.905 / 0.740; the same at 1
+# and 2 threads, ATEN_CPU_CAPABILITY avx512 / default and MKL_ENABLE_INSTRUCTIONS=SSE4_2 to 7e-5.
+# Ceilings 29% / 7% over the worst; RTN itself is 1.0.
 DOWN_FLOOR = 0.65
 ANY_LAYER_FLOOR = 0.97
 
@@ -300,8 +305,10 @@ def test_minilm_heldout_error_below_rtn(minilm_heldout, fmt):
     ratio = {n: errs["learned+bc"][n] / errs["rtn"][n] for n in errs["rtn"] if not n.startswith("pooler")}
     down = {n: r for n, r in ratio.items() if n.endswith(".output.dense") and ".attention." not in n}
     assert len(down) == 6 and len(ratio) == 36
-    assert max(down.values()) <= DOWN_FLOOR, down
-    assert max(ratio.values()) <= ANY_LAYER_FLOOR, ratio
+    at_most(max(down.values()), DOWN_FLOOR, f"{fmt} worst FFN down-projection error / RTN's")
+    at_most(max(ratio.values()), ANY_LAYER_FLOOR, f"{fmt} worst layer error / RTN's")
+    record(f"{fmt} 1 - embedding cosine, rtn", 1 - cos["rtn"])
+    record(f"{fmt} 1 - embedding cosine, learned+bc", 1 - cos["learned+bc"])
     assert 1 - cos["learned+bc"] < 1 - cos["rtn"]
 
 

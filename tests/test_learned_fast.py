@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import at_most, record
 from quantkit import learned, reference
 from quantkit.convert import convert
 from quantkit.errors import UsageError
@@ -51,7 +52,7 @@ def test_gptq_kernel_matches_column_loop(fmt):
         torch.testing.assert_close(jb, ja, rtol=1e-3, atol=0)
     j_rtn = learned.objective(w, torch.stack([reference.dequantize(*reference.quantize(w[i], spec, 64), spec, 64)
                                               for i in range(2)]), h)
-    assert bool((jb < 0.8 * j_rtn).all())
+    at_most(float((jb / j_rtn).max()), 0.8, f"{fmt} GPTQ objective / RTN's")
 
 
 def test_kernel_failure_falls_back_to_loop_with_warning(monkeypatch):
@@ -104,13 +105,18 @@ def test_subspace_lowers_projected_error_at_small_weight_cost(fmt, small_rank):
     j0, e0 = _proj_and_err(w, reference.dequantize(q0, s0, spec, 128))
     j1, e1 = _proj_and_err(w, r.dequantize(spec, 128))
     assert r.method.startswith("subspace (")
-    assert j1 < 0.75 * j0  # > 1.2 dB lower on the projected objective
-    assert e1 < 1.03 * e0  # < 0.13 dB of weight SQNR given up
+    # the subspace target (1.2 dB lower on the projected objective) for < 0.13 dB of weight SQNR: measured
+    # 0.710 / 0.481 and 1.0033 / 1.0042 (fp8 / int8-row), moving < 0.3% over threads and CPU kernel levels
+    at_most(j1 / j0, 0.75, f"{fmt} projected objective / RTN's")
+    at_most(e1 / e0, 1.03, f"{fmt} weight error / RTN's")
     # it stops at the first iterate that reaches the target: a lower target gives up less weight error
     lo = learned.learn_subspace(w, spec, 128, learned.LearnedOptions(device="cpu", subspace_target_db=1.0))
     hi = learned.learn_subspace(w, spec, 128, learned.LearnedOptions(device="cpu", subspace_target_db=2.0))
     jl, el = _proj_and_err(w, lo.dequantize(spec, 128))
     jh, eh = _proj_and_err(w, hi.dequantize(spec, 128))
+    for what, v in (("1 dB target: projected objective", jl / j0), ("2 dB target: projected objective", jh / j0),
+                    ("1 dB target: weight error", el / e0), ("2 dB target: weight error", eh / e0)):
+        record(f"{fmt} {what} / RTN's", v)
     assert 10 ** -0.2 * j0 < jl <= 10 ** -0.1 * j0 and jh <= 10 ** -0.2 * j0
     assert e0 < el < eh < 1.01 * e0  # 1 dB for < 0.043 dB of weight SQNR
     u, v = learned.subspace_basis(w, learned.subspace_rank(*w.shape))

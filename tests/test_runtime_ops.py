@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import quantkit
+from conftest import at_least, cos_floor
 from quantkit.errors import QuantkitError
 from quantkit.formats import encode_comfy_quant
 from quantkit.runtime import QuantizedTensor, load_quantized, mixed_precision_ops
@@ -37,6 +38,12 @@ def float_file(tmp_path_factory):
     return p
 
 
+# worst row's cosine to the float model, lower of the W8A8 and full-precision paths: measured (the same
+# at 1 and 2 threads, ATEN_CPU_CAPABILITY avx512 / default and MKL_ENABLE_INSTRUCTIONS=SSE4_2),
+# through cos_floor (1 - cos may grow 25%)
+WORST_COS = {k: cos_floor(v) for k, v in {"fp8": 0.999192, "int8-row": 0.999925, "int8-block": 0.999923}.items()}
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "int8-row", "int8-block"])
 def test_ops_linear_loads_converted_file(fmt, float_file, tmp_path):
     out = tmp_path / "q.safetensors"
@@ -62,7 +69,7 @@ def test_ops_linear_loads_converted_file(fmt, float_file, tmp_path):
         assert torch.equal(exact.a(x), nn.functional.linear(x, w, exact.a.bias))
     for got in (y, y_exact):
         cos = nn.functional.cosine_similarity(got.float(), y_ref, dim=-1)
-        assert float(cos.min()) > 0.995
+        at_least(float(cos.min()), WORST_COS[fmt], f"{fmt} worst output cosine")
 
 
 def test_ops_linear_plain_layers_and_metadata_override(float_file, tmp_path):

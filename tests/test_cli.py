@@ -123,3 +123,31 @@ def test_console_process_output_and_exit_codes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "quantkit", "convert", str(sample), "--format", "int4"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "int4" in r.stderr
+
+
+def test_counts_are_layers_and_tensors(sample, tmp_path):
+    """A layer is a module with a .weight (34 in the sample); biases and norm scales are tensors only.
+    The plan, the report and the written file agree."""
+    import quantkit
+    from quantkit.plan import Options, plan_file
+    from safetensors import safe_open
+    out = tmp_path / "o.safetensors"
+    rep = quantkit.convert(sample, out, format="int8-block", fallback="keep", preset="none")
+    with safe_open(str(sample), "pt") as f:
+        names_in = list(f.keys())
+    with safe_open(str(out), "pt") as f:
+        names_out = list(f.keys())
+    weights = [n for n in names_in if n.endswith(".weight")]
+    assert len(weights) == 34 and len(names_in) == 80
+    # int8-block: 32 layers quantized (weight, weight_scale, input_scale, comfy_quant), 2 of them
+    # (128 x 640 does not divide by 128... but 640 = 5 x 128; the 64-wide final_layer) kept by --fallback keep
+    want = {"layers": 34, "quantized": 32, "fallback": 0, "kept": 2, "tensors_in": 80,
+            "tensors_out": len(names_out)}
+    assert rep.counts() == want and len(names_out) == 32 * 4 + (80 - 32)
+    assert plan_file(sample, Options("int8-block", fallback="keep", preset="none")).counts() == want
+    assert [t.name for t in rep.layers] == weights and len(rep.tensors) == 80
+    r = run("convert", sample, "-o", tmp_path / "p.safetensors", "--format", "int8-row", "--report",
+            tmp_path / "r.json", "-q")
+    assert r.exit_code == 0, r.output
+    doc = json.loads((tmp_path / "r.json").read_text())["files"][0]
+    assert doc["counts"]["layers"] == 34 and len(doc["tensors"]) == 80

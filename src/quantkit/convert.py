@@ -205,9 +205,9 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                     if ahead is None and i + 1 < len(layers):  # the readahead thread is further ahead already
                         reader.prefetch(layers[i + 1].tensor)
                     t0 = time.perf_counter()
-                    report.layers.append(_convert_one(reader, writer, bw, quantizer, lp, lp.block_size, stages, refiner))
-                    report.layers[-1].seconds = time.perf_counter() - t0
-                    stages["read+quantize"] += report.layers[-1].seconds
+                    report.tensors.append(_convert_one(reader, writer, bw, quantizer, lp, lp.block_size, stages, refiner))
+                    report.tensors[-1].seconds = time.perf_counter() - t0
+                    stages["read+quantize"] += report.tensors[-1].seconds
                     t = reader.tensors[lp.tensor]
                     done += t.nbytes
                     if ahead is not None:
@@ -242,6 +242,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
         if tmp is not None:
             tmp.unlink(missing_ok=True)
     report.bytes_out = need
+    report.tensors_out = len(plan.outputs)
     return report
 
 

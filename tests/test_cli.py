@@ -151,3 +151,41 @@ def test_counts_are_layers_and_tensors(sample, tmp_path):
     assert r.exit_code == 0, r.output
     doc = json.loads((tmp_path / "r.json").read_text())["files"][0]
     assert doc["counts"]["layers"] == 34 and len(doc["tensors"]) == 80
+
+
+def test_round_parts_sum_to_the_rounded_total():
+    from quantkit.render import round_parts
+    parts = {"a": 0.004, "b": 0.004, "c": 0.004, "d": 0.688}  # each rounds to 0.00, the total to 0.70
+    r = round_parts(parts, 2)
+    assert round(sum(r.values()), 6) == 0.70 and r["d"] == 0.69 and sorted(r.values())[:3] == [0.0, 0.0, 0.01]
+    assert round_parts({"x": 1.26, "y": 2.26}, 1) == {"x": 1.3, "y": 2.2}  # 3.52 -> 3.5, not 1.3 + 2.3
+
+
+def test_time_line_parts_add_up(sample, tmp_path):
+    """The summary's time line and the report's timings: start-up (process start to convert()) and
+    convert()'s disjoint parts sum to the total; the console process's start-up is real."""
+    from quantkit.render import time_text
+    out, rep = tmp_path / "o.safetensors", tmp_path / "r.json"
+    t0 = __import__("time").perf_counter()
+    r = subprocess.run([sys.executable, "-m", "quantkit", "convert", str(sample), "-o", str(out), "--report",
+                        str(rep), "-q"], capture_output=True, text=True)
+    wall = __import__("time").perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    f = json.loads(rep.read_text())["files"][0]
+    parts = f["stage_seconds"]
+    assert list(parts)[:3] == ["plan", "prepare", "read+quantize"] and list(parts)[-1] == "other"
+    assert all(v >= 0 for v in parts.values())
+    assert sum(parts.values()) == pytest.approx(f["seconds"], abs=1e-6)
+    assert f["total_seconds"] == pytest.approx(f["startup_seconds"] + f["seconds"], abs=1e-6)
+    assert 0 < f["startup_seconds"] and f["total_seconds"] < wall + 0.02  # /proc start time: 10 ms ticks
+    assert "writer thread busy" in f["detail_seconds"] and "write" not in parts
+
+    import quantkit
+    from quantkit.report import ConvertReport
+    lib = quantkit.convert(sample, tmp_path / "p.safetensors")
+    assert lib.startup_seconds == 0 and sum(lib.time_parts().values()) == pytest.approx(lib.seconds, abs=1e-9)
+    fake = ConvertReport("i", "o", "fp8", 128, seconds=0.287, startup_seconds=0.413,
+                         stage_seconds={"plan": 0.004, "prepare": 0.004, "read+quantize": 0.276, "other": 0.003})
+    line = time_text(fake)
+    total, _, rest = line.partition(" s = ")
+    assert total == "0.70" and sum(float(p.split()[-1]) for p in rest.split(" + ")) == pytest.approx(0.70)

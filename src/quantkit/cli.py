@@ -192,12 +192,12 @@ def convert(
 
     entries: list[dict] = []
     show_progress = not quiet and err.is_terminal
-    for src, dst in targets:
+    for i, (src, dst) in enumerate(targets):
         try:
             rep = _convert_one(src, dst, opts, overwrite, show_progress, device,
                                dict(learned_rounding=learned_rounding, calibration=calibration,
                                     bias_correction=bias_correction, learned_objective=learned_objective,
-                                    devices=devices))
+                                    devices=devices), first=i == 0)
         except QuantkitError as e:
             failed, worst = failed + 1, max(worst, e.exit_code)
             _fail_one(e)
@@ -226,8 +226,20 @@ def _fail_one(e: QuantkitError) -> None:
     err.print(Text(f"error: {e.one_line()}"), soft_wrap=True, highlight=False)
 
 
+def since_process_start() -> float | None:
+    """Seconds since this process started (Linux: its start time in /proc/self/stat, 10 ms
+    resolution), or None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 onwards
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, clock ticks since boot
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
 def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool, show_progress: bool,
-                 device: str, refine: dict) -> ConvertReport:
+                 device: str, refine: dict, first: bool = False) -> ConvertReport:
     rates = Rates()
     with Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[tensors]} tensors"),
                   TextColumn("{task.fields[rates]}", style="cyan"), TimeRemainingColumn(), console=err,
@@ -241,11 +253,14 @@ def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool,
             rates.add(done, written)
             bar.update(task, completed=done, total=total, tensors=count, rates=rates.text())
 
-        return convert_file(src, dst, format=opts.format, block_size=opts.block_size, include=opts.include,
-                            exclude=opts.exclude, fallback=opts.fallback, overwrite=overwrite,
-                            progress=on_progress, preset=opts.preset, config=opts.config,
-                            full_precision_matrix_mult=bool(dict(opts.comfy_options).get("full_precision_matrix_mult")),
-                            device=device, **refine)
+        startup = since_process_start() if first else None  # imports and option checks, before convert()
+        rep = convert_file(src, dst, format=opts.format, block_size=opts.block_size, include=opts.include,
+                           exclude=opts.exclude, fallback=opts.fallback, overwrite=overwrite,
+                           progress=on_progress, preset=opts.preset, config=opts.config,
+                           full_precision_matrix_mult=bool(dict(opts.comfy_options).get("full_precision_matrix_mult")),
+                           device=device, **refine)
+        rep.startup_seconds = startup or 0.0
+        return rep
 
 
 @app.command(epilog="Examples:\n\n  quantkit plan flux1-dev.safetensors\n\n"

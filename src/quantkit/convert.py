@@ -65,7 +65,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     dev = parse_device(device)
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
-    t0 = time.perf_counter()
+    clock = Clock()
     ahead = readahead.adopt(src)  # the disk starts now (or started with the process, from the CLI)
     try:
         with SafetensorsReader(src) as reader:
@@ -74,16 +74,41 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
                                      bias_correction=bias_correction,
                                      options=_learned_options(learned_objective))
+            clock.mark("plan")
             with multi.precompute(refiner, devices, dst.parent) as learned_store:
-                report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead)
+                clock.mark("plan" if learned_store is None else "learned rounding (workers)")
+                report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead,
+                                  clock=clock)
             if learned_store is not None:
-                report.stage_seconds["learned workers"] = learned_store.log.seconds
-                report.stage_seconds["learned workers start"] = learned_store.log.start_seconds
+                report.detail_seconds["learned workers"] = learned_store.log.seconds
+                report.detail_seconds["learned workers start"] = learned_store.log.start_seconds
     finally:
         if ahead is not None:
             ahead.stop(timeout=0.1)  # an error or the end is not held up by a window still being read
-    report.seconds = time.perf_counter() - t0
+    report.seconds = clock.finish(report.stage_seconds)
     return report
+
+
+class Clock:
+    """Splits one wall-clock interval into named, disjoint parts: :meth:`mark` adds the time since
+    the previous mark to a part; :meth:`finish` puts the rest under "other" and returns the total,
+    which the parts sum to."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.parts: dict[str, float] = {}
+
+    def mark(self, part: str) -> None:
+        now = time.perf_counter()
+        self.parts[part] = self.parts.get(part, 0.0) + (now - self.last)
+        self.last = now
+
+    def finish(self, into: dict[str, float]) -> float:
+        total = time.perf_counter() - self.start
+        into.clear()
+        into.update(self.parts)
+        into["other"] = total - sum(self.parts.values())  # marks are in order: never negative
+        return total
 
 
 def _learned_options(objective: str):
@@ -177,7 +202,14 @@ def _cpu_quantizer(layers: list[LayerPlan], reader: SafetensorsReader):
 
 def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,
              threaded: bool = True, device: torch.device = torch.device("cpu"),
-             refiner: Refiner | None = None, ahead: readahead.Readahead | None = None) -> ConvertReport:
+             refiner: Refiner | None = None, ahead: readahead.Readahead | None = None,
+             clock: Clock | None = None) -> ConvertReport:
+    """Write ``plan`` to ``dst``. The parts of the time line (``clock``): "prepare" (temporary file,
+    quantizer and its buffers), "read+quantize" (the main thread's pass over the tensors),
+    "waiting for the writer" (the writer thread's queue and the last buffers), "fsync", "verify"
+    (reopen and check), "rename". The writer thread's busy time overlaps them: it goes to
+    ``detail_seconds["writer thread busy"]``, not into the total."""
+    clock = clock if clock is not None else Clock()
     opts = plan.options
     report = ConvertReport(str(reader.path), str(dst), opts.format, opts.block_size, bytes_in=reader.file_size)
     total_in = sum(t.nbytes for t in reader.tensors_in_order)
@@ -196,8 +228,9 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             quantizer = _make_quantizer([lp for lp in plan.quantized if refiner is None or not refiner.rewrites(lp)],
                                         reader, device)
             bw = BackgroundWriter(threaded)
-            stages = report.stage_seconds
-            stages.update({"read+quantize": 0.0, "write": 0.0, "fsync": 0.0, "verify": 0.0})
+            stages = report.detail_seconds
+            stages["writer thread busy"] = 0.0
+            clock.mark("prepare")
             try:
                 done = 0
                 layers = plan.layers
@@ -207,13 +240,13 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                     t0 = time.perf_counter()
                     report.tensors.append(_convert_one(reader, writer, bw, quantizer, lp, lp.block_size, stages, refiner))
                     report.tensors[-1].seconds = time.perf_counter() - t0
-                    stages["read+quantize"] += report.tensors[-1].seconds
                     t = reader.tensors[lp.tensor]
                     done += t.nbytes
                     if ahead is not None:
                         ahead.advance(reader.data_start + t.start + t.nbytes)
                     if progress is not None:
                         progress(done, total_in, lp.tensor, writer.written)
+                clock.mark("read+quantize")
                 bw.close()
             except BaseException:
                 bw.abort()
@@ -222,9 +255,9 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                 if hasattr(quantizer, "close"):
                     quantizer.close()
             writer.finish()
-            t0 = time.perf_counter()
+            clock.mark("waiting for the writer")
             os.fsync(fd)
-            stages["fsync"] = time.perf_counter() - t0
+            clock.mark("fsync")
         except OSError as e:
             raise _os_error(e, dst, need) from None
         finally:
@@ -232,12 +265,12 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                 writer.close()
             if fd >= 0:
                 os.close(fd)
-        t0 = time.perf_counter()
         verify_written(tmp, plan, writer)
-        stages["verify"] = time.perf_counter() - t0
+        clock.mark("verify")
         os.replace(tmp, dst)
         tmp = None
         _fsync_dir(dst.parent)
+        clock.mark("rename")
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -252,7 +285,7 @@ def _timed(stages: dict[str, float], job):
         try:
             job()
         finally:
-            stages["write"] += time.perf_counter() - t0
+            stages["writer thread busy"] += time.perf_counter() - t0
     return run
 
 

@@ -66,9 +66,25 @@ class ConvertReport:
     tensors_out: int = 0  # tensors in the written file
     bytes_in: int = 0
     bytes_out: int = 0
-    seconds: float = 0.0
-    # where the time went: "read+quantize" (main thread), "write" (writer thread busy), "fsync", "verify"
+    seconds: float = 0.0  # wall time of convert(), entry to return
+    # where `seconds` went, in order: disjoint parts that sum to it ("plan", "prepare",
+    # "read+quantize", "waiting for the writer", "fsync", "verify", "rename", "other"; see convert.py)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # durations that overlap the parts or lie inside one ("writer thread busy", learned workers):
+    # not added to the total
+    detail_seconds: dict[str, float] = field(default_factory=dict)
+    # set by the command line for its first input: process start to convert() entry (imports)
+    startup_seconds: float = 0.0
+
+    @property
+    def total_seconds(self) -> float:
+        """Start-up plus convert(): what the parts of :meth:`time_parts` add up to."""
+        return self.startup_seconds + self.seconds
+
+    def time_parts(self) -> dict[str, float]:
+        """"start-up" (when measured) then every part of ``stage_seconds``: they sum to
+        :attr:`total_seconds`."""
+        return ({"start-up": self.startup_seconds} if self.startup_seconds else {}) | self.stage_seconds
 
     @property
     def layers(self) -> list[TensorReport]:
@@ -97,4 +113,5 @@ class ConvertReport:
             if s is not None and not math.isfinite(s):
                 t["sqnr_db"] = str(s)
         d["counts"] = self.counts()
+        d["total_seconds"] = self.total_seconds
         return d

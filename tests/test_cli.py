@@ -43,7 +43,7 @@ def test_quiet_prints_nothing(sample, tmp_path):
     (["convert", "{sample}", "--format", "int4"], 2, "int4"),
     (["convert", "{sample}", "--fallback", "nope"], 2, "nope"),
     (["convert", "{sample}", "-o", "{tmp}/o.st", "--exclude", "("], 2, "not a valid regular expression"),
-    (["convert"], 2, "Missing argument"),
+    (["convert"], 2, "missing argument"),
 ])
 def test_error_exit_codes(sample, tmp_path, args, code, needle):
     args = [a.format(tmp=tmp_path, sample=sample) for a in args]
@@ -189,3 +189,38 @@ def test_time_line_parts_add_up(sample, tmp_path):
     line = time_text(fake)
     total, _, rest = line.partition(" s = ")
     assert total == "0.70" and sum(float(p.split()[-1]) for p in rest.split(" + ")) == pytest.approx(0.70)
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["convert", "{sample}", "--format", "int9"], ["--format", "'int9'", "fp8, fp8-e5m2, int8-tensor, int8-row, int8-block"]),
+    (["plan", "{sample}", "--fallback", "int8-block"], ["--fallback", "int8-row, int8-tensor, fp8, fp8-e5m2, keep"]),
+    (["convert", "{sample}", "--preset", "flux3"], ["--preset", "'flux3'", "auto, none, chroma"]),
+    (["convert", "{sample}", "--learned-rounding", "--learned-objective", "x"], ["calibration, subspace"]),
+    (["convert", "{sample}", "--learned-objective", "subspace"], ["add --learned-rounding"]),
+    (["convert", "{sample}", "--formt", "fp8"], ["no such option: --formt", "--format"]),
+    (["convert", "{sample}", "--block-size", "abc"], ["--block-size", "integer"]),
+    (["convert"], ["missing argument"]),
+    (["plan"], ["missing argument"]),
+    (["convert", "{sample}", "-o"], ["-o", "requires an argument"]),
+    (["frobnicate"], ["no such command", "frobnicate"]),
+    (["verify", "{sample}", "--min-sqnr", "high"], ["--min-sqnr"]),
+])
+def test_usage_error_is_one_line(sample, tmp_path, args, needles):
+    """Every usage error: exit 2, one line on stderr naming what was wrong (and the choices), no box."""
+    args = [a.format(sample=sample) for a in args]
+    for r in (run(*args, env={"COLUMNS": "60"}),):  # a narrow terminal must not wrap it either
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 2 and len(lines) == 1, r.output
+        assert lines[0].startswith("error: ") and not any(c in r.stderr for c in "╭│╰")
+        flat = " ".join(r.stderr.split())
+        assert all(n in flat for n in needles), flat
+        assert r.stdout == ""
+    assert [p.name for p in sample.parent.iterdir()] == [sample.name]  # nothing written beside the input
+
+
+def test_usage_error_one_line_from_the_console_script(sample):
+    r = subprocess.run([sys.executable, "-m", "quantkit", "convert", str(sample), "--format", "int9"],
+                       capture_output=True, text=True, env={**os.environ, "COLUMNS": "40"})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == ("error: quantkit convert: invalid value for --format: 'int9' "
+                        "(choose from fp8, fp8-e5m2, int8-tensor, int8-row, int8-block)\n")

@@ -202,7 +202,7 @@ def test_several_inputs_one_failure_and_report(sample, tmp_path):
     (["-o", "{tmp}/x.st", "-O", "{tmp}"], "-o names one output file"),
     (["--json"], "--json prints a plan"),
     (["--dry-run", "--report", "{tmp}/r.json"], "--report records a conversion"),
-    (["--preset", "flux3"], "'flux3' is not one of"),
+    (["--preset", "flux3"], "'flux3' (choose from auto, none,"),
     (["--config", "{tmp}/nope.toml"], "no such per-layer config file"),
     (["--config", "{tmp}"], "cannot read the per-layer config"),
     (["--config", "{sample}"], "unknown config file type"),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -30,8 +31,47 @@ from .render import print_inspection, print_plan, print_summary, print_verify
 from .verify import verify as verify_file
 from .report import ConvertReport
 
+# Typer >= 0.26 vendors Click; its exception classes are reached from the public typer.BadParameter.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def usage_error_line(e: Exception) -> str | None:
+    """A Click usage error (unknown option, bad or missing value, missing argument) as one line,
+    or None for the no-arguments case, whose help text has been printed already."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        return None
+    msg = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+    if len(msg) > 1 and msg[1].islower():
+        msg = msg[0].lower() + msg[1:]
+    ctx = getattr(e, "ctx", None)
+    return f"error: {ctx.command_path}: {msg}" if ctx is not None else f"error: {msg}"
+
+
+class QuantkitGroup(TyperGroup):
+    """Typer's group, with every usage error printed as one line on stderr (exit code 2) instead
+    of a usage banner and a box, and "quantkit" as the program name under ``python -m``."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        prog_name = prog_name or "quantkit"
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickException as e:
+            line = usage_error_line(e)
+            if line is not None:
+                sys.stdout.flush()
+                sys.stderr.write(line + "\n")
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            sys.stderr.write("aborted\n")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)  # a typer.Exit's code, or 0 when a command returns
+
+
 app = typer.Typer(
     name="quantkit",
+    cls=QuantkitGroup,
     help="Quantize diffusion-model checkpoints to FP8/INT8 .safetensors files that ComfyUI loads.\n\n"
          "Exit codes: 0 success, 1 bad input, failed conversion (of any input), contract violation or "
          "layer under --min-sqnr, 2 usage error, 130 interrupted.",
@@ -80,6 +120,8 @@ class Rates:
         return f"read {(r1 - r0) / (t1 - t0) / 1e9:.2f} / write {(w1 - w0) / (t1 - t0) / 1e9:.2f} GB/s"
 
 
+LEARNED_OBJECTIVES = ("calibration", "subspace")
+
 # Options shared by `convert` and `plan`.
 FormatOpt = Annotated[str, typer.Option("--format", "-f", help=f"Target format: {', '.join(FORMATS)}. See 'quantkit formats'.")]
 BlockOpt = Annotated[int, typer.Option("--block-size", help="Tile size b for int8-block (b x b tiles).")]
@@ -94,11 +136,11 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON in
 
 def _options(format: str, block_size: int, include, exclude, fallback: str, preset: str, config, fpmm: bool) -> Options:
     if format not in FORMATS:
-        raise typer.BadParameter(f"'{format}' is not one of: {', '.join(FORMATS)}", param_hint="--format")
+        raise typer.BadParameter(f"'{format}' (choose from {', '.join(FORMATS)})", param_hint="--format")
     if fallback not in FALLBACK_CHOICES:
-        raise typer.BadParameter(f"'{fallback}' is not one of: {', '.join(FALLBACK_CHOICES)}", param_hint="--fallback")
+        raise typer.BadParameter(f"'{fallback}' (choose from {', '.join(FALLBACK_CHOICES)})", param_hint="--fallback")
     if preset not in PRESET_CHOICES:
-        raise typer.BadParameter(f"'{preset}' is not one of: {', '.join(PRESET_CHOICES)}", param_hint="--preset")
+        raise typer.BadParameter(f"'{preset}' (choose from {', '.join(PRESET_CHOICES)})", param_hint="--preset")
     try:
         return make_options(format, block_size, include or (), exclude or (), fallback, preset, config, fpmm)
     except QuantkitError as e:
@@ -152,6 +194,12 @@ def convert(
     if report is not None and dry_run:
         raise typer.BadParameter("--report records a conversion, and --dry-run converts nothing",
                                  param_hint="--report")
+    if learned_objective not in LEARNED_OBJECTIVES:
+        raise typer.BadParameter(f"'{learned_objective}' (choose from {', '.join(LEARNED_OBJECTIVES)})",
+                                 param_hint="--learned-objective")
+    if learned_objective != "calibration" and not learned_rounding:
+        raise typer.BadParameter("it sets the objective of --learned-rounding; add --learned-rounding",
+                                 param_hint="--learned-objective")
     opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm)
     targets: list[tuple[Path, Optional[Path]]] = []
     for src in inputs:

@@ -224,3 +224,48 @@ def test_usage_error_one_line_from_the_console_script(sample):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == ("error: quantkit convert: invalid value for --format: 'int9' "
                         "(choose from fp8, fp8-e5m2, int8-tensor, int8-row, int8-block)\n")
+
+
+def _sentences(text: str) -> int:
+    import re
+    return len(re.findall(r"[.!?](?=\s|$)", text.replace("...", "")))
+
+
+def test_help_texts_are_short_and_untagged():
+    """Every option's help is one or two sentences without project history, and --help shows no
+    type tags (<bool>, <list[Path]>): a metavar, or nothing for flags and arguments."""
+    import typer
+    group = typer.main.get_command(app)
+    ctx = group.make_context("quantkit", ["--help"], resilient_parsing=True)
+    seen = 0
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        for p in cmd.params:
+            text = p.help or ""
+            assert text and 1 <= _sentences(text) <= 2, (name, p.name, text)
+            for history in ("DEVELOPMENT", "issue", "convert_to_quant", "all-MiniLM", "dB"):
+                assert history not in text, (name, p.name, text)
+            seen += 1
+    assert seen > 30
+    for args in (["--help"], *([c, "--help"] for c in ("convert", "plan", "inspect", "verify", "presets", "formats"))):
+        r = run(*args, env={"COLUMNS": "200"})
+        assert r.exit_code == 0, r.output
+        for tag in ("<bool>", "<str>", "<path>", "<int>", "<float>", "<list", "{inputs}", "{input}", "{file}"):
+            assert tag not in r.stdout, (args, tag)
+    r = run("convert", "--help", env={"COLUMNS": "200"})
+    assert "INPUT..." in r.stdout and "--output" in r.stdout and "FILE" in r.stdout
+
+
+def test_learned_rounding_help_agrees_with_the_code(sample, tmp_path):
+    """--learned-rounding needs --calibration except with the data-free subspace objective; bias
+    correction always needs it (the help says so; these are the refusals)."""
+    import typer
+    group = typer.main.get_command(app)
+    cmd = group.get_command(group.make_context("quantkit", ["--help"], resilient_parsing=True), "convert")
+    helps = {p.name: p.help for p in cmd.params}
+    assert "Needs --calibration, except with --learned-objective subspace" in helps["learned_rounding"]
+    assert "Needs --calibration" in helps["bias_correction"] and "no --calibration" in helps["learned_objective"]
+    r = run("convert", sample, "-o", tmp_path / "a.st", "--learned-rounding")
+    assert r.exit_code == 2 and "needs --calibration" in r.stderr
+    r = run("convert", sample, "-o", tmp_path / "b.st", "--bias-correction")
+    assert r.exit_code == 2 and "needs --calibration" in r.stderr

@@ -47,9 +47,38 @@ def usage_error_line(e: Exception) -> str | None:
     return f"error: {ctx.command_path}: {msg}" if ctx is not None else f"error: {msg}"
 
 
+def _untag(param) -> None:
+    """Typer 0.29's --help prints a type tag beside each parameter (``<bool>``, ``<list[Path]>``):
+    show the parameter's metavar instead (FILE, NAME, REGEX), and nothing beside a flag or an
+    argument (whose name column already is its metavar)."""
+    if getattr(param, "_quantkit_untagged", False):
+        return
+    argument = param.param_type_name == "argument"
+    shown = "" if argument or getattr(param, "is_flag", False) else (param.metavar or param.name.upper())
+    param.display_type_rich = lambda ctx=None: shown
+    if argument and hasattr(param, "_usage_display_name"):  # "{inputs}..." in the usage line
+        name = param.metavar or param.name.upper()
+        param._usage_display_name = lambda: name if param.required else f"[{name}]"
+    param._quantkit_untagged = True
+
+
 class QuantkitGroup(TyperGroup):
     """Typer's group, with every usage error printed as one line on stderr (exit code 2) instead
-    of a usage banner and a box, and "quantkit" as the program name under ``python -m``."""
+    of a usage banner and a box, "quantkit" as the program name under ``python -m``, and no type
+    tags in --help."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            _untag(p)
+        return params
+
+    def get_command(self, ctx, cmd_name):
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            for p in cmd.get_params(ctx):
+                _untag(p)
+        return cmd
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         prog_name = prog_name or "quantkit"
@@ -73,8 +102,8 @@ app = typer.Typer(
     name="quantkit",
     cls=QuantkitGroup,
     help="Quantize diffusion-model checkpoints to FP8/INT8 .safetensors files that ComfyUI loads.\n\n"
-         "Exit codes: 0 success, 1 bad input, failed conversion (of any input), contract violation or "
-         "layer under --min-sqnr, 2 usage error, 130 interrupted.",
+         "Exit codes: 0 success, 1 bad input, a failed conversion, a contract violation or a layer under "
+         "--min-sqnr, 2 usage error, 130 interrupted.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=True,
@@ -123,14 +152,14 @@ class Rates:
 LEARNED_OBJECTIVES = ("calibration", "subspace")
 
 # Options shared by `convert` and `plan`.
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help=f"Target format: {', '.join(FORMATS)}. See 'quantkit formats'.")]
-BlockOpt = Annotated[int, typer.Option("--block-size", help="Tile size b for int8-block (b x b tiles).")]
-IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Regex (searched in the layer name) to quantize even if kept by default or by the preset. Repeatable.")]
-ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Regex (searched in the layer name) to keep unquantized. Repeatable; wins over everything.")]
-FallbackOpt = Annotated[str, typer.Option("--fallback", help=f"Format for layers the chosen format cannot take (int8-block with indivisible dims): {', '.join(FALLBACK_CHOICES)}.")]
-PresetOpt = Annotated[str, typer.Option("--preset", help="Model family whose layer rules apply: auto (detect from tensor names), none (generic rules only), or one of: " + ", ".join(p for p in PRESET_CHOICES if p not in ("auto", "none")) + ". See 'quantkit presets'.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Per-layer config (.toml or .json): pattern -> format, block_size, skip, options. Most specific pattern wins.")]
-FpmmOpt = Annotated[bool, typer.Option("--full-precision-mm", help="Write full_precision_matrix_mult=true in every .comfy_quant marker (ComfyUI dequantizes and runs a normal matmul).")]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", metavar="NAME", help=f"Target format: {', '.join(FORMATS)} ('quantkit formats' describes them).")]
+BlockOpt = Annotated[int, typer.Option("--block-size", metavar="B", help="Tile size of int8-block: one scale per B x B tile.")]
+IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", metavar="REGEX", help="Quantize the layers whose name matches, even where the defaults or the preset keep them. Repeatable.")]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", metavar="REGEX", help="Keep the layers whose name matches unquantized. Repeatable; wins over every other rule.")]
+FallbackOpt = Annotated[str, typer.Option("--fallback", metavar="NAME", help=f"Format for a layer the chosen format cannot take (int8-block, a side B does not divide): {', '.join(FALLBACK_CHOICES)}.")]
+PresetOpt = Annotated[str, typer.Option("--preset", metavar="NAME", help="Model family whose layer rules apply: auto (detected from tensor names), none (generic rules only), or a family from 'quantkit presets'.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="Per-layer settings (.toml or .json): pattern -> format, block_size, skip, options. The most specific pattern wins.")]
+FpmmOpt = Annotated[bool, typer.Option("--full-precision-mm", help="Mark every layer full_precision_matrix_mult: ComfyUI dequantizes it and runs a normal matmul.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")]
 
 
@@ -157,9 +186,9 @@ def _plan_json(plan, src: Path, dst: Path | None) -> dict:
                     "  quantkit convert a.safetensors b.safetensors -O out/ --report report.json\n\n"
                     "  quantkit convert wan.safetensors --preset wan --config layers.toml --dry-run")
 def convert(
-    inputs: Annotated[list[Path], typer.Argument(help="Input .safetensors checkpoint(s) (bf16/fp16/fp32). Each is converted independently.", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (one input only). Default: <input stem>-<format>.safetensors beside the input.")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option("-O", "--output-dir", help="Write each output as <stem>-<format>.safetensors in this directory (created if missing).")] = None,
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="Checkpoints to convert (.safetensors, bf16/fp16/fp32); each is converted on its own.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE", help="Output file, for one input. Default: <stem>-<format>.safetensors beside the input.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("-O", "--output-dir", metavar="DIR", help="Write each output as <stem>-<format>.safetensors into DIR (created if missing).")] = None,
     format: FormatOpt = DEFAULT_FORMAT,
     block_size: BlockOpt = DEFAULT_BLOCK_SIZE,
     include: IncludeOpt = None,
@@ -172,13 +201,13 @@ def convert(
     fpmm: FpmmOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-layer plan and write nothing (same as 'quantkit plan').")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plans as a JSON array.")] = False,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write a JSON report: per-layer format, shapes, SQNR, timings; versions; input/output sha256.")] = None,
-    device: Annotated[str, typer.Option("--device", help="Where to quantize: auto (a GPU if present), cpu, cuda or cuda:N. Round-to-nearest output bytes are the same on every device.")] = "auto",
-    learned_rounding: Annotated[bool, typer.Option("--learned-rounding", help="Choose each weight's rounding to lower its expected output error (GPTQ-style error feedback on the format's grid; int8 also searches the scale). Needs --calibration, unless --learned-objective subspace is chosen (the W^T W data-free proxy made held-out error worse than round-to-nearest, so it is not offered). Keeps round-to-nearest for any layer where it is not better. GPU when present.")] = False,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Stats file from quantkit.calibration.capture(model): sets static fp8 input_scale (max |x| / 448) and the learned-rounding objective.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE", help="Write a JSON report: versions, sha256 of input and output, layer counts, and per tensor its format, shapes, SQNR and time.")] = None,
+    device: Annotated[str, typer.Option("--device", metavar="NAME", help="Where to quantize: auto (a GPU if present), cpu, cuda or cuda:N. Round-to-nearest output is the same on every device.")] = "auto",
+    learned_rounding: Annotated[bool, typer.Option("--learned-rounding", help="Round each weight to lower its layer's output error (GPTQ-style), keeping round-to-nearest where that is not better. Needs --calibration, except with --learned-objective subspace.")] = False,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", metavar="FILE", help="Input statistics saved by quantkit.calibration.capture(): they set a static fp8 input_scale and the objective of --learned-rounding and --bias-correction.")] = None,
     bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Rewrite each quantized layer's bias as b + (W - Wq) mean(x). Needs --calibration.")] = False,
-    learned_objective: Annotated[str, typer.Option("--learned-objective", help="With --learned-rounding: 'calibration' (default; expected output error on the --calibration statistics) or 'subspace' (data-free: error projected on each weight's top singular subspace, the objective convert_to_quant optimizes; needs no calibration). 'subspace' halves that projected error (3 dB; it stops there, to give up as little weight SQNR as it can), but did not lower the output error on real held-out inputs (all-MiniLM-L6-v2: median 1.00x round-to-nearest, worst layer 1.08x; DEVELOPMENT.md, issue 5).")] = "calibration",
-    devices: Annotated[Optional[str], typer.Option("--devices", help="Spread --learned-rounding over one worker process per device, largest layers first: cuda:0,cuda:1,... or all (cpu,cpu runs CPU workers, for testing). Output bytes are the same as one process.")] = None,
+    learned_objective: Annotated[str, typer.Option("--learned-objective", metavar="NAME", help="What --learned-rounding lowers: calibration (the output error on the --calibration statistics) or subspace (data-free, so no --calibration; it was neutral on real inputs).")] = "calibration",
+    devices: Annotated[Optional[str], typer.Option("--devices", metavar="LIST", help="Run --learned-rounding in one worker process per device: cuda:0,cuda:1,... or all. The output bytes are those of one process.")] = None,
 ) -> None:
     """Convert checkpoints: quantize their linear weights, copy everything else bit-exactly.
 
@@ -315,7 +344,7 @@ def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool,
                     "  quantkit plan wan2.2.safetensors --format int8-row --preset wan --json\n\n"
                     "  quantkit plan model.safetensors --config layers.toml")
 def plan(
-    input: Annotated[Path, typer.Argument(help="Input .safetensors checkpoint (only its header is read).", show_default=False)],
+    input: Annotated[Path, typer.Argument(metavar="INPUT", help="The .safetensors checkpoint (only its header is read).", show_default=False)],
     format: FormatOpt = DEFAULT_FORMAT,
     block_size: BlockOpt = DEFAULT_BLOCK_SIZE,
     include: IncludeOpt = None,
@@ -326,11 +355,10 @@ def plan(
     fpmm: FpmmOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show what 'convert' would do with each tensor, and why; write nothing.
+    """Show what 'convert' would do with each layer, and why; write nothing.
 
-    Per tensor: shape, dtype -> format or kept, and the reason; then the detected family, totals,
-    the exact output size and whether stock ComfyUI loads the result. Exit codes: 0 ok, 1 bad
-    input, 2 usage error.
+    Prints each layer's shape, dtype, format and reason, then the family, the counts, the exact
+    output size and whether stock ComfyUI loads it. Exit codes: 0 ok, 1 bad input, 2 usage error.
     """
     opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm)
     try:
@@ -346,16 +374,13 @@ def plan(
 @app.command(epilog="Examples:\n\n  quantkit inspect flux1-dev-fp8.safetensors\n\n"
                     "  quantkit inspect downloaded-int8.safetensors --json")
 def inspect(
-    file: Annotated[Path, typer.Argument(help="Any .safetensors file (from quantkit or another tool).", show_default=False)],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Any .safetensors file, from quantkit or another tool.", show_default=False)],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show what a .safetensors file holds and whether ComfyUI loads it.
+    """Show what a .safetensors file holds, whether ComfyUI loads it, and every contract violation.
 
-    Formats and counts, sizes, dtypes, header metadata, the model family, whether stock ComfyUI
-    loads it or which node it needs, and every contract violation (scale without marker, wrong
-    scale shape, uint8-stored fp8, header disagreeing with the per-layer markers, ...). Reads the
-    header and the small marker tensors only. Exit codes: 0 no violation, 1 violations or bad
-    file, 2 usage error.
+    Reads the header and the small marker tensors only. Exit codes: 0 no violation, 1 violations
+    or a bad file, 2 usage error.
     """
     try:
         ins = inspect_file(file)
@@ -372,10 +397,10 @@ def inspect(
                     "  quantkit verify model-fp8.safetensors --against model.safetensors --min-sqnr 25\n\n"
                     "  quantkit verify out.safetensors --against in.safetensors --report verify.json")
 def verify(
-    file: Annotated[Path, typer.Argument(help="A quantized .safetensors file (from quantkit or another tool).", show_default=False)],
-    against: Annotated[Optional[Path], typer.Option("--against", help="The original checkpoint: compute per-layer SQNR of the dequantized weights against it.")] = None,
-    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="Fail if any measured layer's SQNR (dB) is below this. Needs --against.")] = None,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write a JSON report: per-layer SQNR and timings, violations, versions, sha256 of both files.")] = None,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A quantized .safetensors file, from quantkit or another tool.", show_default=False)],
+    against: Annotated[Optional[Path], typer.Option("--against", metavar="FILE", help="The original checkpoint: measure each layer's SQNR against it.")] = None,
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", metavar="DB", help="Fail if a measured layer's SQNR is below DB. Needs --against.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE", help="Write a JSON report: versions, sha256 of both files, violations, per-layer SQNR and time.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code tells.")] = False,
 ) -> None:
     """Check a file against ComfyUI's on-disk contract, and its quality against the original.

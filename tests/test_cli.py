@@ -269,3 +269,59 @@ def test_learned_rounding_help_agrees_with_the_code(sample, tmp_path):
     assert r.exit_code == 2 and "needs --calibration" in r.stderr
     r = run("convert", sample, "-o", tmp_path / "b.st", "--bias-correction")
     assert r.exit_code == 2 and "needs --calibration" in r.stderr
+
+
+NO_TORCH_CHILD = r"""
+import os, sys
+sys.argv = ["quantkit"] + sys.argv[1:]
+real_exit = os._exit
+def at_exit(code):  # the console script ends with os._exit
+    sys.stderr.write("HEAVY " + ",".join(m for m in ("torch", "safetensors", "numpy") if m in sys.modules) + "\n")
+    sys.stderr.flush()
+    real_exit(code)
+os._exit = at_exit
+from quantkit.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["formats"], ["presets"], ["convert", "--help"],
+                                  ["plan", "--help"], ["verify", "--help"], ["convert", "x.st", "--format", "int9"]])
+def test_light_commands_do_not_import_torch(args):
+    """--version, --help, formats, presets (and usage errors) start without importing torch."""
+    r = subprocess.run([sys.executable, "-c", NO_TORCH_CHILD, *args], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "100"})
+    assert r.returncode == (2 if "int9" in args else 0), r.stderr
+    heavy = [ln for ln in r.stderr.splitlines() if ln.startswith("HEAVY")]
+    assert heavy == ["HEAVY "], r.stderr
+    r = subprocess.run([sys.executable, "-c", "import sys, quantkit; print('torch' in sys.modules)"],
+                       capture_output=True, text=True)
+    assert r.stdout == "False\n", r.stderr
+
+
+def test_catalog_agrees_with_formats():
+    """The torch-free copy the command line prints is the formats table, entry for entry."""
+    from quantkit import catalog, formats
+    assert catalog.FORMAT_NAMES == tuple(formats.FORMATS)
+    for row in catalog.FORMAT_ROWS:
+        s = formats.FORMATS[row.name]
+        assert (row.comfy_format, row.weight, row.scale, row.stock_comfy) == (
+            s.comfy_format, s.weight_dtype_name, catalog.SCALE_OF_GRANULARITY[s.granularity], s.stock_comfy)
+    assert catalog.DEFAULT_FORMAT == formats.DEFAULT_FORMAT and catalog.DEFAULT_BLOCK_SIZE == formats.DEFAULT_BLOCK_SIZE
+    assert catalog.FALLBACK_CHOICES == formats.FALLBACK_CHOICES
+    import inspect as pyinspect
+    import quantkit
+    sig = pyinspect.signature(quantkit.convert)
+    assert sig.parameters["fallback"].default == catalog.DEFAULT_FALLBACK
+    assert sig.parameters["format"].default == catalog.DEFAULT_FORMAT
+
+
+def test_package_names_are_lazy_and_convert_is_the_function(sample, tmp_path):
+    import importlib
+    import quantkit
+    mod = importlib.import_module("quantkit.convert")  # the submodule of the same name
+    assert callable(quantkit.convert) and quantkit.convert is mod.convert
+    assert quantkit.FORMATS["fp8"].comfy_format == "float8_e4m3fn" and quantkit.LayerReport is quantkit.TensorReport
+    with pytest.raises(AttributeError):
+        quantkit.no_such_name
+    assert quantkit.convert(sample, tmp_path / "o.safetensors").count("quantized") == 20

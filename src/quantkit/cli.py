@@ -1,6 +1,10 @@
 """The command line: options are declared here and handed to the library; nothing else.
 
 Exit codes: 0 success, 1 bad input or failed conversion, 2 usage error, 130 interrupted.
+
+Start-up: this module imports neither torch nor rich; each command imports what it uses, so
+``--version``, ``--help``, ``formats`` and ``presets`` start without torch (``tests/test_cli.py``
+checks it), and ``convert`` imports the converter once its options are checked.
 """
 
 from __future__ import annotations
@@ -12,24 +16,18 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+from typing import TYPE_CHECKING
+
 import typer
 from typer.core import TyperGroup
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
 
-from . import __version__, reportfile
-from .convert import convert as convert_file
-from .convert import make_options
+from . import __version__
+from .catalog import DEFAULT_BLOCK_SIZE, DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMAT_NAMES, FORMAT_ROWS
 from .errors import EXIT_INTERRUPTED, QuantkitError
-from .families import PRESET_CHOICES
-from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS
-from .plan import Options, default_output_name, plan_file
-from .inspection import inspect_file
-from .render import print_inspection, print_plan, print_summary, print_verify
-from .verify import verify as verify_file
-from .report import ConvertReport
+
+if TYPE_CHECKING:
+    from .plan import Options
+    from .report import ConvertReport
 
 # Typer >= 0.26 vendors Click; its exception classes are reached from the public typer.BadParameter.
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -59,7 +57,21 @@ def _untag(param) -> None:
     if argument and hasattr(param, "_usage_display_name"):  # "{inputs}..." in the usage line
         name = param.metavar or param.name.upper()
         param._usage_display_name = lambda: name if param.required else f"[{name}]"
+    _plain_flag(param)
     param._quantkit_untagged = True
+
+
+def _plain_flag(param) -> None:
+    """Typer coerces a flag left at None (its completion options) through a pydantic adapter, and
+    importing pydantic costs more than the rest of ``quantkit formats``; a bool or None needs no
+    coercion. Typer internals: where they differ, typer's own coercion is left in place."""
+    try:
+        from typer._coercion import PassThroughRuntimeParam
+        desc = param.type_descriptor
+        if desc.annotation is bool and getattr(param, "_runtime_param", 0) is None:
+            param._runtime_param = PassThroughRuntimeParam(annotation=bool, parameter_info=desc.parameter_info)
+    except (ImportError, AttributeError, TypeError):
+        pass
 
 
 class QuantkitGroup(TyperGroup):
@@ -108,13 +120,35 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=True,
 )
-err = Console(stderr=True)
-out = Console()
+class _Console:
+    """A rich Console made on first use (rich takes a while to import, and --version needs none)."""
+
+    def __init__(self, **kwargs) -> None:
+        self._kwargs, self._console = kwargs, None
+
+    def get(self):
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(**self._kwargs)
+        return self._console
+
+    def __getattr__(self, name: str):
+        return getattr(self.get(), name)
+
+
+err = _Console(stderr=True)
+out = _Console()
+
+
+def convert_file(*args, **kwargs) -> ConvertReport:
+    """:func:`quantkit.convert.convert`, imported on first use (torch comes with it)."""
+    from .convert import convert
+    return convert(*args, **kwargs)
 
 
 def _version(value: bool) -> None:
     if value:
-        out.print(f"quantkit {__version__}")
+        sys.stdout.write(f"quantkit {__version__}\n")
         raise typer.Exit()
 
 
@@ -152,7 +186,7 @@ class Rates:
 LEARNED_OBJECTIVES = ("calibration", "subspace")
 
 # Options shared by `convert` and `plan`.
-FormatOpt = Annotated[str, typer.Option("--format", "-f", metavar="NAME", help=f"Target format: {', '.join(FORMATS)} ('quantkit formats' describes them).")]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", metavar="NAME", help=f"Target format: {', '.join(FORMAT_NAMES)} ('quantkit formats' describes them).")]
 BlockOpt = Annotated[int, typer.Option("--block-size", metavar="B", help="Tile size of int8-block: one scale per B x B tile.")]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", metavar="REGEX", help="Quantize the layers whose name matches, even where the defaults or the preset keep them. Repeatable.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", metavar="REGEX", help="Keep the layers whose name matches unquantized. Repeatable; wins over every other rule.")]
@@ -164,12 +198,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON in
 
 
 def _options(format: str, block_size: int, include, exclude, fallback: str, preset: str, config, fpmm: bool) -> Options:
-    if format not in FORMATS:
-        raise typer.BadParameter(f"'{format}' (choose from {', '.join(FORMATS)})", param_hint="--format")
+    from .families import PRESET_CHOICES
+    if format not in FORMAT_NAMES:
+        raise typer.BadParameter(f"'{format}' (choose from {', '.join(FORMAT_NAMES)})", param_hint="--format")
     if fallback not in FALLBACK_CHOICES:
         raise typer.BadParameter(f"'{fallback}' (choose from {', '.join(FALLBACK_CHOICES)})", param_hint="--fallback")
     if preset not in PRESET_CHOICES:
         raise typer.BadParameter(f"'{preset}' (choose from {', '.join(PRESET_CHOICES)})", param_hint="--preset")
+    from .convert import make_options
     try:
         return make_options(format, block_size, include or (), exclude or (), fallback, preset, config, fpmm)
     except QuantkitError as e:
@@ -193,7 +229,7 @@ def convert(
     block_size: BlockOpt = DEFAULT_BLOCK_SIZE,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    fallback: FallbackOpt = "int8-row",
+    fallback: FallbackOpt = DEFAULT_FALLBACK,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors still go to stderr.")] = False,
     preset: PresetOpt = "auto",
@@ -230,6 +266,9 @@ def convert(
         raise typer.BadParameter("it sets the objective of --learned-rounding; add --learned-rounding",
                                  param_hint="--learned-objective")
     opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm)
+    from . import reportfile
+    from .plan import default_output_name, plan_file
+    from .render import print_plan, print_summary
     targets: list[tuple[Path, Optional[Path]]] = []
     for src in inputs:
         dst = output if output is not None else (
@@ -281,7 +320,7 @@ def convert(
             entries.append(reportfile.failed_entry(src, dst, e))
             continue
         except KeyboardInterrupt:
-            err.print("interrupted; no output written")
+            sys.stderr.write("interrupted; no output written\n")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         if not quiet:
             print_summary(rep, out)
@@ -293,14 +332,15 @@ def convert(
         except QuantkitError as e:
             raise _fail(e) from None
     if failed and len(targets) > 1:
-        err.print(Text(f"{failed} of {len(targets)} inputs failed"), highlight=False)
+        sys.stderr.write(f"{failed} of {len(targets)} inputs failed\n")
     raise typer.Exit(worst)
 
 
 def _fail_one(e: QuantkitError) -> None:
     if os.environ.get("QUANTKIT_DEBUG") == "1":
         raise e
-    err.print(Text(f"error: {e.one_line()}"), soft_wrap=True, highlight=False)
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {e.one_line()}\n")
 
 
 def since_process_start() -> float | None:
@@ -317,9 +357,10 @@ def since_process_start() -> float | None:
 
 def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool, show_progress: bool,
                  device: str, refine: dict, first: bool = False) -> ConvertReport:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     rates = Rates()
     with Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[tensors]} tensors"),
-                  TextColumn("{task.fields[rates]}", style="cyan"), TimeRemainingColumn(), console=err,
+                  TextColumn("{task.fields[rates]}", style="cyan"), TimeRemainingColumn(), console=err.get(),
                   disable=not show_progress, transient=True) as bar:
         task = bar.add_task(f"{src.name} -> {opts.format}", total=None, tensors=0, rates=rates.text())
         count = 0
@@ -349,7 +390,7 @@ def plan(
     block_size: BlockOpt = DEFAULT_BLOCK_SIZE,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    fallback: FallbackOpt = "int8-row",
+    fallback: FallbackOpt = DEFAULT_FALLBACK,
     preset: PresetOpt = "auto",
     config: ConfigOpt = None,
     fpmm: FpmmOpt = False,
@@ -361,6 +402,8 @@ def plan(
     output size and whether stock ComfyUI loads it. Exit codes: 0 ok, 1 bad input, 2 usage error.
     """
     opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm)
+    from .plan import plan_file
+    from .render import print_plan
     try:
         p = plan_file(input, opts)
     except QuantkitError as e:
@@ -382,6 +425,8 @@ def inspect(
     Reads the header and the small marker tensors only. Exit codes: 0 no violation, 1 violations
     or a bad file, 2 usage error.
     """
+    from .inspection import inspect_file
+    from .render import print_inspection
     try:
         ins = inspect_file(file)
     except QuantkitError as e:
@@ -408,6 +453,9 @@ def verify(
     Exit codes: 0 no violation, 1 any violation or layer under --min-sqnr (or a bad file), 2
     usage error, 130 interrupted.
     """
+    from . import reportfile
+    from .render import print_verify
+    from .verify import verify as verify_file
     try:
         rep = verify_file(file, against, min_sqnr)
         if report is not None:
@@ -425,6 +473,8 @@ def verify(
 @app.command(epilog="Examples:\n\n  quantkit presets")
 def presets() -> None:
     """List the model families --preset knows, how each is detected, and what each keeps."""
+    from rich.table import Table
+
     from .families import FAMILIES
     for fam in FAMILIES:
         t = Table(title=f"{fam.name}" + (f" (also: {', '.join(fam.aliases)})" if fam.aliases else "") + f": {fam.title}",
@@ -441,11 +491,10 @@ def presets() -> None:
 @app.command(epilog="Examples:\n\n  quantkit formats")
 def formats() -> None:
     """List the formats quantkit writes and whether stock ComfyUI loads them."""
+    from rich.table import Table
     t = Table("--format", ".comfy_quant format", "weight", "scale", "loads in")
-    for s in FORMATS.values():
-        scale = {"tensor": "fp32 []", "row": "fp32 [N,1]", "block": "fp32 [N/b,K/b]"}[s.granularity]
-        t.add_row(s.name, s.comfy_format, s.weight_dtype_name, scale,
-                  "stock ComfyUI" if s.stock_comfy else "needs node")
+    for r in FORMAT_ROWS:
+        t.add_row(r.name, r.comfy_format, r.weight, r.scale, "stock ComfyUI" if r.stock_comfy else "needs node")
     out.print(t)
 
 

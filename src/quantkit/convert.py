@@ -13,12 +13,14 @@ import os
 import queue
 import tempfile
 import time
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from . import backend, multi, readahead, reference
+from . import backend, readahead, reference
 from .backend import check_finite, parse_device
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
@@ -26,9 +28,11 @@ from .formats import FORMATS, decode_comfy_quant, encode_comfy_quant
 from .pipeline import DEFAULT_DEPTH, BackgroundWriter
 from .layerconfig import LayerConfig, load_layer_config
 from .plan import LayerPlan, Options, Plan, default_output_name, plan_conversion
-from .refine import Refiner
 from .report import ConvertReport, LayerReport
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
+
+if TYPE_CHECKING:
+    from .refine import Refiner
 
 # (input bytes read, input bytes total, tensor name, output bytes written): called after each tensor
 # is read and queued; the written count trails it by the writer's queue.
@@ -71,11 +75,19 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
         with SafetensorsReader(src) as reader:
             check_output_path(src, dst, overwrite)
             plan = plan_conversion(reader, options)
-            refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
-                                     bias_correction=bias_correction,
-                                     options=_learned_options(learned_objective))
+            refiner = None
+            if learned_rounding or calibration is not None or bias_correction or devices is not None:
+                # imported only when asked for: not on the way to a round-to-nearest conversion's first read
+                from . import multi
+                from .refine import Refiner
+                refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
+                                         bias_correction=bias_correction,
+                                         options=_learned_options(learned_objective))
+                learned_ctx = multi.precompute(refiner, devices, dst.parent)
+            else:
+                learned_ctx = contextlib.nullcontext()
             clock.mark("plan")
-            with multi.precompute(refiner, devices, dst.parent) as learned_store:
+            with learned_ctx as learned_store:
                 clock.mark("plan" if learned_store is None else "learned rounding (workers)")
                 report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead,
                                   clock=clock)

@@ -120,6 +120,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     add_completion=True,
 )
+
+
 class _Console:
     """A rich Console made on first use (rich takes a while to import, and --version needs none)."""
 

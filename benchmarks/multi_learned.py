@@ -86,7 +86,7 @@ def main() -> None:
                                  bias_correction=True, devices=None if run == "single" else run, overwrite=True)
                 times[run].append(time.perf_counter() - t0)
                 cpu[run].append(_cpu_seconds() - c0)
-                starts[run].append(rep.stage_seconds.get("learned workers start", 0.0))
+                starts[run].append(rep.detail_seconds.get("learned workers start", 0.0))
                 data = out.read_bytes()
                 base = data if base is None and run == a.runs[0] else base
                 assert data == base, f"{run}: output differs from {a.runs[0]}"

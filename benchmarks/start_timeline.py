@@ -7,6 +7,11 @@ With ``--disk FILE`` it also samples /proc/diskstats for the block device holdin
 the disk's read and write throughput in 0.5 s bins over the same clock: where the disk sits idle.
 
     python benchmarks/start_timeline.py [--evict FILE] [--disk FILE] -- convert model.safetensors -o out.safetensors --device cuda
+
+``--startup N [--input FILE]``: instead, the start-up of the light commands (``--version``,
+``--help``, ``formats``, ``presets``, ``convert --help``) and, with ``--input``, of ``convert``
+up to ``convert()`` (imports, option checks), each the minimum of N runs interleaved with
+``python -c pass`` and printed as a ratio to it; and whether each imported torch.
 """
 
 from __future__ import annotations
@@ -127,12 +132,66 @@ class DiskSampler:
                 f"  total read {sum(rd) / 1e9:.2f} GB, written {sum(wr) / 1e9:.2f} GB")
 
 
+# The light commands' child: run the command line, then say whether torch was imported.
+LIGHT = r"""
+import os, sys
+sys.argv = ["quantkit"] + sys.argv[1:]
+real_exit = os._exit
+def stamped_exit(code):
+    sys.stderr.write(f"TORCH {'torch' in sys.modules}\n"); sys.stderr.flush()
+    real_exit(code)
+os._exit = stamped_exit
+import quantkit.cli
+quantkit.cli.main()
+"""
+
+# convert up to convert(): the same command line, stopped where the converter would start.
+UNTIL_CONVERT = r"""
+import os, sys
+sys.argv = ["quantkit"] + sys.argv[1:]
+import quantkit.cli as cli
+def stop(*a, **k):
+    sys.stderr.write(f"TORCH {'torch' in sys.modules}\n"); sys.stderr.flush()
+    os._exit(0)
+cli.convert_file = stop
+cli.main()
+"""
+
+
+def startup(runs: int, input_file: Path | None) -> None:
+    cases: list[tuple[str, list[str]]] = [("python -c pass", ["-c", "pass"])]
+    for args in (["--version"], ["--help"], ["formats"], ["presets"], ["convert", "--help"]):
+        cases.append(("quantkit " + " ".join(args), ["-c", LIGHT, *args]))
+    if input_file is not None:
+        cases.append((f"quantkit convert {input_file.name} (to convert())",
+                      ["-c", UNTIL_CONVERT, "convert", str(input_file), "-o", os.devnull + ".never", "-q"]))
+    env = {**os.environ, "COLUMNS": "100"}
+    best = {name: float("inf") for name, _ in cases}
+    torch_in = {}
+    for _ in range(runs):  # interleaved: machine load affects every case alike
+        for name, args in cases:
+            t = time.perf_counter()
+            r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+            best[name] = min(best[name], time.perf_counter() - t)
+            torch_in[name] = "TORCH True" in r.stderr
+    base = best["python -c pass"]
+    print(f"start-up, min of {runs} runs ({sys.executable})")
+    for name, _ in cases:
+        tag = "" if name == "python -c pass" else ("  imports torch" if torch_in[name] else "  no torch")
+        print(f"  {best[name]:6.3f} s  {best[name] / base:5.1f}x python -c pass  {name}{tag}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--evict", action="append", default=[])
     ap.add_argument("--disk", type=Path, help="sample the disk that holds this file")
+    ap.add_argument("--startup", type=int, metavar="N", help="time the light commands' start-up, min of N runs")
+    ap.add_argument("--input", type=Path, help="with --startup: also time convert INPUT up to convert()")
     ap.add_argument("args", nargs=argparse.REMAINDER)
     a = ap.parse_args()
+    if a.startup:
+        startup(a.startup, a.input)
+        return
     args = a.args[1:] if a.args[:1] == ["--"] else a.args
     for f in a.evict:
         evict(Path(f))

@@ -203,7 +203,7 @@ def test_convert_writes_valid_learned_file(tiny_files, tmp_path):
     q0, s0 = reference.quantize(src["unused.weight"], FORMATS["fp8"], 128)
     assert torch.equal(sd["unused.weight"].view(torch.uint8), q0.view(torch.uint8))
     assert float(sd["unused.input_scale"]) == 1.0 and torch.equal(sd["unused.bias"], src["unused.bias"])
-    by = {r.name: r for r in rep.layers}
+    by = {r.name: r for r in rep.tensors}
     assert "objective" in by["down.weight"].reason and by["down.bias"].reason.startswith("bias corrected")
     assert by["unused.weight"].reason == "rtn: layer never ran during calibration"
 

@@ -38,10 +38,10 @@ def test_plan_table_auto_preset(sample):
     r = run("plan", sample)
     assert r.exit_code == 0, r.output
     assert says(r.stdout, "Flux.1 (flux1) (--preset auto)")
-    assert says(r.stdout, "20 quantized, 0 fell back, 60 kept")
+    assert says(r.stdout, "34: 20 quantized, 0 fell back, 14 kept", "80 in, 140 to write")
     assert says(r.stdout, "entry projection of the latent", "yes: stock ComfyUI loads it")
     r = run("plan", sample, "--preset", "none", "--format", "int8-block")
-    assert says(r.stdout, "32 quantized, 2 fell back, 46 kept", "needs a node that registers int8_blockwise")
+    assert says(r.stdout, "34: 32 quantized, 2 fell back, 0 kept", "needs a node that registers int8_blockwise")
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8-block"])
@@ -55,8 +55,9 @@ def test_plan_json_predicts_the_written_file(sample, tmp_path, fmt):
     rep = quantkit.convert(sample, out, format=fmt)
     assert plan["output_bytes"] == out.stat().st_size == rep.bytes_out
     assert plan["input_bytes"] == sample.stat().st_size
-    by_name = {lay["tensor"]: lay for lay in plan["layers"]}
-    for lay in rep.layers:
+    by_name = {t["tensor"]: t for t in plan["tensors"]}
+    assert plan["counts"] == rep.counts() and len(by_name) == len(rep.tensors) == 80
+    for lay in rep.tensors:
         p = by_name[lay.name]
         assert (p["action"], p["format"], p["reason"]) == (lay.action, lay.format, lay.reason)
 
@@ -65,12 +66,13 @@ def test_dry_run_writes_nothing(sample, tmp_path):
     before = sorted(os.listdir(sample.parent))
     r = run("convert", sample, "--dry-run", "-O", tmp_path / "never")
     assert r.exit_code == 0, r.output
-    assert says(r.stdout, "20 quantized, 0 fell back, 60 kept")
+    assert says(r.stdout, "34: 20 quantized, 0 fell back, 14 kept")
     assert sorted(os.listdir(sample.parent)) == before and not (tmp_path / "never").exists()
     r = run("convert", sample, sample, "--dry-run", "--json", "-O", tmp_path)
     assert r.exit_code == 2 and says(r.output, "would both be written")
     r = run("convert", sample, "--dry-run", "--json")
-    assert [p["counts"] for p in json.loads(r.stdout)] == [{"quantized": 20, "fallback": 0, "kept": 60}]
+    assert [p["counts"] for p in json.loads(r.stdout)] == [
+        {"layers": 34, "quantized": 20, "fallback": 0, "kept": 14, "tensors_in": 80, "tensors_out": 140}]
 
 
 CONFIG = r"""
@@ -185,7 +187,9 @@ def test_several_inputs_one_failure_and_report(sample, tmp_path):
     assert "not valid JSON" in doc["files"][1]["error"] and doc["files"][1]["exit_code"] == 1
     first = doc["files"][0]
     assert first["input_sha256"] == sha(a) and first["output_sha256"] == sha(outdir / "flux-mini-int8-row.safetensors")
-    lay = {x["name"]: x for x in first["layers"]}["double_blocks.0.img_mlp.2.weight"]
+    assert first["counts"] == {"layers": 34, "quantized": 20, "fallback": 0, "kept": 14, "tensors_in": 80,
+                               "tensors_out": 120}  # int8-row layers have no input_scale
+    lay = {x["name"]: x for x in first["tensors"]}["double_blocks.0.img_mlp.2.weight"]
     assert lay["outputs"]["double_blocks.0.img_mlp.2.weight_scale"] == {"dtype": "F32", "shape": [128, 1]}
     assert lay["outputs"]["double_blocks.0.img_mlp.2.weight"] == {"dtype": "I8", "shape": [128, 512]}
     at_least(lay["sqnr_db"], db_floor(32.54), "flux-mini img_mlp.2 int8-row SQNR dB")
@@ -200,7 +204,7 @@ def test_several_inputs_one_failure_and_report(sample, tmp_path):
     (["-o", "{tmp}/x.st", "-O", "{tmp}"], "-o names one output file"),
     (["--json"], "--json prints a plan"),
     (["--dry-run", "--report", "{tmp}/r.json"], "--report records a conversion"),
-    (["--preset", "flux3"], "'flux3' is not one of"),
+    (["--preset", "flux3"], "'flux3' (choose from auto, none,"),
     (["--config", "{tmp}/nope.toml"], "no such per-layer config file"),
     (["--config", "{tmp}"], "is a directory, not a regular file"),
     (["--config", "{sample}"], "unknown config file type"),

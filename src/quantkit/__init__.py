@@ -1,7 +1,11 @@
-"""quantkit: quantize diffusion-model checkpoints to FP8/INT8 files that ComfyUI loads."""
+"""quantkit: quantize diffusion-model checkpoints to FP8/INT8 files that ComfyUI loads.
+
+The names below are imported on first use, so that ``import quantkit`` (and the command line's
+``--version``, ``--help``, ``formats``, ``presets``) does not import torch."""
 
 import os as _os
 import sys as _sys
+import types as _types
 
 # `quantkit convert` from the command line (console script, or `python -m quantkit`, whose argv[0]
 # is "-m" while this package is imported): start reading the input now, before torch is imported.
@@ -9,13 +13,50 @@ if _sys.argv and (_sys.argv[0] == "-m" or _os.path.basename(_sys.argv[0]) == "qu
     from .readahead import start_for_cli as _start_for_cli
     _start_for_cli()
 
-from .compare import compare
-from .convert import convert
-from .errors import QuantkitError, UsageError
-from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FORMAT, FORMATS, FormatSpec
-from .report import ConvertReport, LayerReport
-
 __version__ = "0.1.0"
 
+_LAZY = {"QuantkitError": "errors", "UsageError": "errors", "FORMATS": "formats", "FormatSpec": "formats",
+         "DEFAULT_FORMAT": "formats", "DEFAULT_BLOCK_SIZE": "formats", "ConvertReport": "report",
+         "LayerReport": "report", "TensorReport": "report"}
+
 __all__ = ["convert", "compare", "QuantkitError", "UsageError", "FORMATS", "FormatSpec", "DEFAULT_FORMAT",
-           "DEFAULT_BLOCK_SIZE", "ConvertReport", "LayerReport", "__version__"]
+           "DEFAULT_BLOCK_SIZE", "ConvertReport", "LayerReport", "TensorReport", "__version__"]
+
+
+class _Package(_types.ModuleType):
+    """``quantkit.convert`` and ``quantkit.compare`` are the functions, also once the submodules of the same names are imported
+    (the import system binds a submodule on its package: that binding is ignored here)."""
+
+    @property
+    def convert(self):
+        from .convert import convert
+        return convert
+
+    @convert.setter
+    def convert(self, value) -> None:
+        if not isinstance(value, _types.ModuleType):
+            raise AttributeError("quantkit.convert is the library's entry point; patch quantkit.convert.convert")
+
+    @property
+    def compare(self):
+        from .compare import compare
+        return compare
+
+    @compare.setter
+    def compare(self, value) -> None:
+        if not isinstance(value, _types.ModuleType):
+            raise AttributeError("quantkit.compare is the library's entry point; patch quantkit.compare.compare")
+
+    def __getattr__(self, name: str):
+        if name not in _LAZY:
+            raise AttributeError(f"module 'quantkit' has no attribute {name!r}")
+        import importlib
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        setattr(self, name, value)
+        return value
+
+    def __dir__(self):
+        return sorted({*super().__dir__(), *__all__})
+
+
+_sys.modules[__name__].__class__ = _Package

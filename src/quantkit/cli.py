@@ -1,6 +1,10 @@
 """The command line: options are declared here and handed to the library; nothing else.
 
 Exit codes: 0 success, 1 bad input or failed conversion, 2 usage error, 130 interrupted.
+
+Start-up: this module imports neither torch nor rich; each command imports what it uses, so
+``--version``, ``--help``, ``formats`` and ``presets`` start without torch (``tests/test_cli.py``
+checks it), and ``convert`` imports the converter once its options are checked.
 """
 
 from __future__ import annotations
@@ -12,40 +16,141 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
-import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING
 
-from . import __version__, reportfile
-from .convert import convert as convert_file
-from .convert import make_options
+import typer
+from typer.core import TyperGroup
+
+from . import __version__
+from .catalog import DEFAULT_BLOCK_SIZE, DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMAT_NAMES, FORMAT_ROWS
 from .errors import EXIT_INTERRUPTED, QuantkitError
-from .families import PRESET_CHOICES
-from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS
-from .plan import Options, default_output_name, plan_file
-from .inspection import inspect_file
-from .render import print_inspection, print_plan, print_summary, print_verify
-from .verify import verify as verify_file
-from .report import ConvertReport
+
+if TYPE_CHECKING:
+    from .plan import Options
+    from .report import ConvertReport
+
+# Typer >= 0.26 vendors Click; its exception classes are reached from the public typer.BadParameter.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def usage_error_line(e: Exception) -> str | None:
+    """A Click usage error (unknown option, bad or missing value, missing argument) as one line,
+    or None for the no-arguments case, whose help text has been printed already."""
+    if type(e).__name__ == "NoArgsIsHelpError":
+        return None
+    msg = " ".join(e.format_message().split())  # type: ignore[attr-defined]
+    if len(msg) > 1 and msg[1].islower():
+        msg = msg[0].lower() + msg[1:]
+    ctx = getattr(e, "ctx", None)
+    return f"error: {ctx.command_path}: {msg}" if ctx is not None else f"error: {msg}"
+
+
+def _untag(param) -> None:
+    """Typer 0.29's --help prints a type tag beside each parameter (``<bool>``, ``<list[Path]>``):
+    show the parameter's metavar instead (FILE, NAME, REGEX), and nothing beside a flag or an
+    argument (whose name column already is its metavar)."""
+    if getattr(param, "_quantkit_untagged", False):
+        return
+    argument = param.param_type_name == "argument"
+    shown = "" if argument or getattr(param, "is_flag", False) else (param.metavar or param.name.upper())
+    param.display_type_rich = lambda ctx=None: shown
+    if argument and hasattr(param, "_usage_display_name"):  # "{inputs}..." in the usage line
+        name = param.metavar or param.name.upper()
+        param._usage_display_name = lambda: name if param.required else f"[{name}]"
+    _plain_flag(param)
+    param._quantkit_untagged = True
+
+
+def _plain_flag(param) -> None:
+    """Typer coerces a flag left at None (its completion options) through a pydantic adapter, and
+    importing pydantic costs more than the rest of ``quantkit formats``; a bool or None needs no
+    coercion. Typer internals: where they differ, typer's own coercion is left in place."""
+    try:
+        from typer._coercion import PassThroughRuntimeParam
+        desc = param.type_descriptor
+        if desc.annotation is bool and getattr(param, "_runtime_param", 0) is None:
+            param._runtime_param = PassThroughRuntimeParam(annotation=bool, parameter_info=desc.parameter_info)
+    except (ImportError, AttributeError, TypeError):
+        pass
+
+
+class QuantkitGroup(TyperGroup):
+    """Typer's group, with every usage error printed as one line on stderr (exit code 2) instead
+    of a usage banner and a box, "quantkit" as the program name under ``python -m``, and no type
+    tags in --help."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for p in params:
+            _untag(p)
+        return params
+
+    def get_command(self, ctx, cmd_name):
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            for p in cmd.get_params(ctx):
+                _untag(p)
+        return cmd
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        prog_name = prog_name or "quantkit"
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickException as e:
+            line = usage_error_line(e)
+            if line is not None:
+                sys.stdout.flush()
+                sys.stderr.write(line + "\n")
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            sys.stderr.write("aborted\n")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)  # a typer.Exit's code, or 0 when a command returns
+
 
 app = typer.Typer(
     name="quantkit",
+    cls=QuantkitGroup,
     help="Quantize diffusion-model checkpoints to FP8/INT8 .safetensors files that ComfyUI loads.\n\n"
-         "Exit codes: 0 success, 1 bad input, failed conversion (of any input), contract violation or "
-         "layer under --min-sqnr, 2 usage error, 130 interrupted.",
+         "Exit codes: 0 success, 1 bad input, a failed conversion, a contract violation or a layer under "
+         "--min-sqnr, 2 usage error, 130 interrupted.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=True,
 )
-err = Console(stderr=True)
-out = Console()
+
+
+class _Console:
+    """A rich Console made on first use (rich takes a while to import, and --version needs none)."""
+
+    def __init__(self, **kwargs) -> None:
+        self._kwargs, self._console = kwargs, None
+
+    def get(self):
+        if self._console is None:
+            from rich.console import Console
+            self._console = Console(**self._kwargs)
+        return self._console
+
+    def __getattr__(self, name: str):
+        return getattr(self.get(), name)
+
+
+err = _Console(stderr=True)
+out = _Console()
+
+
+def convert_file(*args, **kwargs) -> ConvertReport:
+    """:func:`quantkit.convert.convert`, imported on first use (torch comes with it)."""
+    from .convert import convert
+    return convert(*args, **kwargs)
 
 
 def _version(value: bool) -> None:
     if value:
-        out.print(f"quantkit {__version__}")
+        sys.stdout.write(f"quantkit {__version__}\n")
         raise typer.Exit()
 
 
@@ -80,25 +185,29 @@ class Rates:
         return f"read {(r1 - r0) / (t1 - t0) / 1e9:.2f} / write {(w1 - w0) / (t1 - t0) / 1e9:.2f} GB/s"
 
 
+LEARNED_OBJECTIVES = ("calibration", "subspace")
+
 # Options shared by `convert` and `plan`.
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help=f"Target format: {', '.join(FORMATS)}. See 'quantkit formats'.")]
-BlockOpt = Annotated[int, typer.Option("--block-size", help="Tile size b for int8-block (b x b tiles).")]
-IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", help="Regex (searched in the layer name) to quantize even if kept by default or by the preset. Repeatable.")]
-ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", help="Regex (searched in the layer name) to keep unquantized. Repeatable; wins over everything.")]
-FallbackOpt = Annotated[str, typer.Option("--fallback", help=f"Format for layers the chosen format cannot take (int8-block with indivisible dims): {', '.join(FALLBACK_CHOICES)}.")]
-PresetOpt = Annotated[str, typer.Option("--preset", help="Model family whose layer rules apply: auto (detect from tensor names), none (generic rules only), or one of: " + ", ".join(p for p in PRESET_CHOICES if p not in ("auto", "none")) + ". See 'quantkit presets'.")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Per-layer config (.toml or .json): pattern -> format, block_size, skip, options. Most specific pattern wins.")]
-FpmmOpt = Annotated[bool, typer.Option("--full-precision-mm", help="Write full_precision_matrix_mult=true in every .comfy_quant marker (ComfyUI dequantizes and runs a normal matmul).")]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", metavar="NAME", help=f"Target format: {', '.join(FORMAT_NAMES)} ('quantkit formats' describes them).")]
+BlockOpt = Annotated[int, typer.Option("--block-size", metavar="B", help="Tile size of int8-block: one scale per B x B tile.")]
+IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", metavar="REGEX", help="Quantize the layers whose name matches, even where the defaults or the preset keep them. Repeatable.")]
+ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", metavar="REGEX", help="Keep the layers whose name matches unquantized. Repeatable; wins over every other rule.")]
+FallbackOpt = Annotated[str, typer.Option("--fallback", metavar="NAME", help=f"Format for a layer the chosen format cannot take (int8-block, a side B does not divide): {', '.join(FALLBACK_CHOICES)}.")]
+PresetOpt = Annotated[str, typer.Option("--preset", metavar="NAME", help="Model family whose layer rules apply: auto (detected from tensor names), none (generic rules only), or a family from 'quantkit presets'.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="Per-layer settings (.toml or .json): pattern -> format, block_size, skip, options. The most specific pattern wins.")]
+FpmmOpt = Annotated[bool, typer.Option("--full-precision-mm", help="Mark every layer full_precision_matrix_mult: ComfyUI dequantizes it and runs a normal matmul.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")]
 
 
 def _options(format: str, block_size: int, include, exclude, fallback: str, preset: str, config, fpmm: bool) -> Options:
-    if format not in FORMATS:
-        raise typer.BadParameter(f"'{format}' is not one of: {', '.join(FORMATS)}", param_hint="--format")
+    from .families import PRESET_CHOICES
+    if format not in FORMAT_NAMES:
+        raise typer.BadParameter(f"'{format}' (choose from {', '.join(FORMAT_NAMES)})", param_hint="--format")
     if fallback not in FALLBACK_CHOICES:
-        raise typer.BadParameter(f"'{fallback}' is not one of: {', '.join(FALLBACK_CHOICES)}", param_hint="--fallback")
+        raise typer.BadParameter(f"'{fallback}' (choose from {', '.join(FALLBACK_CHOICES)})", param_hint="--fallback")
     if preset not in PRESET_CHOICES:
-        raise typer.BadParameter(f"'{preset}' is not one of: {', '.join(PRESET_CHOICES)}", param_hint="--preset")
+        raise typer.BadParameter(f"'{preset}' (choose from {', '.join(PRESET_CHOICES)})", param_hint="--preset")
+    from .convert import make_options
     try:
         return make_options(format, block_size, include or (), exclude or (), fallback, preset, config, fpmm)
     except QuantkitError as e:
@@ -115,14 +224,14 @@ def _plan_json(plan, src: Path, dst: Path | None) -> dict:
                     "  quantkit convert a.safetensors b.safetensors -O out/ --report report.json\n\n"
                     "  quantkit convert wan.safetensors --preset wan --config layers.toml --dry-run")
 def convert(
-    inputs: Annotated[list[Path], typer.Argument(help="Input .safetensors checkpoint(s) (bf16/fp16/fp32). Each is converted independently.", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output file (one input only). Default: <input stem>-<format>.safetensors beside the input.")] = None,
-    output_dir: Annotated[Optional[Path], typer.Option("-O", "--output-dir", help="Write each output as <stem>-<format>.safetensors in this directory (created if missing).")] = None,
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="Checkpoints to convert (.safetensors, bf16/fp16/fp32); each is converted on its own.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE", help="Output file, for one input. Default: <stem>-<format>.safetensors beside the input.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("-O", "--output-dir", metavar="DIR", help="Write each output as <stem>-<format>.safetensors into DIR (created if missing).")] = None,
     format: FormatOpt = DEFAULT_FORMAT,
     block_size: BlockOpt = DEFAULT_BLOCK_SIZE,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    fallback: FallbackOpt = "int8-row",
+    fallback: FallbackOpt = DEFAULT_FALLBACK,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors still go to stderr.")] = False,
     preset: PresetOpt = "auto",
@@ -130,13 +239,13 @@ def convert(
     fpmm: FpmmOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the per-layer plan and write nothing (same as 'quantkit plan').")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plans as a JSON array.")] = False,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write a JSON report: per-layer format, shapes, SQNR, timings; versions; input/output sha256.")] = None,
-    device: Annotated[str, typer.Option("--device", help="Where to quantize: auto (a GPU if present), cpu, cuda or cuda:N. Round-to-nearest output bytes are the same on every device.")] = "auto",
-    learned_rounding: Annotated[bool, typer.Option("--learned-rounding", help="Choose each weight's rounding to lower its expected output error (GPTQ-style error feedback on the format's grid; int8 also searches the scale). Needs --calibration, unless --learned-objective subspace is chosen (the W^T W data-free proxy made held-out error worse than round-to-nearest, so it is not offered). Keeps round-to-nearest for any layer where it is not better. GPU when present.")] = False,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="Stats file from quantkit.calibration.capture(model): sets static fp8 input_scale (max |x| / 448) and the learned-rounding objective.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE", help="Write a JSON report: versions, sha256 of input and output, layer counts, and per tensor its format, shapes, SQNR and time.")] = None,
+    device: Annotated[str, typer.Option("--device", metavar="NAME", help="Where to quantize: auto (a GPU if present), cpu, cuda or cuda:N. Round-to-nearest output is the same on every device.")] = "auto",
+    learned_rounding: Annotated[bool, typer.Option("--learned-rounding", help="Round each weight to lower its layer's output error (GPTQ-style), keeping round-to-nearest where that is not better. Needs --calibration, except with --learned-objective subspace.")] = False,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", metavar="FILE", help="Input statistics saved by quantkit.calibration.capture(): they set a static fp8 input_scale and the objective of --learned-rounding and --bias-correction.")] = None,
     bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Rewrite each quantized layer's bias as b + (W - Wq) mean(x). Needs --calibration.")] = False,
-    learned_objective: Annotated[str, typer.Option("--learned-objective", help="With --learned-rounding: 'calibration' (default; expected output error on the --calibration statistics) or 'subspace' (data-free: error projected on each weight's top singular subspace, the objective convert_to_quant optimizes; needs no calibration). 'subspace' halves that projected error (3 dB; it stops there, to give up as little weight SQNR as it can), but did not lower the output error on real held-out inputs (all-MiniLM-L6-v2: median 1.00x round-to-nearest, worst layer 1.08x; DEVELOPMENT.md, issue 5).")] = "calibration",
-    devices: Annotated[Optional[str], typer.Option("--devices", help="Spread --learned-rounding over one worker process per device, largest layers first: cuda:0,cuda:1,... or all (cpu,cpu runs CPU workers, for testing). Output bytes are the same as one process.")] = None,
+    learned_objective: Annotated[str, typer.Option("--learned-objective", metavar="NAME", help="What --learned-rounding lowers: calibration (the output error on the --calibration statistics) or subspace (data-free, so no --calibration; it was neutral on real inputs).")] = "calibration",
+    devices: Annotated[Optional[str], typer.Option("--devices", metavar="LIST", help="Run --learned-rounding in one worker process per device: cuda:0,cuda:1,... or all. The output bytes are those of one process.")] = None,
 ) -> None:
     """Convert checkpoints: quantize their linear weights, copy everything else bit-exactly.
 
@@ -152,7 +261,16 @@ def convert(
     if report is not None and dry_run:
         raise typer.BadParameter("--report records a conversion, and --dry-run converts nothing",
                                  param_hint="--report")
+    if learned_objective not in LEARNED_OBJECTIVES:
+        raise typer.BadParameter(f"'{learned_objective}' (choose from {', '.join(LEARNED_OBJECTIVES)})",
+                                 param_hint="--learned-objective")
+    if learned_objective != "calibration" and not learned_rounding:
+        raise typer.BadParameter("it sets the objective of --learned-rounding; add --learned-rounding",
+                                 param_hint="--learned-objective")
     opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm)
+    from . import reportfile
+    from .plan import default_output_name, plan_file
+    from .render import print_plan, print_summary
     targets: list[tuple[Path, Optional[Path]]] = []
     for src in inputs:
         dst = output if output is not None else (
@@ -192,19 +310,19 @@ def convert(
 
     entries: list[dict] = []
     show_progress = not quiet and err.is_terminal
-    for src, dst in targets:
+    for i, (src, dst) in enumerate(targets):
         try:
             rep = _convert_one(src, dst, opts, overwrite, show_progress, device,
                                dict(learned_rounding=learned_rounding, calibration=calibration,
                                     bias_correction=bias_correction, learned_objective=learned_objective,
-                                    devices=devices))
+                                    devices=devices), first=i == 0)
         except QuantkitError as e:
             failed, worst = failed + 1, max(worst, e.exit_code)
             _fail_one(e)
             entries.append(reportfile.failed_entry(src, dst, e))
             continue
         except KeyboardInterrupt:
-            err.print("interrupted; no output written")
+            sys.stderr.write("interrupted; no output written\n")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         if not quiet:
             print_summary(rep, out)
@@ -216,21 +334,35 @@ def convert(
         except QuantkitError as e:
             raise _fail(e) from None
     if failed and len(targets) > 1:
-        err.print(Text(f"{failed} of {len(targets)} inputs failed"), highlight=False)
+        sys.stderr.write(f"{failed} of {len(targets)} inputs failed\n")
     raise typer.Exit(worst)
 
 
 def _fail_one(e: QuantkitError) -> None:
     if os.environ.get("QUANTKIT_DEBUG") == "1":
         raise e
-    err.print(Text(f"error: {e.one_line()}"), soft_wrap=True, highlight=False)
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {e.one_line()}\n")
+
+
+def since_process_start() -> float | None:
+    """Seconds since this process started (Linux: its start time in /proc/self/stat, 10 ms
+    resolution), or None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 onwards
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, clock ticks since boot
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool, show_progress: bool,
-                 device: str, refine: dict) -> ConvertReport:
+                 device: str, refine: dict, first: bool = False) -> ConvertReport:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     rates = Rates()
     with Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[tensors]} tensors"),
-                  TextColumn("{task.fields[rates]}", style="cyan"), TimeRemainingColumn(), console=err,
+                  TextColumn("{task.fields[rates]}", style="cyan"), TimeRemainingColumn(), console=err.get(),
                   disable=not show_progress, transient=True) as bar:
         task = bar.add_task(f"{src.name} -> {opts.format}", total=None, tensors=0, rates=rates.text())
         count = 0
@@ -241,35 +373,39 @@ def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool,
             rates.add(done, written)
             bar.update(task, completed=done, total=total, tensors=count, rates=rates.text())
 
-        return convert_file(src, dst, format=opts.format, block_size=opts.block_size, include=opts.include,
-                            exclude=opts.exclude, fallback=opts.fallback, overwrite=overwrite,
-                            progress=on_progress, preset=opts.preset, config=opts.config,
-                            full_precision_matrix_mult=bool(dict(opts.comfy_options).get("full_precision_matrix_mult")),
-                            device=device, **refine)
+        startup = since_process_start() if first else None  # imports and option checks, before convert()
+        rep = convert_file(src, dst, format=opts.format, block_size=opts.block_size, include=opts.include,
+                           exclude=opts.exclude, fallback=opts.fallback, overwrite=overwrite,
+                           progress=on_progress, preset=opts.preset, config=opts.config,
+                           full_precision_matrix_mult=bool(dict(opts.comfy_options).get("full_precision_matrix_mult")),
+                           device=device, **refine)
+        rep.startup_seconds = startup or 0.0
+        return rep
 
 
 @app.command(epilog="Examples:\n\n  quantkit plan flux1-dev.safetensors\n\n"
                     "  quantkit plan wan2.2.safetensors --format int8-row --preset wan --json\n\n"
                     "  quantkit plan model.safetensors --config layers.toml")
 def plan(
-    input: Annotated[Path, typer.Argument(help="Input .safetensors checkpoint (only its header is read).", show_default=False)],
+    input: Annotated[Path, typer.Argument(metavar="INPUT", help="The .safetensors checkpoint (only its header is read).", show_default=False)],
     format: FormatOpt = DEFAULT_FORMAT,
     block_size: BlockOpt = DEFAULT_BLOCK_SIZE,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    fallback: FallbackOpt = "int8-row",
+    fallback: FallbackOpt = DEFAULT_FALLBACK,
     preset: PresetOpt = "auto",
     config: ConfigOpt = None,
     fpmm: FpmmOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Show what 'convert' would do with each tensor, and why; write nothing.
+    """Show what 'convert' would do with each layer, and why; write nothing.
 
-    Per tensor: shape, dtype -> format or kept, and the reason; then the detected family, totals,
-    the exact output size and whether stock ComfyUI loads the result. Exit codes: 0 ok, 1 bad
-    input, 2 usage error.
+    Prints each layer's shape, dtype, format and reason, then the family, the counts, the exact
+    output size and whether stock ComfyUI loads it. Exit codes: 0 ok, 1 bad input, 2 usage error.
     """
     opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm)
+    from .plan import plan_file
+    from .render import print_plan
     try:
         p = plan_file(input, opts)
     except QuantkitError as e:
@@ -283,17 +419,16 @@ def plan(
 @app.command(epilog="Examples:\n\n  quantkit inspect flux1-dev-fp8.safetensors\n\n"
                     "  quantkit inspect downloaded-int8.safetensors --json")
 def inspect(
-    file: Annotated[Path, typer.Argument(help="Any .safetensors file (from quantkit or another tool).", show_default=False)],
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="Any .safetensors file, from quantkit or another tool.", show_default=False)],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show what a .safetensors file holds and whether ComfyUI loads it.
+    """Show what a .safetensors file holds, whether ComfyUI loads it, and every contract violation.
 
-    Formats and counts, sizes, dtypes, header metadata, the model family, whether stock ComfyUI
-    loads it or which node it needs, and every contract violation (scale without marker, wrong
-    scale shape, uint8-stored fp8, header disagreeing with the per-layer markers, ...). Reads the
-    header and the small marker tensors only. Exit codes: 0 no violation, 1 violations or bad
-    file, 2 usage error.
+    Reads the header and the small marker tensors only. Exit codes: 0 no violation, 1 violations
+    or a bad file, 2 usage error.
     """
+    from .inspection import inspect_file
+    from .render import print_inspection
     try:
         ins = inspect_file(file)
     except QuantkitError as e:
@@ -309,10 +444,10 @@ def inspect(
                     "  quantkit verify model-fp8.safetensors --against model.safetensors --min-sqnr 25\n\n"
                     "  quantkit verify out.safetensors --against in.safetensors --report verify.json")
 def verify(
-    file: Annotated[Path, typer.Argument(help="A quantized .safetensors file (from quantkit or another tool).", show_default=False)],
-    against: Annotated[Optional[Path], typer.Option("--against", help="The original checkpoint: compute per-layer SQNR of the dequantized weights against it.")] = None,
-    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="Fail if any measured layer's SQNR (dB) is below this. Needs --against.")] = None,
-    report: Annotated[Optional[Path], typer.Option("--report", help="Write a JSON report: per-layer SQNR and timings, violations, versions, sha256 of both files.")] = None,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="A quantized .safetensors file, from quantkit or another tool.", show_default=False)],
+    against: Annotated[Optional[Path], typer.Option("--against", metavar="FILE", help="The original checkpoint: measure each layer's SQNR against it.")] = None,
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", metavar="DB", help="Fail if a measured layer's SQNR is below DB. Needs --against.")] = None,
+    report: Annotated[Optional[Path], typer.Option("--report", metavar="FILE", help="Write a JSON report: versions, sha256 of both files, violations, per-layer SQNR and time.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing; the exit code tells.")] = False,
 ) -> None:
     """Check a file against ComfyUI's on-disk contract, and its quality against the original.
@@ -320,6 +455,9 @@ def verify(
     Exit codes: 0 no violation, 1 any violation or layer under --min-sqnr (or a bad file), 2
     usage error, 130 interrupted.
     """
+    from . import reportfile
+    from .render import print_verify
+    from .verify import verify as verify_file
     try:
         rep = verify_file(file, against, min_sqnr)
         if report is not None:
@@ -337,6 +475,8 @@ def verify(
 @app.command(epilog="Examples:\n\n  quantkit presets")
 def presets() -> None:
     """List the model families --preset knows, how each is detected, and what each keeps."""
+    from rich.table import Table
+
     from .families import FAMILIES
     for fam in FAMILIES:
         t = Table(title=f"{fam.name}" + (f" (also: {', '.join(fam.aliases)})" if fam.aliases else "") + f": {fam.title}",
@@ -353,11 +493,10 @@ def presets() -> None:
 @app.command(epilog="Examples:\n\n  quantkit formats")
 def formats() -> None:
     """List the formats quantkit writes and whether stock ComfyUI loads them."""
+    from rich.table import Table
     t = Table("--format", ".comfy_quant format", "weight", "scale", "loads in")
-    for s in FORMATS.values():
-        scale = {"tensor": "fp32 []", "row": "fp32 [N,1]", "block": "fp32 [N/b,K/b]"}[s.granularity]
-        t.add_row(s.name, s.comfy_format, s.weight_dtype_name, scale,
-                  "stock ComfyUI" if s.stock_comfy else "needs node")
+    for r in FORMAT_ROWS:
+        t.add_row(r.name, r.comfy_format, r.weight, r.scale, "stock ComfyUI" if r.stock_comfy else "needs node")
     out.print(t)
 
 

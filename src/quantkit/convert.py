@@ -13,12 +13,14 @@ import os
 import queue
 import tempfile
 import time
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from . import backend, multi, readahead, reference
+from . import backend, readahead, reference
 from .backend import check_finite, parse_device
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
@@ -26,9 +28,11 @@ from .formats import FORMATS, decode_comfy_quant, encode_comfy_quant
 from .pipeline import DEFAULT_DEPTH, BackgroundWriter
 from .layerconfig import LayerConfig, load_layer_config
 from .plan import LayerPlan, Options, Plan, default_output_name, plan_conversion
-from .refine import Refiner
 from .report import ConvertReport, LayerReport
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
+
+if TYPE_CHECKING:
+    from .refine import Refiner
 
 # (input bytes read, input bytes total, tensor name, output bytes written): called after each tensor
 # is read and queued; the written count trails it by the writer's queue.
@@ -65,25 +69,58 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     dev = parse_device(device)
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
-    t0 = time.perf_counter()
+    clock = Clock()
     ahead = readahead.adopt(src)  # the disk starts now (or started with the process, from the CLI)
     try:
         with SafetensorsReader(src) as reader:
             check_output_path(src, dst, overwrite)
             plan = plan_conversion(reader, options)
-            refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
-                                     bias_correction=bias_correction,
-                                     options=_learned_options(learned_objective))
-            with multi.precompute(refiner, devices, dst.parent) as learned_store:
-                report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead)
+            refiner = None
+            if learned_rounding or calibration is not None or bias_correction or devices is not None:
+                # imported only when asked for: not on the way to a round-to-nearest conversion's first read
+                from . import multi
+                from .refine import Refiner
+                refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
+                                         bias_correction=bias_correction,
+                                         options=_learned_options(learned_objective))
+                learned_ctx = multi.precompute(refiner, devices, dst.parent)
+            else:
+                learned_ctx = contextlib.nullcontext()
+            clock.mark("plan")
+            with learned_ctx as learned_store:
+                clock.mark("plan" if learned_store is None else "learned rounding (workers)")
+                report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead,
+                                  clock=clock)
             if learned_store is not None:
-                report.stage_seconds["learned workers"] = learned_store.log.seconds
-                report.stage_seconds["learned workers start"] = learned_store.log.start_seconds
+                report.detail_seconds["learned workers"] = learned_store.log.seconds
+                report.detail_seconds["learned workers start"] = learned_store.log.start_seconds
     finally:
         if ahead is not None:
             ahead.stop(timeout=0.1)  # an error or the end is not held up by a window still being read
-    report.seconds = time.perf_counter() - t0
+    report.seconds = clock.finish(report.stage_seconds)
     return report
+
+
+class Clock:
+    """Splits one wall-clock interval into named, disjoint parts: :meth:`mark` adds the time since
+    the previous mark to a part; :meth:`finish` puts the rest under "other" and returns the total,
+    which the parts sum to."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.parts: dict[str, float] = {}
+
+    def mark(self, part: str) -> None:
+        now = time.perf_counter()
+        self.parts[part] = self.parts.get(part, 0.0) + (now - self.last)
+        self.last = now
+
+    def finish(self, into: dict[str, float]) -> float:
+        total = time.perf_counter() - self.start
+        into.clear()
+        into.update(self.parts)
+        into["other"] = total - sum(self.parts.values())  # marks are in order: never negative
+        return total
 
 
 def _learned_options(objective: str):
@@ -177,7 +214,14 @@ def _cpu_quantizer(layers: list[LayerPlan], reader: SafetensorsReader):
 
 def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,
              threaded: bool = True, device: torch.device = torch.device("cpu"),
-             refiner: Refiner | None = None, ahead: readahead.Readahead | None = None) -> ConvertReport:
+             refiner: Refiner | None = None, ahead: readahead.Readahead | None = None,
+             clock: Clock | None = None) -> ConvertReport:
+    """Write ``plan`` to ``dst``. The parts of the time line (``clock``): "prepare" (temporary file,
+    quantizer and its buffers), "read+quantize" (the main thread's pass over the tensors),
+    "waiting for the writer" (the writer thread's queue and the last buffers), "fsync", "verify"
+    (reopen and check), "rename". The writer thread's busy time overlaps them: it goes to
+    ``detail_seconds["writer thread busy"]``, not into the total."""
+    clock = clock if clock is not None else Clock()
     opts = plan.options
     report = ConvertReport(str(reader.path), str(dst), opts.format, opts.block_size, bytes_in=reader.file_size)
     total_in = sum(t.nbytes for t in reader.tensors_in_order)
@@ -196,8 +240,9 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             quantizer = _make_quantizer([lp for lp in plan.quantized if refiner is None or not refiner.rewrites(lp)],
                                         reader, device)
             bw = BackgroundWriter(threaded)
-            stages = report.stage_seconds
-            stages.update({"read+quantize": 0.0, "write": 0.0, "fsync": 0.0, "verify": 0.0})
+            stages = report.detail_seconds
+            stages["writer thread busy"] = 0.0
+            clock.mark("prepare")
             try:
                 done = 0
                 layers = plan.layers
@@ -205,15 +250,15 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                     if ahead is None and i + 1 < len(layers):  # the readahead thread is further ahead already
                         reader.prefetch(layers[i + 1].tensor)
                     t0 = time.perf_counter()
-                    report.layers.append(_convert_one(reader, writer, bw, quantizer, lp, lp.block_size, stages, refiner))
-                    report.layers[-1].seconds = time.perf_counter() - t0
-                    stages["read+quantize"] += report.layers[-1].seconds
+                    report.tensors.append(_convert_one(reader, writer, bw, quantizer, lp, lp.block_size, stages, refiner))
+                    report.tensors[-1].seconds = time.perf_counter() - t0
                     t = reader.tensors[lp.tensor]
                     done += t.nbytes
                     if ahead is not None:
                         ahead.advance(reader.data_start + t.start + t.nbytes)
                     if progress is not None:
                         progress(done, total_in, lp.tensor, writer.written)
+                clock.mark("read+quantize")
                 bw.close()
             except BaseException:
                 bw.abort()
@@ -222,9 +267,9 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                 if hasattr(quantizer, "close"):
                     quantizer.close()
             writer.finish()
-            t0 = time.perf_counter()
+            clock.mark("waiting for the writer")
             os.fsync(fd)
-            stages["fsync"] = time.perf_counter() - t0
+            clock.mark("fsync")
         except OSError as e:
             raise _os_error(e, dst, need) from None
         finally:
@@ -232,16 +277,17 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                 writer.close()
             if fd >= 0:
                 os.close(fd)
-        t0 = time.perf_counter()
         verify_written(tmp, plan, writer)
-        stages["verify"] = time.perf_counter() - t0
+        clock.mark("verify")
         os.replace(tmp, dst)
         tmp = None
         _fsync_dir(dst.parent)
+        clock.mark("rename")
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
     report.bytes_out = need
+    report.tensors_out = len(plan.outputs)
     return report
 
 
@@ -251,7 +297,7 @@ def _timed(stages: dict[str, float], job):
         try:
             job()
         finally:
-            stages["write"] += time.perf_counter() - t0
+            stages["writer thread busy"] += time.perf_counter() - t0
     return run
 
 

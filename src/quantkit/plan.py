@@ -12,6 +12,7 @@ from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
 from .formats import FALLBACK_CHOICES, FORMATS, LAYER_OPTIONS, QUANT_SUFFIXES, FormatSpec, encode_comfy_quant, get_format
 from .layerconfig import LayerConfig, LayerRule
+from .report import layer_counts
 from .safetensors_io import PlannedTensor, SafetensorsReader, TensorInfo, build_header
 
 QUANT_METADATA_KEY = "_quantization_metadata"
@@ -69,6 +70,10 @@ class LayerPlan:
     def quantized(self) -> bool:
         return self.spec is not None
 
+    @property
+    def action(self) -> str:
+        return "fallback" if self.fallback and self.spec else ("quantized" if self.spec else "kept")
+
     def comfy_quant(self) -> dict:
         assert self.spec is not None
         d = self.spec.comfy_quant(self.shape, torch_dtype(self.dtype), self.block_size)
@@ -88,7 +93,7 @@ class LayerPlan:
 
     def to_dict(self) -> dict:
         return {"tensor": self.tensor, "shape": list(self.shape), "dtype": self.dtype,
-                "action": "fallback" if self.fallback and self.spec else ("quantized" if self.spec else "kept"),
+                "action": self.action,
                 "format": self.spec.name if self.spec else None,
                 "comfy_format": self.spec.comfy_format if self.spec else None,
                 "block_size": self.block_size if self.spec and self.spec.granularity == "block" else None,
@@ -98,7 +103,7 @@ class LayerPlan:
 @dataclass
 class Plan:
     options: Options
-    layers: list[LayerPlan]  # every input tensor, in input file order
+    layers: list[LayerPlan]  # every input tensor (not only layers), in input file order
     outputs: list[PlannedTensor] = field(default_factory=list)
     metadata: dict[str, str] | None = None
     families: list[families.Detected] = field(default_factory=list)
@@ -120,10 +125,9 @@ class Plan:
         return sorted({lp.spec.comfy_format for lp in self.quantized if not lp.spec.stock_comfy})
 
     def counts(self) -> dict[str, int]:
-        c = {"quantized": 0, "fallback": 0, "kept": 0}
-        for lp in self.layers:
-            c["fallback" if lp.fallback and lp.spec else ("quantized" if lp.spec else "kept")] += 1
-        return c
+        """Layers (modules with a ``.weight``) by action, and tensors in and to write
+        (:func:`quantkit.report.layer_counts`)."""
+        return layer_counts(((lp.tensor, lp.action) for lp in self.layers), len(self.outputs))
 
     def to_dict(self) -> dict:
         return {"format": self.options.format, "block_size": self.options.block_size,
@@ -132,7 +136,7 @@ class Plan:
                              for d in self.families],
                 "counts": self.counts(), "input_bytes": self.input_size, "output_bytes": self.output_size,
                 "stock_comfyui": not self.needs_node, "needs_node_for": self.needs_node,
-                "layers": [lp.to_dict() for lp in self.layers]}
+                "tensors": [lp.to_dict() for lp in self.layers]}
 
 
 def plan_conversion(reader: SafetensorsReader, options: Options) -> Plan:

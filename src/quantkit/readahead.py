@@ -212,8 +212,8 @@ def first_convert_input(argv: list[str]) -> str | None:
 def start_for_cli(argv: list[str] | None = None) -> None:
     """Called by the command line before anything heavy is imported."""
     global _started
-    import multiprocessing
-    if multiprocessing.parent_process() is not None:  # a --devices worker: spawn hands it our argv
+    mp = sys.modules.get("multiprocessing")  # a spawned worker has it; importing it here costs the CLI 20 ms
+    if mp is not None and mp.parent_process() is not None:  # a --devices worker: spawn hands it our argv
         return
     path = first_convert_input(sys.argv[1:] if argv is None else argv)
     if path is not None and _started is None and os.path.isfile(path):

@@ -35,6 +35,41 @@ def loads_line(needs: list[str]) -> str:
     return f"no: needs a node that registers {', '.join(needs)} (the quantkit node or ComfyUI-QuantOps)"
 
 
+def layers_text(c: dict[str, int]) -> str:
+    """The layer counts of a plan or a report (:func:`quantkit.report.layer_counts`)."""
+    return f"{c['layers']}: {c['quantized']} quantized, {c['fallback']} fell back, {c['kept']} kept"
+
+
+def tensors_text(c: dict[str, int], planned: bool) -> str:
+    return f"{c['tensors_in']} in, {c['tensors_out']} {'to write' if planned else 'written'}"
+
+
+def round_parts(parts: dict[str, float], decimals: int) -> dict[str, float]:
+    """``parts`` rounded to ``decimals`` so that the rounded values sum to the rounded total (largest
+    remainder: each part is rounded down, then the units left over go to the largest remainders)."""
+    unit = 10 ** decimals
+    scaled = {k: max(0.0, v) * unit for k, v in parts.items()}
+    floors = {k: int(v) for k, v in scaled.items()}
+    left = round(sum(scaled.values())) - sum(floors.values())
+    for k in sorted(scaled, key=lambda k: scaled[k] - floors[k], reverse=True)[:max(0, left)]:
+        floors[k] += 1
+    return {k: v / unit for k, v in floors.items()}
+
+
+def time_text(report: ConvertReport) -> str:
+    """"0.72 s = start-up 0.45 + plan 0.01 + ...": the parts as printed add up to the total as
+    printed (parts that round to zero are left out)."""
+    total = report.total_seconds
+    decimals = 2 if total < 10 else 1
+    parts = round_parts(report.time_parts(), decimals)
+    shown = " + ".join(f"{k} {v:.{decimals}f}" for k, v in parts.items() if v)
+    line = f"{sum(parts.values()):.{decimals}f} s" + (f" = {shown}" if shown else "")
+    busy = report.detail_seconds.get("writer thread busy")
+    if busy:
+        line += f" (writer thread busy {busy:.{decimals}f} s alongside)"
+    return line
+
+
 def print_plan(plan: Plan, input_name: str, output_name: str | None, console: Console) -> None:
     t = Table(title=f"plan: {input_name}" + (f" -> {output_name}" if output_name else ""), title_justify="left")
     for col in ("tensor", "shape", "dtype", "->", "why"):
@@ -61,7 +96,8 @@ def print_plan(plan: Plan, input_name: str, output_name: str | None, console: Co
     s.add_column(style="bold")
     s.add_column()
     s.add_row("family", f"{fams} (--preset {plan.options.preset})")
-    s.add_row("layers", f"{c['quantized']} quantized, {c['fallback']} fell back, {c['kept']} kept")
+    s.add_row("layers", layers_text(c))
+    s.add_row("tensors", tensors_text(c, planned=True))
     ratio = plan.output_size / plan.input_size if plan.input_size else 0
     s.add_row("size", f"{gb(plan.input_size)} -> {gb(plan.output_size)} ({ratio:.0%}) expected")
     s.add_row("ComfyUI", loads_line(plan.needs_node))
@@ -144,21 +180,21 @@ def print_summary(report: ConvertReport, console: Console) -> None:
     t = Table(title=f"{Path(report.output).name}", show_header=False, box=None, pad_edge=False)
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("layers", f"{report.count('quantized')} quantized, {report.count('fallback')} fell back, "
-                        f"{report.count('kept')} kept")
+    c = report.counts()
+    t.add_row("layers", layers_text(c))
+    t.add_row("tensors", tensors_text(c, planned=False))
     ratio = report.bytes_out / report.bytes_in if report.bytes_in else 0
-    t.add_row("size", f"{gb(report.bytes_in)} -> {gb(report.bytes_out)} ({ratio:.0%})")
-    stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.stage_seconds.items())
-    t.add_row("time", f"{report.seconds:.1f} s ({report.bytes_in / max(report.seconds, 1e-9) / 1e9:.2f} GB/s in; "
-                      f"{stages})")
+    t.add_row("size", f"{gb(report.bytes_in)} -> {gb(report.bytes_out)} ({ratio:.0%}), "
+                      f"{report.bytes_in / max(report.seconds, 1e-9) / 1e9:.2f} GB/s through convert()")
+    t.add_row("time", time_text(report))
     for fmt, (lo, med, n) in report.sqnr_by_format().items():
         stock = "stock ComfyUI" if FORMATS[fmt].stock_comfy else "needs the quantkit node"
         t.add_row(f"SQNR {fmt}", f"min {db(lo)}, median {db(med)} over {n} layers ({stock})")
-    learned = [lay.reason for lay in report.layers if "objective" in lay.reason]
+    learned = [lay.reason for lay in report.tensors if "objective" in lay.reason]
     if learned:
         kept = sum("rtn (learned not better)" in r for r in learned)
         t.add_row("learned", f"{len(learned) - kept} improved, {kept} kept RTN (calibration objective)")
-    corrected = sum(lay.reason.startswith("bias corrected") for lay in report.layers)
+    corrected = sum(t.reason.startswith("bias corrected") for t in report.tensors)
     if corrected:
         t.add_row("bias", f"{corrected} biases corrected")
     console.print(t)

@@ -1,6 +1,6 @@
 """``--report report.json``: a machine-readable record of a convert or verify run. Plain JSON:
-tool and library versions, and per file the sha256 of input and output, per-layer format, input
-and output shapes, SQNR and timings (from :mod:`quantkit.report` / :mod:`quantkit.verify`)."""
+tool and library versions, and per file the sha256 of input and output, layer and tensor counts,
+per-tensor action, format, input and output shapes, SQNR and timings (from :mod:`quantkit.report` / :mod:`quantkit.verify`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .errors import QuantkitError
 from .report import ConvertReport
 from .safetensors_io import SafetensorsReader
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: per-tensor entries under "tensors" (was "layers"), "counts", timing parts
 
 
 def environment() -> dict:
@@ -55,12 +55,12 @@ def convert_entry(report: ConvertReport) -> dict:
     d["output_sha256"] = sha256_file(report.output)
     with SafetensorsReader(report.output) as out:
         written = {t.name: t for t in out.tensors_in_order}
-    for layer in d["layers"]:
-        if layer["format"] is not None:
-            base = layer["name"].removesuffix(".weight")
-            layer["outputs"] = {n: {"dtype": written[n].dtype, "shape": list(written[n].shape)}
-                                for n in (f"{base}.weight", f"{base}.weight_scale", f"{base}.input_scale")
-                                if n in written}
+    for t in d["tensors"]:
+        if t["format"] is not None:
+            base = t["name"].removesuffix(".weight")
+            t["outputs"] = {n: {"dtype": written[n].dtype, "shape": list(written[n].shape)}
+                            for n in (f"{base}.weight", f"{base}.weight_scale", f"{base}.input_scale")
+                            if n in written}
     return d
 
 

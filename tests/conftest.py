@@ -88,3 +88,15 @@ if not torch.cuda.is_available():
             import triton.language  # noqa: F401
     except ImportError:
         pass
+
+
+@pytest.fixture(scope="session")
+def big_checkpoint(tmp_path_factory) -> Path:
+    """A 302 MB bf16 checkpoint (36 linear weights of 2048 x 2048): a conversion of it is still
+    writing when a signal sent from a test lands (about 0.5 s of work after start-up on the dev box)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2048, 2048, generator=g).to(torch.bfloat16)
+    sd = {f"blocks.{i}.linear.weight": w.roll(i, 0) for i in range(36)}
+    p = tmp_path_factory.mktemp("big") / "big.safetensors"
+    save_file(sd, str(p))
+    return p

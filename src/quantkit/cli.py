@@ -207,6 +207,8 @@ def convert(
             err.print("interrupted; no output written")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         if not quiet:
+            for note in rep.notes:
+                err.print(Text(f"note: {note}"), soft_wrap=True, highlight=False)
             print_summary(rep, out)
         if report is not None:
             entries.append(reportfile.convert_entry(rep))
@@ -332,6 +334,43 @@ def verify(
     if not quiet:
         print_verify(rep, out)
     raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command(epilog="Examples:\n\n  quantkit clean models/\n\n  quantkit clean models/ --remove")
+def clean(
+    directory: Annotated[Path, typer.Argument(help="A directory outputs are written to.", show_default=False)],
+    remove: Annotated[bool, typer.Option("--remove", "--yes", help="Delete the stale ones (never a file a running conversion holds).")] = False,
+) -> None:
+    """List the temporary files that killed conversions left in DIR, with their sizes.
+
+    A conversion writes .<output>.quantkit-<pid>-<random>.partial beside its output and holds a
+    lock on it; a run killed by SIGKILL or out of memory cannot remove it. Files whose writer is
+    gone are stale; --remove deletes them. The next conversion to the same output removes its own
+    stale ones by itself. Exit codes: 0 listed or removed, 1 DIR is not a readable directory.
+    """
+    from . import tempfiles
+    try:
+        found = tempfiles.scan(directory, remove_stale=remove)
+    except OSError as e:
+        raise _fail(QuantkitError(f"cannot list the directory ({e.strerror or e})", file=directory,
+                                  fix="give a readable directory")) from None
+    stale = [f for f in found if not f.in_use]
+    busy = [f for f in found if f.in_use]
+    for f in found:
+        state = "in use" if f.in_use else ("removed" if remove else "stale")
+        out.print(Text(f"{state:8} {f.bytes / 1e9:8.2f} GB  pid {f.pid:<8} {f.path.name}"), soft_wrap=True,
+                  highlight=False)
+    gb = sum(f.bytes for f in stale) / 1e9
+    if not found:
+        line = f"no quantkit temporary files in {directory}"
+    elif remove:
+        line = f"removed {len(stale)} stale temporary files ({gb:.2f} GB)"
+    else:
+        line = f"{len(stale)} stale temporary files ({gb:.2f} GB)" + (
+            f"; 'quantkit clean {directory} --remove' deletes them" if stale else "")
+    if busy:
+        line += f"; {len(busy)} in use by running conversions, left alone"
+    out.print(Text(line), soft_wrap=True, highlight=False)
 
 
 @app.command(epilog="Examples:\n\n  quantkit presets")

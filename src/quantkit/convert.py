@@ -4,6 +4,11 @@ Flow: open and validate the input header -> check the output path -> plan every 
 temporary file beside the target (header first, then each tensor at its planned offset, input read
 once in file order) -> fsync -> reopen and check it -> rename over the target. Any failure removes
 the temporary file, so the target path never holds a partial file and the input is only read.
+
+The temporary file is named for the target and this process and locked while it is written
+(:mod:`quantkit.tempfiles`); before writing, the stale temporary files of earlier runs for the same
+target that were killed (SIGKILL, out of memory, power cut) are removed, and the report's ``notes``
+says so.
 """
 
 from __future__ import annotations
@@ -11,14 +16,13 @@ from __future__ import annotations
 import errno
 import os
 import queue
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from . import backend, multi, readahead, reference
+from . import backend, multi, readahead, reference, tempfiles
 from .backend import check_finite, parse_device
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
@@ -70,12 +74,15 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     try:
         with SafetensorsReader(src) as reader:
             check_output_path(src, dst, overwrite)
+            reclaimed = tempfiles.reclaim_note(tempfiles.reclaim(dst))
             plan = plan_conversion(reader, options)
             refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
                                      bias_correction=bias_correction,
                                      options=_learned_options(learned_objective))
-            with multi.precompute(refiner, devices, dst.parent) as learned_store:
+            with multi.precompute(refiner, devices, dst) as learned_store:
                 report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead)
+            if reclaimed is not None:
+                report.notes.append(reclaimed)
             if learned_store is not None:
                 report.stage_seconds["learned workers"] = learned_store.log.seconds
                 report.stage_seconds["learned workers start"] = learned_store.log.start_seconds
@@ -187,9 +194,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
     writer = None
     try:
         try:
-            fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
-            tmp = Path(tmp_name)
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
+            fd, tmp = tempfiles.create(dst)  # locked until fd is closed, after the rename
             writer = SafetensorsWriter(fd, plan.outputs, plan.metadata)
             need = writer.total_size
             # layers whose weights learned rounding chooses are quantized by the refiner instead
@@ -230,8 +235,6 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
         finally:
             if writer is not None:
                 writer.close()
-            if fd >= 0:
-                os.close(fd)
         t0 = time.perf_counter()
         verify_written(tmp, plan, writer)
         stages["verify"] = time.perf_counter() - t0
@@ -241,6 +244,8 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+        if fd >= 0:
+            os.close(fd)  # drops the lock (after the rename or the unlink: never a stale-looking file)
     report.bytes_out = need
     return report
 
@@ -339,12 +344,6 @@ def verify_written(path: Path, plan: Plan, writer: SafetensorsWriter) -> None:
             if got != lp.comfy_quant():
                 raise QuantkitError("written .comfy_quant marker does not decode to the plan", file=path,
                                     tensor=name, fix="report this as a quantkit bug")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fsync_dir(d: Path) -> None:

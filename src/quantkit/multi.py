@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import tempfile
 import time
 from multiprocessing.connection import wait
 from collections.abc import Callable, Iterator, Sequence
@@ -54,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from . import learned
+from . import learned, tempfiles
 from .calibration import KEYS
 from .errors import QuantkitError, UsageError
 from .fileio import pread_full, pwrite_all
@@ -410,12 +409,13 @@ def _plan_jobs(refiner: Refiner) -> tuple[list[Job], int]:
 
 
 @contextlib.contextmanager
-def precompute(refiner: Refiner | None, devices: str | Sequence[str] | None, scratch_dir: Path, *,
+def precompute(refiner: Refiner | None, devices: str | Sequence[str] | None, output: Path, *,
                work: Callable[[Job, Files], tuple] | None = None, layer_timeout: float | None = None,
                start_timeout: float | None = None, threads: int | None = None) -> Iterator[LearnedStore | None]:
     """Compute every learned layer of ``refiner`` in worker processes over ``devices`` and serve the
-    results through ``refiner.precomputed`` inside the ``with`` block; the scratch file (in
-    ``scratch_dir``, beside the output) is removed on exit. Yields None when ``devices`` is None."""
+    results through ``refiner.precomputed`` inside the ``with`` block; the scratch file (beside
+    ``output``, named for it: :mod:`quantkit.tempfiles`) is removed on exit. Yields None when
+    ``devices`` is None."""
     if devices is None:
         yield None
         return
@@ -427,27 +427,24 @@ def precompute(refiner: Refiner | None, devices: str | Sequence[str] | None, scr
     if not jobs:  # no layer ran during calibration: nothing to spread
         yield None
         return
-    made: list[Path] = []
+    output = Path(output)
+    made: list[tuple[int, Path]] = []  # (locked fd, path): the locks last until the files are removed
     store = None
     try:
         try:
             cal_path = refiner.calibration_path
             if cal_path is None:  # an in-memory Calibration: the workers read a copy
-                fd, name = tempfile.mkstemp(dir=scratch_dir, prefix=".quantkit-calibration.", suffix=".partial")
-                os.close(fd)
-                made.append(Path(name))
+                made.append(tempfiles.create(output, "calibration", mode=None))
                 assert refiner.calibration is not None
-                refiner.calibration.save(name)
-                cal_path = name
-            fd, name = tempfile.mkstemp(dir=scratch_dir, prefix=".quantkit-learned.", suffix=".partial")
-            made.append(Path(name))
-            try:
-                os.ftruncate(fd, size)
-            finally:
-                os.close(fd)
+                refiner.calibration.save(str(made[-1][1]))
+                cal_path = str(made[-1][1])
+            made.append(tempfiles.create(output, "learned", mode=None))
+            fd, scratch = made[-1]
+            name = str(scratch)
+            os.ftruncate(fd, size)
         except OSError as e:
             raise QuantkitError(f"cannot write the scratch file of learned rounding: {e.strerror or e}",
-                                file=scratch_dir, fix="free space beside the output or write elsewhere with -o") from None
+                                file=output.parent, fix="free space beside the output or write elsewhere with -o") from None
         notes, log = run_jobs(jobs, devs, str(refiner.reader.path), str(cal_path), name, refiner.options,
                               work=work, layer_timeout=layer_timeout, start_timeout=start_timeout, threads=threads)
         store = LearnedStore(Path(name), {j.layer: j for j in jobs}, notes, log)
@@ -457,5 +454,6 @@ def precompute(refiner: Refiner | None, devices: str | Sequence[str] | None, scr
         refiner.precomputed = None
         if store is not None:
             store.close()
-        for p in made:
+        for fd, p in made:
             p.unlink(missing_ok=True)
+            os.close(fd)

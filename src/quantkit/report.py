@@ -32,6 +32,8 @@ class ConvertReport:
     seconds: float = 0.0
     # where the time went: "read+quantize" (main thread), "write" (writer thread busy), "fsync", "verify"
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # one line each, for the user: what the run did besides converting (stale temporary files removed)
+    notes: list[str] = field(default_factory=list)
 
     def count(self, action: str) -> int:
         return sum(1 for layer in self.layers if layer.action == action)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 import quantkit
@@ -188,3 +189,67 @@ def test_failed_convert_leaves_nothing_and_library_notes(sample, tmp_path):
     rep = quantkit.convert(sample, out)
     assert len(rep.notes) == 1 and f"pid {p.pid}" in rep.notes[0]
     assert not path.exists() and sorted(x.name for x in tmp_path.iterdir()) == ["flux-mini.safetensors", "o.safetensors"]
+
+
+# ---- the final rename never replaces a file another process wrote meanwhile ---------------------
+
+@pytest.mark.parametrize("how", ["renameat2", "link"])
+def test_rename_noreplace(tmp_path, monkeypatch, how):
+    if how == "link":
+        monkeypatch.setattr(tempfiles, "_libc_renameat2", lambda: None)
+    elif tempfiles._libc_renameat2() is None:
+        pytest.skip("no renameat2 in this C library")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"new")
+    b.write_bytes(b"theirs")
+    with pytest.raises(FileExistsError):
+        tempfiles.rename_noreplace(a, b)
+    assert a.read_bytes() == b"new" and b.read_bytes() == b"theirs"
+    b.unlink()
+    tempfiles.rename_noreplace(a, b)
+    assert not a.exists() and b.read_bytes() == b"new"
+    with pytest.raises(FileNotFoundError):
+        tempfiles.rename_noreplace(a, tmp_path / "c")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_target_written_during_run(sample, tmp_path, monkeypatch, overwrite):
+    """Another process creates the target after this run checked it: without --overwrite the final
+    rename fails with one line and leaves their file and no temporary file; with it, ours replaces it."""
+    conv = sys.modules["quantkit.convert"]  # (the package attribute is the function)
+    out = tmp_path / "o.safetensors"
+    real = conv.verify_written
+
+    def verify_then_race(path, plan, writer):
+        real(path, plan, writer)
+        out.write_bytes(b"theirs")
+    monkeypatch.setattr(conv, "verify_written", verify_then_race)
+    if overwrite:
+        quantkit.convert(sample, out, overwrite=True)
+        assert len(load_file(str(out))) > 0
+    else:
+        with pytest.raises(quantkit.QuantkitError) as ei:
+            quantkit.convert(sample, out)
+        msg = ei.value.one_line()
+        assert msg.startswith(f"{out}: output file already exists (written by another process during this run)")
+        assert "fix: pass --overwrite" in msg and "\n" not in msg
+        assert out.read_bytes() == b"theirs"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["flux-mini.safetensors", "o.safetensors"]
+
+
+def test_two_processes_one_target(big_checkpoint, tmp_path):
+    """Two real converts to one target without --overwrite: exactly one writes it, the other exits 1
+    with one line, and the file is the winner's (fp8 vs int8-row, told apart by its markers)."""
+    out = tmp_path / "o.safetensors"
+    procs = {fmt: subprocess.Popen([*QK, "convert", str(big_checkpoint), "-o", str(out), "--device", "cpu", "-q",
+                                    "--format", fmt], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for fmt in ("fp8", "int8-row")}
+    res = {fmt: (p.wait(), p.stdout.read(), p.stderr.read()) for fmt, p in procs.items()}
+    codes = sorted(r[0] for r in res.values())
+    assert codes == [0, 1], res
+    [won] = [f for f, r in res.items() if r[0] == 0]
+    [lost] = [r for r in res.values() if r[0] == 1]
+    assert lost[2].count("\n") == 1 and "output file already exists" in lost[2] and "Traceback" not in lost[2]
+    sd = load_file(str(out))
+    assert sd["blocks.0.linear.weight"].dtype == (torch.float8_e4m3fn if won == "fp8" else torch.int8)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["o.safetensors"]

@@ -80,7 +80,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
                                      bias_correction=bias_correction,
                                      options=_learned_options(learned_objective))
             with multi.precompute(refiner, devices, dst) as learned_store:
-                report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead)
+                report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead,
+                              overwrite=overwrite)
             if reclaimed is not None:
                 report.notes.append(reclaimed)
             if learned_store is not None:
@@ -184,7 +185,8 @@ def _cpu_quantizer(layers: list[LayerPlan], reader: SafetensorsReader):
 
 def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,
              threaded: bool = True, device: torch.device = torch.device("cpu"),
-             refiner: Refiner | None = None, ahead: readahead.Readahead | None = None) -> ConvertReport:
+             refiner: Refiner | None = None, ahead: readahead.Readahead | None = None,
+             overwrite: bool = False) -> ConvertReport:
     opts = plan.options
     report = ConvertReport(str(reader.path), str(dst), opts.format, opts.block_size, bytes_in=reader.file_size)
     total_in = sum(t.nbytes for t in reader.tensors_in_order)
@@ -238,7 +240,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
         t0 = time.perf_counter()
         verify_written(tmp, plan, writer)
         stages["verify"] = time.perf_counter() - t0
-        os.replace(tmp, dst)
+        _rename(tmp, dst, overwrite)
         tmp = None
         _fsync_dir(dst.parent)
     finally:
@@ -248,6 +250,22 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             os.close(fd)  # drops the lock (after the rename or the unlink: never a stale-looking file)
     report.bytes_out = need
     return report
+
+
+def _rename(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """Rename the finished file to ``dst``. Without ``overwrite`` the rename itself refuses an
+    existing ``dst`` (atomic: :func:`quantkit.tempfiles.rename_noreplace`), so an output another
+    process wrote while this one ran is never replaced."""
+    try:
+        if overwrite:
+            os.replace(tmp, dst)
+        else:
+            tempfiles.rename_noreplace(tmp, dst)
+    except FileExistsError:
+        raise QuantkitError("output file already exists (written by another process during this run)", file=dst,
+                            fix="pass --overwrite to replace it, or choose another path with -o") from None
+    except OSError as e:
+        raise _os_error(e, dst, 0) from None
 
 
 def _timed(stages: dict[str, float], job):

@@ -1,5 +1,6 @@
 """Temporary files beside an output: names that say whose they are, a lock held while they are
-written, and reclaiming those that killed runs left behind.
+written, reclaiming those that killed runs left behind, and the final rename that never replaces
+a file another process wrote meanwhile.
 
 Every file quantkit writes goes first to a temporary file in the target's directory, named
 
@@ -27,6 +28,7 @@ No torch import: the ``clean`` command uses this without loading torch.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -180,11 +182,58 @@ def reclaim_note(removed: list[Leftover]) -> str | None:
             f"({sum(f.bytes for f in removed) / 1e9:.2f} GB; pid {pids})")
 
 
+# --- the final rename ---------------------------------------------------------------------------
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_renameat2 = None
+
+
+def _libc_renameat2():
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2 = fn
+        except (AttributeError, OSError):  # glibc < 2.28, musl, not Linux
+            _renameat2 = False
+    return _renameat2 or None
+
+
+def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename ``src`` to ``dst``, failing with ``FileExistsError`` if ``dst`` exists, atomically:
+    ``renameat2(RENAME_NOREPLACE)``; where the kernel or file system lacks it, ``link`` + ``unlink``
+    (also atomic: link fails if ``dst`` exists); where hard links are refused too (FAT, some FUSE
+    file systems), a check then ``rename``, which leaves a window of one system call."""
+    s, d = os.fsencode(src), os.fsencode(dst)
+    fn = _libc_renameat2()
+    if fn is not None:
+        if fn(_AT_FDCWD, s, _AT_FDCWD, d, _RENAME_NOREPLACE) == 0:
+            return
+        e = ctypes.get_errno()
+        if e not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(e, os.strerror(e), os.fsdecode(d))
+    try:
+        os.link(s, d)
+    except FileExistsError:
+        raise
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(d):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(d)) from None
+        os.rename(s, d)
+        return
+    os.unlink(s)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-__all__ = ["create", "scan", "reclaim", "reclaim_note", "parse", "pid_alive", "Leftover",
+__all__ = ["create", "scan", "reclaim", "reclaim_note", "rename_noreplace", "parse", "pid_alive", "Leftover",
            "GRACE", "MARK"]

@@ -1,6 +1,7 @@
 """The command line: options are declared here and handed to the library; nothing else.
 
-Exit codes: 0 success, 1 bad input or failed conversion, 2 usage error, 130 interrupted.
+Exit codes: 0 success, 1 bad input or failed conversion, 2 usage error, 130 / 143 / 129 interrupted
+(SIGINT / SIGTERM / SIGHUP).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ app = typer.Typer(
     name="quantkit",
     help="Quantize diffusion-model checkpoints to FP8/INT8 .safetensors files that ComfyUI loads.\n\n"
          "Exit codes: 0 success, 1 bad input, failed conversion (of any input), contract violation or "
-         "layer under --min-sqnr, 2 usage error, 130 interrupted.",
+         "layer under --min-sqnr, 2 usage error, 130 / 143 / 129 interrupted (SIGINT / SIGTERM / SIGHUP).",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=True,
@@ -141,7 +142,7 @@ def convert(
     """Convert checkpoints: quantize their linear weights, copy everything else bit-exactly.
 
     Exit codes: 0 all converted, 1 any input failed (the others are still converted), 2 usage
-    error, 130 interrupted.
+    error, 130 / 143 / 129 interrupted (SIGINT / SIGTERM / SIGHUP).
     """
     if output is not None and (len(inputs) > 1 or output_dir is not None):
         raise typer.BadParameter("-o names one output file; with several inputs or -O use -O DIR only",
@@ -320,7 +321,7 @@ def verify(
     """Check a file against ComfyUI's on-disk contract, and its quality against the original.
 
     Exit codes: 0 no violation, 1 any violation or layer under --min-sqnr (or a bad file), 2
-    usage error, 130 interrupted.
+    usage error, 130 / 143 / 129 interrupted.
     """
     try:
         rep = verify_file(file, against, min_sqnr)
@@ -405,11 +406,16 @@ def main() -> None:
     closed, worker processes joined), the process ends with ``os._exit`` after flushing stdout and
     stderr: interpreter teardown (torch and CUDA) took 0.7 s after an 11 s conversion on the GPU
     benchmark machine, and there is nothing left for it to do."""
+    from . import interrupts
     try:
+        interrupts.install_raising()  # SIGINT, SIGTERM, SIGHUP raise Interrupted: every finally cleans up
         app()
         code = 0
+    except interrupts.Interrupted as e:
+        sys.stderr.write(f"{e}\n")
+        code = e.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+        sys.stderr.write("interrupted (SIGINT)\n")
         code = EXIT_INTERRUPTED
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):

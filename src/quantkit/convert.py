@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import backend, multi, readahead, reference, tempfiles
+from . import backend, interrupts, multi, readahead, reference, tempfiles
 from .backend import check_finite, parse_device
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
@@ -221,6 +221,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                         ahead.advance(reader.data_start + t.start + t.nbytes)
                     if progress is not None:
                         progress(done, total_in, lp.tensor, writer.written)
+                    interrupts.check()  # a signal whose exception some C code swallowed
                 bw.close()
             except BaseException:
                 bw.abort()
@@ -240,6 +241,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
         t0 = time.perf_counter()
         verify_written(tmp, plan, writer)
         stages["verify"] = time.perf_counter() - t0
+        interrupts.check()
         _rename(tmp, dst, overwrite)
         tmp = None
         _fsync_dir(dst.parent)

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from . import learned, tempfiles
+from . import interrupts, learned, tempfiles
 from .calibration import KEYS
 from .errors import QuantkitError, UsageError
 from .fileio import pread_full, pwrite_all
@@ -160,8 +160,24 @@ def learn_layer(job: Job, files: Files) -> tuple[torch.Tensor, torch.Tensor, str
     return r.q, r.scale, r.note
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the process that started it dies (even by SIGKILL),
+    so no worker outlives an interrupted or killed conversion."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    import multiprocessing
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the call above
+        os._exit(1)
+
+
 def _worker(setup: WorkerSetup, conn, work: Callable[[Job, Files], tuple]) -> None:
     """Worker process main loop: one job at a time from ``conn`` until ``None``; answers on ``conn``."""
+    _die_with_parent()
+    interrupts.ignore_sigint_in_worker()  # Ctrl-C reaches the whole process group; the parent stops us
     import quantkit
     dev = torch.device(setup.device)
     if dev.type == "cuda":
@@ -342,17 +358,20 @@ def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration
                 raise QuantkitError(f"every learned-rounding worker died ({len(pending)} layers left)", file=src,
                                     tensor=pending[0].layer, fix="see the error above; retry with fewer layers")
         return notes, log
+    except (KeyboardInterrupt, interrupts.Interrupted):
+        _stop(slots, grace=0.0)  # the user stopped the run: no layer is worth waiting for
+        raise
     finally:
         _stop(slots)
         log.seconds = time.monotonic() - t0
 
 
-def _stop(slots: list[_Slot]) -> None:
+def _stop(slots: list[_Slot], grace: float = STOP_TIMEOUT) -> None:
     for s in slots:
         if s.proc.is_alive():
             with contextlib.suppress(OSError):
                 s.conn.send(None)
-    deadline = time.monotonic() + STOP_TIMEOUT
+    deadline = time.monotonic() + grace
     for s in slots:
         s.proc.join(max(0.0, deadline - time.monotonic()))
         if s.proc.is_alive():

@@ -76,7 +76,20 @@ def create(target: str | os.PathLike, kind: str = "", mode: int | None = 0o666) 
         os.close(fd)
         Path(name).unlink(missing_ok=True)
         raise
+    _own.append(Path(name))
     return fd, Path(name)
+
+
+_own: list[Path] = []  # every temporary file this process created (renamed or removed ones no longer exist)
+
+
+def remove_own() -> None:
+    """Remove this process's temporary files that still exist (a second signal's immediate exit)."""
+    for p in _own:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -235,5 +248,5 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["create", "scan", "reclaim", "reclaim_note", "rename_noreplace", "parse", "pid_alive", "Leftover",
+__all__ = ["create", "scan", "reclaim", "reclaim_note", "rename_noreplace", "remove_own", "parse", "pid_alive", "Leftover",
            "GRACE", "MARK"]

@@ -168,3 +168,15 @@ def says(output: str, *phrases: str) -> bool:
 def count_of(output: str, phrase: str) -> int:
     """How often the phrase appears in the CLI output, however a terminal wrapped it."""
     return "".join(text_of(output).split()).count("".join(phrase.split()))
+
+
+@pytest.fixture(scope="session")
+def big_checkpoint(tmp_path_factory) -> Path:
+    """A 302 MB bf16 checkpoint (36 linear weights of 2048 x 2048): a conversion of it is still
+    writing when a signal sent from a test lands (about 0.5 s of work after start-up on the dev box)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2048, 2048, generator=g).to(torch.bfloat16)
+    sd = {f"blocks.{i}.linear.weight": w.roll(i, 0) for i in range(36)}
+    p = tmp_path_factory.mktemp("big") / "big.safetensors"
+    save_file(sd, str(p))
+    return p

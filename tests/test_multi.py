@@ -122,7 +122,7 @@ def test_largest_first_and_workers_import_this_checkout(files, tmp_path, fault):
     with SafetensorsReader(ck) as r:
         refiner = Refiner.create(r, plan_conversion(r, make_options("fp8", preset="none")), learned_rounding=True,
                                  calibration=stats, bias_correction=True)
-        with multi.precompute(refiner, "cpu", tmp_path) as store:  # one worker: the order is the schedule
+        with multi.precompute(refiner, "cpu", tmp_path / "out.safetensors") as store:  # one worker: the order is the schedule
             assert store.log.worker_module == [quantkit.__file__]
             assert Path(quantkit.__file__).is_relative_to(Path(__file__).parents[1] / "src")
             assert set(store.log.ran_on.values()) == {"cpu"} and store.log.events == {}

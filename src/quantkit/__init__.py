@@ -10,8 +10,15 @@ import types as _types
 # `quantkit convert` from the command line (console script, or `python -m quantkit`, whose argv[0]
 # is "-m" while this package is imported): start reading the input now, before torch is imported.
 if _sys.argv and (_sys.argv[0] == "-m" or _os.path.basename(_sys.argv[0]) == "quantkit"):
-    from .readahead import start_for_cli as _start_for_cli
-    _start_for_cli()
+    from . import interrupts as _interrupts
+    # a --devices worker (spawn gives it our argv, and imports this package before its parent_process()
+    # is set): its parent handles Ctrl-C and reads the input
+    if "--multiprocessing-fork" in getattr(_sys, "orig_argv", ()):
+        _interrupts.ignore_sigint_in_worker()
+    else:
+        _interrupts.install_startup()  # a signal before the command runs exits 128 + n at once, one line
+        from .readahead import start_for_cli as _start_for_cli
+        _start_for_cli()
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,7 @@
 """The command line: options are declared here and handed to the library; nothing else.
 
-Exit codes: 0 success, 1 bad input or failed conversion, 2 usage error, 130 interrupted.
+Exit codes: 0 success, 1 bad input or failed conversion, 2 usage error, 130 / 143 / 129 interrupted
+(SIGINT / SIGTERM / SIGHUP).
 
 Start-up: this module imports neither torch nor rich; each command imports what it uses, so
 ``--version``, ``--help``, ``formats`` and ``presets`` start without torch (``tests/test_cli.py``
@@ -115,7 +116,7 @@ app = typer.Typer(
     cls=QuantkitGroup,
     help="Quantize diffusion-model checkpoints to FP8/INT8 .safetensors files that ComfyUI loads.\n\n"
          "Exit codes: 0 success, 1 bad input, a failed conversion, a contract violation or a layer under "
-         "--min-sqnr, 2 usage error, 130 interrupted.",
+         "--min-sqnr, 2 usage error, 130 / 143 / 129 interrupted (SIGINT / SIGTERM / SIGHUP).",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=True,
@@ -250,7 +251,7 @@ def convert(
     """Convert checkpoints: quantize their linear weights, copy everything else bit-exactly.
 
     Exit codes: 0 all converted, 1 any input failed (the others are still converted), 2 usage
-    error, 130 interrupted.
+    error, 130 / 143 / 129 interrupted (SIGINT / SIGTERM / SIGHUP).
     """
     if output is not None and (len(inputs) > 1 or output_dir is not None):
         raise typer.BadParameter("-o names one output file; with several inputs or -O use -O DIR only",
@@ -325,6 +326,8 @@ def convert(
             sys.stderr.write("interrupted; no output written\n")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         if not quiet:
+            for note in rep.notes:
+                err.print(Text(f"note: {note}"), soft_wrap=True, highlight=False)
             print_summary(rep, out)
         if report is not None:
             entries.append(reportfile.convert_entry(rep))
@@ -453,7 +456,7 @@ def verify(
     """Check a file against ComfyUI's on-disk contract, and its quality against the original.
 
     Exit codes: 0 no violation, 1 any violation or layer under --min-sqnr (or a bad file), 2
-    usage error, 130 interrupted.
+    usage error, 130 / 143 / 129 interrupted.
     """
     from . import reportfile
     from .render import print_verify
@@ -470,6 +473,43 @@ def verify(
     if not quiet:
         print_verify(rep, out)
     raise typer.Exit(0 if rep.ok else 1)
+
+
+@app.command(epilog="Examples:\n\n  quantkit clean models/\n\n  quantkit clean models/ --remove")
+def clean(
+    directory: Annotated[Path, typer.Argument(help="A directory outputs are written to.", show_default=False)],
+    remove: Annotated[bool, typer.Option("--remove", "--yes", help="Delete the stale ones (never a file a running conversion holds).")] = False,
+) -> None:
+    """List the temporary files that killed conversions left in DIR, with their sizes.
+
+    A conversion writes .<output>.quantkit-<pid>-<random>.partial beside its output and holds a
+    lock on it; a run killed by SIGKILL or out of memory cannot remove it. Files whose writer is
+    gone are stale; --remove deletes them. The next conversion to the same output removes its own
+    stale ones by itself. Exit codes: 0 listed or removed, 1 DIR is not a readable directory.
+    """
+    from . import tempfiles
+    try:
+        found = tempfiles.scan(directory, remove_stale=remove)
+    except OSError as e:
+        raise _fail(QuantkitError(f"cannot list the directory ({e.strerror or e})", file=directory,
+                                  fix="give a readable directory")) from None
+    stale = [f for f in found if not f.in_use]
+    busy = [f for f in found if f.in_use]
+    for f in found:
+        state = "in use" if f.in_use else ("removed" if remove else "stale")
+        out.print(Text(f"{state:8} {f.bytes / 1e9:8.2f} GB  pid {f.pid:<8} {f.path.name}"), soft_wrap=True,
+                  highlight=False)
+    gb = sum(f.bytes for f in stale) / 1e9
+    if not found:
+        line = f"no quantkit temporary files in {directory}"
+    elif remove:
+        line = f"removed {len(stale)} stale temporary files ({gb:.2f} GB)"
+    else:
+        line = f"{len(stale)} stale temporary files ({gb:.2f} GB)" + (
+            f"; 'quantkit clean {directory} --remove' deletes them" if stale else "")
+    if busy:
+        line += f"; {len(busy)} in use by running conversions, left alone"
+    out.print(Text(line), soft_wrap=True, highlight=False)
 
 
 @app.command(epilog="Examples:\n\n  quantkit presets")
@@ -505,11 +545,16 @@ def main() -> None:
     closed, worker processes joined), the process ends with ``os._exit`` after flushing stdout and
     stderr: interpreter teardown (torch and CUDA) took 0.7 s after an 11 s conversion on the GPU
     benchmark machine, and there is nothing left for it to do."""
+    from . import interrupts
     try:
+        interrupts.install_raising()  # SIGINT, SIGTERM, SIGHUP raise Interrupted: every finally cleans up
         app()
         code = 0
+    except interrupts.Interrupted as e:
+        sys.stderr.write(f"{e}\n")
+        code = e.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+        sys.stderr.write("interrupted (SIGINT)\n")
         code = EXIT_INTERRUPTED
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):

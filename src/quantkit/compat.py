@@ -161,13 +161,18 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(HELP)
         return 0
     sys.stderr.write(f"equivalent: quantkit {shlex.join(cmd)}\n")
+    from . import interrupts
     from .cli import app
     try:
+        interrupts.install_raising()  # SIGINT, SIGTERM, SIGHUP: clean up, exit 128 + n (as `quantkit`)
         app(cmd, prog_name="quantkit")
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except interrupts.Interrupted as e:
+        sys.stderr.write(f"{e}\n")
+        return e.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+        sys.stderr.write("interrupted (SIGINT)\n")
         return 130
     return 0
 

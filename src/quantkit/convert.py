@@ -4,6 +4,11 @@ Flow: open and validate the input header -> check the output path -> plan every 
 temporary file beside the target (header first, then each tensor at its planned offset, input read
 once in file order) -> fsync -> reopen and check it -> rename over the target. Any failure removes
 the temporary file, so the target path never holds a partial file and the input is only read.
+
+The temporary file is named for the target and this process and locked while it is written
+(:mod:`quantkit.tempfiles`); before writing, the stale temporary files of earlier runs for the same
+target that were killed (SIGKILL, out of memory, power cut) are removed, and the report's ``notes``
+says so.
 """
 
 from __future__ import annotations
@@ -11,7 +16,6 @@ from __future__ import annotations
 import errno
 import os
 import queue
-import tempfile
 import time
 import contextlib
 from collections.abc import Callable
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import backend, readahead, reference
+from . import backend, interrupts, readahead, reference, tempfiles
 from .backend import check_finite, parse_device
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
@@ -74,6 +78,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     try:
         with SafetensorsReader(src) as reader:
             check_output_path(src, dst, overwrite)
+            reclaimed = tempfiles.reclaim_note(tempfiles.reclaim(dst))
             plan = plan_conversion(reader, options)
             refiner = None
             if learned_rounding or calibration is not None or bias_correction or devices is not None:
@@ -83,14 +88,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
                 refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
                                          bias_correction=bias_correction,
                                          options=_learned_options(learned_objective))
-                learned_ctx = multi.precompute(refiner, devices, dst.parent)
+                learned_ctx = multi.precompute(refiner, devices, dst)
             else:
                 learned_ctx = contextlib.nullcontext()
             clock.mark("plan")
             with learned_ctx as learned_store:
                 clock.mark("plan" if learned_store is None else "learned rounding (workers)")
                 report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead,
-                                  clock=clock)
+                                  clock=clock, overwrite=overwrite)
+            if reclaimed is not None:
+                report.notes.append(reclaimed)
             if learned_store is not None:
                 report.detail_seconds["learned workers"] = learned_store.log.seconds
                 report.detail_seconds["learned workers start"] = learned_store.log.start_seconds
@@ -215,7 +222,7 @@ def _cpu_quantizer(layers: list[LayerPlan], reader: SafetensorsReader):
 def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,
              threaded: bool = True, device: torch.device = torch.device("cpu"),
              refiner: Refiner | None = None, ahead: readahead.Readahead | None = None,
-             clock: Clock | None = None) -> ConvertReport:
+             clock: Clock | None = None, overwrite: bool = False) -> ConvertReport:
     """Write ``plan`` to ``dst``. The parts of the time line (``clock``): "prepare" (temporary file,
     quantizer and its buffers), "read+quantize" (the main thread's pass over the tensors),
     "waiting for the writer" (the writer thread's queue and the last buffers), "fsync", "verify"
@@ -231,9 +238,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
     writer = None
     try:
         try:
-            fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".partial")
-            tmp = Path(tmp_name)
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the output is an ordinary file
+            fd, tmp = tempfiles.create(dst)  # locked until fd is closed, after the rename
             writer = SafetensorsWriter(fd, plan.outputs, plan.metadata)
             need = writer.total_size
             # layers whose weights learned rounding chooses are quantized by the refiner instead
@@ -258,6 +263,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                         ahead.advance(reader.data_start + t.start + t.nbytes)
                     if progress is not None:
                         progress(done, total_in, lp.tensor, writer.written)
+                    interrupts.check()  # a signal whose exception some C code swallowed
                 clock.mark("read+quantize")
                 bw.close()
             except BaseException:
@@ -275,20 +281,37 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
         finally:
             if writer is not None:
                 writer.close()
-            if fd >= 0:
-                os.close(fd)
         verify_written(tmp, plan, writer)
         clock.mark("verify")
-        os.replace(tmp, dst)
+        interrupts.check()
+        _rename(tmp, dst, overwrite)
         tmp = None
         _fsync_dir(dst.parent)
         clock.mark("rename")
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+        if fd >= 0:
+            os.close(fd)  # drops the lock (after the rename or the unlink: never a stale-looking file)
     report.bytes_out = need
     report.tensors_out = len(plan.outputs)
     return report
+
+
+def _rename(tmp: Path, dst: Path, overwrite: bool) -> None:
+    """Rename the finished file to ``dst``. Without ``overwrite`` the rename itself refuses an
+    existing ``dst`` (atomic: :func:`quantkit.tempfiles.rename_noreplace`), so an output another
+    process wrote while this one ran is never replaced."""
+    try:
+        if overwrite:
+            os.replace(tmp, dst)
+        else:
+            tempfiles.rename_noreplace(tmp, dst)
+    except FileExistsError:
+        raise QuantkitError("output file already exists (written by another process during this run)", file=dst,
+                            fix="pass --overwrite to replace it, or choose another path with -o") from None
+    except OSError as e:
+        raise _os_error(e, dst, 0) from None
 
 
 def _timed(stages: dict[str, float], job):
@@ -385,12 +408,6 @@ def verify_written(path: Path, plan: Plan, writer: SafetensorsWriter) -> None:
             if got != lp.comfy_quant():
                 raise QuantkitError("written .comfy_quant marker does not decode to the plan", file=path,
                                     tensor=name, fix="report this as a quantkit bug")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fsync_dir(d: Path) -> None:

@@ -45,7 +45,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import tempfile
 import time
 from multiprocessing.connection import wait
 from collections.abc import Callable, Iterator, Sequence
@@ -54,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from . import learned
+from . import interrupts, learned, tempfiles
 from .calibration import KEYS
 from .errors import QuantkitError, UsageError
 from .fileio import pread_full, pwrite_all
@@ -161,8 +160,24 @@ def learn_layer(job: Job, files: Files) -> tuple[torch.Tensor, torch.Tensor, str
     return r.q, r.scale, r.note
 
 
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the process that started it dies (even by SIGKILL),
+    so no worker outlives an interrupted or killed conversion."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    import multiprocessing
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the call above
+        os._exit(1)
+
+
 def _worker(setup: WorkerSetup, conn, work: Callable[[Job, Files], tuple]) -> None:
     """Worker process main loop: one job at a time from ``conn`` until ``None``; answers on ``conn``."""
+    _die_with_parent()
+    interrupts.ignore_sigint_in_worker()  # Ctrl-C reaches the whole process group; the parent stops us
     import quantkit
     dev = torch.device(setup.device)
     if dev.type == "cuda":
@@ -343,17 +358,20 @@ def run_jobs(jobs: list[Job], devices: list[torch.device], src: str, calibration
                 raise QuantkitError(f"every learned-rounding worker died ({len(pending)} layers left)", file=src,
                                     tensor=pending[0].layer, fix="see the error above; retry with fewer layers")
         return notes, log
+    except (KeyboardInterrupt, interrupts.Interrupted):
+        _stop(slots, grace=0.0)  # the user stopped the run: no layer is worth waiting for
+        raise
     finally:
         _stop(slots)
         log.seconds = time.monotonic() - t0
 
 
-def _stop(slots: list[_Slot]) -> None:
+def _stop(slots: list[_Slot], grace: float = STOP_TIMEOUT) -> None:
     for s in slots:
         if s.proc.is_alive():
             with contextlib.suppress(OSError):
                 s.conn.send(None)
-    deadline = time.monotonic() + STOP_TIMEOUT
+    deadline = time.monotonic() + grace
     for s in slots:
         s.proc.join(max(0.0, deadline - time.monotonic()))
         if s.proc.is_alive():
@@ -410,12 +428,13 @@ def _plan_jobs(refiner: Refiner) -> tuple[list[Job], int]:
 
 
 @contextlib.contextmanager
-def precompute(refiner: Refiner | None, devices: str | Sequence[str] | None, scratch_dir: Path, *,
+def precompute(refiner: Refiner | None, devices: str | Sequence[str] | None, output: Path, *,
                work: Callable[[Job, Files], tuple] | None = None, layer_timeout: float | None = None,
                start_timeout: float | None = None, threads: int | None = None) -> Iterator[LearnedStore | None]:
     """Compute every learned layer of ``refiner`` in worker processes over ``devices`` and serve the
-    results through ``refiner.precomputed`` inside the ``with`` block; the scratch file (in
-    ``scratch_dir``, beside the output) is removed on exit. Yields None when ``devices`` is None."""
+    results through ``refiner.precomputed`` inside the ``with`` block; the scratch file (beside
+    ``output``, named for it: :mod:`quantkit.tempfiles`) is removed on exit. Yields None when
+    ``devices`` is None."""
     if devices is None:
         yield None
         return
@@ -427,27 +446,24 @@ def precompute(refiner: Refiner | None, devices: str | Sequence[str] | None, scr
     if not jobs:  # no layer ran during calibration: nothing to spread
         yield None
         return
-    made: list[Path] = []
+    output = Path(output)
+    made: list[tuple[int, Path]] = []  # (locked fd, path): the locks last until the files are removed
     store = None
     try:
         try:
             cal_path = refiner.calibration_path
             if cal_path is None:  # an in-memory Calibration: the workers read a copy
-                fd, name = tempfile.mkstemp(dir=scratch_dir, prefix=".quantkit-calibration.", suffix=".partial")
-                os.close(fd)
-                made.append(Path(name))
+                made.append(tempfiles.create(output, "calibration", mode=None))
                 assert refiner.calibration is not None
-                refiner.calibration.save(name)
-                cal_path = name
-            fd, name = tempfile.mkstemp(dir=scratch_dir, prefix=".quantkit-learned.", suffix=".partial")
-            made.append(Path(name))
-            try:
-                os.ftruncate(fd, size)
-            finally:
-                os.close(fd)
+                refiner.calibration.save(str(made[-1][1]))
+                cal_path = str(made[-1][1])
+            made.append(tempfiles.create(output, "learned", mode=None))
+            fd, scratch = made[-1]
+            name = str(scratch)
+            os.ftruncate(fd, size)
         except OSError as e:
             raise QuantkitError(f"cannot write the scratch file of learned rounding: {e.strerror or e}",
-                                file=scratch_dir, fix="free space beside the output or write elsewhere with -o") from None
+                                file=output.parent, fix="free space beside the output or write elsewhere with -o") from None
         notes, log = run_jobs(jobs, devs, str(refiner.reader.path), str(cal_path), name, refiner.options,
                               work=work, layer_timeout=layer_timeout, start_timeout=start_timeout, threads=threads)
         store = LearnedStore(Path(name), {j.layer: j for j in jobs}, notes, log)
@@ -457,5 +473,6 @@ def precompute(refiner: Refiner | None, devices: str | Sequence[str] | None, scr
         refiner.precomputed = None
         if store is not None:
             store.close()
-        for p in made:
+        for fd, p in made:
             p.unlink(missing_ok=True)
+            os.close(fd)

@@ -76,6 +76,9 @@ class ConvertReport:
     # set by the command line for its first input: process start to convert() entry (imports)
     startup_seconds: float = 0.0
 
+    # one line each, for the user: what the run did besides converting (stale temporary files removed)
+    notes: list[str] = field(default_factory=list)
+
     @property
     def total_seconds(self) -> float:
         """Start-up plus convert(): what the parts of :meth:`time_parts` add up to."""

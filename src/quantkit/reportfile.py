@@ -9,9 +9,9 @@ import json
 import math
 import os
 import platform
-import tempfile
 from pathlib import Path
 
+from . import tempfiles
 from .errors import QuantkitError
 from .report import ConvertReport
 from .safetensors_io import SafetensorsReader
@@ -75,15 +75,20 @@ def write_report(path: str | os.PathLike, command: list[str], entries: list[dict
     doc = {"report_version": REPORT_VERSION, "environment": environment(), "command": command,
            "ok": all(e.get("status") == "ok" for e in entries), "files": entries}
     text = json.dumps(_finite(doc), indent=1, allow_nan=False) + "\n"
+    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
-                                   suffix=".partial")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        fd, tmp = tempfiles.create(path)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:  # the lock is held until the file is renamed
             f.write(text)
-        os.replace(tmp, path)
+            f.flush()
+            os.replace(tmp, path)
+        tmp = None
     except OSError as e:
         raise QuantkitError(f"cannot write the report ({e.strerror or e})", file=path,
                             fix="choose a writable path for --report") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 __all__ = ["environment", "sha256_file", "convert_entry", "failed_entry", "write_report"]

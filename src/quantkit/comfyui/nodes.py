@@ -197,6 +197,8 @@ class QuantkitConvertCheckpoint:
         q = [layer for layer in report.layers if layer.action != "kept"]
         text = (f"quantkit: wrote {dst} ({report.bytes_out / 1e9:.2f} GB, {len(q)} layers quantized "
                 f"to {format}, {report.seconds:.1f} s)")
+        for note in report.notes:  # stale temporary files of killed runs removed
+            log.info("quantkit: %s", note)
         log.info("%s", text)
         return (dst, text)
 

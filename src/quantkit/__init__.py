@@ -11,10 +11,10 @@ if _sys.argv and (_sys.argv[0] == "-m" or _os.path.basename(_sys.argv[0]) == "qu
 
 from .convert import convert
 from .errors import QuantkitError, UsageError
-from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FORMAT, FORMATS, FormatSpec
+from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FORMAT, FORMATS, Format
 from .report import ConvertReport, LayerReport
 
 __version__ = "0.1.0"
 
-__all__ = ["convert", "QuantkitError", "UsageError", "FORMATS", "FormatSpec", "DEFAULT_FORMAT",
+__all__ = ["convert", "QuantkitError", "UsageError", "FORMATS", "Format", "DEFAULT_FORMAT",
            "DEFAULT_BLOCK_SIZE", "ConvertReport", "LayerReport", "__version__"]

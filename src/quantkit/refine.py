@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from . import learned, reference
+from . import learned
+from .backend import has_kernel
+from .formats import scaled
 from .calibration import Calibration, match_layers
 from .errors import QuantkitError, UsageError
 from .plan import LayerPlan, Plan
@@ -72,7 +74,8 @@ class Refiner:
             calibration = Calibration.load(calibration)
         r = cls(reader, plan, learned_rounding, calibration, bias_correction, options or learned.LearnedOptions(),
                 path)
-        r._layers = {lp.layer: lp for lp in plan.quantized}
+        # learned rounding, bias correction and static input scales work on the scaled grids
+        r._layers = {lp.layer: lp for lp in plan.quantized if has_kernel(lp.spec)}
         if calibration is not None:
             # Match against every weight in the file, so statistics of layers this plan keeps
             # unquantized (a preset's rule, --exclude) are ignored rather than reported as unmatched.
@@ -118,7 +121,7 @@ class Refiner:
     def rewrites(self, lp: LayerPlan) -> bool:
         """Whether learned rounding chooses this layer's weight (else it is round-to-nearest, which the
         converter's own quantizer writes, with :meth:`input_scale` and :meth:`note` from here)."""
-        if not self.learned_rounding or lp.spec is None:
+        if not self.learned_rounding or lp.layer not in self._layers:
             return False
         return self.options.objective == "subspace" or (self.calibration is not None and self._seen(lp.layer))
 
@@ -146,7 +149,7 @@ class Refiner:
                                   self.options, name=L)
             out = (r.q, r.scale, r.note)
         else:  # round-to-nearest, needed here only for a corrected bias
-            q, scale = reference.quantize(w, spec, b)
+            q, scale = scaled.quantize(w, spec, b)
             out = (q, scale, "")
         self._store(lp, out)
         return out
@@ -177,7 +180,7 @@ class Refiner:
 
     def input_scale(self, lp: LayerPlan) -> torch.Tensor | None:
         spec = lp.spec
-        if spec is None or spec.is_int or not spec.writes_input_scale or not self._seen(lp.layer):
+        if lp.layer not in self._layers or spec.is_int or not spec.writes_input_scale or not self._seen(lp.layer):
             return None
         return learned.static_input_scale(self._stats[lp.layer], spec)
 
@@ -192,7 +195,7 @@ class Refiner:
         q, scale, _ = self._result(wlp)
         dev = self.device  # whole-tensor fp64 work: on the learning device, not CPU cores
         w = self.reader.tensor(wlp.tensor).to(dev)
-        deq = reference.dequantize(q.to(dev), scale.to(dev), wlp.spec, wlp.block_size, torch.float32)
+        deq = scaled.dequantize(q.to(dev), scale.to(dev), wlp.spec, wlp.block_size, torch.float32)
         b = learned.corrected_bias(self.reader.tensor(lp.tensor).to(dev), w, deq, self._stats[L]["mean"].to(dev))
         self._done(L, "bias")
         return b.cpu()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from comfy_kitchen.tensor import (BaseLayoutParams, QuantizedLayout, QuantizedTensor, dequantize_args,
                                   register_layout_op)
 
-from .. import reference
+from ..formats import scaled
 from ..formats import DEFAULT_BLOCK_SIZE, FORMATS
 
 log = logging.getLogger("quantkit.comfyui")
@@ -75,17 +75,17 @@ class BlockINT8Layout(QuantizedLayout):
         if why:
             raise ValueError(f"{LAYOUT_NAME}: cannot quantize a tensor of shape {tuple(tensor.shape)}: {why}")
         if scale is None or isinstance(scale, str):
-            q, s = reference.quantize(tensor, SPEC, b)
+            q, s = scaled.quantize(tensor, SPEC, b)
         else:
             s = scale.to(device=tensor.device, dtype=torch.float32)
-            q = reference.quantize_with_scale(tensor, s, SPEC, b)
+            q = scaled.quantize_with_scale(tensor, s, SPEC, b)
         return q, cls.Params(scale=s, orig_dtype=tensor.dtype, orig_shape=tuple(tensor.shape), block_size=b)
 
     @classmethod
     def dequantize(cls, qdata: torch.Tensor, params: Params) -> torch.Tensor:
         """The ``[N, K]`` weight in ``params.orig_dtype`` (the storage orientation, even when
         ``transposed``: ``QuantizedTensor.dequantize`` applies the flag)."""
-        return reference.dequantize(qdata, params.scale, SPEC, params.block_size, params.orig_dtype)
+        return scaled.dequantize(qdata, params.scale, SPEC, params.block_size, params.orig_dtype)
 
     @classmethod
     def get_plain_tensors(cls, qtensor: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +171,7 @@ def block_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None)
             log.warning("quantkit: int8_blockwise Triton kernel failed (%r); dequantizing from now on", e)
         else:
             return y.reshape(*x.shape[:-1], n)
-    deq = reference.dequantize(w._qdata, w._params.scale, SPEC, w._params.block_size, x.dtype)
+    deq = scaled.dequantize(w._qdata, w._params.scale, SPEC, w._params.block_size, x.dtype)
     return F.linear(x, deq, bias)
 
 

@@ -26,9 +26,9 @@ from typing import ClassVar
 
 import torch
 
-from .. import reference
+from ..formats import scaled
 from ..errors import QuantkitError
-from ..formats import DEFAULT_BLOCK_SIZE, FORMATS, FormatSpec
+from ..formats import DEFAULT_BLOCK_SIZE, FORMATS, ScaledFormat
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,13 @@ class LayoutParams:
 
 
 class QuantizedLayout:
-    """Base class. Subclasses name the :class:`FormatSpec` whose math they run."""
+    """Base class. Subclasses name the :class:`ScaledFormat` whose math they run."""
 
     Params: ClassVar[type[LayoutParams]] = LayoutParams
-    spec: ClassVar[FormatSpec]
+    spec: ClassVar[ScaledFormat]
 
     @classmethod
-    def spec_for(cls, params: LayoutParams) -> FormatSpec:
+    def spec_for(cls, params: LayoutParams) -> ScaledFormat:
         return cls.spec
 
     @classmethod
@@ -64,12 +64,12 @@ class QuantizedLayout:
         return cls._quantize(tensor, cls.spec, block_size)
 
     @classmethod
-    def _quantize(cls, tensor: torch.Tensor, spec: FormatSpec, block_size: int) -> tuple[torch.Tensor, LayoutParams]:
-        why = spec.cannot_take(tuple(tensor.shape), block_size)
+    def _quantize(cls, tensor: torch.Tensor, spec: ScaledFormat, block_size: int) -> tuple[torch.Tensor, LayoutParams]:
+        why = spec.cannot_take(tuple(tensor.shape), LayerOpts(block_size))
         if why:
             raise QuantkitError(f"cannot quantize to {cls.__name__}: {why}",
                                 fix="quantize a 2-D weight whose shape the format accepts")
-        q, scale = reference.quantize(tensor, spec, block_size)
+        q, scale = scaled.quantize(tensor, spec, block_size)
         return q, LayoutParams(scale, tensor.dtype, tuple(tensor.shape), block_size)
 
     @classmethod
@@ -78,7 +78,7 @@ class QuantizedLayout:
         """The float tensor, computed as ComfyUI does in compute dtype ``dtype`` (default: the
         original dtype)."""
         spec = cls.spec_for(params)
-        return reference.dequantize(qdata, params.scale, spec, params.block_size, dtype or params.orig_dtype)
+        return scaled.dequantize(qdata, params.scale, spec, params.block_size, dtype or params.orig_dtype)
 
     @classmethod
     def state_dict_tensors(cls, qdata: torch.Tensor, params: LayoutParams) -> dict[str, torch.Tensor]:
@@ -100,7 +100,7 @@ class TensorWiseINT8Layout(QuantizedLayout):
     spec = FORMATS["int8-tensor"]
 
     @classmethod
-    def spec_for(cls, params: LayoutParams) -> FormatSpec:
+    def spec_for(cls, params: LayoutParams) -> ScaledFormat:
         return FORMATS["int8-row"] if params.scale.dim() else FORMATS["int8-tensor"]
 
     @classmethod

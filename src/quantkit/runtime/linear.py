@@ -27,7 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .. import reference
+from ..formats import scaled
 from ..formats import FORMATS
 from . import activations
 from .tensor import QuantizedTensor, register_layout_op
@@ -64,7 +64,7 @@ def quantize_input_static(x: torch.Tensor, scale: torch.Tensor, spec) -> torch.T
     on CUDA, the reference elsewhere; the same bits."""
     if x.is_cuda and not spec.is_int:
         return _triton().quantize_static(x, scale, spec.weight_dtype)
-    return reference.quantize_with_scale(x, scale, spec, 0)
+    return scaled.quantize_with_scale(x, scale, spec, 0)
 
 
 def dequantized_linear(x, w, bias):

@@ -23,7 +23,7 @@ from .convert import convert as convert_file
 from .convert import make_options
 from .errors import EXIT_INTERRUPTED, QuantkitError
 from .families import PRESET_CHOICES
-from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS
+from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS
 from .plan import Options, default_output_name, plan_file
 from .inspection import inspect_file
 from .render import print_inspection, print_plan, print_summary, print_verify
@@ -122,7 +122,7 @@ def convert(
     block_size: BlockOpt = DEFAULT_BLOCK_SIZE,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    fallback: FallbackOpt = "int8-row",
+    fallback: FallbackOpt = DEFAULT_FALLBACK,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary; errors still go to stderr.")] = False,
     preset: PresetOpt = "auto",
@@ -257,7 +257,7 @@ def plan(
     block_size: BlockOpt = DEFAULT_BLOCK_SIZE,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
-    fallback: FallbackOpt = "int8-row",
+    fallback: FallbackOpt = DEFAULT_FALLBACK,
     preset: PresetOpt = "auto",
     config: ConfigOpt = None,
     fpmm: FpmmOpt = False,
@@ -355,8 +355,8 @@ def formats() -> None:
     """List the formats quantkit writes and whether stock ComfyUI loads them."""
     t = Table("--format", ".comfy_quant format", "weight", "scale", "loads in")
     for s in FORMATS.values():
-        scale = {"tensor": "fp32 []", "row": "fp32 [N,1]", "block": "fp32 [N/b,K/b]"}[s.granularity]
-        t.add_row(s.name, s.comfy_format, s.weight_dtype_name, scale,
+        weight, scale = s.describe()
+        t.add_row(s.name, s.comfy_format, weight, scale,
                   "stock ComfyUI" if s.stock_comfy else "needs node")
     out.print(t)
 

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from .errors import EXIT_USAGE, UsageError
-from .formats import DEFAULT_BLOCK_SIZE, FORMATS, SCALED
+from .formats import DEFAULT_BLOCK_SIZE, FORMATS
+from .formats.scaled import grid
 
 PROG = "convert_to_quant.py"
 
@@ -100,8 +101,7 @@ def old_default_output(src: str, fmt_str: str, scaling: str, mixed: bool) -> str
 
 def _scaled_format(weight_dtype: str, granularity: str) -> str:
     """The registered scaled-grid format the old tool's flags name: weight dtype and scale granularity."""
-    return next(f.name for f in FORMATS.values() if f.kernel == SCALED and f.weight_dtype_name == weight_dtype
-                and f.granularity == granularity)
+    return grid(weight_dtype, granularity).name
 
 
 def map_args(argv: list[str]) -> list[str] | None:

@@ -37,12 +37,13 @@ from comfy_kitchen.tensor import (BaseLayoutParams, QuantizedLayout, QuantizedTe
                                   register_layout_op)
 
 from ..formats import scaled
-from ..formats import DEFAULT_BLOCK_SIZE, FORMATS
+from ..formats import DEFAULT_BLOCK_SIZE, FORMATS, LayerOpts
 
 log = logging.getLogger("quantkit.comfyui")
 
-SPEC = FORMATS["int8-block"]
-COMFY_FORMAT = SPEC.comfy_format  # "int8_blockwise"
+# the registered format this layout holds: the one the runtime's block-wise INT8 layout holds
+SPEC = next(f for f in FORMATS.values() if f.runtime_layout == "BlockWiseINT8Layout")
+COMFY_FORMAT = SPEC.comfy_format
 LAYOUT_NAME = "QuantkitBlockINT8Layout"
 FAST_ENV = "QUANTKIT_NODE_FAST"  # "0" forces the dequantize path everywhere
 
@@ -71,7 +72,7 @@ class BlockINT8Layout(QuantizedLayout):
         and ignored: quantkit rounds to nearest-even.
         """
         b = int(block_size or DEFAULT_BLOCK_SIZE)
-        why = SPEC.cannot_take(tuple(tensor.shape), b)
+        why = SPEC.cannot_take(tuple(tensor.shape), LayerOpts(b))
         if why:
             raise ValueError(f"{LAYOUT_NAME}: cannot quantize a tensor of shape {tuple(tensor.shape)}: {why}")
         if scale is None or isinstance(scale, str):

@@ -66,6 +66,7 @@ class Format:
     fallback: bool = False  # takes every 2-D weight, so it can be --fallback
     kernel: str | None = None  # a fast quantizer family (SCALED), or None
     runtime_layout: str | None = None  # the runtime / ComfyUI layout class that holds its weights
+    node_target: str | None = None  # the name the ComfyUI quantize node offers it under
 
     # ---- planning ----
     def option_error(self, opts: LayerOpts) -> tuple[str, str] | None:

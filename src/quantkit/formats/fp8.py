@@ -47,6 +47,7 @@ class Fp8Format(ScaledFormat):
 
 FP8 = register(Fp8Format("fp8", "float8_e4m3fn", "F8_E4M3", 448.0, "FP8 E4M3, one fp32 scale per tensor",
                          stock_comfy=True, writes_input_scale=True, runtime_layout="TensorCoreFP8E4M3Layout",
-                         static_input=True))
+                         node_target="fp8_e4m3fn", static_input=True))
 FP8_E5M2 = register(Fp8Format("fp8-e5m2", "float8_e5m2", "F8_E5M2", 57344.0, "FP8 E5M2, one fp32 scale per tensor",
-                              stock_comfy=True, writes_input_scale=True, runtime_layout="TensorCoreFP8E5M2Layout"))
+                              stock_comfy=True, writes_input_scale=True, runtime_layout="TensorCoreFP8E5M2Layout",
+                              node_target="fp8_e5m2"))

@@ -21,9 +21,9 @@ def _numel(shape) -> int:
 class Int8TensorwiseFormat(ScaledFormat):
     fallback = True
 
-    def __init__(self, name: str, granularity: str, summary: str):
+    def __init__(self, name: str, granularity: str, summary: str, node_target: str):
         super().__init__(name, "int8_tensorwise", "I8", 127.0, summary, stock_comfy=True,
-                         writes_input_scale=False, runtime_layout="TensorWiseINT8Layout")
+                         writes_input_scale=False, runtime_layout="TensorWiseINT8Layout", node_target=node_target)
         self.granularity = granularity
 
     def recognizes(self, marker: dict, shapes: dict[str, tuple[int, ...]]) -> bool:
@@ -69,5 +69,7 @@ class Int8TensorwiseFormat(ScaledFormat):
         return out
 
 
-INT8_TENSOR = register(Int8TensorwiseFormat("int8-tensor", "tensor", "INT8 symmetric, one fp32 scale per tensor"))
-INT8_ROW = register(Int8TensorwiseFormat("int8-row", "row", "INT8 symmetric, one fp32 scale per output row [N,1]"))
+INT8_TENSOR = register(Int8TensorwiseFormat("int8-tensor", "tensor", "INT8 symmetric, one fp32 scale per tensor",
+                                            "int8_tensorwise"))
+INT8_ROW = register(Int8TensorwiseFormat("int8-row", "row", "INT8 symmetric, one fp32 scale per output row [N,1]",
+                                         "int8_rowwise"))

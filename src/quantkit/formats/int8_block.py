@@ -99,4 +99,5 @@ def block_size_of(layer: str, conf: dict, weight_shape: tuple[int, ...], scale_s
 
 INT8_BLOCK = register(Int8BlockFormat("int8-block", "int8_blockwise", "I8", 127.0,
                                       "INT8 symmetric, one fp32 scale per b x b tile [N/b,K/b]",
-                                      stock_comfy=False, writes_input_scale=True, runtime_layout="BlockWiseINT8Layout"))
+                                      stock_comfy=False, writes_input_scale=True, runtime_layout="BlockWiseINT8Layout",
+                                      node_target="int8_blockwise"))

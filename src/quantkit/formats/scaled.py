@@ -47,10 +47,11 @@ class ScaledFormat(Format):
     static_input: bool = False  # the runtime quantizes inputs with a stored input_scale (FP8 E4M3)
 
     def __init__(self, name: str, comfy_format: str, weight_dtype_name: str, qmax: float, summary: str,
-                 *, stock_comfy: bool, writes_input_scale: bool, runtime_layout: str, static_input: bool = False):
+                 *, stock_comfy: bool, writes_input_scale: bool, runtime_layout: str, node_target: str,
+                 static_input: bool = False):
         self.name, self.comfy_format, self.weight_dtype_name, self.qmax = name, comfy_format, weight_dtype_name, qmax
         self.summary, self.stock_comfy, self.writes_input_scale = summary, stock_comfy, writes_input_scale
-        self.runtime_layout, self.static_input = runtime_layout, static_input
+        self.runtime_layout, self.node_target, self.static_input = runtime_layout, node_target, static_input
 
     @property
     def weight_dtype(self):
@@ -111,6 +112,16 @@ class ScaledFormat(Format):
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = "") -> object:
         b = self.layer_block_size(layer, marker, {k: tuple(v.shape) for k, v in tensors.items()})
         return dequantize(tensors["weight"], tensors["weight_scale"], self, b, dtype)
+
+
+def grid(weight_dtype_name: str, granularity: Granularity | None = None) -> ScaledFormat:
+    """The first registered scaled-grid format whose q is ``weight_dtype_name`` (and whose scales
+    have ``granularity``): the grid the runtime quantizes activations on, the format old flags name."""
+    from .base import FORMATS
+    for f in FORMATS.values():
+        if f.kernel == SCALED and f.weight_dtype_name == weight_dtype_name and granularity in (None, f.granularity):
+            return f
+    raise KeyError(f"no scaled-grid format stores {weight_dtype_name} with {granularity} scales")
 
 
 def region_amax(w, spec: ScaledFormat, block_size: int):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import scaled
-from ..formats import FORMATS
+from ..formats.scaled import grid
 from . import activations
 from .tensor import QuantizedTensor, register_layout_op
 
@@ -147,7 +147,7 @@ def _int8_w8a8(x, w, bias, block: int):
         xq, xs = mod.quantize_activations(x2, torch.int8, group)
     else:
         mod = activations
-        xq, xs = mod.quantize_activations(x2, FORMATS["int8-block" if block else "int8-row"], group)
+        xq, xs = mod.quantize_activations(x2, grid("I8"), group)
     if block:
         y = mod.w8a8_block_matmul(xq, xs, w._qdata, w._layout_params.scale, block, bias, x.dtype)
     else:

@@ -36,7 +36,7 @@ def test_quantize_writes_exactly_the_planned_tensors(name):
     fmt, w, opts = FORMATS[name], _weight(), LayerOpts(128)
     assert fmt.cannot_take(tuple(w.shape), opts) is None
     tensors = fmt.quantize(w, opts)
-    planned = fmt.stored(tuple(w.shape), opts)
+    planned = fmt.stored(tuple(w.shape), w.dtype, opts)
     assert [s.suffix for s in planned][0] == "weight"
     assert sorted(tensors) == sorted(s.suffix for s in planned)
     from quantkit.dtypes import name_of
@@ -106,3 +106,10 @@ def test_registry_imports_without_torch():
     out = subprocess.run([sys.executable, "-c", code, str(ROOT / "src" / "quantkit")], capture_output=True,
                          text=True, check=True).stdout.split()
     assert out[0] == "5" and out[-1] == "False", out
+
+
+def test_unknown_format_option_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="unknown format option 'group'") as e:
+        quantkit.convert(SAMPLE, tmp_path / "out.safetensors", format="int8-row", format_options={"group": 64})
+    assert e.value.fix == "known: none"
+    assert not list(tmp_path.iterdir())

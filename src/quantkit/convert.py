@@ -43,7 +43,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             config: str | os.PathLike | LayerConfig | None = None,
             full_precision_matrix_mult: bool = False, device: str = "auto", learned_rounding: bool = False,
             calibration: str | os.PathLike | None = None, bias_correction: bool = False,
-            learned_objective: str = "calibration", devices: str | list[str] | None = None) -> ConvertReport:
+            learned_objective: str = "calibration", devices: str | list[str] | None = None,
+            format_options: dict | None = None) -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
     beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input.
 
@@ -57,12 +58,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     (data-free: error on W's top singular subspace, :func:`quantkit.learned.learn_subspace`).
     ``devices``: spread learned rounding over one worker process per device (``cuda:0,cuda:1``,
     ``all``, or ``cpu,cpu``; see :mod:`quantkit.multi`); same output bytes. ``progress(read, total,
-    tensor, written)``: input bytes read of ``total``, the tensor just read, output bytes written."""
+    tensor, written)``: input bytes read of ``total``, the tensor just read, output bytes written.
+    ``format_options``: per-layer options a format reads besides ``block_size`` (fields of
+    :class:`quantkit.formats.LayerOpts`)."""
     if devices is not None and learned_objective != "calibration":
         raise UsageError("--devices spreads the calibration objective only",
                          fix="drop --devices, or use --learned-objective calibration")
     options = make_options(format, block_size, include, exclude, fallback, preset, config,
-                           full_precision_matrix_mult)
+                           full_precision_matrix_mult, format_options)
     dev = parse_device(device)
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
@@ -94,12 +97,13 @@ def _learned_options(objective: str):
 
 def make_options(format: str = DEFAULT_FORMAT, block_size: int = 128, include=(), exclude=(), fallback: str = DEFAULT_FALLBACK,
                  preset: str = "auto", config: str | os.PathLike | LayerConfig | None = None,
-                 full_precision_matrix_mult: bool = False) -> Options:
+                 full_precision_matrix_mult: bool = False, format_options: dict | None = None) -> Options:
     """Validated :class:`Options` from keyword values (a config path is loaded and checked here)."""
     if config is not None and not isinstance(config, LayerConfig):
         config = load_layer_config(config)
     extra = (("full_precision_matrix_mult", True),) if full_precision_matrix_mult else ()
-    options = Options(format, block_size, tuple(include), tuple(exclude), fallback, preset, config, extra)
+    options = Options(format, block_size, tuple(include), tuple(exclude), fallback, preset, config, extra,
+                      tuple(sorted((format_options or {}).items())))
     options.validate()
     return options
 
@@ -339,7 +343,7 @@ def _submit_layer(writer: SafetensorsWriter, bw: BackgroundWriter, stages: dict[
     marker for the writer thread, in the format's order. ``give_back`` (if any) returns the weight's
     buffer to its pool once the weight is written, or when the job is skipped after an earlier failure."""
     layer = lp.layer
-    order = [s.suffix for s in lp.spec.stored(lp.shape, lp.opts)]
+    order = [s.suffix for s in lp.spec.stored(lp.shape, torch_dtype(lp.dtype), lp.opts)]
     if sorted(order) != sorted(tensors):
         if give_back is not None:
             give_back()

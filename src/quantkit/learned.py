@@ -400,8 +400,7 @@ def corrected_bias(bias: torch.Tensor, w: torch.Tensor, deq: torch.Tensor, mean:
     return (bias.double() + delta).to(bias.dtype)
 
 
-def static_input_scale(stats: dict[str, torch.Tensor], spec: ScaledFormat) -> torch.Tensor:
-    """Static fp8 activation scale: max |x| seen over the calibration set / qmax of the format (so the
-    calibration range maps onto the full fp8 range; larger inputs at run time are clamped)."""
-    amax = float(stats["absmax"].max())
-    return torch.tensor(amax / spec.qmax if amax > 0 else 1.0, dtype=torch.float32)
+def static_input_scale(stats: dict[str, torch.Tensor], spec) -> torch.Tensor | None:
+    """The static activation scale calibration gives a format (its own rule: for fp8, max |x| seen
+    over the calibration set / qmax); None where the format stores none."""
+    return spec.static_input_scale(stats)

@@ -28,6 +28,7 @@ class Options:
     preset: str = "auto"  # a family name (quantkit.families), "auto" or "none"
     config: LayerConfig | None = None  # per-layer overrides (quantkit.layerconfig)
     comfy_options: tuple[tuple[str, object], ...] = ()  # extra .comfy_quant keys for every layer
+    format_options: tuple[tuple[str, object], ...] = ()  # LayerOpts fields besides block_size
 
     def validate(self) -> None:
         get_format(self.format)
@@ -42,9 +43,17 @@ class Options:
             raise UsageError(f"unknown --fallback '{self.fallback}'", fix=f"use one of: {', '.join(FALLBACK_CHOICES)}")
         if not (isinstance(self.block_size, int) and self.block_size >= 1):
             raise UsageError(f"--block-size {self.block_size} must be a positive integer", fix="use 128 or 64")
-        bad = FORMATS[self.format].option_error(LayerOpts(self.block_size))
+        fields = set(LayerOpts.__dataclass_fields__) - {"block_size"}
+        for k, _ in self.format_options:
+            if k not in fields:
+                raise UsageError(f"unknown format option '{k}'", fix=f"known: {', '.join(sorted(fields)) or 'none'}")
+        bad = FORMATS[self.format].option_error(self.layer_opts(self.block_size))
         if bad is not None:
             raise UsageError(bad[0], fix=bad[1])
+
+
+    def layer_opts(self, block_size: int) -> LayerOpts:
+        return LayerOpts(block_size, **dict(self.format_options))
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class LayerPlan:
     block_size: int = 128
     options: tuple[tuple[str, object], ...] = ()  # extra .comfy_quant keys
     rule: str = ""  # the per-layer config pattern that decided this layer, if any
+    format_options: tuple[tuple[str, object], ...] = ()  # LayerOpts fields besides block_size
 
     @property
     def layer(self) -> str:
@@ -71,7 +81,7 @@ class LayerPlan:
 
     @property
     def opts(self) -> LayerOpts:
-        return LayerOpts(self.block_size)
+        return LayerOpts(self.block_size, **dict(self.format_options))
 
     def comfy_quant(self) -> dict:
         assert self.spec is not None
@@ -205,16 +215,16 @@ def _plan_one(t: TensorInfo, spec: Format, sel: policy.Selection, options: Optio
             block_size = rule.block_size
         opts.update(rule.options)
     options_t = tuple(sorted(opts.items()))
-    cannot = spec.cannot_take(t.shape, LayerOpts(block_size))
+    cannot = spec.cannot_take(t.shape, options.layer_opts(block_size))
     if cannot is None:
         return LayerPlan(t.name, t.shape, t.dtype, spec, how, block_size=block_size, options=options_t,
-                         rule=rule.pattern if rule else "")
+                         rule=rule.pattern if rule else "", format_options=options.format_options)
     if options.fallback == "keep":
         return LayerPlan(t.name, t.shape, t.dtype, None, f"{cannot}; --fallback keep", fallback=True,
                          rule=rule.pattern if rule else "")
     return LayerPlan(t.name, t.shape, t.dtype, FORMATS[options.fallback],
                      f"{cannot}; fell back to {options.fallback}", fallback=True, block_size=block_size,
-                     options=options_t, rule=rule.pattern if rule else "")
+                     options=options_t, rule=rule.pattern if rule else "", format_options=options.format_options)
 
 
 def default_output_name(src_name: str, fmt: str) -> str:

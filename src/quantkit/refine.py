@@ -74,8 +74,7 @@ class Refiner:
             calibration = Calibration.load(calibration)
         r = cls(reader, plan, learned_rounding, calibration, bias_correction, options or learned.LearnedOptions(),
                 path)
-        # learned rounding, bias correction and static input scales work on the scaled grids
-        r._layers = {lp.layer: lp for lp in plan.quantized if has_kernel(lp.spec)}
+        r._layers = {lp.layer: lp for lp in plan.quantized}
         if calibration is not None:
             # Match against every weight in the file, so statistics of layers this plan keeps
             # unquantized (a preset's rule, --exclude) are ignored rather than reported as unmatched.
@@ -104,7 +103,8 @@ class Refiner:
         the bias-corrected covariance), in plan order. Empty without learned rounding."""
         if not self.learned_rounding or self.calibration is None:
             return []
-        return [(lp, self._stat_names[L], self._corrects_bias(L)) for L, lp in self._layers.items() if self._seen(L)]
+        return [(lp, self._stat_names[L], self._corrects_bias(L)) for L, lp in self._layers.items()
+                if self._seen(L) and has_kernel(lp.spec)]
 
     def _corrects_bias(self, layer: str) -> bool:
         """Bias correction applies to this quantized layer: it ran during calibration and has a
@@ -112,7 +112,7 @@ class Refiner:
         wlp = self._layers.get(layer)
         t = self.reader.tensors.get(f"{layer}.bias")
         return (self.bias_correction and wlp is not None and t is not None and self._seen(layer)
-                and tuple(t.shape) == (wlp.shape[0],))
+                and tuple(t.shape) == (wlp.shape[0],) and has_kernel(wlp.spec))
 
     @property
     def device(self) -> torch.device:
@@ -121,8 +121,8 @@ class Refiner:
     def rewrites(self, lp: LayerPlan) -> bool:
         """Whether learned rounding chooses this layer's weight (else it is round-to-nearest, which the
         converter's own quantizer writes, with :meth:`input_scale` and :meth:`note` from here)."""
-        if not self.learned_rounding or lp.layer not in self._layers:
-            return False
+        if not self.learned_rounding or lp.spec is None or not has_kernel(lp.spec):
+            return False  # learned rounding works on the scaled grids
         return self.options.objective == "subspace" or (self.calibration is not None and self._seen(lp.layer))
 
     def note(self, lp: LayerPlan) -> str:
@@ -180,7 +180,7 @@ class Refiner:
 
     def input_scale(self, lp: LayerPlan) -> torch.Tensor | None:
         spec = lp.spec
-        if lp.layer not in self._layers or spec.is_int or not spec.writes_input_scale or not self._seen(lp.layer):
+        if spec is None or not self._seen(lp.layer):
             return None
         return learned.static_input_scale(self._stats[lp.layer], spec)
 

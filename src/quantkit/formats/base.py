@@ -77,8 +77,9 @@ class Format:
         """Why a weight of this shape cannot be stored in this format, or None if it can."""
         raise NotImplementedError
 
-    def stored(self, shape: tuple[int, ...], opts: LayerOpts) -> list[Stored]:
-        """The tensors one layer writes besides its marker, in writing order (``weight`` first)."""
+    def stored(self, shape: tuple[int, ...], orig_dtype: Any, opts: LayerOpts) -> list[Stored]:
+        """The tensors one layer writes besides its marker, in writing order (``weight`` first), for
+        a weight of ``shape`` in ``orig_dtype`` (a format may store scales in the weight's dtype)."""
         raise NotImplementedError
 
     def marker(self, shape: tuple[int, ...], orig_dtype: Any, opts: LayerOpts) -> dict:
@@ -90,7 +91,7 @@ class Format:
         """Every tensor the layer writes, marker last: (name, dtype, shape) in writing order."""
         from . import encode_comfy_quant
         m = {**self.marker(shape, orig_dtype, opts), **(extra or {})}
-        return [(f"{layer}.{s.suffix}", s.dtype, tuple(s.shape)) for s in self.stored(shape, opts)] + \
+        return [(f"{layer}.{s.suffix}", s.dtype, tuple(s.shape)) for s in self.stored(shape, orig_dtype, opts)] + \
             [(f"{layer}.comfy_quant", "U8", (len(encode_comfy_quant(m)),))]
 
     def describe(self) -> tuple[str, str]:
@@ -108,6 +109,15 @@ class Format:
         ``dtype``, bit for bit. Raises QuantkitError naming ``layer``'s tensor when they do not fit
         the marker."""
         raise NotImplementedError
+
+    def pack(self, q, scale) -> dict:
+        """For a format with a ``kernel``: its stored tensors from the kernel's (q, scale)."""
+        raise NotImplementedError
+
+    def static_input_scale(self, stats: dict) -> Any:
+        """The ``input_scale`` tensor calibration statistics give (``absmax``, ``mean``, ...: see
+        :mod:`quantkit.calibration`), for a format that stores one; None keeps the planned value."""
+        return None
 
     # ---- reading files (any tool's) ----
     def recognizes(self, marker: dict, shapes: dict[str, tuple[int, ...]]) -> bool:

@@ -82,7 +82,7 @@ class ScaledFormat(Format):
             return f"{len(shape)}-D weight, format needs 2-D"
         return None
 
-    def stored(self, shape: tuple[int, ...], opts: LayerOpts) -> list[Stored]:
+    def stored(self, shape: tuple[int, ...], orig_dtype, opts: LayerOpts) -> list[Stored]:
         out = [Stored("weight", self.weight_dtype_name, tuple(shape)),
                Stored("weight_scale", "F32", self.scale_shape(shape, opts.block_size))]
         if self.writes_input_scale:
@@ -100,6 +100,15 @@ class ScaledFormat(Format):
         if self.writes_input_scale:
             out["input_scale"] = torch.ones((), dtype=torch.float32)
         return out
+
+    def static_input_scale(self, stats: dict):
+        """FP8: max |x| over the calibration set / qmax (the range maps onto the full grid; larger
+        inputs at run time are clamped). INT8 layers take no input_scale from calibration."""
+        if self.is_int or not self.writes_input_scale:
+            return None
+        import torch
+        amax = float(stats["absmax"].max())
+        return torch.tensor(amax / self.qmax if amax > 0 else 1.0, dtype=torch.float32)
 
     def quantize(self, w, opts: LayerOpts) -> dict:
         return self.pack(*quantize(w, self, self.block_size(opts)))

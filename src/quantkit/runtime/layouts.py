@@ -166,7 +166,7 @@ for _spec in FORMATS.values():
         continue  # a format this runtime has no layout for
     _entry = QUANT_ALGOS.setdefault(_spec.comfy_format, {
         "storage_t": _spec.weight_dtype,
-        "parameters": {s.suffix for s in _spec.stored((1, 1), LayerOpts(1))} - {"weight"},
+        "parameters": {s.suffix for s in _spec.stored((1, 1), torch.float32, LayerOpts(1))} - {"weight"},
         "comfy_tensor_layout": LAYOUT_FOR_FORMAT[_spec.name],
     })
     if "block_size" in _spec.option_names:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import families
 from .formats import (COMFY_READ_KEYS, QUANT_SUFFIXES, SCALE_SUFFIXES, STOCK_COMFY_FORMATS, Violation, check_layer,
-                      decode_comfy_quant)
+                      decode_comfy_quant, shapes_by_layer)
 from .plan import QUANT_METADATA_KEY
 from .safetensors_io import SafetensorsReader, TensorInfo
 
@@ -92,8 +92,9 @@ def inspect_reader(r: SafetensorsReader) -> Inspection:
         if (t.name.endswith(".weight") and len(t.shape) == 2 and t.dtype in ("F32", "F16", "BF16")
                 and f"{t.name.removesuffix('.weight')}.comfy_quant" not in T):
             ins.float_weights += 1
+    by_layer = shapes_by_layer(T)
     for layer, m in ins.markers.items():
-        _check_layer(layer, m, T, v)
+        _check_layer(layer, m, T, by_layer.get(layer, {}), v)
     _check_header(r.metadata, ins.markers, v, ins.notes.append)
     names = {n: t.shape for n, t in T.items() if not n.endswith(QUANT_SUFFIXES)}
     ins.families = families.detect(names)
@@ -119,11 +120,11 @@ def _decode_marker(r: SafetensorsReader, t: TensorInfo, v) -> dict | None:
     return m
 
 
-def _check_layer(layer: str, m: dict, T: dict[str, TensorInfo], v) -> None:
+def _check_layer(layer: str, m: dict, T: dict[str, TensorInfo], shapes: dict, v) -> None:
     if f"{layer}.weight" not in T:
         v(Violation("marker-without-weight", f"{layer}.comfy_quant", f"marks a layer with no {layer}.weight"))
         return
-    for x in check_layer(layer, m, T):
+    for x in check_layer(layer, m, T, shapes):
         v(x)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from .formats import scaled
 from .errors import UsageError
-from .formats import QUANT_SUFFIXES, Format, format_of_marker
+from .formats import QUANT_SUFFIXES, format_of_marker, shapes_by_layer
 from .inspection import Inspection, Violation, inspect_reader
 from .safetensors_io import SafetensorsReader
 
@@ -55,17 +55,6 @@ class VerifyReport:
                 "violations": [{"rule": v.rule, "tensor": v.tensor, "message": v.message} for v in self.violations]}
 
 
-def _layer_shapes(out: SafetensorsReader, layer: str) -> dict[str, tuple[int, ...]]:
-    """The shapes of a layer's tensors by suffix."""
-    return {n[len(layer) + 1:]: tuple(t.shape) for n, t in out.tensors.items()
-            if n.startswith(layer + ".") and "." not in n[len(layer) + 1:]}
-
-
-def format_for(marker: dict, out: SafetensorsReader, layer: str) -> Format | None:
-    """The registered format that dequantizes this layer of ``out``, if any."""
-    return format_of_marker(marker, _layer_shapes(out, layer))
-
-
 def verify(path: str | Path, against: str | Path | None = None, min_sqnr: float | None = None) -> VerifyReport:
     if min_sqnr is not None and against is None:
         raise UsageError("--min-sqnr needs --against ORIGINAL to compare with", fix="add --against input.safetensors")
@@ -85,6 +74,7 @@ def _compare(out: SafetensorsReader, src: SafetensorsReader, rep: VerifyReport) 
     v = rep.violations.append
     bad_layers = {(x.tensor or "").rsplit(".", 1)[0] for x in rep.violations}
     markers = rep.inspection.markers
+    by_layer = shapes_by_layer(out.tensors)
     for name in src.tensors:
         if name not in out.tensors:
             v(Violation("missing-tensor", name, f"in the original but not in the output ({src.path})"))
@@ -99,7 +89,7 @@ def _compare(out: SafetensorsReader, src: SafetensorsReader, rep: VerifyReport) 
             if o is None:
                 v(Violation("not-in-original", name, f"quantized layer has no {name} in {src.path}"))
                 continue
-            shapes = _layer_shapes(out, layer)
+            shapes = by_layer.get(layer, {})
             how = format_of_marker(markers[layer], shapes)
             if how is not None and tuple(o.shape) != how.orig_shape(markers[layer], shapes):
                 v(Violation("shape-mismatch", name, f"{list(how.orig_shape(markers[layer], shapes))} here, "
@@ -134,4 +124,4 @@ def _compare(out: SafetensorsReader, src: SafetensorsReader, rep: VerifyReport) 
         src.release(name)
 
 
-__all__ = ["verify", "VerifyReport", "LayerCheck", "format_for"]
+__all__ = ["verify", "VerifyReport", "LayerCheck"]

@@ -122,7 +122,7 @@ def fast_kernels():
     try:
         from ..runtime import triton_w8a8
     except Exception as e:  # ImportError, or triton failing to initialise
-        log.info("quantkit: int8_blockwise runs dequantized (Triton W8A8 kernel unavailable: %s)", e)
+        log.info("quantkit: %s runs dequantized (Triton W8A8 kernel unavailable: %s)", COMFY_FORMAT, e)
         return None
     return triton_w8a8
 
@@ -169,7 +169,7 @@ def block_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None)
             raise
         except Exception as e:  # a kernel that does not build or run here: never refuse the layer
             _fast_failed.append(repr(e))
-            log.warning("quantkit: int8_blockwise Triton kernel failed (%r); dequantizing from now on", e)
+            log.warning("quantkit: %s Triton kernel failed (%r); dequantizing from now on", COMFY_FORMAT, e)
         else:
             return y.reshape(*x.shape[:-1], n)
     deq = scaled.dequantize(w._qdata, w._params.scale, SPEC, w._params.block_size, x.dtype)

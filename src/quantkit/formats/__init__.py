@@ -67,11 +67,23 @@ def format_of_marker(marker: dict, shapes: dict[str, tuple[int, ...]]) -> Format
     return None
 
 
-def check_layer(layer: str, marker: dict, T: dict) -> list[Violation]:
-    """Contract violations of one marked layer whose ``.weight`` exists (``T``: name -> TensorInfo):
-    the identified format's check, else that of the first format sharing its comfy string (which
-    says why it does not fit), else the checks of :mod:`.unwritten`."""
-    shapes = {n[len(layer) + 1:]: tuple(t.shape) for n, t in T.items() if n.startswith(layer + ".")}
+def shapes_by_layer(tensors: dict) -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{name: anything with .shape}`` -> ``{layer: {suffix: shape}}``, the suffix being what follows
+    the name's last dot (``L.weight_scale`` -> ``L``, ``weight_scale``): one pass over a file's tensors."""
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, t in tensors.items():
+        layer, _, suffix = name.rpartition(".")
+        out.setdefault(layer, {})[suffix] = tuple(t.shape)
+    return out
+
+
+def check_layer(layer: str, marker: dict, T: dict, shapes: dict[str, tuple[int, ...]] | None = None) -> list[Violation]:
+    """Contract violations of one marked layer whose ``.weight`` exists (``T``: name -> TensorInfo;
+    ``shapes``: the layer's entry of :func:`shapes_by_layer`): the identified format's check, else
+    that of the first format sharing its comfy string (which says why it does not fit), else the
+    checks of :mod:`.unwritten`."""
+    if shapes is None:
+        shapes = shapes_by_layer({n: t for n, t in T.items() if n.startswith(layer + ".")}).get(layer, {})
     fmt = format_of_marker(marker, shapes) or next(
         (f for f in FORMATS.values() if f.comfy_format == marker.get("format")), None)
     if fmt is not None:
@@ -99,7 +111,7 @@ def decode_comfy_quant(raw: bytes) -> dict:
 
 
 __all__ = ["FORMATS", "Format", "LayerOpts", "Stored", "Violation", "SCALED", "register", "unregister",
-           "get_format", "format_of_marker", "check_layer", "formats_with_option", "comfy_formats",
+           "get_format", "format_of_marker", "check_layer", "shapes_by_layer", "formats_with_option", "comfy_formats",
            "encode_comfy_quant", "decode_comfy_quant", "block_size_of", "DEFAULT_FORMAT", "DEFAULT_FALLBACK",
            "DEFAULT_BLOCK_SIZE", "FALLBACK_CHOICES", "STOCK_COMFY_FORMATS", "COMFY_READ_KEYS",
            "SCALE_SUFFIXES", "QUANT_SUFFIXES", "LAYER_OPTIONS"]

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .. import calibration
-from ..formats import scaled
 from ..errors import QuantkitError
 from ..formats import decode_comfy_quant, format_of_marker
 from .bert import BertModel, load_bert, tokenize

@@ -300,22 +300,14 @@ def test_light_commands_do_not_import_torch(args):
     assert r.stdout == "False\n", r.stderr
 
 
-def test_catalog_agrees_with_formats():
-    """The torch-free copy the command line prints is the formats table, entry for entry."""
-    from quantkit import catalog, formats
-    assert catalog.FORMAT_NAMES == tuple(formats.FORMATS)
-    for row in catalog.FORMAT_ROWS:
-        s = formats.FORMATS[row.name]
-        assert (row.comfy_format, row.weight, row.scale, row.stock_comfy) == (
-            s.comfy_format, s.weight_dtype_name, catalog.SCALE_OF_GRANULARITY[s.granularity], s.stock_comfy)
-    assert catalog.DEFAULT_FORMAT == formats.DEFAULT_FORMAT and catalog.DEFAULT_BLOCK_SIZE == formats.DEFAULT_BLOCK_SIZE
-    assert catalog.FALLBACK_CHOICES == formats.FALLBACK_CHOICES
+def test_cli_defaults_are_the_library_defaults():
+    """The command line's defaults come from the format registry, as convert()'s do."""
     import inspect as pyinspect
     import quantkit
+    from quantkit import formats
     sig = pyinspect.signature(quantkit.convert)
-    assert sig.parameters["fallback"].default == catalog.DEFAULT_FALLBACK
-    assert sig.parameters["format"].default == catalog.DEFAULT_FORMAT
-
+    assert sig.parameters["fallback"].default == formats.DEFAULT_FALLBACK
+    assert sig.parameters["format"].default == formats.DEFAULT_FORMAT
 
 def test_package_names_are_lazy_and_convert_is_the_function(sample, tmp_path):
     import importlib

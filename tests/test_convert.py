@@ -18,7 +18,7 @@ import quantkit
 from conftest import at_least, db_floor, sha
 from quantkit import quantize, reference
 from quantkit.errors import QuantkitError
-from quantkit.formats import FORMATS
+from quantkit.formats import FORMATS, LayerOpts
 
 ck = pytest.importorskip("comfy_kitchen.tensor")
 
@@ -53,7 +53,7 @@ def test_chunked_quantize_bit_identical_to_reference():
         spec = FORMATS[fmt]
         for shape in [(256, 384), (1024, 2048), (384, 128), (3, 7), (1000, 300)]:
             b = 128
-            if spec.cannot_take(shape, b):
+            if spec.cannot_take(shape, LayerOpts(b)):
                 continue
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 w = (torch.randn(*shape, generator=g) * 0.05).to(dtype)

@@ -12,7 +12,7 @@ import torch
 
 from quantkit import backend, reference
 from quantkit.errors import QuantkitError, UsageError
-from quantkit.formats import FORMATS
+from quantkit.formats import FORMATS, LayerOpts
 from quantkit.kernels import native
 
 pytestmark = pytest.mark.skipif(native.available() is not None, reason=f"no native build: {native.available()}")
@@ -54,7 +54,7 @@ def check(w: torch.Tensor, fmt: str, b: int) -> None:
 def test_matches_reference(fmt, b, dtype):
     # 1000 and 136 columns leave a tail after the last 8-lane vector; (3, 7) and (1, 1) are all tail
     for shape in [(256, 384), (128, 1000), (64, 136), (3, 7), (1, 1)]:
-        if FORMATS[fmt].cannot_take(shape, b) is None:
+        if FORMATS[fmt].cannot_take(shape, LayerOpts(b)) is None:
             check(wide_weight(*shape, dtype, seed=shape[1] + b), fmt, b)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quantkit import reference
-from quantkit.formats import FORMATS, encode_comfy_quant
+from quantkit.formats import FORMATS, LayerOpts, encode_comfy_quant
 
 ck = pytest.importorskip("comfy_kitchen.tensor")
 
@@ -115,9 +115,9 @@ def test_int8_block_matches_contract_formula():
 
 def test_comfy_quant_bytes():
     spec = FORMATS["int8-block"]
-    raw = encode_comfy_quant(spec.comfy_quant((256, 512), torch.bfloat16, 128))
+    raw = encode_comfy_quant(spec.marker((256, 512), torch.bfloat16, LayerOpts(128)))
     assert raw == b'{"format":"int8_blockwise","group_size":128,"orig_dtype":"bfloat16","orig_shape":[256,512]}'
-    assert FORMATS["int8-row"].comfy_quant((4, 4), torch.float16, 128) == {
+    assert FORMATS["int8-row"].marker((4, 4), torch.float16, LayerOpts(128)) == {
         "format": "int8_tensorwise", "orig_dtype": "float16", "orig_shape": [4, 4]}
 
 

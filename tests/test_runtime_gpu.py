@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit import reference
-from quantkit.formats import FORMATS
+from quantkit.formats import FORMATS, LayerOpts
 from quantkit.runtime import QuantizedTensor, activations, mixed_precision_ops, supports_fp8_compute
 
 pytestmark = [pytest.mark.gpu,
@@ -84,7 +84,7 @@ def test_module_moves_to_cuda_and_runs():
         ops = mixed_precision_ops(compute_dtype=torch.bfloat16)
         net = nn.Sequential(ops.Linear(1024, 768), nn.GELU())
         q, s = reference.quantize(w, FORMATS[fmt], 128)
-        marker = FORMATS[fmt].comfy_quant((768, 1024), torch.bfloat16, 128)
+        marker = FORMATS[fmt].marker((768, 1024), torch.bfloat16, LayerOpts(128))
 
         net.load_state_dict({"0.weight": q, "0.weight_scale": s, "0.bias": bias,
                              "0.comfy_quant": torch.tensor(list(json.dumps(marker).encode()), dtype=torch.uint8)})

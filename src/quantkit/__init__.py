@@ -22,11 +22,11 @@ if _sys.argv and (_sys.argv[0] == "-m" or _os.path.basename(_sys.argv[0]) == "qu
 
 __version__ = "0.1.0"
 
-_LAZY = {"QuantkitError": "errors", "UsageError": "errors", "FORMATS": "formats", "FormatSpec": "formats",
+_LAZY = {"QuantkitError": "errors", "UsageError": "errors", "FORMATS": "formats", "Format": "formats",
          "DEFAULT_FORMAT": "formats", "DEFAULT_BLOCK_SIZE": "formats", "ConvertReport": "report",
          "LayerReport": "report", "TensorReport": "report"}
 
-__all__ = ["convert", "compare", "QuantkitError", "UsageError", "FORMATS", "FormatSpec", "DEFAULT_FORMAT",
+__all__ = ["convert", "compare", "QuantkitError", "UsageError", "FORMATS", "Format", "DEFAULT_FORMAT",
            "DEFAULT_BLOCK_SIZE", "ConvertReport", "LayerReport", "TensorReport", "__version__"]
 
 

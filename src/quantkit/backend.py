@@ -4,7 +4,7 @@ API for the converter (all other modules are implementation)::
 
     dev = parse_device("auto" | "cpu" | "cuda" | "cuda:N")   # -> torch.device, or UsageError
     r = quantize_tensor(w, spec, block_size, dev)              # -> QuantResult
-    r.q, r.scale          # on ``dev``; bit-identical to reference.quantize(w, spec, block_size)
+    r.q, r.scale          # on ``dev``; bit-identical to scaled.quantize(w, spec, block_size)
     r.signal, r.noise     # 0-d float64 tensors on ``dev``: sum w^2, sum (w - q.float()*scale)^2
     check_finite(r.scale, file=..., tensor=...)               # QuantkitError if NaN/Inf weights
 
@@ -44,9 +44,10 @@ from typing import NamedTuple
 import torch
 
 from . import quantize as cpu_quantize
-from . import reference
+from .formats import scaled
 from .errors import QuantkitError, UsageError
-from .formats import FormatSpec
+from .formats import SCALED, LayerOpts
+from .formats.scaled import ScaledFormat
 
 BACKEND_ENV = "QUANTKIT_BACKEND"
 BACKENDS = ("auto", "torch", "native", "triton")
@@ -61,7 +62,7 @@ class QuantResult(NamedTuple):
 
     def sqnr_db(self) -> float:
         """Weight SQNR in dB (synchronizes)."""
-        return reference.sqnr_db(float(self.signal), float(self.noise))
+        return scaled.sqnr_db(float(self.signal), float(self.noise))
 
 
 def parse_device(text: str) -> torch.device:
@@ -141,7 +142,7 @@ def backend_for(device: torch.device | str) -> str:
     return "triton"
 
 
-def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int,
+def quantize_tensor(w: torch.Tensor, spec: ScaledFormat, block_size: int,
                     device: torch.device | str | None = None) -> QuantResult:
     """Quantize one 2-D weight on ``device`` (default: w's device) with the backend it gets."""
     device = w.device if device is None else torch.device(device)
@@ -166,22 +167,22 @@ def cpu_quantizer():
     return cpu_quantize.quantize_tensor
 
 
-def quantize_torch(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantResult:
+def quantize_torch(w: torch.Tensor, spec: ScaledFormat, block_size: int) -> QuantResult:
     """The torch path on w's device: chunked on CPU, whole-tensor reference on CUDA."""
     _check_shape(w, spec, block_size)
     if w.device.type == "cpu":
         return _cpu_result(*cpu_quantize.quantize_tensor(w, spec, block_size))
     # reference.scale_from_amax divides by a device tensor: an IEEE division on CUDA too (torch turns
     # division by a CPU scalar into a multiply by its reciprocal there), so the bits match the CPU.
-    q, scale = reference.quantize(w, spec, block_size)
+    q, scale = scaled.quantize(w, spec, block_size)
     w32 = w.float()
-    deq = q.float() * reference.expand_scale(scale, tuple(w.shape), spec, block_size)
+    deq = q.float() * scaled.expand_scale(scale, tuple(w.shape), spec, block_size)
     signal = torch.dot(w32.view(-1), w32.view(-1)).double()
     d = (deq - w32).view(-1)
     return QuantResult(q, scale, signal, torch.dot(d, d).double())
 
 
-def quantize_native(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantResult:
+def quantize_native(w: torch.Tensor, spec: ScaledFormat, block_size: int) -> QuantResult:
     """The native C kernels (CPU tensors only)."""
     _check_shape(w, spec, block_size)
     from .kernels import native
@@ -193,11 +194,17 @@ def _cpu_result(q: torch.Tensor, scale: torch.Tensor, stats: cpu_quantize.ErrorS
                        torch.tensor(stats.noise, dtype=torch.float64))
 
 
-def quantize_triton(w: torch.Tensor, spec: FormatSpec, block_size: int) -> QuantResult:
+def quantize_triton(w: torch.Tensor, spec: ScaledFormat, block_size: int) -> QuantResult:
     """The Triton kernels on w's device (CUDA, or CPU under TRITON_INTERPRET=1)."""
     _check_shape(w, spec, block_size)
     from .kernels import triton_quant
     return QuantResult(*triton_quant.quantize(w, spec, block_size))
+
+
+def has_kernel(fmt) -> bool:
+    """Whether this module's quantizers (torch chunked, native C, Triton) run format ``fmt``: the
+    scaled-grid family. Other formats are quantized by their own torch ``quantize``."""
+    return fmt.kernel == SCALED
 
 
 def check_finite(scale: torch.Tensor, *, file: object = None, tensor: str | None = None,
@@ -209,11 +216,11 @@ def check_finite(scale: torch.Tensor, *, file: object = None, tensor: str | None
                             tensor=tensor, fix=fix)
 
 
-def _check_shape(w: torch.Tensor, spec: FormatSpec, block_size: int) -> None:
+def _check_shape(w: torch.Tensor, spec: ScaledFormat, block_size: int) -> None:
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise QuantkitError(f"cannot quantize a {str(w.dtype).removeprefix('torch.')} weight",
                             fix="only bf16, fp16 and fp32 weights are quantized; keep this tensor")
-    why = spec.cannot_take(tuple(w.shape), block_size)
+    why = spec.cannot_take(tuple(w.shape), LayerOpts(block_size))
     if why is None and w.numel() == 0:
         why = "empty weight"
     if why is not None:
@@ -221,4 +228,4 @@ def _check_shape(w: torch.Tensor, spec: FormatSpec, block_size: int) -> None:
 
 
 __all__ = ["QuantResult", "parse_device", "backend_for", "quantize_tensor", "quantize_torch",
-           "quantize_native", "quantize_triton", "cpu_quantizer", "check_finite", "BACKEND_ENV"]
+           "quantize_native", "quantize_triton", "cpu_quantizer", "check_finite", "has_kernel", "BACKEND_ENV"]

@@ -23,7 +23,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .catalog import DEFAULT_BLOCK_SIZE, DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMAT_NAMES, FORMAT_ROWS
+from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS
 from .errors import EXIT_INTERRUPTED, QuantkitError
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ class Rates:
 LEARNED_OBJECTIVES = ("calibration", "subspace")
 
 # Options shared by `convert` and `plan`.
-FormatOpt = Annotated[str, typer.Option("--format", "-f", metavar="NAME", help=f"Target format: {', '.join(FORMAT_NAMES)} ('quantkit formats' describes them).")]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", metavar="NAME", help=f"Target format: {', '.join(tuple(FORMATS))} ('quantkit formats' describes them).")]
 BlockOpt = Annotated[int, typer.Option("--block-size", metavar="B", help="Tile size of int8-block: one scale per B x B tile.")]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", metavar="REGEX", help="Quantize the layers whose name matches, even where the defaults or the preset keep them. Repeatable.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", metavar="REGEX", help="Keep the layers whose name matches unquantized. Repeatable; wins over every other rule.")]
@@ -202,8 +202,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON in
 
 def _options(format: str, block_size: int, include, exclude, fallback: str, preset: str, config, fpmm: bool) -> Options:
     from .families import PRESET_CHOICES
-    if format not in FORMAT_NAMES:
-        raise typer.BadParameter(f"'{format}' (choose from {', '.join(FORMAT_NAMES)})", param_hint="--format")
+    if format not in tuple(FORMATS):
+        raise typer.BadParameter(f"'{format}' (choose from {', '.join(tuple(FORMATS))})", param_hint="--format")
     if fallback not in FALLBACK_CHOICES:
         raise typer.BadParameter(f"'{fallback}' (choose from {', '.join(FALLBACK_CHOICES)})", param_hint="--fallback")
     if preset not in PRESET_CHOICES:
@@ -535,8 +535,10 @@ def formats() -> None:
     """List the formats quantkit writes and whether stock ComfyUI loads them."""
     from rich.table import Table
     t = Table("--format", ".comfy_quant format", "weight", "scale", "loads in")
-    for r in FORMAT_ROWS:
-        t.add_row(r.name, r.comfy_format, r.weight, r.scale, "stock ComfyUI" if r.stock_comfy else "needs node")
+    for s in FORMATS.values():
+        weight, scale = s.describe()
+        t.add_row(s.name, s.comfy_format, weight, scale,
+                  "stock ComfyUI" if s.stock_comfy else "needs node")
     out.print(t)
 
 

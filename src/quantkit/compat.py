@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 
 from .errors import EXIT_USAGE, UsageError
+from .formats import DEFAULT_BLOCK_SIZE, FORMATS
+from .formats.scaled import grid
 
 PROG = "convert_to_quant.py"
 
@@ -97,6 +99,11 @@ def old_default_output(src: str, fmt_str: str, scaling: str, mixed: bool) -> str
     return f"{base}_simple_{fmt_str}{'mixed' if mixed else ''}{scaling}.safetensors"
 
 
+def _scaled_format(weight_dtype: str, granularity: str) -> str:
+    """The registered scaled-grid format the old tool's flags name: weight dtype and scale granularity."""
+    return grid(weight_dtype, granularity).name
+
+
 def map_args(argv: list[str]) -> list[str] | None:
     """The ``quantkit`` argv for an old-style argv (None for --help). Raises UsageError."""
     o = _split(argv)
@@ -118,14 +125,15 @@ def map_args(argv: list[str]) -> list[str] | None:
         except ValueError:
             raise UsageError(f"--block_size {bs!r} is not an integer", fix="use 128 or 64") from None
     if o.get("int8"):
-        fmt = {"tensor": "int8-tensor", "row": "int8-row", "block": "int8-block"}[mode]
+        fmt = _scaled_format("I8", mode)
         fmt_str, scaling = "int8", {"tensor": "_tensorwise", "row": "_rowwise"}.get(mode, f"_bs{bs or 128}")
     elif mode != "tensor":
         raise UsageError(f"FP8 with --scaling_mode {mode} (a {mode}-wise FP8 format) is not a quantkit format",
                          fix="drop --scaling_mode for per-tensor FP8, or use --int8 --scaling_mode " + mode)
     else:
-        fmt, fmt_str, scaling = "fp8", "fp8", "_tensor"
-    if bs is not None and fmt != "int8-block":
+        fmt, fmt_str, scaling = _scaled_format("F8_E4M3", mode), "fp8", "_tensor"
+    takes_block = "block_size" in FORMATS[fmt].option_names
+    if bs is not None and not takes_block:
         raise UsageError(f"--block_size only applies to --int8 --scaling_mode block, not to {fmt}",
                          fix="drop --block_size")
     if len(o["presets"]) > 1:
@@ -138,8 +146,8 @@ def map_args(argv: list[str]) -> list[str] | None:
     src = o["input"]
     out = o.get("output") or old_default_output(src, fmt_str, scaling, bool(o["presets"]))
     cmd = ["convert", src, "-o", out, "--format", fmt]
-    if fmt == "int8-block":
-        cmd += ["--block-size", str(bs or 128)]
+    if takes_block:
+        cmd += ["--block-size", str(bs or DEFAULT_BLOCK_SIZE)]
     if exclude is not None:
         cmd += ["--exclude", exclude]
     if o.get("fpmm"):

@@ -24,11 +24,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import backend, interrupts, readahead, reference, tempfiles
+from . import backend, interrupts, readahead, tempfiles
+from .formats import scaled
 from .backend import check_finite, parse_device
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
-from .formats import FORMATS, decode_comfy_quant, encode_comfy_quant
+from .formats import DEFAULT_FALLBACK, DEFAULT_FORMAT, FORMATS, decode_comfy_quant, encode_comfy_quant
 from .pipeline import DEFAULT_DEPTH, BackgroundWriter
 from .layerconfig import LayerConfig, load_layer_config
 from .plan import LayerPlan, Options, Plan, default_output_name, plan_conversion
@@ -43,14 +44,15 @@ if TYPE_CHECKING:
 Progress = Callable[[int, int, str, int], None]
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, format: str = "fp8",
+def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, format: str = DEFAULT_FORMAT,
             block_size: int = 128, include: tuple[str, ...] | list[str] = (),
-            exclude: tuple[str, ...] | list[str] = (), fallback: str = "int8-row",
+            exclude: tuple[str, ...] | list[str] = (), fallback: str = DEFAULT_FALLBACK,
             overwrite: bool = False, progress: Progress | None = None, preset: str = "auto",
             config: str | os.PathLike | LayerConfig | None = None,
             full_precision_matrix_mult: bool = False, device: str = "auto", learned_rounding: bool = False,
             calibration: str | os.PathLike | None = None, bias_correction: bool = False,
-            learned_objective: str = "calibration", devices: str | list[str] | None = None) -> ConvertReport:
+            learned_objective: str = "calibration", devices: str | list[str] | None = None,
+            format_options: dict | None = None) -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
     beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input.
 
@@ -64,12 +66,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     (data-free: error on W's top singular subspace, :func:`quantkit.learned.learn_subspace`).
     ``devices``: spread learned rounding over one worker process per device (``cuda:0,cuda:1``,
     ``all``, or ``cpu,cpu``; see :mod:`quantkit.multi`); same output bytes. ``progress(read, total,
-    tensor, written)``: input bytes read of ``total``, the tensor just read, output bytes written."""
+    tensor, written)``: input bytes read of ``total``, the tensor just read, output bytes written.
+    ``format_options``: per-layer options a format reads besides ``block_size`` (fields of
+    :class:`quantkit.formats.LayerOpts`)."""
     if devices is not None and learned_objective != "calibration":
         raise UsageError("--devices spreads the calibration objective only",
                          fix="drop --devices, or use --learned-objective calibration")
     options = make_options(format, block_size, include, exclude, fallback, preset, config,
-                           full_precision_matrix_mult)
+                           full_precision_matrix_mult, format_options)
     dev = parse_device(device)
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
@@ -135,14 +139,15 @@ def _learned_options(objective: str):
     return LearnedOptions(objective=objective)
 
 
-def make_options(format: str = "fp8", block_size: int = 128, include=(), exclude=(), fallback: str = "int8-row",
+def make_options(format: str = DEFAULT_FORMAT, block_size: int = 128, include=(), exclude=(), fallback: str = DEFAULT_FALLBACK,
                  preset: str = "auto", config: str | os.PathLike | LayerConfig | None = None,
-                 full_precision_matrix_mult: bool = False) -> Options:
+                 full_precision_matrix_mult: bool = False, format_options: dict | None = None) -> Options:
     """Validated :class:`Options` from keyword values (a config path is loaded and checked here)."""
     if config is not None and not isinstance(config, LayerConfig):
         config = load_layer_config(config)
     extra = (("full_precision_matrix_mult", True),) if full_precision_matrix_mult else ()
-    options = Options(format, block_size, tuple(include), tuple(exclude), fallback, preset, config, extra)
+    options = Options(format, block_size, tuple(include), tuple(exclude), fallback, preset, config, extra,
+                      tuple(sorted((format_options or {}).items())))
     options.validate()
     return options
 
@@ -241,9 +246,10 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             fd, tmp = tempfiles.create(dst)  # locked until fd is closed, after the rename
             writer = SafetensorsWriter(fd, plan.outputs, plan.metadata)
             need = writer.total_size
-            # layers whose weights learned rounding chooses are quantized by the refiner instead
-            quantizer = _make_quantizer([lp for lp in plan.quantized if refiner is None or not refiner.rewrites(lp)],
-                                        reader, device)
+            # layers whose weights learned rounding chooses are quantized by the refiner instead, and
+            # formats no fast kernel runs by their own torch reference
+            quantizer = _make_quantizer([lp for lp in plan.quantized if backend.has_kernel(lp.spec)
+                                         and (refiner is None or not refiner.rewrites(lp))], reader, device)
             bw = BackgroundWriter(threaded)
             stages = report.detail_seconds
             stages["writer thread busy"] = 0.0
@@ -255,7 +261,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                     if ahead is None and i + 1 < len(layers):  # the readahead thread is further ahead already
                         reader.prefetch(layers[i + 1].tensor)
                     t0 = time.perf_counter()
-                    report.tensors.append(_convert_one(reader, writer, bw, quantizer, lp, lp.block_size, stages, refiner))
+                    report.tensors.append(_convert_one(reader, writer, bw, quantizer, lp, stages, refiner, device))
                     report.tensors[-1].seconds = time.perf_counter() - t0
                     t = reader.tensors[lp.tensor]
                     done += t.nbytes
@@ -325,8 +331,8 @@ def _timed(stages: dict[str, float], job):
 
 
 def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, quantizer,
-                 lp: LayerPlan, block_size: int, stages: dict[str, float],
-                 refiner: Refiner | None = None) -> LayerReport:
+                 lp: LayerPlan, stages: dict[str, float], refiner: Refiner | None = None,
+                 device: torch.device = torch.device("cpu")) -> LayerReport:
     info = reader.tensors[lp.tensor]
     if refiner is not None and lp.spec is None and (bias := refiner.bias(lp)) is not None:
         bw.submit(_timed(stages, lambda: writer.write(lp.tensor, bias)))
@@ -337,54 +343,93 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backg
         return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, lp.reason)
     spec = lp.spec
     if refiner is not None and refiner.rewrites(lp):
-        return _refined(reader, writer, bw, stages, lp, block_size, refiner)
-    q, scale, stats, give_back = quantizer(reader, lp.tensor, spec, block_size)
+        return _refined(reader, writer, bw, stages, lp, refiner)
+    if not backend.has_kernel(spec):
+        return _by_reference(reader, writer, bw, stages, lp, refiner, device)
+    q, scale, stats, give_back = quantizer(reader, lp.tensor, spec, lp.block_size)
     try:
         check_finite(scale, file=reader.path, tensor=lp.tensor, layer=lp.layer)
-        input_scale = refiner.input_scale(lp) if refiner is not None and spec.writes_input_scale else None
+        tensors = spec.pack(q, scale)
+        _static_input_scale(tensors, lp, refiner)
     except QuantkitError:
         give_back()
         raise
-    _submit_layer(writer, bw, stages, lp, q, scale, input_scale, give_back)
+    _submit_layer(writer, bw, stages, lp, tensors, give_back)
     reason = "; ".join(x for x in (lp.reason, refiner.note(lp) if refiner is not None else "") if x)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
                        spec.comfy_format, reason, stats.sqnr_db)
 
 
+def _static_input_scale(tensors: dict[str, torch.Tensor], lp: LayerPlan, refiner: Refiner | None) -> None:
+    """A calibrated input_scale replaces the planned 1.0, for formats that store one."""
+    if refiner is not None and "input_scale" in tensors:
+        s = refiner.input_scale(lp)
+        if s is not None:
+            tensors["input_scale"] = s
+
+
+def _by_reference(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter,
+                  stages: dict[str, float], lp: LayerPlan, refiner: Refiner | None,
+                  device: torch.device) -> LayerReport:
+    """A layer of a format no fast kernel runs: its own torch ``quantize`` on ``device``, SQNR of its
+    own ``dequantize`` (what ComfyUI computes) against the weight."""
+    spec = lp.spec
+    w = reader.tensor(lp.tensor).to(device)
+    tensors = spec.quantize(w, lp.opts)
+    for t in tensors.values():
+        if t.dtype in (torch.float32, torch.float16, torch.bfloat16):  # scales: NaN/Inf in w shows there
+            check_finite(t, file=reader.path, tensor=lp.tensor, layer=lp.layer)
+    sqnr = scaled.sqnr(w, spec.dequantize(tensors, lp.comfy_quant(), torch.float32, lp.layer))
+    del w
+    reader.release(lp.tensor)
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    _static_input_scale(tensors, lp, refiner)
+    _submit_layer(writer, bw, stages, lp, tensors, None)
+    return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
+                       spec.comfy_format, lp.reason, sqnr)
+
+
 def _refined(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, stages: dict[str, float],
-             lp: LayerPlan, block_size: int, refiner: Refiner) -> LayerReport:
+             lp: LayerPlan, refiner: Refiner) -> LayerReport:
     spec = lp.spec
     q, scale, note = refiner.quantize(lp)
-    input_scale = refiner.input_scale(lp) if spec.writes_input_scale else None
+    tensors = spec.pack(q, scale)
+    _static_input_scale(tensors, lp, refiner)
     check_finite(scale, file=reader.path, tensor=lp.tensor, layer=lp.layer)
     dev = refiner.device  # the learning device: a whole-tensor fp64 SQNR is slow on CPU cores
     w = reader.tensor(lp.tensor).to(dev)
-    sqnr = reference.sqnr(w, reference.dequantize(q.to(dev), scale.to(dev), spec, block_size, torch.float32))
+    sqnr = scaled.sqnr(w, scaled.dequantize(q.to(dev), scale.to(dev), spec, lp.block_size, torch.float32))
     del w
     reader.release(lp.tensor)
-    _submit_layer(writer, bw, stages, lp, q, scale, input_scale, None)
+    _submit_layer(writer, bw, stages, lp, tensors, None)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
                        spec.comfy_format, "; ".join(x for x in (lp.reason, note) if x), sqnr)
 
 
 def _submit_layer(writer: SafetensorsWriter, bw: BackgroundWriter, stages: dict[str, float], lp: LayerPlan,
-                  q: torch.Tensor, scale: torch.Tensor, input_scale: torch.Tensor | None, give_back) -> None:
-    """Queue one quantized layer's four tensors for the writer thread. ``give_back`` (if any) returns
-    q's buffer to its pool once q is written, or when the job is skipped after an earlier failure."""
-    spec, layer = lp.spec, lp.layer
+                  tensors: dict[str, torch.Tensor], give_back) -> None:
+    """Queue one quantized layer's tensors (suffix -> tensor, as its format stores them) and its
+    marker for the writer thread, in the format's order. ``give_back`` (if any) returns the weight's
+    buffer to its pool once the weight is written, or when the job is skipped after an earlier failure."""
+    layer = lp.layer
+    order = [s.suffix for s in lp.spec.stored(lp.shape, torch_dtype(lp.dtype), lp.opts)]
+    if sorted(order) != sorted(tensors):
+        if give_back is not None:
+            give_back()
+        raise QuantkitError(f"format {lp.spec.name} produced tensors {sorted(tensors)}, planned {sorted(order)}",
+                            tensor=lp.tensor, fix="report this as a quantkit bug")
     marker = encode_comfy_quant(lp.comfy_quant())
-    if input_scale is None:
-        input_scale = torch.ones((), dtype=torch.float32)
 
     def write() -> None:
-        try:
-            writer.write(f"{layer}.weight", q)
-        finally:
-            if give_back is not None:
-                give_back()
-        writer.write(f"{layer}.weight_scale", scale)
-        if spec.writes_input_scale:
-            writer.write(f"{layer}.input_scale", input_scale)
+        for i, suffix in enumerate(order):
+            if i == 0:
+                try:
+                    writer.write(f"{layer}.{suffix}", tensors[suffix])
+                finally:
+                    if give_back is not None:
+                        give_back()
+            else:
+                writer.write(f"{layer}.{suffix}", tensors[suffix])
         writer.write(f"{layer}.comfy_quant", marker)
     bw.submit(_timed(stages, write), on_skip=give_back)
 

@@ -20,7 +20,7 @@ import torch
 
 from . import backend
 from .fileio import pread_full
-from .formats import FormatSpec
+from .formats.scaled import ScaledFormat
 from .quantize import ErrorStats
 
 
@@ -94,7 +94,7 @@ class DeviceQuantizer:
     def close(self) -> None:
         self._reader.close()
 
-    def quantize(self, name: str, dtype: torch.dtype, shape: tuple[int, int], spec: FormatSpec,
+    def quantize(self, name: str, dtype: torch.dtype, shape: tuple[int, int], spec: ScaledFormat,
                  block_size: int) -> tuple[torch.Tensor, torch.Tensor, ErrorStats, Callable[[], None]]:
         """Quantize the next planned weight. Returns (q in pinned host memory, scale on the CPU,
         stats, give_back); call ``give_back`` once q's bytes are written, to return its pinned

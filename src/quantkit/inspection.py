@@ -10,22 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import families
-from .formats import COMFY_READ_KEYS, QUANT_SUFFIXES, SCALE_SUFFIXES, STOCK_COMFY_FORMATS, decode_comfy_quant
+from .formats import (COMFY_READ_KEYS, QUANT_SUFFIXES, SCALE_SUFFIXES, STOCK_COMFY_FORMATS, Violation, check_layer,
+                      decode_comfy_quant, shapes_by_layer)
 from .plan import QUANT_METADATA_KEY
 from .safetensors_io import SafetensorsReader, TensorInfo
-
-_FP8_DTYPE = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
-
-
-@dataclass(frozen=True)
-class Violation:
-    rule: str  # short stable id, e.g. "scale-without-marker"
-    tensor: str | None
-    message: str
-
-    def line(self) -> str:
-        return f"{self.tensor}: {self.message} [{self.rule}]" if self.tensor else f"{self.message} [{self.rule}]"
-
 
 @dataclass
 class Inspection:
@@ -104,8 +92,9 @@ def inspect_reader(r: SafetensorsReader) -> Inspection:
         if (t.name.endswith(".weight") and len(t.shape) == 2 and t.dtype in ("F32", "F16", "BF16")
                 and f"{t.name.removesuffix('.weight')}.comfy_quant" not in T):
             ins.float_weights += 1
+    by_layer = shapes_by_layer(T)
     for layer, m in ins.markers.items():
-        _check_layer(layer, m, T, v)
+        _check_layer(layer, m, T, by_layer.get(layer, {}), v)
     _check_header(r.metadata, ins.markers, v, ins.notes.append)
     names = {n: t.shape for n, t in T.items() if not n.endswith(QUANT_SUFFIXES)}
     ins.families = families.detect(names)
@@ -131,96 +120,12 @@ def _decode_marker(r: SafetensorsReader, t: TensorInfo, v) -> dict | None:
     return m
 
 
-def _is_scalar(t: TensorInfo) -> bool:
-    return t.numel == 1 and len(t.shape) <= 1
-
-
-def _roundup(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-def _check_layer(layer: str, m: dict, T: dict[str, TensorInfo], v) -> None:
-    fmt = m["format"]
-    w = T.get(f"{layer}.weight")
-    s = T.get(f"{layer}.weight_scale")
-    name_w, name_s = f"{layer}.weight", f"{layer}.weight_scale"
-    if w is None:
-        v(Violation("marker-without-weight", f"{layer}.comfy_quant", f"marks a layer with no {name_w}"))
+def _check_layer(layer: str, m: dict, T: dict[str, TensorInfo], shapes: dict, v) -> None:
+    if f"{layer}.weight" not in T:
+        v(Violation("marker-without-weight", f"{layer}.comfy_quant", f"marks a layer with no {layer}.weight"))
         return
-    if fmt in _FP8_DTYPE or fmt == "mxfp8":
-        want = _FP8_DTYPE.get(fmt, "F8_E4M3")
-        if w.dtype == "U8":
-            v(Violation("uint8-stored-fp8", name_w, f"{fmt} weight stored as U8: the loader converts by value, "
-                        f"so every weight becomes garbage (store it as {want})"))
-        elif w.dtype != want:
-            v(Violation("wrong-weight-dtype", name_w, f"{fmt} weight is {w.dtype}, must be {want}"))
-    elif fmt in ("int8_tensorwise", "int8_blockwise") and w.dtype != "I8":
-        v(Violation("wrong-weight-dtype", name_w, f"{fmt} weight is {w.dtype}, must be I8"))
-    elif fmt == "nvfp4" and w.dtype != "U8":
-        v(Violation("wrong-weight-dtype", name_w, f"nvfp4 weight is {w.dtype}, must be U8 (two E2M1 per byte)"))
-    if len(w.shape) != 2:
-        v(Violation("wrong-weight-shape", name_w, f"quantized weight is {len(w.shape)}-D {list(w.shape)}; must be 2-D"))
-        return
-    n, k = w.shape
-    orig = m.get("orig_shape")
-    if fmt in (*_FP8_DTYPE, "int8_tensorwise", "int8_blockwise") and orig is not None and list(orig) != [n, k]:
-        v(Violation("orig-shape-mismatch", f"{layer}.comfy_quant", f"orig_shape {orig} but the weight is {[n, k]}"))
-    if fmt in (*_FP8_DTYPE, "int8_tensorwise", "int8_blockwise", "mxfp8", "nvfp4") and s is None:
-        v(Violation("missing-scale", name_w, f"{fmt} needs {name_s}; ComfyUI crashes at the layer's first use"))
-        return
-    if s is None:
-        return
-    if fmt in _FP8_DTYPE or fmt in ("int8_tensorwise", "int8_blockwise"):
-        if s.dtype != "F32":
-            v(Violation("wrong-scale-dtype", name_s, f"{fmt} scale is {s.dtype}, must be F32"))
-    if fmt in _FP8_DTYPE:
-        if not _is_scalar(s):
-            v(Violation("wrong-scale-shape", name_s, f"{fmt} takes one scalar scale [], not {list(s.shape)}"))
-        i = T.get(f"{layer}.input_scale")
-        if i is not None and (i.dtype != "F32" or not _is_scalar(i)):
-            v(Violation("wrong-scale-shape", i.name, f"input_scale must be an F32 scalar, not {i.dtype} {list(i.shape)}"))
-    elif fmt == "int8_tensorwise":
-        if m.get("convrot"):
-            g = m.get("convrot_groupsize")
-            if not (isinstance(g, int) and g >= 4 and (g & (g - 1)) == 0 and (g.bit_length() - 1) % 2 == 0):
-                v(Violation("bad-convrot", f"{layer}.comfy_quant", f"convrot_groupsize {g!r} is not a power of 4"))
-            elif k % g:
-                v(Violation("bad-convrot", f"{layer}.comfy_quant", f"K={k} is not a multiple of convrot_groupsize {g}"))
-            if list(s.shape) != [n, 1]:
-                v(Violation("wrong-scale-shape", name_s, f"convrot needs a per-row scale [{n}, 1], not {list(s.shape)}"))
-        elif len(s.shape) == 1 and s.shape[0] == n and n > 1:
-            v(Violation("int8-scale-1d", name_s, f"1-D [{n}] int8 scale: ComfyUI breaks on it"
-                        + (", or, as here with N == K, silently scales columns instead of rows" if n == k else "")
-                        + f"; store it as [{n}, 1]"))
-        elif not (_is_scalar(s) or list(s.shape) == [n, 1]):
-            v(Violation("wrong-scale-shape", name_s, f"int8_tensorwise takes [] or [{n}, 1], not {list(s.shape)}"))
-    elif fmt == "int8_blockwise":
-        b = m.get("group_size")
-        if not (isinstance(b, int) and b > 0):
-            v(Violation("bad-marker", f"{layer}.comfy_quant", f"int8_blockwise needs an integer group_size, got {b!r}"))
-        elif n % b or k % b:
-            v(Violation("wrong-weight-shape", name_w, f"{n}x{k} is not divisible by group_size {b}"))
-        elif list(s.shape) != [n // b, k // b]:
-            v(Violation("wrong-scale-shape", name_s, f"int8_blockwise scale must be [{n // b}, {k // b}], "
-                        f"not {list(s.shape)}"))
-    elif fmt == "mxfp8":
-        want = [_roundup(n, 128), _roundup(k // 32, 4)]
-        if n % 32 or k % 32:
-            v(Violation("wrong-weight-shape", name_w, f"mxfp8 weight {n}x{k} must be padded to multiples of 32"))
-        if s.dtype != "U8":
-            v(Violation("wrong-scale-dtype", name_s, f"mxfp8 scale is {s.dtype}; it must be U8 raw E8M0 "
-                        "(ComfyUI's reader has no F8_E8M0)"))
-        if list(s.shape) != want:
-            v(Violation("wrong-scale-shape", name_s, f"mxfp8 swizzled scale must be {want}, not {list(s.shape)}"))
-    elif fmt == "nvfp4":
-        want = [_roundup(n, 128), _roundup(2 * k // 16, 4)]
-        if s.dtype != "F8_E4M3":
-            v(Violation("wrong-scale-dtype", name_s, f"nvfp4 block scale is {s.dtype}, must be F8_E4M3"))
-        if list(s.shape) != want:
-            v(Violation("wrong-scale-shape", name_s, f"nvfp4 swizzled scale must be {want}, not {list(s.shape)}"))
-        s2 = T.get(f"{layer}.weight_scale_2")
-        if s2 is None or s2.dtype != "F32" or not _is_scalar(s2):
-            v(Violation("missing-scale", f"{layer}.weight_scale_2", "nvfp4 needs an F32 scalar weight_scale_2"))
+    for x in check_layer(layer, m, T, shapes):
+        v(x)
 
 
 def _check_header(metadata: dict[str, str] | None, markers: dict[str, dict], v, note) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .errors import UsageError
 from .fileio import NotRegularFile, open_regular
-from .formats import FORMATS, LAYER_OPTIONS
+from .formats import FORMATS, LAYER_OPTIONS, formats_with_option
 
 ENTRY_KEYS = ("format", "block_size", "skip", "options")
 
@@ -155,9 +155,10 @@ def parse_layer_config(data: object, path: str = "<config>") -> LayerConfig:
         if bs is not None:
             if type(bs) is not int or bs < 1 or bs & (bs - 1):
                 raise bad(f"{where}: block_size {bs!r} is not a positive power of two", "use 128 or 64")
-            if fmt is not None and FORMATS[fmt].granularity != "block":
+            if fmt is not None and "block_size" not in FORMATS[fmt].option_names:
+                with_block = " or ".join(f'format = "{f}"' for f in formats_with_option("block_size"))
                 raise bad(f"{where}: block_size applies only to block formats, not {fmt}",
-                          "drop block_size or use format = \"int8-block\"")
+                          f"drop block_size or use {with_block}")
         skip = entry.get("skip", False)
         if type(skip) is not bool:
             raise bad(f"{where}: skip must be true or false", "write skip = true")

@@ -48,9 +48,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
+from .formats import scaled
 from .errors import QuantkitError
-from .formats import FormatSpec
+from .formats.scaled import ScaledFormat
 
 CLIP_GRID = tuple(round(1.0 - 0.02 * i, 2) for i in range(13))  # 1.00, 0.98, ..., 0.76
 DEFAULT_DAMPING = 1.0  # see DEVELOPMENT.md (issue 5): few calibration rows need strong damping
@@ -75,8 +75,8 @@ class LearnedResult:
     objective: float  # J(chosen) / tr(W H W^T)
     method: str  # "gptq", "gptq+clip", or "rtn (...)" when RTN was kept
 
-    def dequantize(self, spec: FormatSpec, block_size: int) -> torch.Tensor:
-        return reference.dequantize(self.q, self.scale, spec, block_size, torch.float32)
+    def dequantize(self, spec: ScaledFormat, block_size: int) -> torch.Tensor:
+        return scaled.dequantize(self.q, self.scale, spec, block_size, torch.float32)
 
     @property
     def note(self) -> str:
@@ -90,7 +90,7 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def element_scale(scale: torch.Tensor, shape: tuple[int, int], spec: FormatSpec, block_size: int) -> torch.Tensor:
+def element_scale(scale: torch.Tensor, shape: tuple[int, int], spec: ScaledFormat, block_size: int) -> torch.Tensor:
     """The scale of every element, [N, K] (a view where possible)."""
     n, k = shape
     if spec.granularity == "tensor":
@@ -101,7 +101,7 @@ def element_scale(scale: torch.Tensor, shape: tuple[int, int], spec: FormatSpec,
     return scale[:, None, :, None].expand(n // b, b, k // b, b).reshape(n, k)
 
 
-def to_grid(x: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
+def to_grid(x: torch.Tensor, spec: ScaledFormat) -> torch.Tensor:
     """``x = w / scale`` (fp32) -> the grid value q as fp32, exactly as :mod:`quantkit.reference` rounds."""
     if spec.is_int:
         return x.round().clamp(-spec.qmax, spec.qmax)
@@ -114,14 +114,14 @@ def objective(w: torch.Tensor, deq: torch.Tensor, h: torch.Tensor) -> torch.Tens
     return ((e @ h) * e).sum(dim=(1, 2), dtype=torch.float64)
 
 
-def _clip_search(w: torch.Tensor, h: torch.Tensor, spec: FormatSpec, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _clip_search(w: torch.Tensor, h: torch.Tensor, spec: ScaledFormat, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per scale region, the alpha in CLIP_GRID minimising the RTN error on J. w [N,K], h [K,K].
     Returns (scale, alpha per region)."""
     n, k = w.shape
-    amax = reference.region_amax(w, spec, block_size).to(w.device)
+    amax = scaled.region_amax(w, spec, block_size).to(w.device)
     best_obj = best_scale = best_alpha = None
     for alpha in CLIP_GRID:
-        scale = reference.scale_from_amax(amax * alpha, spec)
+        scale = scaled.scale_from_amax(amax * alpha, spec)
         scale = torch.where(amax == 0, torch.ones_like(scale), scale)
         s = element_scale(scale, (n, k), spec, block_size)
         e = w - to_grid(w / s, spec) * s
@@ -159,7 +159,7 @@ def _kernel_available(device: torch.device) -> bool:
     return True
 
 
-def gptq(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, spec: FormatSpec,
+def gptq(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, spec: ScaledFormat,
          damping: float = DEFAULT_DAMPING, *, kernel: bool | None = None) -> torch.Tensor:
     """Sequential error feedback on a fixed per-element scale. w, s [B, N, K] fp32, h [B, K, K].
     Returns the grid values q [B, N, K] (fp32 holding exact grid points).
@@ -242,7 +242,7 @@ def check_memory(name: str, n: int, k: int, bsz: int, device: torch.device) -> N
                                 f"with --exclude '^{name}$'")
 
 
-def learn_batch(ws: list[torch.Tensor], hs: list[torch.Tensor], spec: FormatSpec, block_size: int,
+def learn_batch(ws: list[torch.Tensor], hs: list[torch.Tensor], spec: ScaledFormat, block_size: int,
                 options: LearnedOptions = LearnedOptions(), names: list[str] | None = None) -> list[LearnedResult]:
     """Learned rounding for layers of one shape at once (GPU-friendly). ``ws`` [N, K] (any float dtype),
     ``hs`` [K, K] the objective's second-moment matrices. One :class:`LearnedResult` per layer."""
@@ -263,7 +263,7 @@ def learn_batch(ws: list[torch.Tensor], hs: list[torch.Tensor], spec: FormatSpec
             sc, alpha = _clip_search(w[i], h[i], spec, block_size)
             tags.append("gptq+clip" if bool((alpha < 1).any()) else "gptq")
         else:
-            sc = reference.compute_scale(w[i], spec, block_size)
+            sc = scaled.compute_scale(w[i], spec, block_size)
             tags.append("gptq")
         scales.append(sc)
         s_elem.append(element_scale(sc, (n, k), spec, block_size))
@@ -272,8 +272,8 @@ def learn_batch(ws: list[torch.Tensor], hs: list[torch.Tensor], spec: FormatSpec
     deq = g * s
     rtn = []
     for i in range(len(ws)):
-        q0, sc0 = reference.quantize(w[i], spec, block_size)  # w[i]: already on dev (fp32, same bits)
-        rtn.append((q0, sc0, reference.dequantize(q0, sc0, spec, block_size, torch.float32)))
+        q0, sc0 = scaled.quantize(w[i], spec, block_size)  # w[i]: already on dev (fp32, same bits)
+        rtn.append((q0, sc0, scaled.dequantize(q0, sc0, spec, block_size, torch.float32)))
     j_learn = objective(w, deq, h)
     j_rtn = objective(w, torch.stack([r[2] for r in rtn]), h)
     j_ref = objective(w, torch.zeros_like(w), h).clamp_min(torch.finfo(torch.float64).tiny)
@@ -287,7 +287,7 @@ def learn_batch(ws: list[torch.Tensor], hs: list[torch.Tensor], spec: FormatSpec
     return out
 
 
-def learn(w: torch.Tensor, h: torch.Tensor, spec: FormatSpec, block_size: int,
+def learn(w: torch.Tensor, h: torch.Tensor, spec: ScaledFormat, block_size: int,
           options: LearnedOptions = LearnedOptions(), name: str = "") -> LearnedResult:
     return learn_batch([w], [h], spec, block_size, options, [name or "weight"])[0]
 
@@ -322,7 +322,7 @@ def subspace_basis(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     return u.float().contiguous(), v.float().contiguous()
 
 
-def learn_subspace(w: torch.Tensor, spec: FormatSpec, block_size: int, options: LearnedOptions = LearnedOptions(),
+def learn_subspace(w: torch.Tensor, spec: ScaledFormat, block_size: int, options: LearnedOptions = LearnedOptions(),
                    name: str = "") -> LearnedResult:
     """Data-free learned rounding on W's top singular subspace (the objective convert_to_quant uses):
     J(q) = ||U_k^T (W - Wq) V_k||_F^2, k = :func:`subspace_rank` (20% of min(N, K), within 256..1280).
@@ -344,7 +344,7 @@ def learn_subspace(w: torch.Tensor, spec: FormatSpec, block_size: int, options: 
     check_memory(name or "weight", n, k, 1, dev)
     w32 = w.to(dev, torch.float32)
     u, v = subspace_basis(w32, subspace_rank(n, k))
-    q0, sc0 = reference.quantize(w32, spec, block_size)
+    q0, sc0 = scaled.quantize(w32, spec, block_size)
     s = element_scale(sc0.float(), (n, k), spec, block_size)
     ref = float((u.T @ w32 @ v).double().pow(2).sum()) or 1.0
     c = torch.zeros_like(w32)
@@ -400,8 +400,7 @@ def corrected_bias(bias: torch.Tensor, w: torch.Tensor, deq: torch.Tensor, mean:
     return (bias.double() + delta).to(bias.dtype)
 
 
-def static_input_scale(stats: dict[str, torch.Tensor], spec: FormatSpec) -> torch.Tensor:
-    """Static fp8 activation scale: max |x| seen over the calibration set / qmax of the format (so the
-    calibration range maps onto the full fp8 range; larger inputs at run time are clamped)."""
-    amax = float(stats["absmax"].max())
-    return torch.tensor(amax / spec.qmax if amax > 0 else 1.0, dtype=torch.float32)
+def static_input_scale(stats: dict[str, torch.Tensor], spec) -> torch.Tensor | None:
+    """The static activation scale calibration gives a format (its own rule: for fp8, max |x| seen
+    over the calibration set / qmax); None where the format stores none."""
+    return spec.static_input_scale(stats)

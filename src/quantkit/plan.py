@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from . import families, policy
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
-from .formats import FALLBACK_CHOICES, FORMATS, LAYER_OPTIONS, QUANT_SUFFIXES, FormatSpec, encode_comfy_quant, get_format
+from .formats import (DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS, LAYER_OPTIONS, QUANT_SUFFIXES,
+                      Format, LayerOpts, formats_with_option, get_format)
 from .layerconfig import LayerConfig, LayerRule
 from .report import layer_counts
 from .safetensors_io import PlannedTensor, SafetensorsReader, TensorInfo, build_header
@@ -20,14 +21,15 @@ QUANT_METADATA_KEY = "_quantization_metadata"
 
 @dataclass(frozen=True)
 class Options:
-    format: str = "fp8"
+    format: str = DEFAULT_FORMAT
     block_size: int = 128
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    fallback: str = "int8-row"
+    fallback: str = DEFAULT_FALLBACK
     preset: str = "auto"  # a family name (quantkit.families), "auto" or "none"
     config: LayerConfig | None = None  # per-layer overrides (quantkit.layerconfig)
     comfy_options: tuple[tuple[str, object], ...] = ()  # extra .comfy_quant keys for every layer
+    format_options: tuple[tuple[str, object], ...] = ()  # LayerOpts fields besides block_size
 
     def validate(self) -> None:
         get_format(self.format)
@@ -40,12 +42,19 @@ class Options:
                 raise UsageError(f"unknown .comfy_quant option {k}={v!r}", fix=f"known: {', '.join(LAYER_OPTIONS)}")
         if self.fallback not in FALLBACK_CHOICES:
             raise UsageError(f"unknown --fallback '{self.fallback}'", fix=f"use one of: {', '.join(FALLBACK_CHOICES)}")
-        if self.fallback != "keep" and FORMATS[self.fallback].granularity == "block":
-            raise UsageError("--fallback cannot be a block format", fix="use int8-row, int8-tensor, fp8 or keep")
         if not (isinstance(self.block_size, int) and self.block_size >= 1):
             raise UsageError(f"--block-size {self.block_size} must be a positive integer", fix="use 128 or 64")
-        if FORMATS[self.format].granularity == "block" and self.block_size & (self.block_size - 1):
-            raise UsageError(f"--block-size {self.block_size} is not a power of two", fix="use 128 or 64")
+        fields = set(LayerOpts.__dataclass_fields__) - {"block_size"}
+        for k, _ in self.format_options:
+            if k not in fields:
+                raise UsageError(f"unknown format option '{k}'", fix=f"known: {', '.join(sorted(fields)) or 'none'}")
+        bad = FORMATS[self.format].option_error(self.layer_opts(self.block_size))
+        if bad is not None:
+            raise UsageError(bad[0], fix=bad[1])
+
+
+    def layer_opts(self, block_size: int) -> LayerOpts:
+        return LayerOpts(block_size, **dict(self.format_options))
 
 
 @dataclass(frozen=True)
@@ -55,12 +64,13 @@ class LayerPlan:
     tensor: str
     shape: tuple[int, ...]
     dtype: str
-    spec: FormatSpec | None
+    spec: Format | None
     reason: str = ""  # why kept, or why it fell back
     fallback: bool = False
     block_size: int = 128
     options: tuple[tuple[str, object], ...] = ()  # extra .comfy_quant keys
     rule: str = ""  # the per-layer config pattern that decided this layer, if any
+    format_options: tuple[tuple[str, object], ...] = ()  # LayerOpts fields besides block_size
 
     @property
     def layer(self) -> str:
@@ -74,29 +84,28 @@ class LayerPlan:
     def action(self) -> str:
         return "fallback" if self.fallback and self.spec else ("quantized" if self.spec else "kept")
 
+    @property
+    def opts(self) -> LayerOpts:
+        return LayerOpts(self.block_size, **dict(self.format_options))
+
     def comfy_quant(self) -> dict:
         assert self.spec is not None
-        d = self.spec.comfy_quant(self.shape, torch_dtype(self.dtype), self.block_size)
+        d = self.spec.marker(self.shape, torch_dtype(self.dtype), self.opts)
         d.update(self.options)
         return d
 
     def outputs(self) -> list[PlannedTensor]:
         if self.spec is None:
             return [PlannedTensor(self.tensor, self.dtype, self.shape)]
-        s, L = self.spec, self.layer
-        out = [PlannedTensor(f"{L}.weight", s.weight_dtype_name, self.shape),
-               PlannedTensor(f"{L}.weight_scale", "F32", s.scale_shape(self.shape, self.block_size))]
-        if s.writes_input_scale:
-            out.append(PlannedTensor(f"{L}.input_scale", "F32", ()))
-        out.append(PlannedTensor(f"{L}.comfy_quant", "U8", (len(encode_comfy_quant(self.comfy_quant())),)))
-        return out
+        return [PlannedTensor(name, dtype, shape) for name, dtype, shape in
+                self.spec.layer_tensors(self.layer, self.shape, torch_dtype(self.dtype), self.opts, dict(self.options))]
 
     def to_dict(self) -> dict:
         return {"tensor": self.tensor, "shape": list(self.shape), "dtype": self.dtype,
                 "action": self.action,
                 "format": self.spec.name if self.spec else None,
                 "comfy_format": self.spec.comfy_format if self.spec else None,
-                "block_size": self.block_size if self.spec and self.spec.granularity == "block" else None,
+                "block_size": self.block_size if self.spec and "block_size" in self.spec.option_names else None,
                 "options": dict(self.options), "reason": self.reason, "rule": self.rule or None}
 
 
@@ -188,7 +197,7 @@ def quantization_metadata(plan: Plan) -> str:
     return json.dumps({"format_version": "1.0", "layers": layers}, separators=(",", ":"))
 
 
-def _plan_one(t: TensorInfo, spec: FormatSpec, sel: policy.Selection, options: Options) -> LayerPlan:
+def _plan_one(t: TensorInfo, spec: Format, sel: policy.Selection, options: Options) -> LayerPlan:
     why = policy.is_candidate(t)
     rule: LayerRule | None = None
     name = policy.layer_name(t.name)
@@ -206,23 +215,24 @@ def _plan_one(t: TensorInfo, spec: FormatSpec, sel: policy.Selection, options: O
         if rule.format is not None:
             spec = FORMATS[rule.format]
         if rule.block_size is not None:
-            if spec.granularity != "block":
+            if "block_size" not in spec.option_names:
+                with_block = " or ".join(f'format = "{f}"' for f in formats_with_option("block_size"))
                 raise UsageError(f"config {rule.pattern!r} sets block_size but this layer's format is {spec.name}",
                                  file=options.config.path, tensor=t.name,
-                                 fix="drop block_size or set format = \"int8-block\" in the entry")
+                                 fix=f"drop block_size or set {with_block} in the entry")
             block_size = rule.block_size
         opts.update(rule.options)
     options_t = tuple(sorted(opts.items()))
-    cannot = spec.cannot_take(t.shape, block_size)
+    cannot = spec.cannot_take(t.shape, options.layer_opts(block_size))
     if cannot is None:
         return LayerPlan(t.name, t.shape, t.dtype, spec, how, block_size=block_size, options=options_t,
-                         rule=rule.pattern if rule else "")
+                         rule=rule.pattern if rule else "", format_options=options.format_options)
     if options.fallback == "keep":
         return LayerPlan(t.name, t.shape, t.dtype, None, f"{cannot}; --fallback keep", fallback=True,
                          rule=rule.pattern if rule else "")
     return LayerPlan(t.name, t.shape, t.dtype, FORMATS[options.fallback],
                      f"{cannot}; fell back to {options.fallback}", fallback=True, block_size=block_size,
-                     options=options_t, rule=rule.pattern if rule else "")
+                     options=options_t, rule=rule.pattern if rule else "", format_options=options.format_options)
 
 
 def default_output_name(src_name: str, fmt: str) -> str:

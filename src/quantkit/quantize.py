@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from . import reference
-from .formats import FormatSpec
+from .formats import scaled
+from .formats.scaled import ScaledFormat
 
 # ~1 MiB of fp32 per chunk: stays in L2 on the machines we target.
 CHUNK_ELEMS = 1 << 18
 
 
-def rows_per_chunk(shape: tuple[int, int], spec: FormatSpec, block_size: int) -> int:
+def rows_per_chunk(shape: tuple[int, int], spec: ScaledFormat, block_size: int) -> int:
     n, k = shape
     rows = max(1, CHUNK_ELEMS // max(k, 1))
     if spec.granularity == "block":
@@ -25,14 +25,14 @@ def rows_per_chunk(shape: tuple[int, int], spec: FormatSpec, block_size: int) ->
     return min(rows, max(n, 1))
 
 
-def tensor_scale(w: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
+def tensor_scale(w: torch.Tensor, spec: ScaledFormat) -> torch.Tensor:
     """The per-tensor scale, equal to ``reference.compute_scale``: one reduction pass over ``w`` and no
     |w| temporary, since max(|min|, |max|) is the amax (NaN and inf carry through as they do in
     ``reference.region_amax``). Row and block scales come from each chunk in :func:`quantize_tensor`."""
     if not w.numel():
-        return reference.scale_from_amax(torch.zeros((), dtype=torch.float32), spec)
+        return scaled.scale_from_amax(torch.zeros((), dtype=torch.float32), spec)
     lo, hi = torch.aminmax(w)
-    return reference.scale_from_amax(torch.maximum(hi.abs(), lo.abs()).float(), spec)
+    return scaled.scale_from_amax(torch.maximum(hi.abs(), lo.abs()).float(), spec)
 
 
 @dataclass
@@ -44,10 +44,10 @@ class ErrorStats:
 
     @property
     def sqnr_db(self) -> float:
-        return reference.sqnr_db(self.signal, self.noise)
+        return scaled.sqnr_db(self.signal, self.noise)
 
 
-def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int,
+def quantize_tensor(w: torch.Tensor, spec: ScaledFormat, block_size: int,
                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, ErrorStats]:
     """Quantize a whole 2-D tensor on the CPU: returns (q, scale, error stats). Bit-identical to
     ``reference.quantize``; peak extra memory is q plus two cache-sized fp32 chunks. ``out``: a
@@ -78,7 +78,7 @@ def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int,
         wc, xc, qc = w32[:r], x[:r], q[i:i + r]
         wc.copy_(w[i:i + r])
         if chunk_scales:
-            parts.append(reference.compute_scale(wc, spec, block_size))  # exact: abs and max in fp32
+            parts.append(scaled.compute_scale(wc, spec, block_size))  # exact: abs and max in fp32
             s = parts[-1]
         else:
             s = scale
@@ -103,5 +103,5 @@ def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int,
         torch.addcmul(wv, xv, s, value=-1, out=xv)  # w - q * scale in one pass
         stats.noise += float(torch.dot(xc.view(-1), xc.view(-1)))
     if chunk_scales:
-        scale = torch.cat(parts) if parts else reference.compute_scale(w, spec, block_size)
+        scale = torch.cat(parts) if parts else scaled.compute_scale(w, spec, block_size)
     return q, scale, stats

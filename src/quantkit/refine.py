@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from . import learned, reference
+from . import learned
+from .backend import has_kernel
+from .formats import scaled
 from .calibration import Calibration, match_layers
 from .errors import QuantkitError, UsageError
 from .plan import LayerPlan, Plan
@@ -101,8 +103,8 @@ class Refiner:
         the bias-corrected covariance), in plan order. Empty without learned rounding."""
         if not self.learned_rounding or self.calibration is None:
             return []
-        return [(lp, self._stat_names[L], self._corrects_bias(L)) for L, lp in self._layers.items() if self._seen(L)
-                and not self._lacks_hessian(L)]
+        return [(lp, self._stat_names[L], self._corrects_bias(L)) for L, lp in self._layers.items()
+                if self._seen(L) and has_kernel(lp.spec) and not self._lacks_hessian(L)]
 
     def _corrects_bias(self, layer: str) -> bool:
         """Bias correction applies to this quantized layer: it ran during calibration and has a
@@ -110,7 +112,7 @@ class Refiner:
         wlp = self._layers.get(layer)
         t = self.reader.tensors.get(f"{layer}.bias")
         return (self.bias_correction and wlp is not None and t is not None and self._seen(layer)
-                and tuple(t.shape) == (wlp.shape[0],))
+                and tuple(t.shape) == (wlp.shape[0],) and has_kernel(wlp.spec))
 
     @property
     def device(self) -> torch.device:
@@ -119,8 +121,8 @@ class Refiner:
     def rewrites(self, lp: LayerPlan) -> bool:
         """Whether learned rounding chooses this layer's weight (else it is round-to-nearest, which the
         converter's own quantizer writes, with :meth:`input_scale` and :meth:`note` from here)."""
-        if not self.learned_rounding or lp.spec is None:
-            return False
+        if not self.learned_rounding or lp.spec is None or not has_kernel(lp.spec):
+            return False  # learned rounding works on the scaled grids
         return self.options.objective == "subspace" or (self.calibration is not None and self._seen(lp.layer)
                                                          and not self._lacks_hessian(lp.layer))
 
@@ -156,7 +158,7 @@ class Refiner:
                                   self.options, name=L)
             out = (r.q, r.scale, r.note)
         else:  # round-to-nearest, needed here only for a corrected bias
-            q, scale = reference.quantize(w, spec, b)
+            q, scale = scaled.quantize(w, spec, b)
             out = (q, scale, "")
         self._store(lp, out)
         return out
@@ -187,7 +189,7 @@ class Refiner:
 
     def input_scale(self, lp: LayerPlan) -> torch.Tensor | None:
         spec = lp.spec
-        if spec is None or spec.is_int or not spec.writes_input_scale or not self._seen(lp.layer):
+        if spec is None or not self._seen(lp.layer):
             return None
         return learned.static_input_scale(self._stats[lp.layer], spec)
 
@@ -202,7 +204,7 @@ class Refiner:
         q, scale, _ = self._result(wlp)
         dev = self.device  # whole-tensor fp64 work: on the learning device, not CPU cores
         w = self.reader.tensor(wlp.tensor).to(dev)
-        deq = reference.dequantize(q.to(dev), scale.to(dev), wlp.spec, wlp.block_size, torch.float32)
+        deq = scaled.dequantize(q.to(dev), scale.to(dev), wlp.spec, wlp.block_size, torch.float32)
         b = learned.corrected_bias(self.reader.tensor(lp.tensor).to(dev), w, deq, self._stats[L]["mean"].to(dev))
         self._done(L, "bias")
         return b.cpu()

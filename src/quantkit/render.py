@@ -82,7 +82,7 @@ def print_plan(plan: Plan, input_name: str, output_name: str | None, console: Co
         if lp.spec is None:
             to = Text("kept", style="dim")
         else:
-            to = Text(lp.spec.name + (f" b{lp.block_size}" if lp.spec.granularity == "block" else ""),
+            to = Text(lp.spec.name + (f" b{lp.block_size}" if "block_size" in lp.spec.option_names else ""),
                       style="yellow" if lp.fallback else "green")
         t.add_row(lp.tensor, "x".join(map(str, lp.shape)), lp.dtype, to, lp.reason)
     console.print(t)

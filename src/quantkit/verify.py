@@ -2,9 +2,9 @@
 ``--against ORIGINAL``, per-layer SQNR of what ComfyUI would compute (dequantized in fp32) against
 the original weights, and a floor (``--min-sqnr``). Works on files from other tools.
 
-SQNR is computed for the formats quantkit can dequantize: float8_e4m3fn, float8_e5m2,
-int8_tensorwise (per tensor / per row, without convrot) and int8_blockwise. Other formats (mxfp8,
-nvfp4, convrot) are listed with "not computed"; that is not a violation.
+SQNR is computed for every layer a registered format recognizes (:func:`quantkit.formats.format_of_marker`),
+from that format's own ``dequantize``. Other layers (formats no module reads yet) are listed with
+"not computed"; that is not a violation.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from . import reference
+from .formats import scaled
 from .errors import UsageError
-from .formats import FORMATS, QUANT_SUFFIXES, FormatSpec
+from .formats import QUANT_SUFFIXES, format_of_marker, shapes_by_layer
 from .inspection import Inspection, Violation, inspect_reader
 from .safetensors_io import SafetensorsReader
 
@@ -55,26 +55,6 @@ class VerifyReport:
                 "violations": [{"rule": v.rule, "tensor": v.tensor, "message": v.message} for v in self.violations]}
 
 
-def spec_for(marker: dict, scale_shape: tuple[int, ...]) -> tuple[FormatSpec, int] | None:
-    """The quantkit FormatSpec (and block size) that dequantizes this marker's layer, if any."""
-    fmt = marker.get("format")
-    if marker.get("convrot"):
-        return None
-    numel = 1
-    for d in scale_shape:
-        numel *= d
-    for s in FORMATS.values():
-        if s.comfy_format != fmt:
-            continue
-        if s.granularity == "block":
-            return s, int(marker.get("group_size", 0))
-        if s.granularity == "tensor" and numel == 1:
-            return s, 0
-        if s.granularity == "row" and len(scale_shape) == 2 and scale_shape[1] == 1:
-            return s, 0
-    return None
-
-
 def verify(path: str | Path, against: str | Path | None = None, min_sqnr: float | None = None) -> VerifyReport:
     if min_sqnr is not None and against is None:
         raise UsageError("--min-sqnr needs --against ORIGINAL to compare with", fix="add --against input.safetensors")
@@ -94,6 +74,7 @@ def _compare(out: SafetensorsReader, src: SafetensorsReader, rep: VerifyReport) 
     v = rep.violations.append
     bad_layers = {(x.tensor or "").rsplit(".", 1)[0] for x in rep.violations}
     markers = rep.inspection.markers
+    by_layer = shapes_by_layer(out.tensors)
     for name in src.tensors:
         if name not in out.tensors:
             v(Violation("missing-tensor", name, f"in the original but not in the output ({src.path})"))
@@ -108,19 +89,20 @@ def _compare(out: SafetensorsReader, src: SafetensorsReader, rep: VerifyReport) 
             if o is None:
                 v(Violation("not-in-original", name, f"quantized layer has no {name} in {src.path}"))
                 continue
-            if o.shape != t.shape and fmt not in ("mxfp8", "nvfp4"):
-                v(Violation("shape-mismatch", name, f"{list(t.shape)} here, {list(o.shape)} in the original"))
+            shapes = by_layer.get(layer, {})
+            how = format_of_marker(markers[layer], shapes)
+            if how is not None and tuple(o.shape) != how.orig_shape(markers[layer], shapes):
+                v(Violation("shape-mismatch", name, f"{list(how.orig_shape(markers[layer], shapes))} here, "
+                            f"{list(o.shape)} in the original"))
                 continue
-            how = spec_for(markers[layer], out.tensors[f"{layer}.weight_scale"].shape
-                           if f"{layer}.weight_scale" in out.tensors else ())
             if how is None or layer in bad_layers:
                 why = "contract violation above" if layer in bad_layers else f"quantkit does not dequantize {fmt}" + (
                     " with convrot" if markers[layer].get("convrot") else "")
                 rep.layers.append(LayerCheck(name, fmt, None, f"SQNR not computed ({why})"))
                 continue
-            spec, b = how
-            deq = reference.dequantize(out.tensor(name), out.tensor(f"{layer}.weight_scale"), spec, b, torch.float32)
-            check = LayerCheck(name, fmt, reference.sqnr(src.tensor(name), deq))
+            stored = {suffix: out.tensor(f"{layer}.{suffix}") for suffix in shapes}
+            deq = how.dequantize(stored, markers[layer], torch.float32, layer)
+            check = LayerCheck(name, fmt, scaled.sqnr(src.tensor(name), deq))
         elif o is None:
             continue  # an extra tensor the output adds (not a violation)
         elif o.dtype == t.dtype and o.shape == t.shape and out.buffer(name) == src.buffer(name):
@@ -129,7 +111,7 @@ def _compare(out: SafetensorsReader, src: SafetensorsReader, rep: VerifyReport) 
         elif t.dtype in ("F32", "F16", "BF16") and o.dtype in ("F32", "F16", "BF16") and o.shape == t.shape \
                 and len(t.shape) >= 1 and t.numel:
             a, b_ = src.tensor(name).reshape(t.shape[0], -1), out.tensor(name).reshape(t.shape[0], -1)
-            check = LayerCheck(name, None, reference.sqnr(a, b_), f"stored unquantized but changed ({o.dtype} -> {t.dtype})")
+            check = LayerCheck(name, None, scaled.sqnr(a, b_), f"stored unquantized but changed ({o.dtype} -> {t.dtype})")
         else:
             v(Violation("changed-tensor", name, f"differs from the original ({o.dtype} {list(o.shape)} -> "
                         f"{t.dtype} {list(t.shape)})"))
@@ -142,4 +124,4 @@ def _compare(out: SafetensorsReader, src: SafetensorsReader, rep: VerifyReport) 
         src.release(name)
 
 
-__all__ = ["verify", "VerifyReport", "LayerCheck", "spec_for"]
+__all__ = ["verify", "VerifyReport", "LayerCheck"]

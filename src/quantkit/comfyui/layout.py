@@ -36,13 +36,14 @@ import torch.nn.functional as F
 from comfy_kitchen.tensor import (BaseLayoutParams, QuantizedLayout, QuantizedTensor, dequantize_args,
                                   register_layout_op)
 
-from .. import reference
-from ..formats import DEFAULT_BLOCK_SIZE, FORMATS
+from ..formats import scaled
+from ..formats import DEFAULT_BLOCK_SIZE, FORMATS, LayerOpts
 
 log = logging.getLogger("quantkit.comfyui")
 
-SPEC = FORMATS["int8-block"]
-COMFY_FORMAT = SPEC.comfy_format  # "int8_blockwise"
+# the registered format this layout holds: the one the runtime's block-wise INT8 layout holds
+SPEC = next(f for f in FORMATS.values() if f.runtime_layout == "BlockWiseINT8Layout")
+COMFY_FORMAT = SPEC.comfy_format
 LAYOUT_NAME = "QuantkitBlockINT8Layout"
 FAST_ENV = "QUANTKIT_NODE_FAST"  # "0" forces the dequantize path everywhere
 
@@ -71,21 +72,21 @@ class BlockINT8Layout(QuantizedLayout):
         and ignored: quantkit rounds to nearest-even.
         """
         b = int(block_size or DEFAULT_BLOCK_SIZE)
-        why = SPEC.cannot_take(tuple(tensor.shape), b)
+        why = SPEC.cannot_take(tuple(tensor.shape), LayerOpts(b))
         if why:
             raise ValueError(f"{LAYOUT_NAME}: cannot quantize a tensor of shape {tuple(tensor.shape)}: {why}")
         if scale is None or isinstance(scale, str):
-            q, s = reference.quantize(tensor, SPEC, b)
+            q, s = scaled.quantize(tensor, SPEC, b)
         else:
             s = scale.to(device=tensor.device, dtype=torch.float32)
-            q = reference.quantize_with_scale(tensor, s, SPEC, b)
+            q = scaled.quantize_with_scale(tensor, s, SPEC, b)
         return q, cls.Params(scale=s, orig_dtype=tensor.dtype, orig_shape=tuple(tensor.shape), block_size=b)
 
     @classmethod
     def dequantize(cls, qdata: torch.Tensor, params: Params) -> torch.Tensor:
         """The ``[N, K]`` weight in ``params.orig_dtype`` (the storage orientation, even when
         ``transposed``: ``QuantizedTensor.dequantize`` applies the flag)."""
-        return reference.dequantize(qdata, params.scale, SPEC, params.block_size, params.orig_dtype)
+        return scaled.dequantize(qdata, params.scale, SPEC, params.block_size, params.orig_dtype)
 
     @classmethod
     def get_plain_tensors(cls, qtensor: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +122,7 @@ def fast_kernels():
     try:
         from ..runtime import triton_w8a8
     except Exception as e:  # ImportError, or triton failing to initialise
-        log.info("quantkit: int8_blockwise runs dequantized (Triton W8A8 kernel unavailable: %s)", e)
+        log.info("quantkit: %s runs dequantized (Triton W8A8 kernel unavailable: %s)", COMFY_FORMAT, e)
         return None
     return triton_w8a8
 
@@ -168,10 +169,10 @@ def block_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None)
             raise
         except Exception as e:  # a kernel that does not build or run here: never refuse the layer
             _fast_failed.append(repr(e))
-            log.warning("quantkit: int8_blockwise Triton kernel failed (%r); dequantizing from now on", e)
+            log.warning("quantkit: %s Triton kernel failed (%r); dequantizing from now on", COMFY_FORMAT, e)
         else:
             return y.reshape(*x.shape[:-1], n)
-    deq = reference.dequantize(w._qdata, w._params.scale, SPEC, w._params.block_size, x.dtype)
+    deq = scaled.dequantize(w._qdata, w._params.scale, SPEC, w._params.block_size, x.dtype)
     return F.linear(x, deq, bias)
 
 

@@ -21,7 +21,7 @@ import re
 from .. import families
 from ..convert import convert
 from ..errors import QuantkitError
-from ..formats import DEFAULT_BLOCK_SIZE, FALLBACK_CHOICES, FORMATS
+from ..formats import DEFAULT_BLOCK_SIZE, DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS
 from ..plan import default_output_name
 from .capture_nodes import FOLDER, QuantkitCaptureCalibration, QuantkitSaveCalibration, calibration_files, register_folder
 from .compare_node import QuantkitCompareModels
@@ -52,11 +52,11 @@ class QuantkitQuantizeModel:
         return {
             "required": {
                 "model": ("MODEL",),
-                "target": (list(TARGETS), {"default": "fp8_e4m3fn"}),
+                "target": (list(TARGETS), {"default": FORMATS[DEFAULT_FORMAT].node_target}),
                 "block_size": ("INT", {"default": DEFAULT_BLOCK_SIZE, "min": 16, "max": 1024, "step": 16,
-                                       "tooltip": "tile size of int8_blockwise (power of two)"}),
-                "fallback": (list(FALLBACK_CHOICES), {"default": "int8-row",
-                                               "tooltip": "format for layers int8_blockwise cannot tile"}),
+                                       "tooltip": "tile size of the block formats (power of two)"}),
+                "fallback": (list(FALLBACK_CHOICES), {"default": DEFAULT_FALLBACK,
+                                               "tooltip": "format for layers the target cannot store"}),
             },
             "optional": {
                 "exclude": ("STRING", {"default": "", "multiline": True,
@@ -158,9 +158,9 @@ class QuantkitConvertCheckpoint:
         return {
             "required": {
                 "source": (_source_choices(),),
-                "format": (list(FORMATS), {"default": "fp8"}),
+                "format": (list(FORMATS), {"default": DEFAULT_FORMAT}),
                 "block_size": ("INT", {"default": DEFAULT_BLOCK_SIZE, "min": 16, "max": 1024, "step": 16}),
-                "fallback": (list(FALLBACK_CHOICES), {"default": "int8-row"}),
+                "fallback": (list(FALLBACK_CHOICES), {"default": DEFAULT_FALLBACK}),
                 "output_name": ("STRING", {"default": "", "tooltip": "empty: <source>-<format>.safetensors"}),
                 "overwrite": ("BOOLEAN", {"default": False}),
             },

@@ -31,19 +31,14 @@ import torch
 from .. import backend, families
 from ..dtypes import TORCH_TO_NAME
 from ..errors import QuantkitError
-from ..formats import FORMATS, encode_comfy_quant
+from ..formats import DEFAULT_FALLBACK, FORMATS, encode_comfy_quant
+from ..formats import scaled
 from ..plan import LayerPlan, Options, _plan_one
 from ..policy import Selection
 from ..safetensors_io import TensorInfo
 
-# What the node offers -> quantkit --format.
-TARGETS: dict[str, str] = {
-    "fp8_e4m3fn": "fp8",
-    "fp8_e5m2": "fp8-e5m2",
-    "int8_rowwise": "int8-row",
-    "int8_tensorwise": "int8-tensor",
-    "int8_blockwise": "int8-block",
-}
+# What the node offers -> quantkit --format (each format names its own target).
+TARGETS: dict[str, str] = {f.node_target: f.name for f in FORMATS.values() if f.node_target}
 
 
 @dataclass
@@ -97,36 +92,41 @@ def _float_weight(patcher, name: str, module) -> torch.Tensor | None:
     return w.detach()
 
 
-def quantize_weight(w: torch.Tensor, fmt: str, block_size: int,
-                    work_device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(q, scale, sqnr_db)`` on ``w``'s device, bit-identical to what ``quantkit convert`` writes
-    for this weight. A CUDA ``work_device`` does the arithmetic there (the weights of an unloaded
-    model sit on the CPU); on the CPU the chunked fast path runs."""
+def quantize_weight(w: torch.Tensor, lp: LayerPlan,
+                    work_device: torch.device | None = None) -> tuple[dict[str, torch.Tensor], float]:
+    """``(stored tensors by suffix, sqnr_db)`` on ``w``'s device, bit-identical to what ``quantkit
+    convert`` writes for this weight. A CUDA ``work_device`` does the arithmetic there (the weights
+    of an unloaded model sit on the CPU); on the CPU the chunked fast path runs."""
     dev = w.device
     if work_device is not None and torch.device(work_device).type == "cuda" and w.device.type == "cpu":
         dev = torch.device(work_device)
-    r = backend.quantize_tensor(w, FORMATS[fmt], block_size, dev)  # the converter's own quantizer
-    if not bool(torch.isfinite(r.scale).all()):
-        raise ValueError("weight holds NaN or Inf values")
-    return r.q.to(w.device), r.scale.to(w.device), r.sqnr_db()
+    spec = lp.spec
+    if backend.has_kernel(spec):
+        r = backend.quantize_tensor(w, spec, lp.block_size, dev)  # the converter's own quantizer
+        tensors, sqnr = spec.pack(r.q, r.scale), r.sqnr_db
+    else:
+        w = w.to(dev)
+        tensors = spec.quantize(w, lp.opts)
+        deq = spec.dequantize(tensors, lp.comfy_quant(), torch.float32, lp.layer)
+        sqnr = lambda: scaled.sqnr(w, deq)  # noqa: E731
+    for t in tensors.values():
+        if t.dtype == torch.float32 and not bool(torch.isfinite(t).all()):
+            raise ValueError("weight holds NaN or Inf values")
+    return {k: v.to(w.device) for k, v in tensors.items()}, sqnr()
 
 
-def layer_state_dict(q: torch.Tensor, scale: torch.Tensor, lp: LayerPlan,
+def layer_state_dict(tensors: dict[str, torch.Tensor], lp: LayerPlan,
                      bias: torch.Tensor | None) -> dict[str, torch.Tensor]:
     """The tensors ``quantkit convert`` writes for the planned layer ``lp``, keyed without the
     layer prefix."""
-    spec = lp.spec
     marker = encode_comfy_quant(lp.comfy_quant())
-    sd = {"weight": q, "weight_scale": scale,
-          "comfy_quant": torch.frombuffer(bytearray(marker), dtype=torch.uint8)}
-    if spec.writes_input_scale:
-        sd["input_scale"] = torch.ones((), dtype=torch.float32)
+    sd = {**tensors, "comfy_quant": torch.frombuffer(bytearray(marker), dtype=torch.uint8)}
     if bias is not None:
         sd["bias"] = bias
     return sd
 
 
-def quantize_model(model, target: str, block_size: int = 128, fallback: str = "int8-row",
+def quantize_model(model, target: str, block_size: int = 128, fallback: str = DEFAULT_FALLBACK,
                    exclude: tuple[str, ...] = (), preset: str = "auto"):
     """Return ``(clone, summary)``: a clone of the ModelPatcher ``model`` with its linear layers
     quantized to ``target`` (a key of :data:`TARGETS`) via object patches. ``preset`` picks the
@@ -140,10 +140,10 @@ def quantize_model(model, target: str, block_size: int = 128, fallback: str = "i
     shapes = {n: tuple(p.shape) for n, p in model.model.named_parameters()}
     sel = Selection.from_patterns((), options.exclude, families.resolve(options.preset, shapes))
     spec = FORMATS[fmt]
-    if spec.granularity == "block":
+    if not spec.stock_comfy:
         from .register import register
         if not register().ok:
-            raise QuantkitError("int8_blockwise cannot be loaded by this ComfyUI (see the log line above)",
+            raise QuantkitError(f"{spec.comfy_format} cannot be loaded by this ComfyUI (see the log line above)",
                                 fix="choose another target")
     mixed_op = getattr(ops, "MixedPrecisionOp", None)
     get_disabled = getattr(ops, "get_disabled_quant_formats", None)
@@ -170,7 +170,7 @@ def quantize_model(model, target: str, block_size: int = 128, fallback: str = "i
             summary.layers.append(LayerResult(name, tuple(w.shape), "kept", None, lp.reason))
             continue
         try:
-            q, scale, sqnr = quantize_weight(w, lp.spec.name, lp.block_size, getattr(model, "load_device", None))
+            tensors, sqnr = quantize_weight(w, lp, getattr(model, "load_device", None))
         except ValueError as e:
             raise QuantkitError(str(e), tensor=f"{name}.weight",
                                 fix=f"repair the model, or keep the layer with exclude '^{name}$'") from None
@@ -181,7 +181,7 @@ def quantize_model(model, target: str, block_size: int = 128, fallback: str = "i
         bias = None if bias is None else bias.detach().to(compute_dtype)
         new = op_classes[compute_dtype].Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device,
                                                dtype=compute_dtype)
-        new.load_state_dict(layer_state_dict(q, scale, lp, bias), strict=True)
+        new.load_state_dict(layer_state_dict(tensors, lp, bias), strict=True)
         new.train(False)
         clone.add_object_patch(name, new)
         summary.layers.append(LayerResult(name, tuple(w.shape), "fallback" if lp.fallback else "quantized",

@@ -160,11 +160,11 @@ def register() -> Registration:
 
 def _report(r: Registration) -> Registration:
     if not r.ok:
-        log.error("quantkit: int8_blockwise files will not load in this ComfyUI (stock formats are unaffected): %s",
-                  "; ".join(r.messages))
+        log.error("quantkit: %s files will not load in this ComfyUI (stock formats are unaffected): %s",
+                  COMFY_FORMAT, "; ".join(r.messages))
     else:
         for m in r.messages:
             log.info("quantkit: %s", m)
-        log.info("quantkit: int8_blockwise registered (layout %s, QUANT_ALGOS %s, loader %s)",
-                 r.layout, r.quant_algos, r.loader)
+        log.info("quantkit: %s registered (layout %s, QUANT_ALGOS %s, loader %s)",
+                 COMFY_FORMAT, r.layout, r.quant_algos, r.loader)
     return r

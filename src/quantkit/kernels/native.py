@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .. import reference
-from ..formats import FormatSpec
+from ..formats import scaled
+from ..formats.scaled import ScaledFormat
 from ..quantize import ErrorStats
 
 SOURCE = Path(__file__).with_name("cpu_quant.c")
@@ -159,7 +159,7 @@ def _parallel(rows: int, step: int, job) -> None:
         f.result()
 
 
-def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int,
+def quantize_tensor(w: torch.Tensor, spec: ScaledFormat, block_size: int,
                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, ErrorStats]:
     """Quantize a 2-D bf16/fp16/fp32 CPU tensor: (q, scale, error stats), as
     :func:`quantkit.quantize.quantize_tensor`, q and scale bit-identical to ``reference.quantize``. ``out``: a uint8 buffer of at least ``w.numel()`` bytes to hold q. Where a scale is
@@ -175,7 +175,7 @@ def quantize_tensor(w: torch.Tensor, spec: FormatSpec, block_size: int,
     if gran == 0:
         amax = torch.empty(n, dtype=torch.float32)
         _parallel(n, 1, lambda r0, r1: lib.qk_row_amax(w.data_ptr(), kind, r0, r1, k, amax.data_ptr()))
-        scales = reference.scale_from_amax(amax.max() if n else torch.zeros(()), spec).reshape(1)
+        scales = scaled.scale_from_amax(amax.max() if n else torch.zeros(()), spec).reshape(1)
     else:
         scales = torch.empty(spec.scale_shape((n, k), block_size), dtype=torch.float32)
     sig = torch.zeros(n, dtype=torch.float64)

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import FormatSpec
+from ..formats.scaled import ScaledFormat
 from .triton_quant import _FP8, _RNE_MAGIC
 
 ROWS = 32  # rows per program
@@ -75,7 +75,7 @@ def _gptq_block(w_ptr, s_ptr, u_ptr, q_ptr, e_ptr, n, k, i1, width,
         tl.store(ebase + j, err, mask=rmask)
 
 
-def _fmt(spec: FormatSpec) -> dict:
+def _fmt(spec: ScaledFormat) -> dict:
     if spec.is_int:
         return dict(QMAX=float(spec.qmax), IS_INT=True, MBITS=0, EMIN=0)
     mbits, _, emin = _FP8[spec.weight_dtype]
@@ -83,7 +83,7 @@ def _fmt(spec: FormatSpec) -> dict:
 
 
 def gptq_block(w: torch.Tensor, s: torch.Tensor, u: torch.Tensor, q: torch.Tensor, err: torch.Tensor,
-               i1: int, i2: int, spec: FormatSpec, rows: int = ROWS, num_warps: int = 4) -> None:
+               i1: int, i2: int, spec: ScaledFormat, rows: int = ROWS, num_warps: int = 4) -> None:
     """In place: q[:, :, i1:i2] = grid values, err[:, :, :i2-i1] = scaled errors of the block's columns.
     w, s, q [B, N, K] fp32 contiguous; u [B, K, K] fp32 contiguous (upper factor); err [B, N, COLS]."""
     bsz, n, k = w.shape

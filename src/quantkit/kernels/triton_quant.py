@@ -1,7 +1,7 @@
 """Triton quantizers: the reference math of :mod:`quantkit.reference`, bit for bit, on the GPU.
 
 One entry point, :func:`quantize`, for every format the converter writes. It returns ``q`` and
-``scale`` on the input's device, bit-identical to ``reference.quantize(w, spec, block_size)`` for
+``scale`` on the input's device, bit-identical to ``scaled.quantize(w, spec, block_size)`` for
 bf16 / fp16 / fp32 weights, and the two SQNR sums of ``quantize.quantize_tensor`` (``sum w^2`` and
 ``sum (w - q.float()*scale)^2``) as 0-d float64 tensors, accumulated in the same kernels (fp32 per
 program, fp64 across programs).
@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ..errors import QuantkitError
-from ..formats import FormatSpec
+from ..formats.scaled import ScaledFormat
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 
@@ -260,7 +260,7 @@ def _sm_count(device: torch.device) -> int:
     return 4  # interpreter: a few programs, so the persistent loops run more than once
 
 
-def _format_args(spec: FormatSpec) -> dict:
+def _format_args(spec: ScaledFormat) -> dict:
     if spec.is_int:
         return dict(QMAX=spec.qmax, IS_INT=True, MBITS=0, EBIAS=0, EMIN=0, SUB_MUL=1.0, MIN_NORMAL=0.0)
     mbits, ebias, emin = _FP8[spec.weight_dtype]
@@ -276,12 +276,12 @@ BLOCK_TILE = 16384  # elements of one block-kernel tile (b x b up to b = 128 in 
 Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def quantize(w: torch.Tensor, spec: FormatSpec, block_size: int, *, flat_block: int = FLAT_BLOCK,
+def quantize(w: torch.Tensor, spec: ScaledFormat, block_size: int, *, flat_block: int = FLAT_BLOCK,
              programs: int | None = None, row_tile: int = ROW_TILE, block_tile: int = BLOCK_TILE,
              num_warps: int = 8) -> Quantized:
     """Quantize a 2-D bf16/fp16/fp32 weight on its device: ``(q, scale, signal, noise)``.
 
-    ``q`` and ``scale`` equal ``reference.quantize(w, spec, block_size)`` bit for bit; ``signal``
+    ``q`` and ``scale`` equal ``scaled.quantize(w, spec, block_size)`` bit for bit; ``signal``
     and ``noise`` are 0-d float64 tensors on the device (reading them synchronizes).
     ``flat_block``/``programs`` (per-tensor kernels), ``row_tile`` (elements of a row-kernel tile)
     and ``block_tile`` (elements of a block-kernel tile) are tile sizes, powers of two; tests use

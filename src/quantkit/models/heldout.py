@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import calibration, reference
-from ..formats import decode_comfy_quant
-from ..verify import spec_for
+from .. import calibration
+from ..errors import QuantkitError
+from ..formats import decode_comfy_quant, format_of_marker
 from .bert import BertModel, load_bert, tokenize
 
 
@@ -53,14 +53,19 @@ def load_converted(path: str | Path) -> dict[str, torch.Tensor]:
     sd = load_file(str(path))
     out = {}
     for name, t in sd.items():
-        if name.endswith((".comfy_quant", ".weight_scale", ".input_scale")):
-            continue
-        layer = name.removesuffix(".weight")
+        layer, _, suffix = name.rpartition(".")
         marker = sd.get(f"{layer}.comfy_quant")
-        if name.endswith(".weight") and marker is not None:
-            scale = sd[f"{layer}.weight_scale"]
-            spec, b = spec_for(decode_comfy_quant(marker.numpy().tobytes()), tuple(scale.shape))
-            t = reference.dequantize(t, scale, spec, b, torch.float32)
+        if marker is not None and suffix not in ("weight", "bias"):
+            continue  # the layer's scales and marker
+        if suffix == "weight" and marker is not None:
+            m = decode_comfy_quant(marker.numpy().tobytes())
+            stored = {k[len(layer) + 1:]: v for k, v in sd.items()
+                      if k.startswith(layer + ".") and "." not in k[len(layer) + 1:]}
+            fmt = format_of_marker(m, {k: tuple(v.shape) for k, v in stored.items()})
+            if fmt is None:
+                raise QuantkitError(f"no registered format reads a {m.get('format')} layer", file=path,
+                                    tensor=name, fix="convert the original checkpoint with quantkit")
+            t = fmt.dequantize(stored, m, torch.float32, layer)
         out[name] = t.float() if t.is_floating_point() else t
     return out
 

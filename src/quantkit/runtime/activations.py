@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
-from ..formats import FormatSpec
+from ..formats import scaled
+from ..formats.scaled import ScaledFormat
 
 
-def quantize_activations(x: torch.Tensor, spec: FormatSpec, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x: torch.Tensor, spec: ScaledFormat, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token, per-group quantization of a 2-D activation: returns ``(q [M,K], scale [M,K/group])``."""
     m, k = x.shape
     xg = x.float().reshape(m, k // group, group)
-    scale = reference.scale_from_amax(xg.abs().amax(dim=2), spec)
+    scale = scaled.scale_from_amax(xg.abs().amax(dim=2), spec)
     y = xg / scale[..., None]
     if spec.is_int:
         q = y.round().clamp(-spec.qmax, spec.qmax).to(spec.weight_dtype)

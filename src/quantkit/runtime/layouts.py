@@ -1,8 +1,8 @@
-"""One ``QuantizedLayout`` per on-disk format, and the registry that names them.
+"""One ``QuantizedLayout`` per runtime layout the scaled-grid formats name, and the registry of layouts.
 
 A layout says how a :class:`~quantkit.runtime.tensor.QuantizedTensor` stores its data: ``quantize``
 returns ``(qdata, params)`` and ``dequantize`` turns them back into a float tensor. The math is
-:mod:`quantkit.reference` (the converter's numerical spec), so a file written by ``quantkit convert``
+:mod:`quantkit.formats.scaled` (the converter's numerical spec), so a file written by ``quantkit convert``
 and a tensor quantized here are bit-identical, and dequantization is what ComfyUI computes.
 
 ==========================  ==================  ============================  =================
@@ -16,6 +16,7 @@ BlockWiseINT8Layout         int8_blockwise      fp32 ``[N/b,K/b]``            in
 
 ``TensorCoreFP8Layout`` is a second name for the E4M3 layout, as in ComfyUI and comfy-kitchen. The
 first three names are comfy-kitchen's; kitchen has no block-wise INT8 layout, so that name is ours.
+Each format says which layout holds it (``runtime_layout``); a layout finds its formats there.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from typing import ClassVar
 
 import torch
 
-from .. import reference
+from ..formats import scaled
 from ..errors import QuantkitError
-from ..formats import DEFAULT_BLOCK_SIZE, FORMATS, FormatSpec
+from ..formats import DEFAULT_BLOCK_SIZE, FORMATS, LayerOpts, format_of_marker
+from ..formats.scaled import ScaledFormat
 
 
 @dataclass(frozen=True)
@@ -45,15 +47,27 @@ class LayoutParams:
         return dataclasses.replace(self, **changes)
 
 
+def _formats_of(layout: str) -> list[ScaledFormat]:
+    return [f for f in FORMATS.values() if f.runtime_layout == layout]
+
+
 class QuantizedLayout:
-    """Base class. Subclasses name the :class:`FormatSpec` whose math they run."""
+    """Base class. A subclass runs the math of the registered formats whose ``runtime_layout`` is its
+    name (``spec``: the first of them)."""
 
     Params: ClassVar[type[LayoutParams]] = LayoutParams
-    spec: ClassVar[FormatSpec]
+    spec: ClassVar[ScaledFormat]
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        if "spec" not in cls.__dict__ and _formats_of(cls.__name__):
+            cls.spec = _formats_of(cls.__name__)[0]
 
     @classmethod
-    def spec_for(cls, params: LayoutParams) -> FormatSpec:
-        return cls.spec
+    def spec_for(cls, params: LayoutParams) -> ScaledFormat:
+        """The format of a tensor held in this layout, told apart by its scale's shape."""
+        return format_of_marker({"format": cls.spec.comfy_format}, {"weight_scale": tuple(params.scale.shape)}) \
+            or cls.spec
 
     @classmethod
     def quantize(cls, tensor: torch.Tensor, **kwargs) -> tuple[torch.Tensor, LayoutParams]:
@@ -64,12 +78,12 @@ class QuantizedLayout:
         return cls._quantize(tensor, cls.spec, block_size)
 
     @classmethod
-    def _quantize(cls, tensor: torch.Tensor, spec: FormatSpec, block_size: int) -> tuple[torch.Tensor, LayoutParams]:
-        why = spec.cannot_take(tuple(tensor.shape), block_size)
+    def _quantize(cls, tensor: torch.Tensor, spec: ScaledFormat, block_size: int) -> tuple[torch.Tensor, LayoutParams]:
+        why = spec.cannot_take(tuple(tensor.shape), LayerOpts(block_size))
         if why:
             raise QuantkitError(f"cannot quantize to {cls.__name__}: {why}",
                                 fix="quantize a 2-D weight whose shape the format accepts")
-        q, scale = reference.quantize(tensor, spec, block_size)
+        q, scale = scaled.quantize(tensor, spec, block_size)
         return q, LayoutParams(scale, tensor.dtype, tuple(tensor.shape), block_size)
 
     @classmethod
@@ -78,7 +92,7 @@ class QuantizedLayout:
         """The float tensor, computed as ComfyUI does in compute dtype ``dtype`` (default: the
         original dtype)."""
         spec = cls.spec_for(params)
-        return reference.dequantize(qdata, params.scale, spec, params.block_size, dtype or params.orig_dtype)
+        return scaled.dequantize(qdata, params.scale, spec, params.block_size, dtype or params.orig_dtype)
 
     @classmethod
     def state_dict_tensors(cls, qdata: torch.Tensor, params: LayoutParams) -> dict[str, torch.Tensor]:
@@ -87,31 +101,25 @@ class QuantizedLayout:
 
 
 class TensorCoreFP8E4M3Layout(QuantizedLayout):
-    spec = FORMATS["fp8"]
+    pass
 
 
 class TensorCoreFP8E5M2Layout(QuantizedLayout):
-    spec = FORMATS["fp8-e5m2"]
+    pass
 
 
 class TensorWiseINT8Layout(QuantizedLayout):
     """INT8 with one scale per tensor (``[]``) or per output row (``[N,1]``, ``per_channel=True``)."""
 
-    spec = FORMATS["int8-tensor"]
-
-    @classmethod
-    def spec_for(cls, params: LayoutParams) -> FormatSpec:
-        return FORMATS["int8-row"] if params.scale.dim() else FORMATS["int8-tensor"]
-
     @classmethod
     def quantize(cls, tensor: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, LayoutParams]:
-        return cls._quantize(tensor, FORMATS["int8-row" if per_channel else "int8-tensor"], 0)
+        n = tensor.shape[0] if tensor.dim() else 1
+        spec = format_of_marker({"format": cls.spec.comfy_format}, {"weight_scale": (n, 1) if per_channel else ()})
+        return cls._quantize(tensor, spec, 0)
 
 
 class BlockWiseINT8Layout(QuantizedLayout):
     """INT8 with one scale per ``b x b`` tile of W (``group_size`` in ``.comfy_quant``)."""
-
-    spec = FORMATS["int8-block"]
 
     @classmethod
     def quantize(cls, tensor: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[torch.Tensor, LayoutParams]:
@@ -148,22 +156,18 @@ for _cls in (TensorCoreFP8E4M3Layout, TensorCoreFP8E5M2Layout, TensorWiseINT8Lay
 register_layout_class("TensorCoreFP8Layout", TensorCoreFP8E4M3Layout)
 TensorCoreFP8Layout = TensorCoreFP8E4M3Layout
 
-# The layout each quantkit format loads into; int8-tensor and int8-row share one comfy format.
-LAYOUT_FOR_FORMAT: dict[str, str] = {
-    "fp8": "TensorCoreFP8E4M3Layout",
-    "fp8-e5m2": "TensorCoreFP8E5M2Layout",
-    "int8-tensor": "TensorWiseINT8Layout",
-    "int8-row": "TensorWiseINT8Layout",
-    "int8-block": "BlockWiseINT8Layout",
-}
+# The layout each quantkit format loads into (formats sharing a comfy string share a layout).
+LAYOUT_FOR_FORMAT: dict[str, str] = {f.name: f.runtime_layout for f in FORMATS.values() if f.runtime_layout in LAYOUTS}
 
-# ComfyUI's table, keyed by the ``format`` string in ``.comfy_quant``, derived from formats.py.
+# ComfyUI's table, keyed by the ``format`` string in ``.comfy_quant``, derived from the registry.
 QUANT_ALGOS: dict[str, dict] = {}
 for _spec in FORMATS.values():
+    if _spec.name not in LAYOUT_FOR_FORMAT:
+        continue  # a format this runtime has no layout for
     _entry = QUANT_ALGOS.setdefault(_spec.comfy_format, {
         "storage_t": _spec.weight_dtype,
-        "parameters": {"weight_scale", "input_scale"} if _spec.writes_input_scale else {"weight_scale"},
+        "parameters": {s.suffix for s in _spec.stored((1, 1), torch.float32, LayerOpts(1))} - {"weight"},
         "comfy_tensor_layout": LAYOUT_FOR_FORMAT[_spec.name],
     })
-    if _spec.granularity == "block":
+    if "block_size" in _spec.option_names:
         _entry["group_size"] = DEFAULT_BLOCK_SIZE

@@ -27,8 +27,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .. import reference
-from ..formats import FORMATS
+from ..formats import scaled
+from ..formats.scaled import grid
 from . import activations
 from .tensor import QuantizedTensor, register_layout_op
 
@@ -64,7 +64,7 @@ def quantize_input_static(x: torch.Tensor, scale: torch.Tensor, spec) -> torch.T
     on CUDA, the reference elsewhere; the same bits."""
     if x.is_cuda and not spec.is_int:
         return _triton().quantize_static(x, scale, spec.weight_dtype)
-    return reference.quantize_with_scale(x, scale, spec, 0)
+    return scaled.quantize_with_scale(x, scale, spec, 0)
 
 
 def dequantized_linear(x, w, bias):
@@ -147,7 +147,7 @@ def _int8_w8a8(x, w, bias, block: int):
         xq, xs = mod.quantize_activations(x2, torch.int8, group)
     else:
         mod = activations
-        xq, xs = mod.quantize_activations(x2, FORMATS["int8-block" if block else "int8-row"], group)
+        xq, xs = mod.quantize_activations(x2, grid("I8"), group)
     if block:
         y = mod.w8a8_block_matmul(xq, xs, w._qdata, w._layout_params.scale, block, bias, x.dtype)
     else:

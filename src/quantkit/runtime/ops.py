@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QuantkitError
-from ..formats import SCALE_SUFFIXES, block_size_of, decode_comfy_quant
-from .layouts import QUANT_ALGOS, LayoutParams, get_layout_class
+from ..formats import SCALE_SUFFIXES, decode_comfy_quant, format_of_marker
+from .layouts import LAYOUT_FOR_FORMAT, QUANT_ALGOS, LayoutParams
 from .linear import dequantized_linear, quantize_input_static, supports_fp8_compute
 from .tensor import QuantizedTensor
 
@@ -124,19 +124,21 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                 input_scale = state_dict.pop(prefix + "input_scale", None)
                 layout = algo["comfy_tensor_layout"]
                 n, k = weight.shape
-                if "group_size" in algo:  # block-wise: the tile size, checked as every loader checks it
-                    block = block_size_of(layer, conf, (n, k), tuple(scale.shape))
-                else:
-                    block = 0
-                    if tuple(scale.shape) not in ([(), (n, 1)] if layout == "TensorWiseINT8Layout" else [()]):
-                        raise QuantkitError(f"weight_scale shape {list(scale.shape)} does not fit a {fmt} weight "
-                                            f"[{n}, {k}]", tensor=f"{layer}.weight_scale",
-                                            fix="rewrite the file with quantkit convert")
+                shapes = {"weight": (n, k), "weight_scale": tuple(scale.shape)}
+                spec = format_of_marker(conf, shapes)
+                if spec is not None and spec.name not in LAYOUT_FOR_FORMAT:
+                    raise QuantkitError(f"{spec.name} layers do not load in this runtime", tensor=f"{layer}.comfy_quant",
+                                        fix="load the file in ComfyUI")
+                # the tile size of a block format, checked as every loader checks it
+                block = spec.layer_block_size(layer, conf, shapes) if spec is not None else 0
+                if spec is None or tuple(scale.shape) != spec.scale_shape((n, k), block):
+                    raise QuantkitError(f"weight_scale shape {list(scale.shape)} does not fit a {fmt} weight "
+                                        f"[{n}, {k}]", tensor=f"{layer}.weight_scale",
+                                        fix="rewrite the file with quantkit convert")
                 params = LayoutParams(scale.float(), compute_dtype, (n, k), block)
                 self.weight = nn.Parameter(QuantizedTensor(weight, layout, params), requires_grad=False)
                 self.input_scale = None if input_scale is None else input_scale.float()
-                spec = get_layout_class(layout).spec
-                self._static_spec = spec if input_scale is not None and spec.name == "fp8" else None
+                self._static_spec = spec if input_scale is not None and spec.static_input else None
                 self.quant_format = fmt
                 self.full_precision_mm = full_precision_mm or bool(conf.get("full_precision_matrix_mult", False))
 

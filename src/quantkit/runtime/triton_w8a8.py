@@ -145,9 +145,9 @@ def quantize_activations(x: torch.Tensor, dtype: torch.dtype, group: int, *, per
         return q, s
     block_g = triton.next_power_of_2(group)
     if block_g > _MAX_ROW_TILE:
-        from ..formats import FORMATS
+        from ..formats.scaled import grid
         from .activations import quantize_activations as reference
-        return reference(x, FORMATS["int8-row" if dtype == torch.int8 else "fp8"], group)
+        return reference(x, grid("I8" if dtype == torch.int8 else "F8_E4M3"), group)
     q = torch.empty((m, k), dtype=dtype, device=x.device)
     s = torch.empty((m, k // group), dtype=torch.float32, device=x.device)
     n_groups = k // group

@@ -1,0 +1,154 @@
+"""What every on-disk format implements, and the registry formats join by being defined.
+
+A format owns everything about itself: its ``--format`` name and ``.comfy_quant`` string, the
+tensors one layer writes (suffix, dtype, shape, in writing order), the shapes it can take, the
+torch reference quantize / dequantize (the numerical spec), its marker keys, and the contract
+checks ``inspect`` / ``verify`` run on a layer of any tool's file. Planning, the writer, the
+reader-side tools, the runtime and the node ask the registry and never name a format.
+
+Nothing here imports torch: format names, summaries and choices are known without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+DEFAULT_BLOCK_SIZE = 128
+
+# Fast quantizer families the backends implement (native C, Triton, chunked torch). A format whose
+# ``kernel`` is one of these is quantized by them; ``None``: by its own torch ``quantize`` only.
+SCALED = "scaled"  # one fp32 multiplier per tensor / row / b x b tile, q = round-or-cast(w / scale)
+
+
+@dataclass(frozen=True)
+class LayerOpts:
+    """The per-layer options a format may read (each names the ones it reads in ``option_names``).
+    A format needing a new option adds a field here, with a default that changes no other format."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+
+class Stored(NamedTuple):
+    """One tensor a quantized layer ``L`` writes, as ``L.<suffix>``."""
+
+    suffix: str  # "weight", "weight_scale", "input_scale", ...
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Violation:
+    """A way a file breaks the on-disk contract (../shared/comfy-contract.md)."""
+
+    rule: str  # short stable id, e.g. "scale-without-marker"
+    tensor: str | None
+    message: str
+
+    def line(self) -> str:
+        return f"{self.tensor}: {self.message} [{self.rule}]" if self.tensor else f"{self.message} [{self.rule}]"
+
+
+def dtype_str(dtype: Any) -> str:
+    """``torch.bfloat16`` or ``"bfloat16"`` -> ``"bfloat16"`` (the marker's ``orig_dtype``)."""
+    return str(dtype).removeprefix("torch.")
+
+
+class Format:
+    """Base class of an on-disk format. Subclasses set the class attributes and implement the
+    methods; an instance joins :data:`FORMATS` through :func:`register`."""
+
+    name: str  # the --format value
+    comfy_format: str  # the "format" string in .comfy_quant
+    summary: str  # one line for `quantkit formats`
+    stock_comfy: bool  # loads in unmodified ComfyUI
+    option_names: tuple[str, ...] = ()  # the LayerOpts fields this format reads
+    fallback: bool = False  # takes every 2-D weight, so it can be --fallback
+    kernel: str | None = None  # a fast quantizer family (SCALED), or None
+    runtime_layout: str | None = None  # the runtime / ComfyUI layout class that holds its weights
+    node_target: str | None = None  # the name the ComfyUI quantize node offers it under
+
+    # ---- planning ----
+    def option_error(self, opts: LayerOpts) -> tuple[str, str] | None:
+        """(problem, fix) when ``opts`` are not valid for this format, else None."""
+        return None
+
+    def cannot_take(self, shape: tuple[int, ...], opts: LayerOpts) -> str | None:
+        """Why a weight of this shape cannot be stored in this format, or None if it can."""
+        raise NotImplementedError
+
+    def stored(self, shape: tuple[int, ...], orig_dtype: Any, opts: LayerOpts) -> list[Stored]:
+        """The tensors one layer writes besides its marker, in writing order (``weight`` first), for
+        a weight of ``shape`` in ``orig_dtype`` (a format may store scales in the weight's dtype)."""
+        raise NotImplementedError
+
+    def marker(self, shape: tuple[int, ...], orig_dtype: Any, opts: LayerOpts) -> dict:
+        """The layer's ``.comfy_quant`` object (before user-set keys such as full_precision_matrix_mult)."""
+        raise NotImplementedError
+
+    def layer_tensors(self, layer: str, shape: tuple[int, ...], orig_dtype: Any, opts: LayerOpts,
+                      extra: dict | None = None) -> list[tuple[str, str, tuple[int, ...]]]:
+        """Every tensor the layer writes, marker last: (name, dtype, shape) in writing order."""
+        from . import encode_comfy_quant
+        m = {**self.marker(shape, orig_dtype, opts), **(extra or {})}
+        return [(f"{layer}.{s.suffix}", s.dtype, tuple(s.shape)) for s in self.stored(shape, orig_dtype, opts)] + \
+            [(f"{layer}.comfy_quant", "U8", (len(encode_comfy_quant(m)),))]
+
+    def describe(self) -> tuple[str, str]:
+        """(weight, scales) as `quantkit formats` lists them, e.g. ("I8", "fp32 [N,1]")."""
+        raise NotImplementedError
+
+    # ---- numbers: the torch reference ----
+    def quantize(self, w, opts: LayerOpts) -> dict:
+        """The stored tensors of weight ``w`` (suffix -> tensor), exactly those of :meth:`stored`:
+        the numerical spec every fast path is tested against bit for bit."""
+        raise NotImplementedError
+
+    def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = "") -> Any:
+        """What ComfyUI computes from a layer's stored tensors (suffix -> tensor), in compute dtype
+        ``dtype``, bit for bit. Raises QuantkitError naming ``layer``'s tensor when they do not fit
+        the marker."""
+        raise NotImplementedError
+
+    def pack(self, q, scale) -> dict:
+        """For a format with a ``kernel``: its stored tensors from the kernel's (q, scale)."""
+        raise NotImplementedError
+
+    def static_input_scale(self, stats: dict) -> Any:
+        """The ``input_scale`` tensor calibration statistics give (``absmax``, ``mean``, ...: see
+        :mod:`quantkit.calibration`), for a format that stores one; None keeps the planned value."""
+        return None
+
+    # ---- reading files (any tool's) ----
+    def recognizes(self, marker: dict, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Whether a layer read from a file (its marker, its tensors' shapes by suffix) is this
+        format. Several formats may share one comfy string; these tell them apart."""
+        return marker.get("format") == self.comfy_format
+
+    def orig_shape(self, marker: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        """The shape of the weight before quantizing (padded formats store another)."""
+        return tuple(shapes["weight"])
+
+    def check(self, layer: str, marker: dict, T: dict) -> list[Violation]:
+        """Contract violations of layer ``layer`` whose marker names this comfy string; ``T``: the
+        file's tensor name -> TensorInfo (dtype, shape, numel). The weight is known to exist."""
+        return []
+
+    def __repr__(self) -> str:
+        return f"<format {self.name}>"
+
+
+FORMATS: dict[str, Format] = {}  # --format name -> format, in registration order
+
+
+def register(fmt: Format) -> Format:
+    """Add ``fmt`` to :data:`FORMATS` (a name registers once); returns it."""
+    if fmt.name in FORMATS:
+        raise ValueError(f"format '{fmt.name}' is already registered")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def unregister(name: str) -> None:
+    """Remove a format (for tests that register one of their own)."""
+    del FORMATS[name]

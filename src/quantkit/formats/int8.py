@@ -1,0 +1,75 @@
+"""INT8 symmetric with fp32 scales under ComfyUI's ``int8_tensorwise``: ``int8-tensor`` (one scale
+``[]``) and ``int8-row`` (one per output row, ``[N, 1]``). Stock ComfyUI loads both and reads no
+input_scale. The two share a comfy string; a file's layer is one or the other by its scale's shape.
+The contract check covers every int8_tensorwise layer, ConvRot ones (``convrot`` marker keys)
+included, as other tools write them."""
+
+from __future__ import annotations
+
+from .base import Violation, register
+from .fp8 import is_scalar
+from .scaled import ScaledFormat
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class Int8TensorwiseFormat(ScaledFormat):
+    fallback = True
+
+    def __init__(self, name: str, granularity: str, summary: str, node_target: str):
+        super().__init__(name, "int8_tensorwise", "I8", 127.0, summary, stock_comfy=True,
+                         writes_input_scale=False, runtime_layout="TensorWiseINT8Layout", node_target=node_target)
+        self.granularity = granularity
+
+    def recognizes(self, marker: dict, shapes: dict[str, tuple[int, ...]]) -> bool:
+        if marker.get("format") != self.comfy_format or marker.get("convrot"):
+            return False
+        s = tuple(shapes.get("weight_scale", ()))
+        if self.granularity == "tensor":
+            return _numel(s) == 1
+        return len(s) == 2 and s[1] == 1
+
+    def check(self, layer: str, m: dict, T: dict) -> list[Violation]:
+        out = []
+        w, s = T[f"{layer}.weight"], T.get(f"{layer}.weight_scale")
+        name_s = f"{layer}.weight_scale"
+        if w.dtype != "I8":
+            out.append(Violation("wrong-weight-dtype", w.name, f"int8_tensorwise weight is {w.dtype}, must be I8"))
+        if len(w.shape) != 2:
+            return out + [Violation("wrong-weight-shape", w.name,
+                                    f"quantized weight is {len(w.shape)}-D {list(w.shape)}; must be 2-D")]
+        n, k = w.shape
+        orig = m.get("orig_shape")
+        if orig is not None and list(orig) != [n, k]:
+            out.append(Violation("orig-shape-mismatch", f"{layer}.comfy_quant", f"orig_shape {orig} but the weight is {[n, k]}"))
+        if s is None:
+            return out + [Violation("missing-scale", w.name, f"int8_tensorwise needs {name_s}; ComfyUI crashes "
+                                    "at the layer's first use")]
+        if s.dtype != "F32":
+            out.append(Violation("wrong-scale-dtype", name_s, f"int8_tensorwise scale is {s.dtype}, must be F32"))
+        if m.get("convrot"):
+            g = m.get("convrot_groupsize")
+            if not (isinstance(g, int) and g >= 4 and (g & (g - 1)) == 0 and (g.bit_length() - 1) % 2 == 0):
+                out.append(Violation("bad-convrot", f"{layer}.comfy_quant", f"convrot_groupsize {g!r} is not a power of 4"))
+            elif k % g:
+                out.append(Violation("bad-convrot", f"{layer}.comfy_quant", f"K={k} is not a multiple of convrot_groupsize {g}"))
+            if list(s.shape) != [n, 1]:
+                out.append(Violation("wrong-scale-shape", name_s, f"convrot needs a per-row scale [{n}, 1], not {list(s.shape)}"))
+        elif len(s.shape) == 1 and s.shape[0] == n and n > 1:
+            out.append(Violation("int8-scale-1d", name_s, f"1-D [{n}] int8 scale: ComfyUI breaks on it"
+                                 + (", or, as here with N == K, silently scales columns instead of rows" if n == k else "")
+                                 + f"; store it as [{n}, 1]"))
+        elif not (is_scalar(s) or list(s.shape) == [n, 1]):
+            out.append(Violation("wrong-scale-shape", name_s, f"int8_tensorwise takes [] or [{n}, 1], not {list(s.shape)}"))
+        return out
+
+
+INT8_TENSOR = register(Int8TensorwiseFormat("int8-tensor", "tensor", "INT8 symmetric, one fp32 scale per tensor",
+                                            "int8_tensorwise"))
+INT8_ROW = register(Int8TensorwiseFormat("int8-row", "row", "INT8 symmetric, one fp32 scale per output row [N,1]",
+                                         "int8_rowwise"))

@@ -143,6 +143,12 @@ err = _Console(stderr=True)
 out = _Console()
 
 
+def _text(s: str):
+    """Plain text for rich (no markup, no highlighting of numbers and paths)."""
+    from rich.text import Text
+    return Text(s)
+
+
 def convert_file(*args, **kwargs) -> ConvertReport:
     """:func:`quantkit.convert.convert`, imported on first use (torch comes with it)."""
     from .convert import convert
@@ -327,7 +333,7 @@ def convert(
             raise typer.Exit(EXIT_INTERRUPTED) from None
         if not quiet:
             for note in rep.notes:
-                err.print(Text(f"note: {note}"), soft_wrap=True, highlight=False)
+                err.print(_text(f"note: {note}"), soft_wrap=True, highlight=False)
             print_summary(rep, out)
         if report is not None:
             entries.append(reportfile.convert_entry(rep))
@@ -497,7 +503,7 @@ def clean(
     busy = [f for f in found if f.in_use]
     for f in found:
         state = "in use" if f.in_use else ("removed" if remove else "stale")
-        out.print(Text(f"{state:8} {f.bytes / 1e9:8.2f} GB  pid {f.pid:<8} {f.path.name}"), soft_wrap=True,
+        out.print(_text(f"{state:8} {f.bytes / 1e9:8.2f} GB  pid {f.pid:<8} {f.path.name}"), soft_wrap=True,
                   highlight=False)
     gb = sum(f.bytes for f in stale) / 1e9
     if not found:
@@ -509,7 +515,7 @@ def clean(
             f"; 'quantkit clean {directory} --remove' deletes them" if stale else "")
     if busy:
         line += f"; {len(busy)} in use by running conversions, left alone"
-    out.print(Text(line), soft_wrap=True, highlight=False)
+    out.print(_text(line), soft_wrap=True, highlight=False)
 
 
 @app.command(epilog="Examples:\n\n  quantkit presets")

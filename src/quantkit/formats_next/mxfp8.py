@@ -1,0 +1,89 @@
+"""``mxfp8``: FP8 E4M3 elements with one power-of-two (E8M0) scale per 1 x 32 block.
+
+On disk (ComfyUI's ``mxfp8`` loader; comfy-kitchen ``TensorCoreMXFP8Layout``):
+
+* ``weight``: F8_E4M3 [Np, Kp], W zero-padded to Np = roundup(N, 32), Kp = roundup(K, 32)
+* ``weight_scale``: U8 raw E8M0 bytes of the [Np, Kp/32] block scales in the cuBLAS blocked layout
+  (:mod:`.blocked`), shape [roundup(Np, 128), roundup(Kp/32, 4)]; ComfyUI views it as
+  ``float8_e8m0fnu`` (a byte view, so U8 and F8_E8M0 on disk load alike)
+* ``.comfy_quant``: ``{"format": "mxfp8", ...}``
+
+Quantization (the spec), per block of 32 in fp32 with amax = max |w|:
+
+* amax = 0: e = 0 (decodes to 0), elements 0.
+* otherwise ``e_up = ceil_exponent(amax / 448)`` (:func:`e8m0.ceil_exponent`; the smallest power of
+  two that holds the block without clipping, comfy-kitchen's choice), and with ``scale_search`` also
+  ``e_up - 1`` (when >= 1), which clips the few elements above 448 * 2^(e-127) but halves the step of
+  every element that falls in E4M3's subnormal range. Each candidate quantizes
+  ``q = e4m3(clamp(w / 2^(e-127), -448, 448))`` (round to nearest even by the cast); the candidate
+  with the smaller block squared error wins, ties to ``e_up``. The error sum is exact-per-element
+  fp32 differences squared in fp64, summed by a fixed pairwise tree, so the choice is reproducible.
+
+Dequantization (comfy-kitchen eager): ``q.float() * 2^(e-127)`` per block in fp32 (e = 0 -> 0), cast
+to the compute dtype, cut to [N, K].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+from . import blocked, e8m0
+from ._common import as_fp32, base_marker, orig_shape_of, pad_to, roundup, shape_reason, tree_sum_fp64
+
+NAME = "mxfp8"
+COMFY_FORMAT = "mxfp8"
+LAYOUT = "TensorCoreMXFP8Layout"
+BLOCK = 32
+QMAX = 448.0
+DEFAULT_SEARCH = True
+
+
+def cannot_take(shape: tuple[int, ...], **_: object) -> str | None:
+    return shape_reason(shape)
+
+
+def marker(shape: tuple[int, ...], orig_dtype: torch.dtype, **_: object) -> dict:
+    return base_marker(COMFY_FORMAT, shape, orig_dtype)
+
+
+def _quantize_blocks(x: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x fp32 [R, B, 32], e int32 [R, B] (>= 1) -> (fp8 codes, dequantized fp32)."""
+    s = e8m0.decode(e.to(torch.uint8))[..., None]
+    q = (x / s).clamp(-QMAX, QMAX).to(torch.float8_e4m3fn)
+    return q, q.float() * s
+
+
+def quantize(w: torch.Tensor, scale_search: bool = DEFAULT_SEARCH) -> dict[str, torch.Tensor]:
+    wf = pad_to(as_fp32(w, NAME), BLOCK)
+    rows, cols = wf.shape
+    x = wf.reshape(rows, cols // BLOCK, BLOCK)
+    amax = x.abs().amax(dim=-1)
+    zero = amax == 0
+    e = e8m0.ceil_exponent(torch.where(zero, torch.ones_like(amax), amax) / torch.full_like(amax, QMAX))
+    q, dq = _quantize_blocks(x, e)
+    if scale_search:
+        e_lo = (e - 1).clamp(min=1)
+        q_lo, dq_lo = _quantize_blocks(x, e_lo)
+        better = tree_sum_fp64(x - dq_lo) < tree_sum_fp64(x - dq)
+        q = torch.where(better[..., None], q_lo, q)
+        e = torch.where(better, e_lo, e)
+    e = torch.where(zero, torch.zeros_like(e), e).to(torch.uint8)
+    q = torch.where(zero[..., None], torch.zeros_like(q), q)  # +0 codes in zero blocks
+    return {"weight": q.reshape(rows, cols), "weight_scale": blocked.swizzle(e)}
+
+
+def dequantize(tensors: dict[str, torch.Tensor], marker: dict, dtype: torch.dtype) -> torch.Tensor:
+    n, k = orig_shape_of(marker, NAME)
+    q, s = tensors["weight"], tensors["weight_scale"]
+    rows, cols = roundup(n, BLOCK), roundup(k, BLOCK)
+    if q.dtype != torch.float8_e4m3fn or tuple(q.shape) != (rows, cols):
+        raise QuantkitError(f"{NAME}: weight {q.dtype} {tuple(q.shape)} is not F8_E4M3 [{rows},{cols}] "
+                            f"for a {n}x{k} layer", fix="re-convert the layer")
+    if s.dtype not in (torch.uint8, torch.float8_e8m0fnu) or tuple(s.shape) != blocked.blocked_shape(rows, cols // BLOCK):
+        raise QuantkitError(f"{NAME}: weight_scale {s.dtype} {tuple(s.shape)} is not U8 "
+                            f"{list(blocked.blocked_shape(rows, cols // BLOCK))}", fix="re-convert the layer")
+    e = blocked.unswizzle(s.view(torch.uint8), rows, cols // BLOCK)
+    x = q.float().reshape(rows, cols // BLOCK, BLOCK) * e8m0.decode(e)[..., None]
+    return x.reshape(rows, cols).to(dtype)[:n, :k]

@@ -36,6 +36,15 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     return code | (torch.signbit(x).to(torch.uint8) << 3)
 
 
+def round_values(x: torch.Tensor) -> torch.Tensor:
+    """The E2M1 values :func:`encode` picks for fp32 x in [-6, 6], as fp32 (same rounding, by
+    arithmetic: steps of 0.5 below 2, 1 below 4, 2 up to 6; ``torch.round`` is half-to-even, and
+    each step's even multiples are exactly the even codes)."""
+    a = x.abs()
+    v = torch.where(a < 2, (a * 2).round() * 0.5, torch.where(a < 4, a.round(), (a * 0.5).round() * 2))
+    return torch.copysign(v, x)
+
+
 def pack(codes: torch.Tensor) -> torch.Tensor:
     """uint8 codes [N, K] (K even) -> bytes [N, K/2], even column in the high nibble."""
     if codes.shape[-1] % 2:

@@ -10,14 +10,16 @@ On disk (ComfyUI's ``mxfp8`` loader; comfy-kitchen ``TensorCoreMXFP8Layout``):
 
 Quantization (the spec), per block of 32 in fp32 with amax = max |w|:
 
-* amax = 0: e = 0 (decodes to 0), elements 0.
-* otherwise ``e_up = ceil_exponent(amax / 448)`` (:func:`e8m0.ceil_exponent`; the smallest power of
-  two that holds the block without clipping, comfy-kitchen's choice), and with ``scale_search`` also
-  ``e_up - 1`` (when >= 1), which clips the few elements above 448 * 2^(e-127) but halves the step of
-  every element that falls in E4M3's subnormal range. Each candidate quantizes
-  ``q = e4m3(clamp(w / 2^(e-127), -448, 448))`` (round to nearest even by the cast); the candidate
-  with the smaller block squared error wins, ties to ``e_up``. The error sum is exact-per-element
-  fp32 differences squared in fp64, summed by a fixed pairwise tree, so the choice is reproducible.
+* amax = 0: e = 0 (decodes to 0), elements +0.
+* otherwise ``e = ceil_exponent(amax / 448)`` (:func:`e8m0.ceil_exponent`: the smallest power of two
+  that holds the block without clipping, read off the fp32 bits, at least 1) and
+  ``q = e4m3(clamp(w / 2^(e-127), -448, 448))`` (round to nearest even by the cast).
+
+This is comfy-kitchen's quantizer, except for blocks with 0 < amax / 448 <= 2^-127: kitchen stores
+e = 0 there, which decodes to 0 (and its 0/0 turns the block's zero elements into NaN); we store e = 1.
+Choosing the exponent one lower where that lowers the block's error (clipping the elements above
+448 * 2^(e-127) to gain resolution for the E4M3-subnormal ones) was measured on all-MiniLM-L6-v2 and
+gains 0.0000 dB on every layer, so the spec keeps the single rule.
 
 Dequantization (comfy-kitchen eager): ``q.float() * 2^(e-127)`` per block in fp32 (e = 0 -> 0), cast
 to the compute dtype, cut to [N, K].
@@ -30,14 +32,13 @@ import torch
 from quantkit.errors import QuantkitError
 
 from . import blocked, e8m0
-from ._common import as_fp32, base_marker, orig_shape_of, pad_to, roundup, shape_reason, tree_sum_fp64
+from ._common import as_fp32, base_marker, orig_shape_of, pad_to, roundup, shape_reason
 
 NAME = "mxfp8"
 COMFY_FORMAT = "mxfp8"
 LAYOUT = "TensorCoreMXFP8Layout"
 BLOCK = 32
 QMAX = 448.0
-DEFAULT_SEARCH = True
 
 
 def cannot_take(shape: tuple[int, ...], **_: object) -> str | None:
@@ -48,29 +49,16 @@ def marker(shape: tuple[int, ...], orig_dtype: torch.dtype, **_: object) -> dict
     return base_marker(COMFY_FORMAT, shape, orig_dtype)
 
 
-def _quantize_blocks(x: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x fp32 [R, B, 32], e int32 [R, B] (>= 1) -> (fp8 codes, dequantized fp32)."""
-    s = e8m0.decode(e.to(torch.uint8))[..., None]
-    q = (x / s).clamp(-QMAX, QMAX).to(torch.float8_e4m3fn)
-    return q, q.float() * s
-
-
-def quantize(w: torch.Tensor, scale_search: bool = DEFAULT_SEARCH) -> dict[str, torch.Tensor]:
+def quantize(w: torch.Tensor) -> dict[str, torch.Tensor]:
     wf = pad_to(as_fp32(w, NAME), BLOCK)
     rows, cols = wf.shape
     x = wf.reshape(rows, cols // BLOCK, BLOCK)
     amax = x.abs().amax(dim=-1)
     zero = amax == 0
     e = e8m0.ceil_exponent(torch.where(zero, torch.ones_like(amax), amax) / torch.full_like(amax, QMAX))
-    q, dq = _quantize_blocks(x, e)
-    if scale_search:
-        e_lo = (e - 1).clamp(min=1)
-        q_lo, dq_lo = _quantize_blocks(x, e_lo)
-        better = tree_sum_fp64(x - dq_lo) < tree_sum_fp64(x - dq)
-        q = torch.where(better[..., None], q_lo, q)
-        e = torch.where(better, e_lo, e)
     e = torch.where(zero, torch.zeros_like(e), e).to(torch.uint8)
-    q = torch.where(zero[..., None], torch.zeros_like(q), q)  # +0 codes in zero blocks
+    s = e8m0.decode(torch.where(zero, torch.full_like(e, 127), e))[..., None]  # 1.0 for zero blocks
+    q = (x / s).clamp(-QMAX, QMAX).to(torch.float8_e4m3fn)
     return {"weight": q.reshape(rows, cols), "weight_scale": blocked.swizzle(e)}
 
 

@@ -55,16 +55,22 @@ def marker(shape: tuple[int, ...], orig_dtype: torch.dtype, **_: object) -> dict
     return base_marker(COMFY_FORMAT, shape, orig_dtype)
 
 
-def _candidate(x: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x fp32 [R, B, 16], c fp32 [R, B] (E4M3 values) -> (codes uint8, squared block error fp64)."""
+def _block_error(x: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared error per block (fp64) of x fp32 [R, B, 16] stored with E4M3 block scales c (fp32
+    [R, B]): each element is w - v * (g * c), v its E2M1 value (:func:`e2m1.round_values`)."""
+    total = g * c
+    safe = torch.where(total == 0, torch.ones_like(total), total)[..., None]
+    v = e2m1.round_values((x / safe).clamp(-e2m1.MAX, e2m1.MAX))
+    v = torch.where((total == 0)[..., None], torch.zeros_like(v), v)
+    return tree_sum_fp64(x - v * total[..., None])
+
+
+def _codes(x: torch.Tensor, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     total = g * c
     zero = total == 0
     safe = torch.where(zero, torch.ones_like(total), total)[..., None]
-    y = (x / safe).clamp(-e2m1.MAX, e2m1.MAX)
-    codes = e2m1.encode(y)
-    codes = torch.where(zero[..., None], torch.zeros_like(codes), codes)
-    dq = e2m1.lut(torch.float32)[codes.long()] * total[..., None]
-    return codes, tree_sum_fp64(x - dq)
+    codes = e2m1.encode((x / safe).clamp(-e2m1.MAX, e2m1.MAX))
+    return torch.where(zero[..., None], torch.zeros_like(codes), codes)
 
 
 def quantize(w: torch.Tensor, scale_search: bool = DEFAULT_SEARCH,
@@ -78,20 +84,19 @@ def quantize(w: torch.Tensor, scale_search: bool = DEFAULT_SEARCH,
     x = wf.reshape(rows, cols // BLOCK, BLOCK)
     amax_b = x.abs().amax(dim=-1)
     b = (amax_b / torch.full_like(amax_b, e2m1.MAX)) / g
-    c0 = b.clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
-    best_codes, best_err = _candidate(x, g, c0.float())
-    best = c0
+    best = b.clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
     if scale_search:
-        code0 = c0.view(torch.uint8).to(torch.int32)
+        code0 = best.view(torch.uint8).to(torch.int32)
+        c0 = best
+        best_err = _block_error(x, g, c0.float())
         for o in SEARCH_OFFSETS[1:]:
             cc = (code0 + o).clamp(1, _FP8_MAX_CODE).to(torch.uint8).view(torch.float8_e4m3fn)
             cc = torch.where(code0 == 0, c0, cc)  # a zero-scale block stays zero
-            codes, err = _candidate(x, g, cc.float())
+            err = _block_error(x, g, cc.float())
             win = err < best_err
             best_err = torch.where(win, err, best_err)
-            best_codes = torch.where(win[..., None], codes, best_codes)
             best = torch.where(win, cc, best)
-    out = {"weight": e2m1.pack(best_codes.reshape(rows, cols)),
+    out = {"weight": e2m1.pack(_codes(x, g, best.float()).reshape(rows, cols)),
            "weight_scale": blocked.swizzle(best),
            "weight_scale_2": g.reshape(())}
     if input_scale is not None:

@@ -11,7 +11,9 @@ Quantization (the spec): upcast W to fp32, rotate with the fp32 butterfly, per-r
 ``scale = amax / 127`` (fp32 division), ``q = clamp(round_half_even(R / scale), -127, 127)``.
 
 Dequantization (ComfyUI / comfy-kitchen eager): ``((q.float() * scale) viewed [N, K/G, G] @ H^T)``
-by ``torch.matmul`` in fp32, then cast to the compute dtype.
+by ``torch.matmul`` in fp32, then cast to the compute dtype. It is a BLAS matmul, so it is
+bit-identical to kitchen's only on the same machine and BLAS (the butterfly gives different last
+bits; the tests show it); on CUDA kitchen runs its own kernel for G in {64, 256}.
 
 Group size: a power of 4 that divides K. comfy-kitchen accepts any power of 4 >= 4 (its eager path
 builds any such matrix); its CUDA dequantization kernel covers G in {64, 256} and its fused

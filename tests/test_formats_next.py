@@ -269,6 +269,20 @@ def test_nvfp4_all_zero_and_mxfp8_tiny_blocks():
     assert torch.isfinite(d).all() and float((d - w).abs().max()) <= 2 ** -4 * 1e-37
 
 
+def test_mxfp8_exponent_is_the_exact_ceiling():
+    # amax / 448 one ulp above 2^10: kitchen's fp32 log2 rounds to 10 (scale 2^10, max element clipped
+    # to 448); the exact ceiling is 11, the max element stored as 224 (the nearest E4M3 step)
+    w = torch.zeros(1, 32)
+    w[0, 0] = 448 * 2.0 ** 10 * (1 + 2 ** -23)
+    w[0, 1] = 4096.0
+    out = mxfp8.quantize(w)
+    assert int(out["weight_scale"][0, 0]) == 127 + 11 and float(out["weight"][0, 0].float()) == 224.0
+    kq = kitchen_quantizer(w, "mxfp8").state_dict("w")
+    assert int(kq["w_scale"].view(torch.uint8)[0, 0]) == 127 + 10  # kitchen as mxfp8.py describes it
+    d = mxfp8.dequantize(out, mxfp8.marker((1, 32), torch.float32), torch.float32)
+    assert float(d[0, 0]) == 448 * 2.0 ** 10 and float(d[0, 1]) == 4096.0
+
+
 def test_linear_through_kitchen():
     x = torch.randn(8, 384, generator=torch.Generator().manual_seed(3))
     for fmt, mod in FORMATS.items():

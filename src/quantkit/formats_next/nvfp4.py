@@ -22,6 +22,13 @@ Quantization (the spec), all fp32, per block of 16 with amax_b = max |w| and g =
   wins, ties to the earlier offset in the list (o = 0 first: comfy-kitchen's choice).
 * a block whose stored scale is 0 (amax_b = 0, or b below E4M3's smallest subnormal) stores +0 codes.
 
+The search (default on) is still round-to-nearest for every element, only with a better block scale;
+offsets +4..+6 are the scales that put the block's amax on 4 instead of 6. Measured on
+all-MiniLM-L6-v2 (bf16, 37 linears): +1.18..+1.37 dB per layer over comfy-kitchen's quantizer (mean
+21.80 vs 20.50 dB); held-out sentence embeddings, mean 1-cos 2.015e-2 vs 2.251e-2. The error it
+minimises is the fp32 dequantization's; kitchen's quantizer (an all-zero W gives g = 0 and NaN
+block scales there) is matched byte for byte with ``scale_search=False`` otherwise.
+
 Dequantization (comfy-kitchen eager), in the compute dtype D: ``LUT_D[code] * (g.to(D) * c.to(D))``
 (the scale product rounds in D first), cut to [N, K].
 """

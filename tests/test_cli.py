@@ -194,7 +194,7 @@ def test_time_line_parts_add_up(sample, tmp_path):
 
 @pytest.mark.parametrize("args,needles", [
     (["convert", "{sample}", "--format", "int9"], ["--format", "'int9'", "fp8, fp8-e5m2, int8-tensor, int8-row, int8-block"]),
-    (["plan", "{sample}", "--fallback", "int8-block"], ["--fallback", "int8-row, fp8, fp8-e5m2, int8-tensor, keep"]),
+    (["plan", "{sample}", "--fallback", "int8-block"], ["--fallback", "int8-row, fp8, fp8-e5m2, int8-tensor, mxfp8, nvfp4, keep"]),
     (["convert", "{sample}", "--preset", "flux3"], ["--preset", "'flux3'", "auto, none, chroma"]),
     (["convert", "{sample}", "--learned-rounding", "--learned-objective", "x"], ["calibration, subspace"]),
     (["convert", "{sample}", "--learned-objective", "subspace"], ["add --learned-rounding"]),

@@ -23,7 +23,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS
+from .formats import DEFAULT_BLOCK_SIZE, DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS, LayerOpts
 from .errors import EXIT_INTERRUPTED, QuantkitError
 
 if TYPE_CHECKING:
@@ -199,6 +199,7 @@ FormatOpt = Annotated[str, typer.Option("--format", "-f", metavar="NAME", help=f
 BlockOpt = Annotated[int, typer.Option("--block-size", metavar="B", help="Tile size of int8-block: one scale per B x B tile.")]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", metavar="REGEX", help="Quantize the layers whose name matches, even where the defaults or the preset keep them. Repeatable.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", metavar="REGEX", help="Keep the layers whose name matches unquantized. Repeatable; wins over every other rule.")]
+ConvrotOpt = Annotated[int, typer.Option("--convrot-group-size", metavar="G", help="ConvRot group of int8-convrot: a power of 4 (16, 64, 256, 1024). A layer whose K it does not divide takes the largest power of 4 that does (written in its marker, said in the plan).")]
 FallbackOpt = Annotated[str, typer.Option("--fallback", metavar="NAME", help=f"Format for a layer the chosen format cannot take (int8-block, a side B does not divide): {', '.join(FALLBACK_CHOICES)}.")]
 PresetOpt = Annotated[str, typer.Option("--preset", metavar="NAME", help="Model family whose layer rules apply: auto (detected from tensor names), none (generic rules only), or a family from 'quantkit presets'.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="Per-layer settings (.toml or .json): pattern -> format, block_size, skip, options. The most specific pattern wins.")]
@@ -206,7 +207,8 @@ FpmmOpt = Annotated[bool, typer.Option("--full-precision-mm", help="Mark every l
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")]
 
 
-def _options(format: str, block_size: int, include, exclude, fallback: str, preset: str, config, fpmm: bool) -> Options:
+def _options(format: str, block_size: int, include, exclude, fallback: str, preset: str, config, fpmm: bool,
+             convrot_group_size: int = LayerOpts.convrot_group_size) -> Options:
     from .families import PRESET_CHOICES
     if format not in tuple(FORMATS):
         raise typer.BadParameter(f"'{format}' (choose from {', '.join(tuple(FORMATS))})", param_hint="--format")
@@ -216,7 +218,8 @@ def _options(format: str, block_size: int, include, exclude, fallback: str, pres
         raise typer.BadParameter(f"'{preset}' (choose from {', '.join(PRESET_CHOICES)})", param_hint="--preset")
     from .convert import make_options
     try:
-        return make_options(format, block_size, include or (), exclude or (), fallback, preset, config, fpmm)
+        fo = {} if convrot_group_size == LayerOpts.convrot_group_size else {"convrot_group_size": convrot_group_size}
+        return make_options(format, block_size, include or (), exclude or (), fallback, preset, config, fpmm, fo)
     except QuantkitError as e:
         raise _fail(e) from None
 
@@ -236,6 +239,7 @@ def convert(
     output_dir: Annotated[Optional[Path], typer.Option("-O", "--output-dir", metavar="DIR", help="Write each output as <stem>-<format>.safetensors into DIR (created if missing).")] = None,
     format: FormatOpt = DEFAULT_FORMAT,
     block_size: BlockOpt = DEFAULT_BLOCK_SIZE,
+    convrot_group_size: ConvrotOpt = LayerOpts.convrot_group_size,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     fallback: FallbackOpt = DEFAULT_FALLBACK,
@@ -274,7 +278,7 @@ def convert(
     if learned_objective != "calibration" and not learned_rounding:
         raise typer.BadParameter("it sets the objective of --learned-rounding; add --learned-rounding",
                                  param_hint="--learned-objective")
-    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm)
+    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm, convrot_group_size)
     from . import reportfile
     from .plan import default_output_name, plan_file
     from .render import print_plan, print_summary
@@ -387,7 +391,7 @@ def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool,
                            exclude=opts.exclude, fallback=opts.fallback, overwrite=overwrite,
                            progress=on_progress, preset=opts.preset, config=opts.config,
                            full_precision_matrix_mult=bool(dict(opts.comfy_options).get("full_precision_matrix_mult")),
-                           device=device, **refine)
+                           device=device, format_options=dict(opts.format_options), **refine)
         rep.startup_seconds = startup or 0.0
         return rep
 
@@ -399,6 +403,7 @@ def plan(
     input: Annotated[Path, typer.Argument(metavar="INPUT", help="The .safetensors checkpoint (only its header is read).", show_default=False)],
     format: FormatOpt = DEFAULT_FORMAT,
     block_size: BlockOpt = DEFAULT_BLOCK_SIZE,
+    convrot_group_size: ConvrotOpt = LayerOpts.convrot_group_size,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     fallback: FallbackOpt = DEFAULT_FALLBACK,
@@ -412,7 +417,7 @@ def plan(
     Prints each layer's shape, dtype, format and reason, then the family, the counts, the exact
     output size and whether stock ComfyUI loads it. Exit codes: 0 ok, 1 bad input, 2 usage error.
     """
-    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm)
+    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm, convrot_group_size)
     from .plan import plan_file
     from .render import print_plan
     try:

@@ -84,6 +84,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             check_output_path(src, dst, overwrite)
             reclaimed = tempfiles.reclaim_note(tempfiles.reclaim(dst))
             plan = plan_conversion(reader, options)
+            if learned_rounding:
+                _refuse_unlearnable(plan)
             refiner = None
             if learned_rounding or calibration is not None or bias_correction or devices is not None:
                 # imported only when asked for: not on the way to a round-to-nearest conversion's first read
@@ -110,6 +112,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             ahead.stop(timeout=0.1)  # an error or the end is not held up by a window still being read
     report.seconds = clock.finish(report.stage_seconds)
     return report
+
+
+def _refuse_unlearnable(plan: Plan) -> None:
+    """Learned rounding runs on the scaled grids only: a plan holding a layer of another format is
+    refused up front, before anything is read or written."""
+    other = sorted({lp.spec.name for lp in plan.quantized if not backend.has_kernel(lp.spec)})
+    if other:
+        grids = ", ".join(f.name for f in FORMATS.values() if backend.has_kernel(f))
+        raise UsageError(f"--learned-rounding does not run {', '.join(other)}",
+                         fix=f"drop --learned-rounding, or use one of: {grids}")
 
 
 class Clock:

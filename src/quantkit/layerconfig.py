@@ -9,6 +9,9 @@
     format = "int8-block"
     block_size = 64
     options = { full_precision_matrix_mult = true }
+    [layers.'re:^.*\\.attn\\.qkv$']
+    format = "int8-convrot"
+    convrot_group_size = 64                             # a format option (a LayerOpts field)
 
 JSON: ``{"layers": {"<pattern>": {...}}}``. Names are layer names (tensor name without
 ``.weight``). When several patterns match a layer the most specific wins: an exact name beats any
@@ -26,9 +29,11 @@ from pathlib import Path
 
 from .errors import UsageError
 from .fileio import NotRegularFile, open_regular
-from .formats import FORMATS, LAYER_OPTIONS, formats_with_option
+from .formats import FORMATS, LAYER_OPTIONS, LayerOpts, formats_with_option
 
-ENTRY_KEYS = ("format", "block_size", "skip", "options")
+# format options an entry may set: the LayerOpts fields besides block_size (which has its own key)
+FORMAT_OPTION_KEYS = tuple(k for k in LayerOpts.__dataclass_fields__ if k != "block_size")
+ENTRY_KEYS = ("format", "block_size", "skip", "options", *FORMAT_OPTION_KEYS)
 
 try:  # the stdlib regex parser, to rank patterns by how much literal text they demand
     from re import _parser as _sre  # Python >= 3.11
@@ -59,6 +64,7 @@ class LayerRule:
     block_size: int | None = None
     skip: bool = False
     options: tuple[tuple[str, object], ...] = ()
+    format_options: tuple[tuple[str, object], ...] = ()  # LayerOpts fields besides block_size
 
     @property
     def specificity(self) -> tuple[int, int]:
@@ -159,6 +165,18 @@ def parse_layer_config(data: object, path: str = "<config>") -> LayerConfig:
                 with_block = " or ".join(f'format = "{f}"' for f in formats_with_option("block_size"))
                 raise bad(f"{where}: block_size applies only to block formats, not {fmt}",
                           f"drop block_size or use {with_block}")
+        fo = {k: entry[k] for k in FORMAT_OPTION_KEYS if k in entry}
+        for k, val in fo.items():
+            takers = formats_with_option(k)
+            if fmt is not None and fmt not in takers:
+                raise bad(f"{where}: {k} applies only to {', '.join(takers)}, not {fmt}",
+                          f"drop {k} or set " + " or ".join(f'format = "{f}"' for f in takers))
+            default = LayerOpts.__dataclass_fields__[k].default
+            if type(val) is not type(default):
+                raise bad(f"{where}: {k} must be a {type(default).__name__}, not {val!r}", f"e.g. {k} = {default!r}")
+            problem = FORMATS[fmt or takers[0]].option_error(LayerOpts(**{k: val}))
+            if problem is not None:
+                raise bad(f"{where}: {problem[0].replace('--' + k.replace('_', '-'), k)}", problem[1])
         skip = entry.get("skip", False)
         if type(skip) is not bool:
             raise bad(f"{where}: skip must be true or false", "write skip = true")
@@ -173,7 +191,7 @@ def parse_layer_config(data: object, path: str = "<config>") -> LayerConfig:
                 raise bad(f"{where}: unknown option {k!r}", f"known options: {', '.join(LAYER_OPTIONS)}")
             if type(v) is not LAYER_OPTIONS[k]:
                 raise bad(f"{where}: option {k} must be a {LAYER_OPTIONS[k].__name__}", f"e.g. {k} = true")
-        rules.append(LayerRule(pattern, regex, fmt, bs, skip, tuple(sorted(opts.items()))))
+        rules.append(LayerRule(pattern, regex, fmt, bs, skip, tuple(sorted(opts.items())), tuple(sorted(fo.items()))))
     return LayerConfig(path, tuple(rules))
 
 

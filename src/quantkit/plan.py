@@ -48,9 +48,11 @@ class Options:
         for k, _ in self.format_options:
             if k not in fields:
                 raise UsageError(f"unknown format option '{k}'", fix=f"known: {', '.join(sorted(fields)) or 'none'}")
-        bad = FORMATS[self.format].option_error(self.layer_opts(self.block_size))
-        if bad is not None:
-            raise UsageError(bad[0], fix=bad[1])
+        takers = {self.format, *(f for k, _ in self.format_options for f in formats_with_option(k))}
+        for name in sorted(takers, key=list(FORMATS).index):  # a set option is checked by every format reading it
+            bad = FORMATS[name].option_error(self.layer_opts(self.block_size))
+            if bad is not None:
+                raise UsageError(bad[0], fix=bad[1])
 
 
     def layer_opts(self, block_size: int) -> LayerOpts:
@@ -210,6 +212,7 @@ def _plan_one(t: TensorInfo, spec: Format, sel: policy.Selection, options: Optio
     if why is not None:
         return LayerPlan(t.name, t.shape, t.dtype, None, why)
     block_size, opts, how = options.block_size, dict(options.comfy_options), ""
+    fopts = dict(options.format_options)
     if rule is not None:
         how = f"config {rule.pattern!r}"
         if rule.format is not None:
@@ -222,17 +225,23 @@ def _plan_one(t: TensorInfo, spec: Format, sel: policy.Selection, options: Optio
                                  fix=f"drop block_size or set {with_block} in the entry")
             block_size = rule.block_size
         opts.update(rule.options)
+        fopts.update(rule.format_options)
     options_t = tuple(sorted(opts.items()))
-    cannot = spec.cannot_take(t.shape, options.layer_opts(block_size))
+    format_t = tuple(sorted(fopts.items()))
+    lopts = LayerOpts(block_size, **fopts)
+    cannot = spec.cannot_take(t.shape, lopts)
     if cannot is None:
+        how = "; ".join(x for x in (how, spec.plan_note(t.shape, lopts)) if x)
         return LayerPlan(t.name, t.shape, t.dtype, spec, how, block_size=block_size, options=options_t,
-                         rule=rule.pattern if rule else "", format_options=options.format_options)
+                         rule=rule.pattern if rule else "", format_options=format_t)
     if options.fallback == "keep":
         return LayerPlan(t.name, t.shape, t.dtype, None, f"{cannot}; --fallback keep", fallback=True,
                          rule=rule.pattern if rule else "")
-    return LayerPlan(t.name, t.shape, t.dtype, FORMATS[options.fallback],
-                     f"{cannot}; fell back to {options.fallback}", fallback=True, block_size=block_size,
-                     options=options_t, rule=rule.pattern if rule else "", format_options=options.format_options)
+    fb = FORMATS[options.fallback]
+    note = fb.plan_note(t.shape, lopts)
+    return LayerPlan(t.name, t.shape, t.dtype, fb,
+                     "; ".join(x for x in (f"{cannot}; fell back to {options.fallback}", note) if x), fallback=True, block_size=block_size,
+                     options=options_t, rule=rule.pattern if rule else "", format_options=format_t)
 
 
 def default_output_name(src_name: str, fmt: str) -> str:

@@ -6,11 +6,16 @@ module             --format          ``.comfy_quant`` format
 :mod:`.fp8`        fp8, fp8-e5m2     float8_e4m3fn, float8_e5m2 (one fp32 scale per tensor)
 :mod:`.int8`       int8-tensor/-row  int8_tensorwise (scale ``[]`` or ``[N,1]``)
 :mod:`.int8_block` int8-block        int8_blockwise (``group_size`` b, scale ``[N/b,K/b]``)
+:mod:`.int8_convrot` int8-convrot    int8_tensorwise + ``convrot``, ``convrot_groupsize`` G (W rotated along K)
+:mod:`.mxfp8`      mxfp8             mxfp8 (F8_E4M3 padded to 32, E8M0 block-32 scales, swizzled)
+:mod:`.nvfp4`      nvfp4             nvfp4 (packed E2M1 padded to 16, E4M3 block-16 scales + fp32)
 =================  ================  ==========================================================
 
 :mod:`.base` is the interface (:class:`~.base.Format`), :mod:`.scaled` the shared scaled-grid math
-(the numerical spec of the five formats above), :mod:`.unwritten` the contract checks of stock
-ComfyUI formats no module writes yet. Planning, the writer, ``inspect`` / ``verify``, the runtime
+(the numerical spec of the first five formats above), the private ``_hadamard``, ``_blocked``,
+``_e2m1``, ``_e8m0`` and ``_common`` modules the helpers of the last three (they import torch; the
+format modules import them only when they compute), :mod:`.unwritten` the 2-D check of any other
+format string. Planning, the writer, ``inspect`` / ``verify``, the runtime
 and the node ask this registry; no module outside this package names a format. Importing it does
 not import torch.
 """
@@ -35,7 +40,13 @@ QUANT_SUFFIXES = (".comfy_quant", *SCALE_SUFFIXES)  # every tensor a quantized l
 # ComfyUI reads full_precision_matrix_mult: dequantize and run a normal matmul for that layer.
 LAYER_OPTIONS: dict[str, type] = {"full_precision_matrix_mult": bool}
 
-from . import fp8, int8, int8_block  # noqa: E402,F401  (each registers its formats)
+# Each module registers its formats; the order is the registry's (choices, `quantkit formats`). A new
+# format family is one more module on this list.
+FORMAT_MODULES = ("fp8", "int8", "int8_block", "int8_convrot", "mxfp8", "nvfp4")
+import importlib  # noqa: E402
+for _m in FORMAT_MODULES:
+    importlib.import_module(f"{__name__}.{_m}")
+from . import fp8, int8  # noqa: E402  (the defaults below)
 
 DEFAULT_FORMAT = fp8.FP8.name
 DEFAULT_FALLBACK = int8.INT8_ROW.name
@@ -81,7 +92,7 @@ def check_layer(layer: str, marker: dict, T: dict, shapes: dict[str, tuple[int, 
     """Contract violations of one marked layer whose ``.weight`` exists (``T``: name -> TensorInfo;
     ``shapes``: the layer's entry of :func:`shapes_by_layer`): the identified format's check, else
     that of the first format sharing its comfy string (which says why it does not fit), else the
-    checks of :mod:`.unwritten`."""
+    generic check of :mod:`.unwritten`."""
     if shapes is None:
         shapes = shapes_by_layer({n: t for n, t in T.items() if n.startswith(layer + ".")}).get(layer, {})
     fmt = format_of_marker(marker, shapes) or next(

@@ -27,6 +27,7 @@ class LayerOpts:
     A format needing a new option adds a field here, with a default that changes no other format."""
 
     block_size: int = DEFAULT_BLOCK_SIZE
+    convrot_group_size: int = 256  # int8-convrot: the ConvRot group G wanted (a layer may take a smaller one)
 
 
 class Stored(NamedTuple):
@@ -76,6 +77,11 @@ class Format:
     def cannot_take(self, shape: tuple[int, ...], opts: LayerOpts) -> str | None:
         """Why a weight of this shape cannot be stored in this format, or None if it can."""
         raise NotImplementedError
+
+    def plan_note(self, shape: tuple[int, ...], opts: LayerOpts) -> str:
+        """What the plan says about a layer this format takes, when the layer differs from what was
+        asked (int8-convrot: a smaller group size where the asked one does not divide K); "" else."""
+        return ""
 
     def stored(self, shape: tuple[int, ...], orig_dtype: Any, opts: LayerOpts) -> list[Stored]:
         """The tensors one layer writes besides its marker, in writing order (``weight`` first), for

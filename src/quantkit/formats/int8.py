@@ -1,8 +1,7 @@
 """INT8 symmetric with fp32 scales under ComfyUI's ``int8_tensorwise``: ``int8-tensor`` (one scale
 ``[]``) and ``int8-row`` (one per output row, ``[N, 1]``). Stock ComfyUI loads both and reads no
 input_scale. The two share a comfy string; a file's layer is one or the other by its scale's shape.
-The contract check covers every int8_tensorwise layer, ConvRot ones (``convrot`` marker keys)
-included, as other tools write them."""
+ConvRot layers (``convrot`` marker keys) are :mod:`.int8_convrot`'s."""
 
 from __future__ import annotations
 
@@ -18,6 +17,12 @@ def _numel(shape) -> int:
     return n
 
 
+def convrot_keys(m: dict) -> tuple[object, object]:
+    """(convrot, convrot_groupsize) of a marker; ComfyUI also reads them from a nested ``params``."""
+    p = m.get("params") if isinstance(m.get("params"), dict) else {}
+    return m.get("convrot", p.get("convrot")), m.get("convrot_groupsize", p.get("convrot_groupsize"))
+
+
 class Int8TensorwiseFormat(ScaledFormat):
     fallback = True
 
@@ -27,7 +32,7 @@ class Int8TensorwiseFormat(ScaledFormat):
         self.granularity = granularity
 
     def recognizes(self, marker: dict, shapes: dict[str, tuple[int, ...]]) -> bool:
-        if marker.get("format") != self.comfy_format or marker.get("convrot"):
+        if marker.get("format") != self.comfy_format or convrot_keys(marker)[0]:
             return False
         s = tuple(shapes.get("weight_scale", ()))
         if self.granularity == "tensor":
@@ -52,15 +57,7 @@ class Int8TensorwiseFormat(ScaledFormat):
                                     "at the layer's first use")]
         if s.dtype != "F32":
             out.append(Violation("wrong-scale-dtype", name_s, f"int8_tensorwise scale is {s.dtype}, must be F32"))
-        if m.get("convrot"):
-            g = m.get("convrot_groupsize")
-            if not (isinstance(g, int) and g >= 4 and (g & (g - 1)) == 0 and (g.bit_length() - 1) % 2 == 0):
-                out.append(Violation("bad-convrot", f"{layer}.comfy_quant", f"convrot_groupsize {g!r} is not a power of 4"))
-            elif k % g:
-                out.append(Violation("bad-convrot", f"{layer}.comfy_quant", f"K={k} is not a multiple of convrot_groupsize {g}"))
-            if list(s.shape) != [n, 1]:
-                out.append(Violation("wrong-scale-shape", name_s, f"convrot needs a per-row scale [{n}, 1], not {list(s.shape)}"))
-        elif len(s.shape) == 1 and s.shape[0] == n and n > 1:
+        if len(s.shape) == 1 and s.shape[0] == n and n > 1:
             out.append(Violation("int8-scale-1d", name_s, f"1-D [{n}] int8 scale: ComfyUI breaks on it"
                                  + (", or, as here with N == K, silently scales columns instead of rows" if n == k else "")
                                  + f"; store it as [{n}, 1]"))

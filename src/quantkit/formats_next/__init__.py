@@ -1,4 +1,8 @@
-"""Torch reference (the numerical spec) of three formats stock ComfyUI loads through comfy-kitchen:
+"""The old import path of three formats' torch reference; they are registered formats now
+(:mod:`quantkit.formats.int8_convrot`, :mod:`~quantkit.formats.mxfp8`, :mod:`~quantkit.formats.nvfp4`,
+helpers ``quantkit.formats._hadamard`` / ``_blocked`` / ``_e2m1`` / ``_e8m0``), and each submodule here
+is the moved module itself, so ``quantkit.formats_next.hadamard`` etc. keep working.
+
 
 | module | ``--format`` | ``.comfy_quant`` ``format`` | layer tensors |
 |---|---|---|---|
@@ -17,7 +21,7 @@ Every format module has the same interface:
 
 Helpers: :mod:`.hadamard` (regular Hadamard matrix and the butterfly rotation), :mod:`.blocked`
 (cuBLAS block-scale swizzle), :mod:`.e2m1` (FP4 grid, rounding, nibble packing), :mod:`.e8m0`
-(power-of-two block scales). Nothing here imports quantkit beyond :mod:`quantkit.errors`.
+(power-of-two block scales). 
 """
 
 from __future__ import annotations

@@ -68,6 +68,13 @@ class Format:
     kernel: str | None = None  # a fast quantizer family (SCALED), or None
     runtime_layout: str | None = None  # the runtime / ComfyUI layout class that holds its weights
     node_target: str | None = None  # the name the ComfyUI quantize node offers it under
+    weight_dtype_name: str = ""  # safetensors dtype of the stored weight ("I8", "F8_E4M3", "U8", ...)
+
+    @property
+    def weight_dtype(self):
+        """The torch dtype of the stored weight (ComfyUI's ``storage_t``)."""
+        from ..dtypes import torch_dtype
+        return torch_dtype(self.weight_dtype_name)
 
     # ---- planning ----
     def option_error(self, opts: LayerOpts) -> tuple[str, str] | None:

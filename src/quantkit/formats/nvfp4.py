@@ -146,7 +146,79 @@ def quantize_reference(w, scale_search: bool = DEFAULT_SEARCH, input_scale: floa
     return out
 
 
-quantize = quantize_reference
+# Elements (x 9 candidates) one chunk of rows holds in the fast path: its fp32/fp64 temporaries
+# (~10 MB) stay near the cache, and there are few enough chunks that per-op overhead is small.
+_CHUNK_ELEMS = 1 << 16
+
+
+def _magnitude_codes(a):
+    """E2M1 magnitude codes 0..7 of the grid values ``a`` (0, .5, 1, 1.5, 2, 3, 4, 6), by arithmetic."""
+    import torch
+    c = torch.where(a < 2, a * 2, torch.where(a < 4, a + 2, a * 0.5 + 4))
+    return c.to(torch.uint8)
+
+
+def _search_rows(x, g, offsets):
+    """Fast path of the scale search over fp32 blocks ``x`` [r, B, 16]: every candidate of every block
+    at once ([r, B, C, 16]); returns (E4M3 block scales [r, B], uint8 codes [r, B, 16]). Same
+    arithmetic as :func:`_block_error` / :func:`_codes` per candidate, so the same bits; the winner is
+    the first candidate of smallest error, as the reference's strict ``<`` in offset order picks."""
+    import torch
+
+    from ._common import tree_sum_fp64
+    amax_b = x.abs().amax(dim=-1)
+    b = (amax_b / torch.full_like(amax_b, E2M1_MAX)) / g
+    c0 = b.clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+    code0 = c0.view(torch.uint8).to(torch.int32)[..., None]
+    cc = (code0 + offsets).clamp(1, _FP8_MAX_CODE).to(torch.uint8)
+    cc = torch.where(code0 == 0, torch.zeros_like(cc), cc).view(torch.float8_e4m3fn)  # a zero scale stays zero
+    total = g * cc.float()  # [r, B, C]
+    zero = total == 0
+    y = (x[:, :, None, :] / torch.where(zero, torch.ones_like(total), total)[..., None]).clamp_(-E2M1_MAX, E2M1_MAX)
+    # E2M1 round to nearest even (as _e2m1.round_values): steps of .5 below 2, 1 below 4, 2 up to 6
+    a = y.abs()
+    m = torch.where(a < 2, 2.0, torch.where(a < 4, 1.0, 0.5))
+    v = (y * m).round_().div_(m)  # a power-of-two multiply and divide: exact
+    v.masked_fill_(zero[..., None], 0.0)
+    err = tree_sum_fp64(x[:, :, None, :] - v * total[..., None])
+    win = err.argmin(dim=-1, keepdim=True)  # the first minimum
+    best = cc.view(torch.uint8).gather(-1, win)[..., 0].view(torch.float8_e4m3fn)
+    vb = v.gather(2, win[..., None].expand(-1, -1, 1, v.shape[-1]))[:, :, 0, :]
+    codes = _magnitude_codes(vb.abs()) | (torch.signbit(vb).to(torch.uint8) << 3)
+    return best, codes
+
+
+def quantize(w, scale_search: bool = DEFAULT_SEARCH, input_scale: float | None = None) -> dict:
+    """The stored tensors of W: the bytes of :func:`quantize_reference`, computed in row chunks with
+    the search's candidates batched (tests hold the two to the same bytes)."""
+    if not scale_search:
+        return quantize_reference(w, scale_search, input_scale)
+    import torch
+
+    from . import _blocked, _e2m1
+    from ._common import as_fp32
+    wf = as_fp32(w, NAME)
+    g = global_scale(wf)
+    n, k = wf.shape
+    rows, cols = padded_shape((n, k))
+    nb = cols // BLOCK
+    packed = torch.zeros(rows, cols // 2, dtype=torch.uint8)  # padded rows: +0 codes, zero scales
+    scales = torch.zeros(rows, nb, dtype=torch.uint8)
+    offsets = torch.tensor(SEARCH_OFFSETS, dtype=torch.int32)
+    step = max(1, _CHUNK_ELEMS // cols)
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        x = wf[i:j]
+        if cols > k:
+            x = torch.nn.functional.pad(x, (0, cols - k))
+        best, codes = _search_rows(x.reshape(j - i, nb, BLOCK), g, offsets)
+        scales[i:j] = best.view(torch.uint8)
+        packed[i:j] = _e2m1.pack(codes.reshape(j - i, cols))
+    out = {"weight": packed, "weight_scale": _blocked.swizzle(scales.view(torch.float8_e4m3fn)),
+           "weight_scale_2": g.reshape(())}
+    if input_scale is not None:
+        out["input_scale"] = torch.tensor(float(input_scale), dtype=torch.float32)
+    return out
 
 
 def dequantize(tensors: dict, marker: dict, dtype) -> object:

@@ -12,11 +12,21 @@ TensorCoreFP8E4M3Layout     float8_e4m3fn       fp32 ``[]``                   fp
 TensorCoreFP8E5M2Layout     float8_e5m2         fp32 ``[]``                   fp8-e5m2
 TensorWiseINT8Layout        int8_tensorwise     fp32 ``[]`` or ``[N,1]``      int8-tensor, int8-row
 BlockWiseINT8Layout         int8_blockwise      fp32 ``[N/b,K/b]``            int8-block
+TensorWiseINT8Layout        int8_tensorwise     fp32 ``[N,1]`` + ``convrot``  int8-convrot
+TensorCoreMXFP8Layout       mxfp8               U8 E8M0, swizzled             mxfp8
+TensorCoreNVFP4Layout       nvfp4               F8_E4M3 swizzled + fp32 ``[]`` nvfp4
 ==========================  ==================  ============================  =================
 
 ``TensorCoreFP8Layout`` is a second name for the E4M3 layout, as in ComfyUI and comfy-kitchen. The
-first three names are comfy-kitchen's; kitchen has no block-wise INT8 layout, so that name is ours.
-Each format says which layout holds it (``runtime_layout``); a layout finds its formats there.
+names are comfy-kitchen's but for block-wise INT8, which kitchen lacks. Each format says which layout
+holds it (``runtime_layout``); a layout finds its formats there, and tells formats sharing it apart
+by the tensor's marker and scale shape (:func:`quantkit.formats.format_of_marker`).
+
+The last three formats (no fast quantizer, ``kernel`` None) keep every stored tensor as written:
+``qdata`` is the stored weight (padded / packed), ``params.scale`` its ``weight_scale``,
+``params.tensors`` the others (nvfp4's ``weight_scale_2``), ``params.marker`` the layer's marker;
+``dequantize`` is the format's own (bit for bit what comfy-kitchen computes, on every device, in
+plain PyTorch), and ``F.linear`` is dequantize + matmul everywhere (:mod:`.linear`).
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import torch
 from ..formats import scaled
 from ..errors import QuantkitError
 from ..formats import DEFAULT_BLOCK_SIZE, FORMATS, LayerOpts, format_of_marker
+from ..formats.base import Format
 from ..formats.scaled import ScaledFormat
 
 
@@ -42,12 +53,19 @@ class LayoutParams:
     orig_dtype: torch.dtype
     orig_shape: tuple[int, ...]
     block_size: int = 0
+    tensors: dict | None = None  # formats without a scaled kernel: the other stored tensors by suffix
+    marker: dict | None = None  # ... and the layer's marker (convrot keys, orig_shape)
+
+    def moved(self, fn) -> LayoutParams:
+        """These params with ``fn`` applied to every tensor (scale and ``tensors``)."""
+        return self.replace(scale=fn(self.scale),
+                            tensors=None if self.tensors is None else {k: fn(v) for k, v in self.tensors.items()})
 
     def replace(self, **changes) -> LayoutParams:
         return dataclasses.replace(self, **changes)
 
 
-def _formats_of(layout: str) -> list[ScaledFormat]:
+def _formats_of(layout: str) -> list[Format]:
     return [f for f in FORMATS.values() if f.runtime_layout == layout]
 
 
@@ -64,10 +82,27 @@ class QuantizedLayout:
             cls.spec = _formats_of(cls.__name__)[0]
 
     @classmethod
-    def spec_for(cls, params: LayoutParams) -> ScaledFormat:
-        """The format of a tensor held in this layout, told apart by its scale's shape."""
-        return format_of_marker({"format": cls.spec.comfy_format}, {"weight_scale": tuple(params.scale.shape)}) \
-            or cls.spec
+    def spec_for(cls, params: LayoutParams) -> Format:
+        """The format of a tensor held in this layout, told apart by its marker and scale's shape."""
+        marker = params.marker if params.marker is not None else {"format": cls.spec.comfy_format}
+        return format_of_marker(marker, {"weight_scale": tuple(params.scale.shape)}) or cls.spec
+
+    @staticmethod
+    def stored_tensors(qdata: torch.Tensor, params: LayoutParams) -> dict[str, torch.Tensor]:
+        """The layer's tensors as the file stores them (suffix -> tensor)."""
+        return {"weight": qdata, "weight_scale": params.scale, **(params.tensors or {})}
+
+    @classmethod
+    def _quantize_stored(cls, tensor: torch.Tensor, spec: Format, opts: LayerOpts) -> tuple[torch.Tensor, LayoutParams]:
+        """A format without a scaled kernel: its own torch quantize, every stored tensor kept."""
+        why = spec.cannot_take(tuple(tensor.shape), opts)
+        if why:
+            raise QuantkitError(f"cannot quantize to {cls.__name__} ({spec.name}): {why}",
+                                fix="quantize a 2-D weight whose shape the format accepts")
+        stored = spec.quantize(tensor, opts)
+        q, scale = stored.pop("weight"), stored.pop("weight_scale")
+        marker = spec.marker(tuple(tensor.shape), tensor.dtype, opts)
+        return q, LayoutParams(scale, tensor.dtype, tuple(tensor.shape), 0, stored, marker)
 
     @classmethod
     def quantize(cls, tensor: torch.Tensor, **kwargs) -> tuple[torch.Tensor, LayoutParams]:
@@ -92,12 +127,16 @@ class QuantizedLayout:
         """The float tensor, computed as ComfyUI does in compute dtype ``dtype`` (default: the
         original dtype)."""
         spec = cls.spec_for(params)
+        if spec.kernel is None:
+            marker = {**(params.marker or {"format": spec.comfy_format}), "orig_shape": list(params.orig_shape)}
+            return spec.dequantize(cls.stored_tensors(qdata, params), marker, dtype or params.orig_dtype)
         return scaled.dequantize(qdata, params.scale, spec, params.block_size, dtype or params.orig_dtype)
 
     @classmethod
     def state_dict_tensors(cls, qdata: torch.Tensor, params: LayoutParams) -> dict[str, torch.Tensor]:
         """Suffixes to append to a weight's key (``""`` is the weight itself) for saving."""
-        return {"": qdata, "_scale": params.scale}
+        return {"": qdata, "_scale": params.scale, **{"_" + k.removeprefix("weight_"): v
+                                                      for k, v in (params.tensors or {}).items()}}
 
 
 class TensorCoreFP8E4M3Layout(QuantizedLayout):
@@ -109,13 +148,36 @@ class TensorCoreFP8E5M2Layout(QuantizedLayout):
 
 
 class TensorWiseINT8Layout(QuantizedLayout):
-    """INT8 with one scale per tensor (``[]``) or per output row (``[N,1]``, ``per_channel=True``)."""
+    """INT8 with one scale per tensor (``[]``) or per output row (``[N,1]``, ``per_channel=True``);
+    ``convrot=True``: per-row INT8 of W rotated along K (``convrot_groupsize``, default 256; a K it
+    does not divide takes the largest power of 4 that does)."""
 
     @classmethod
-    def quantize(cls, tensor: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, LayoutParams]:
+    def quantize(cls, tensor: torch.Tensor, per_channel: bool = False, convrot: bool = False,
+                 convrot_groupsize: int | None = None) -> tuple[torch.Tensor, LayoutParams]:
+        if convrot:
+            spec = format_of_marker({"format": cls.spec.comfy_format, "convrot": True}, {})
+            g = convrot_groupsize or LayerOpts.convrot_group_size
+            return cls._quantize_stored(tensor, spec, LayerOpts(convrot_group_size=g))
         n = tensor.shape[0] if tensor.dim() else 1
         spec = format_of_marker({"format": cls.spec.comfy_format}, {"weight_scale": (n, 1) if per_channel else ()})
         return cls._quantize(tensor, spec, 0)
+
+
+class StoredLayout(QuantizedLayout):
+    """Base of the layouts of formats without a scaled kernel: quantize is the format's own."""
+
+    @classmethod
+    def quantize(cls, tensor: torch.Tensor) -> tuple[torch.Tensor, LayoutParams]:
+        return cls._quantize_stored(tensor, cls.spec, LayerOpts())
+
+
+class TensorCoreMXFP8Layout(StoredLayout):
+    """FP8 E4M3 padded to 32 with E8M0 block-32 scales (swizzled, uint8)."""
+
+
+class TensorCoreNVFP4Layout(StoredLayout):
+    """Packed E2M1 padded to 16, swizzled E4M3 block-16 scales and the fp32 ``weight_scale_2``."""
 
 
 class BlockWiseINT8Layout(QuantizedLayout):
@@ -151,7 +213,8 @@ def get_layout_class(name: str | type[QuantizedLayout]) -> type[QuantizedLayout]
         raise QuantkitError(f"unknown layout '{name}'", fix=f"use one of: {', '.join(sorted(LAYOUTS))}") from None
 
 
-for _cls in (TensorCoreFP8E4M3Layout, TensorCoreFP8E5M2Layout, TensorWiseINT8Layout, BlockWiseINT8Layout):
+for _cls in (TensorCoreFP8E4M3Layout, TensorCoreFP8E5M2Layout, TensorWiseINT8Layout, BlockWiseINT8Layout,
+             TensorCoreMXFP8Layout, TensorCoreNVFP4Layout):
     register_layout_class(_cls.__name__, _cls)
 register_layout_class("TensorCoreFP8Layout", TensorCoreFP8E4M3Layout)
 TensorCoreFP8Layout = TensorCoreFP8E4M3Layout

@@ -10,6 +10,8 @@ FP8 E4M3            ``torch._scaled_mm`` (sm >= 89): input per-tensor if   dequa
 FP8 E5M2            dequantize                                             dequantize
 INT8 tensor / row   dynamic per-token INT8 (Triton) + the Triton W8A8      the torch reference W8A8
                     kernel (int32 accumulation, scales in the epilogue)    (``torch._int_mm``)
+INT8 convrot        dequantize                                             dequantize
+MXFP8, NVFP4        dequantize                                             dequantize
 INT8 block          dynamic per-token, per-group INT8 (Triton) + the        the torch reference W8A8
                     Triton W8A8 block kernel (sm_90: or the Gluon one,     (``_int_mm`` per group)
                     whichever timed faster for the shape)
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from ..formats import scaled
 from ..formats.scaled import grid
 from . import activations
+from .layouts import StoredLayout
 from .tensor import QuantizedTensor, register_layout_op
 
 aten = torch.ops.aten
@@ -158,8 +161,8 @@ def _int8_w8a8(x, w, bias, block: int):
 @register_layout_op(aten.linear.default, "TensorWiseINT8Layout")
 def int8_linear(func, args, kwargs):
     x, w, bias = _unpack(args, kwargs)
-    if isinstance(x, QuantizedTensor) or not _weight_ok(x, w):
-        return dequantized_linear(x, w, bias)
+    if isinstance(x, QuantizedTensor) or not _weight_ok(x, w) or w.layout_cls.spec_for(w._layout_params).kernel is None:
+        return dequantized_linear(x, w, bias)  # int8-convrot: dequantize (rotation included) + matmul
     return _int8_w8a8(x, w, bias, 0)
 
 
@@ -169,6 +172,14 @@ def int8_block_linear(func, args, kwargs):
     if isinstance(x, QuantizedTensor) or not _weight_ok(x, w):
         return dequantized_linear(x, w, bias)
     return _int8_w8a8(x, w, bias, w._layout_params.block_size)
+
+
+@register_layout_op(aten.linear.default, StoredLayout)
+def stored_linear(func, args, kwargs):
+    """mxfp8, nvfp4 (and int8-convrot through its INT8 layout): dequantize + matmul on every device,
+    exactly ComfyUI's numbers where it dequantizes too."""
+    x, w, bias = _unpack(args, kwargs)
+    return dequantized_linear(x, w, bias)
 
 
 @register_layout_op(aten.linear.default, "TensorCoreFP8E5M2Layout")

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import QuantkitError
-from ..formats import SCALE_SUFFIXES, decode_comfy_quant, format_of_marker
+from ..dtypes import name_of, torch_dtype
+from ..formats import SCALE_SUFFIXES, LayerOpts, decode_comfy_quant, format_of_marker
 from .layouts import LAYOUT_FOR_FORMAT, QUANT_ALGOS, LayoutParams
 from .linear import dequantized_linear, quantize_input_static, supports_fp8_compute
 from .tensor import QuantizedTensor
@@ -116,6 +117,11 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                 if weight.dtype != algo["storage_t"]:
                     raise QuantkitError(f"{fmt} weight stored as {weight.dtype}, expected {algo['storage_t']}",
                                         tensor=f"{layer}.weight", fix="rewrite the file with quantkit convert")
+                present = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items()
+                           if k.startswith(prefix) and "." not in k[len(prefix):]}
+                stored_spec = format_of_marker(conf, {"weight": tuple(weight.shape), **present})
+                if stored_spec is not None and stored_spec.kernel is None and stored_spec.name in LAYOUT_FOR_FORMAT:
+                    return self._load_stored(layer, prefix, state_dict, weight, conf, stored_spec)
                 self._check_shape(layer, tuple(weight.shape))
                 scale = state_dict.pop(prefix + "weight_scale", None)
                 if scale is None:
@@ -140,6 +146,42 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                 self.input_scale = None if input_scale is None else input_scale.float()
                 self._static_spec = spec if input_scale is not None and spec.static_input else None
                 self.quant_format = fmt
+                self.full_precision_mm = full_precision_mm or bool(conf.get("full_precision_matrix_mult", False))
+
+            def _load_stored(self, layer, prefix, state_dict, weight, conf, spec) -> None:
+                """A format without a scaled kernel (int8-convrot, mxfp8, nvfp4): its stored tensors
+                are checked against what the format writes for this layer's [out, in] and kept as
+                they are; the layer dequantizes with the format's own math."""
+                shape = (self.out_features, self.in_features)
+                orig = conf.get("orig_shape")
+                if orig is not None and tuple(orig) != shape:
+                    raise QuantkitError(f"orig_shape {list(orig)} does not match the layer's {list(shape)}",
+                                        tensor=f"{layer}.comfy_quant", fix="load the file into the model it was converted from")
+                want = spec.stored(shape, compute_dtype, LayerOpts())
+                tensors = {"weight": weight}
+                for st in want[1:]:
+                    t = state_dict.pop(prefix + st.suffix, None)
+                    if t is None:
+                        raise QuantkitError(f"{conf['format']} layer has no {st.suffix}", tensor=layer,
+                                            fix="rewrite the file with quantkit convert")
+                    tensors[st.suffix] = t
+                input_scale = state_dict.pop(prefix + "input_scale", None)
+                for st in want:
+                    t = tensors[st.suffix]
+                    ok = {st.dtype, "U8", *(("F8_E8M0",) if st.dtype == "U8" else ())}  # byte views ComfyUI takes
+                    if tuple(t.shape) != tuple(st.shape) or name_of(t.dtype) not in ok:
+                        raise QuantkitError(f"{st.suffix} is {name_of(t.dtype)} {list(t.shape)}, a {spec.name} "
+                                            f"layer {list(shape)} stores {st.dtype} {list(st.shape)}",
+                                            tensor=f"{layer}.{st.suffix}", fix="rewrite the file with quantkit convert")
+                    if name_of(t.dtype) != st.dtype:  # a U8-stored fp8 scale is a byte view, as ComfyUI reads it
+                        tensors[st.suffix] = t.view(torch_dtype(st.dtype))
+                marker = {**conf, "orig_shape": list(shape)}
+                q, scale = tensors.pop("weight"), tensors.pop("weight_scale")
+                params = LayoutParams(scale, compute_dtype, shape, 0, tensors, marker)
+                self.weight = nn.Parameter(QuantizedTensor(q, LAYOUT_FOR_FORMAT[spec.name], params), requires_grad=False)
+                self.input_scale = None if input_scale is None else input_scale.float()
+                self._static_spec = None
+                self.quant_format = conf["format"]
                 self.full_precision_mm = full_precision_mm or bool(conf.get("full_precision_matrix_mult", False))
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:

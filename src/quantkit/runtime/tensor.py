@@ -2,7 +2,8 @@
 
 It looks like a float tensor of the original shape and dtype; underneath it keeps ``_qdata`` (the
 stored fp8/int8 tensor), ``_layout_type`` (a registered layout name) and ``_layout_params``
-(:class:`~quantkit.runtime.layouts.LayoutParams`: scale, orig_dtype, orig_shape, block size).
+(:class:`~quantkit.runtime.layouts.LayoutParams`: scale, orig_dtype, orig_shape, block size, and for
+the formats without a scaled kernel their other stored tensors and marker).
 
 Dispatch, in order, for every op that sees a QuantizedTensor:
 
@@ -176,7 +177,8 @@ def _detach(func, args, kwargs):
 @_generic(aten.clone.default)
 def _clone(func, args, kwargs):
     qt = args[0]
-    return qt._with(qt._qdata.clone(), scale=qt.params.scale.clone())
+    p = qt.params.moved(lambda t: t.clone())
+    return qt._with(qt._qdata.clone(), scale=p.scale, tensors=p.tensors)
 
 
 @_generic(aten._to_copy.default)
@@ -189,15 +191,16 @@ def _to_copy(func, args, kwargs):
         return func(qt.dequantize(), **kwargs)
     nb = kwargs.get("non_blocking", False)
     qdata = qt._qdata if device is None else qt._qdata.to(device, non_blocking=nb)
-    scale = qt.params.scale if device is None else qt.params.scale.to(device, non_blocking=nb)
-    return qt._with(qdata, scale=scale, orig_dtype=dtype or qt.params.orig_dtype)
+    p = qt.params if device is None else qt.params.moved(lambda t: t.to(device, non_blocking=nb))
+    return qt._with(qdata, scale=p.scale, tensors=p.tensors, orig_dtype=dtype or qt.params.orig_dtype)
 
 
 @_generic(aten.t.default, aten.transpose.int)
 def _transpose(func, args, kwargs):
     """A 2-D transpose is a view of qdata and of the scale grid; the dequantize math is unchanged."""
     qt = args[0]
-    if qt.dim() != 2 or (func is aten.transpose.int and sorted(d % 2 for d in args[1:3]) != [0, 1]):
+    if qt.dim() != 2 or (func is aten.transpose.int and sorted(d % 2 for d in args[1:3]) != [0, 1]) \
+            or qt.layout_cls.spec_for(qt.params).kernel is None:  # padded / rotated storage: no view of it
         return func(*dequantize_args(args), **kwargs)
     p = qt.params
     scale = p.scale.t() if p.scale.dim() == 2 else p.scale

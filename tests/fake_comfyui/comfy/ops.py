@@ -1,5 +1,6 @@
 """Stand-in for ``comfy.ops``: the module-level loader ``_load_quantized_module`` (same name and
-signature as ComfyUI's; stock formats only, an explicit per-format branch and a ValueError for any
+signature as ComfyUI's; stock formats only (fp8, int8_tensorwise with or without ConvRot, mxfp8, nvfp4:
+the scale tensors and views of ComfyUI 0271a469), an explicit per-format branch and a ValueError for any
 other name, as in ComfyUI) and ``mixed_precision_ops`` whose ``Linear`` loads through it (looked up
 at call time, so a wrapper installed on the module is used) and runs ComfyUI's forward decisions:
 quantized input unless ``quantize_input`` is False, dequantized weight when ``_full_precision_mm``."""
@@ -27,11 +28,13 @@ def _load_quantized_module(module, super_load, state_dict, prefix, local_metadat
         return
     loaded = [f"{prefix}weight"]
 
-    def pop_scale(name):
+    def pop_scale(name, view=None):
         v = state_dict.pop(f"{prefix}{name}", None)
         if v is not None:
             loaded.append(f"{prefix}{name}")
             v = v.to(device=device)
+            if view is not None:
+                v = v.view(dtype=view)  # a byte view: U8 on disk and the native dtype load alike
         return v
 
     conf = state_dict.pop(f"{prefix}comfy_quant", None)
@@ -45,6 +48,8 @@ def _load_quantized_module(module, super_load, state_dict, prefix, local_metadat
             module._full_precision_mm = module._full_precision_mm_config
         if module.quant_format in module._disabled_formats:
             module._full_precision_mm = True
+        if module.quant_format is None:
+            raise ValueError(f"Unknown quantization format for layer {prefix.rstrip('.')}")
         qconfig = QUANT_ALGOS[module.quant_format]  # KeyError for an unknown format, as in ComfyUI
         module.layout_type = qconfig["comfy_tensor_layout"]
         layout_cls = get_layout_class(module.layout_type)
@@ -55,6 +60,22 @@ def _load_quantized_module(module, super_load, state_dict, prefix, local_metadat
             if scale is None:
                 raise ValueError(f"Missing INT8 weight scale for layer {prefix}")
             scales = {"scale": scale}
+            nested = conf.get("params", {})
+            nested = nested if isinstance(nested, dict) else {}
+            if conf.get("convrot", nested.get("convrot", False)):
+                scales["convrot"] = True
+                scales["convrot_groupsize"] = int(conf.get("convrot_groupsize", nested.get("convrot_groupsize", 256)))
+        elif module.quant_format == "mxfp8":
+            block = pop_scale("weight_scale", torch.float8_e8m0fnu)
+            if block is None:
+                raise ValueError(f"Missing MXFP8 block scales for layer {prefix.rstrip('.')}")
+            scales = {"scale": block}
+        elif module.quant_format == "nvfp4":
+            per_tensor = pop_scale("weight_scale_2")
+            block = pop_scale("weight_scale", torch.float8_e4m3fn)
+            if per_tensor is None or block is None:
+                raise ValueError(f"Missing NVFP4 scales for layer {prefix.rstrip('.')}")
+            scales = {"scale": per_tensor, "block_scale": block}
         else:
             raise ValueError(f"Unsupported quantization format: {module.quant_format}")
         params = layout_cls.Params(**scales, orig_dtype=compute_dtype, orig_shape=module._orig_shape)
@@ -84,8 +105,8 @@ class MixedPrecisionOp(CastWeightBiasOp):
 
 
 def get_disabled_quant_formats(device=None):
-    # This machine has no FP8 / INT8 tensor cores (CPU): ComfyUI disables its stock quantized matmuls.
-    return {"float8_e4m3fn", "float8_e5m2", "int8_tensorwise"}
+    # This machine has no FP8 / INT8 / MXFP8 / FP4 tensor cores (CPU): ComfyUI disables its stock quantized matmuls.
+    return {"float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "mxfp8", "nvfp4"}
 
 
 def mixed_precision_ops(quant_config={}, compute_dtype=torch.bfloat16, full_precision_mm=False, disabled=[]):

@@ -2,8 +2,9 @@
 names, and the stock ``QUANT_ALGOS`` entries quantkit's formats map to."""
 
 import torch
-from comfy_kitchen.tensor import (QuantizedLayout, QuantizedTensor, TensorCoreFP8Layout, TensorWiseINT8Layout,
-                                  get_layout_class, register_layout_class, register_layout_op)
+from comfy_kitchen.tensor import (QuantizedLayout, QuantizedTensor, TensorCoreFP8Layout, TensorCoreMXFP8Layout,
+                                  TensorCoreNVFP4Layout, TensorWiseINT8Layout, get_layout_class,
+                                  register_layout_class, register_layout_op)
 
 _CK_AVAILABLE = True
 
@@ -26,7 +27,12 @@ QUANT_ALGOS = {
                     "comfy_tensor_layout": "TensorCoreFP8E5M2Layout"},
     "int8_tensorwise": {"storage_t": torch.int8, "parameters": {"weight_scale"},
                         "comfy_tensor_layout": "TensorWiseINT8Layout", "quantize_input": False},
+    "mxfp8": {"storage_t": torch.float8_e4m3fn, "parameters": {"weight_scale", "input_scale"},
+              "comfy_tensor_layout": "TensorCoreMXFP8Layout", "group_size": 32},
+    "nvfp4": {"storage_t": torch.uint8, "parameters": {"weight_scale", "weight_scale_2", "input_scale"},
+              "comfy_tensor_layout": "TensorCoreNVFP4Layout", "group_size": 16},
 }
 
-__all__ = ["QuantizedTensor", "QuantizedLayout", "TensorCoreFP8Layout", "TensorWiseINT8Layout", "QUANT_ALGOS",
+__all__ = ["QuantizedTensor", "QuantizedLayout", "TensorCoreFP8Layout", "TensorWiseINT8Layout", "TensorCoreMXFP8Layout",
+           "TensorCoreNVFP4Layout", "QUANT_ALGOS",
            "register_layout_op", "register_layout_class", "get_layout_class"]

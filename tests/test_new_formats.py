@@ -396,3 +396,90 @@ def test_runtime_from_float_and_moves():
         # .to(bf16): the same stored tensors, dequantized as ComfyUI does in bf16
         assert same_bits(qt.to(torch.bfloat16).dequantize(), FORMATS[fmt].dequantize(ref, marker, torch.bfloat16))
         assert torch.equal(qt.clone().dequantize(), deq) and torch.equal(qt.t(), deq.t())
+
+
+# ---------------------------------------------------------------- the native C kernels are the reference
+
+def _case_weight(n: int, k: int, case: str, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = torch.randn(n, k, generator=g) * 0.02
+    w[:, min(3, k - 1)] *= 30
+    if case == "specials" and n > 2:
+        w[0] = 0
+        w[2, :40] = 0
+        w[1] *= 1e-6
+    w = w * {"huge": 1e35, "tiny": 1e-35}.get(case, 1.0)  # huge: fp32 only (bf16 holds it, fp16 not)
+    return w.to(dtype)
+
+
+NATIVE_CASES = [(n, k, case, dtype) for n, k in [(257, 200), (130, 96), (1, 17), (33, 48), (7, 1024), (64, 384)]
+                for case in ("normal", "specials", "tiny", "huge")
+                for dtype in (torch.bfloat16, torch.float16, torch.float32)
+                if not (case == "huge" and dtype == torch.float16)]
+
+
+@pytest.fixture(scope="module")
+def native_blocks():
+    from quantkit.kernels import native_blocks as nbk
+    why = nbk.available()
+    if why is not None:
+        pytest.skip(f"no native kernels here: {why}")
+    return nbk
+
+
+def _same_bytes(a: dict, b: dict) -> bool:
+    return sorted(a) == sorted(b) and all(
+        a[x].dtype == b[x].dtype and a[x].shape == b[x].shape
+        and torch.equal(a[x].reshape(-1).view(torch.uint8), b[x].reshape(-1).view(torch.uint8)) for x in a)
+
+
+def test_native_kernels_write_the_reference_bytes(native_blocks):
+    for n, k, case, dtype in NATIVE_CASES:
+        w = _case_weight(n, k, case, dtype)
+        for fmt in NEW:
+            f = FORMATS[fmt]
+            if f.cannot_take((n, k), LayerOpts()):
+                continue
+            ref = nvfp4.quantize_reference(w) if fmt == "nvfp4" else f.quantize(w, LayerOpts())
+            got, stats = f.quantize_native(w, LayerOpts())
+            assert _same_bytes(ref, got), (fmt, n, k, case, dtype)
+            if case == "normal":  # the reported SQNR is the dequantization's, to ~1e-6 dB (fp32 rounding)
+                exact = scaled.sqnr(w.float(), f.dequantize(ref, f.marker((n, k), dtype, LayerOpts()), torch.float32))
+                assert abs(stats.sqnr_db - exact) < 1e-3, (fmt, n, k, stats.sqnr_db, exact)
+
+
+def test_native_kernels_thread_independent_and_refuse_nan(native_blocks):
+    w = _case_weight(300, 448, "specials", torch.bfloat16)
+    n_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = {fmt: FORMATS[fmt].quantize_native(w, LayerOpts()) for fmt in NEW}
+        torch.set_num_threads(2)
+        two = {fmt: FORMATS[fmt].quantize_native(w, LayerOpts()) for fmt in NEW}
+    finally:
+        torch.set_num_threads(n_threads)
+    for fmt in NEW:
+        assert _same_bytes(one[fmt][0], two[fmt][0]) and one[fmt][1] == two[fmt][1], fmt
+    w[5, 7] = float("nan")
+    for fmt in NEW:
+        with pytest.raises(QuantkitError, match="NaN or Inf"):
+            FORMATS[fmt].quantize_native(w, LayerOpts())
+
+
+def test_convert_refuses_nan_weight_in_new_formats(tmp_path):
+    w = torch.randn(32, 64).bfloat16()
+    w[3, 4] = float("inf")
+    save_file({"l.weight": w}, str(tmp_path / "in.safetensors"))
+    for fmt in NEW:
+        with pytest.raises(QuantkitError, match="NaN or Inf") as e:
+            quantkit.convert(tmp_path / "in.safetensors", tmp_path / "o.safetensors", format=fmt, preset="none")
+        assert e.value.tensor == "l.weight" and str(tmp_path / "in.safetensors") in str(e.value)
+        assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("fmt", NEW)
+def test_torch_backend_writes_the_same_file(tmp_path, monkeypatch, fmt):
+    monkeypatch.setenv("QUANTKIT_BACKEND", "torch")
+    out = tmp_path / "out.safetensors"
+    quantkit.convert(SAMPLE, out, format=fmt)
+    assert sha(out) == SAMPLE_SHA[fmt]

@@ -167,6 +167,19 @@ def cpu_quantizer():
     return cpu_quantize.quantize_tensor
 
 
+def quantize_stored(w: torch.Tensor, spec, opts):
+    """A format without a scaled kernel (``kernel`` None): ``(stored tensors, ErrorStats or None)``.
+    On the CPU with the native backend, the format's C kernel (its ``native``: a function of
+    :mod:`quantkit.kernels.native_blocks`, byte-identical to its torch ``quantize``), else that
+    torch ``quantize`` (stats None: the caller measures them)."""
+    name = getattr(spec, "native", None)
+    if name is not None and w.device.type == "cpu" and backend_for("cpu") == "native":
+        from .kernels import native_blocks
+        if native_blocks.available() is None:
+            return spec.quantize_native(w, opts)
+    return spec.quantize(w, opts), None
+
+
 def quantize_torch(w: torch.Tensor, spec: ScaledFormat, block_size: int) -> QuantResult:
     """The torch path on w's device: chunked on CPU, whole-tensor reference on CUDA."""
     _check_shape(w, spec, block_size)

@@ -387,11 +387,15 @@ def _by_reference(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Back
     own ``dequantize`` (what ComfyUI computes) against the weight."""
     spec = lp.spec
     w = reader.tensor(lp.tensor).to(device)
-    tensors = spec.quantize(w, lp.opts)
+    try:
+        tensors, stats = backend.quantize_stored(w, spec, lp.opts)
+    except QuantkitError as e:  # NaN/Inf in w, said by the format
+        raise QuantkitError(e.message, file=reader.path, tensor=lp.tensor, fix=e.fix) from None
     for t in tensors.values():
         if t.dtype in (torch.float32, torch.float16, torch.bfloat16):  # scales: NaN/Inf in w shows there
             check_finite(t, file=reader.path, tensor=lp.tensor, layer=lp.layer)
-    sqnr = scaled.sqnr(w, spec.dequantize(tensors, lp.comfy_quant(), torch.float32, lp.layer))
+    sqnr = stats.sqnr_db if stats is not None else \
+        scaled.sqnr(w, spec.dequantize(tensors, lp.comfy_quant(), torch.float32, lp.layer))
     del w
     reader.release(lp.tensor)
     tensors = {k: v.cpu() for k, v in tensors.items()}

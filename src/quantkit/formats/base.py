@@ -69,6 +69,13 @@ class Format:
     runtime_layout: str | None = None  # the runtime / ComfyUI layout class that holds its weights
     node_target: str | None = None  # the name the ComfyUI quantize node offers it under
     weight_dtype_name: str = ""  # safetensors dtype of the stored weight ("I8", "F8_E4M3", "U8", ...)
+    native: str | None = None  # a format without a kernel: its C kernel in quantkit.kernels.native_blocks
+
+    def quantize_native(self, w, opts: LayerOpts):
+        """For a format with ``native``: (stored tensors, ErrorStats) from its C kernel, the bytes
+        of :meth:`quantize` (``quantkit.backend.quantize_stored`` calls it where the kernel runs)."""
+        from ..kernels import native_blocks
+        return getattr(native_blocks, self.native)(w)
 
     @property
     def weight_dtype(self):

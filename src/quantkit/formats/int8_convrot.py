@@ -129,6 +129,7 @@ class Int8ConvRotFormat(Format):
     option_names = ("convrot_group_size",)
     fallback = False  # K must be a multiple of 16
     kernel = None
+    native = "convrot"
     runtime_layout = LAYOUT
     weight_dtype_name = "I8"
 
@@ -158,6 +159,10 @@ class Int8ConvRotFormat(Format):
 
     def quantize(self, w, opts: LayerOpts) -> dict:
         return quantize(w, opts.convrot_group_size)
+
+    def quantize_native(self, w, opts: LayerOpts):
+        from ..kernels import native_blocks
+        return native_blocks.convrot(w, _group(tuple(w.shape), opts.convrot_group_size))
 
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = "") -> object:
         from ._common import layer_dequantize

@@ -138,6 +138,7 @@ class MXFP8Format(Format):
     stock_comfy = True
     fallback = True  # padding takes every 2-D shape
     kernel = None
+    native = "mxfp8"
     runtime_layout = LAYOUT
     weight_dtype_name = "F8_E4M3"
 

@@ -256,6 +256,7 @@ class NVFP4Format(Format):
     stock_comfy = True
     fallback = True  # padding takes every 2-D shape
     kernel = None
+    native = "nvfp4"
     runtime_layout = LAYOUT
     weight_dtype_name = "U8"
 

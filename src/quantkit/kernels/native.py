@@ -78,12 +78,12 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cc: str) -> Path:
-    src = SOURCE.read_bytes()
+def _build(cc: str, source: Path = SOURCE) -> Path:
+    src = source.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
                                      platform.machine().encode()])).hexdigest()[:16]
-    name = f"cpu_quant-{key}{'.dll' if os.name == 'nt' else '.so'}"
+    name = f"{source.stem}-{key}{'.dll' if os.name == 'nt' else '.so'}"
     lib = cache_dir() / name
     if lib.is_file():
         return lib
@@ -96,13 +96,13 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         for extra in (NATIVE_FLAGS, []):  # some compilers (Apple clang on arm64) refuse -march=native
-            r = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+            r = subprocess.run([cc, *FLAGS, *extra, str(source), "-o", tmp], capture_output=True, text=True,
                                timeout=300)
             if r.returncode == 0:
                 os.replace(tmp, lib)
                 return lib
         last = (r.stderr or r.stdout).strip().splitlines()
-        raise RuntimeError(f"{cc} could not build {SOURCE.name}: {last[-1] if last else 'failed'}")
+        raise RuntimeError(f"{cc} could not build {source.name}: {last[-1] if last else 'failed'}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -141,7 +141,7 @@ def _library() -> ctypes.CDLL:
     return _lib
 
 
-def _parallel(rows: int, step: int, job) -> None:
+def parallel(rows: int, step: int, job) -> None:
     """job(r0, r1) over [0, rows) in contiguous slices (multiples of ``step``), one per thread."""
     global _pool, _pool_size
     n = max(1, min(torch.get_num_threads(), rows // step))
@@ -159,6 +159,9 @@ def _parallel(rows: int, step: int, job) -> None:
         f.result()
 
 
+_parallel = parallel
+
+
 def quantize_tensor(w: torch.Tensor, spec: ScaledFormat, block_size: int,
                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, ErrorStats]:
     """Quantize a 2-D bf16/fp16/fp32 CPU tensor: (q, scale, error stats), as
@@ -174,7 +177,7 @@ def quantize_tensor(w: torch.Tensor, spec: ScaledFormat, block_size: int,
     b = block_size if gran == 2 else 1
     if gran == 0:
         amax = torch.empty(n, dtype=torch.float32)
-        _parallel(n, 1, lambda r0, r1: lib.qk_row_amax(w.data_ptr(), kind, r0, r1, k, amax.data_ptr()))
+        parallel(n, 1, lambda r0, r1: lib.qk_row_amax(w.data_ptr(), kind, r0, r1, k, amax.data_ptr()))
         scales = scaled.scale_from_amax(amax.max() if n else torch.zeros(()), spec).reshape(1)
     else:
         scales = torch.empty(spec.scale_shape((n, k), block_size), dtype=torch.float32)
@@ -185,7 +188,7 @@ def quantize_tensor(w: torch.Tensor, spec: ScaledFormat, block_size: int,
     def job(r0: int, r1: int) -> None:
         lib.qk_quantize(w.data_ptr(), kind, r0, r1, k, gran, b, int(spec.is_int), man, spec.qmax,
                         scales.data_ptr(), q.data_ptr(), sig.data_ptr(), noise.data_ptr())
-    _parallel(n, b, job)
+    parallel(n, b, job)
     if gran == 0:
         scales = scales.reshape(())
     return q, scales, ErrorStats(float(sig.sum()), float(noise.sum()))

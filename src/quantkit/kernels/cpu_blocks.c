@@ -1,0 +1,270 @@
+/* quantkit's CPU kernels for the formats with a rotation or block scales: int8-convrot, mxfp8, nvfp4.
+ *
+ * The math of src/quantkit/formats/{int8_convrot,mxfp8,nvfp4}.py (their torch quantize is the spec),
+ * one pass over each row. Built like cpu_quant.c (-O3 -ffp-contract=off, no fast-math), so every fp32
+ * operation rounds as torch's does; tests hold the bytes to the torch reference. Rows are independent;
+ * native.py splits them over threads. Each row's error sums are formed in a fixed order.
+ *
+ * w is [rows, k] row-major, bf16 / fp16 / fp32 (kind 1 / 2 / 0).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { IN_F32 = 0, IN_BF16 = 1, IN_F16 = 2 };
+static const size_t ELEM[3] = {4, 2, 2};
+
+#define ALWAYS static inline __attribute__((always_inline))
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef uint16_t vh16 __attribute__((vector_size(32)));
+typedef double vd8 __attribute__((vector_size(64)));
+typedef float v8 __attribute__((vector_size(32)));
+
+ALWAYS v16 vsel(vi16 m, v16 a, v16 b) { return (v16)(((vi16)a & m) | ((vi16)b & ~m)); }
+ALWAYS vu16 usel(vi16 m, vu16 a, vu16 b) { return (a & (vu16)m) | (b & ~(vu16)m); }
+
+/* One element as fp32 (exact for each input dtype; fp16 in integer steps, as cpu_quant.c). */
+static inline float load1(const uint8_t *p, int64_t i, int kind) {
+    float f;
+    uint32_t u;
+    if (kind == IN_F32) { memcpy(&f, p + 4 * i, 4); return f; }
+    uint16_t h;
+    memcpy(&h, p + 2 * i, 2);
+    if (kind == IN_BF16) { u = (uint32_t)h << 16; memcpy(&f, &u, 4); return f; }
+    uint32_t mag = h & 0x7fffu, e = mag & 0x7c00u;
+    if (e == 0) { f = (float)mag * 0x1p-24f; memcpy(&u, &f, 4); }
+    else if (e == 0x7c00u) u = (mag << 13) | 0x7f800000u;
+    else u = (mag << 13) + (112u << 23);
+    u |= (uint32_t)(h & 0x8000u) << 16;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* 16 elements from column c0 of a row of k, zero past the end. */
+ALWAYS v16 load16(const uint8_t *row, int64_t c0, int64_t k, int kind) {
+    v16 x;
+    if (c0 + 16 <= k && kind == IN_F32) { memcpy(&x, row + 4 * c0, 64); return x; }
+    if (c0 + 16 <= k && kind == IN_BF16) {
+        vh16 h;
+        memcpy(&h, row + 2 * c0, 32);
+        return (v16)(__builtin_convertvector(h, vu16) << 16);
+    }
+    for (int i = 0; i < 16; i++) x[i] = c0 + i < k ? load1(row, c0 + i, kind) : 0.0f;
+    return x;
+}
+
+ALWAYS uint32_t amax_bits16(v16 x) {  /* largest |x| as ordered bits (NaN above inf) */
+    vu16 a = (vu16)x & 0x7fffffffu;
+    uint32_t r = 0;
+    for (int i = 0; i < 16; i++) r = a[i] > r ? a[i] : r;
+    return r;
+}
+
+ALWAYS float bits_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+ALWAYS uint32_t f_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* ---------------------------------------------------------------- per-block amax */
+
+/* amax of each 16-column block of rows [r0, r1) (nb blocks a row, the last zero-padded): out[r * nb + j]. */
+void qk_block16_amax(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, float *out) {
+    const uint8_t *p = (const uint8_t *)w;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = p + r * k * ELEM[kind];
+        for (int64_t j = 0; j < nb; j++) out[r * nb + j] = bits_f(amax_bits16(load16(row, 16 * j, k, kind)));
+    }
+}
+
+/* ---------------------------------------------------------------- mxfp8 */
+
+/* E4M3 of 16 fp32 values x (|x| <= 448 after the clamp), round to nearest even: codes, and the fp32 values. */
+ALWAYS vu16 e4m3(v16 x, v16 *val) {
+    const int shift = 20, bias = 7, man = 3;
+    vu16 u = (vu16)x;
+    vu16 sign = u & 0x80000000u;
+    vu16 a = u & 0x7fffffffu;
+    vu16 rn = (a + ((1u << (shift - 1)) - 1) + ((a >> shift) & 1u)) >> shift;
+    const float sub = (float)(1u << (bias - 1 + man));
+    vu16 m = (vu16)((v16)a * sub + 8388608.0f) - 0x4B000000u;
+    vi16 normal = (vi16)(a >= (uint32_t)(128 - bias) << 23);
+    vu16 code = usel(normal, rn - ((uint32_t)(127 - bias) << man), m);
+    v16 qv = vsel(normal, (v16)(rn << shift), __builtin_convertvector((vi16)m, v16) * (1.0f / sub));
+    *val = (v16)((vu16)qv | sign);
+    return code | (sign >> 24);
+}
+
+/* Rows [r0, r1) of w in blocks of 32: E8M0 exponent bytes e[r * nb + j] (nb = kp / 32) and the E4M3
+ * bytes q[r * kp + c] (kp = nb * 32; padding columns 0); sig/noise: fp64 sums of w^2 and of the fp32
+ * dequantization error per row. */
+void qk_mxfp8(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, uint8_t *e, uint8_t *q,
+              double *sig, double *noise) {
+    const uint8_t *p = (const uint8_t *)w;
+    const int64_t kp = nb * 32;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = p + r * k * ELEM[kind];
+        double ss = 0, nn = 0;
+        for (int64_t j = 0; j < nb; j++) {
+            v16 x0 = load16(row, 32 * j, k, kind), x1 = load16(row, 32 * j + 16, k, kind);
+            uint32_t ab = amax_bits16(x0), ab1 = amax_bits16(x1);
+            ab = ab1 > ab ? ab1 : ab;
+            float amax = bits_f(ab);
+            uint32_t ex = 0;
+            float s = 1.0f;
+            if (amax != 0.0f) {
+                uint32_t b = f_bits(amax / 448.0f);
+                int32_t f = (int32_t)((b >> 23) & 0xff) + ((b & 0x7fffffu) != 0);
+                ex = (uint32_t)(f < 1 ? 1 : (f > 254 ? 254 : f));
+                s = bits_f(ex << 23);
+            }
+            e[r * nb + j] = (uint8_t)ex;
+            for (int h = 0; h < 2; h++) {
+                v16 x = h ? x1 : x0, v;
+                v16 y = x / s;
+                y = vsel((vi16)(y < -448.0f), (v16){0} - 448.0f, y);
+                y = vsel((vi16)(y > 448.0f), (v16){0} + 448.0f, y);
+                vu16 c = e4m3(y, &v);
+                v16 d = x - v * s;
+                for (int i = 0; i < 16; i++) {
+                    q[r * kp + 32 * j + 16 * h + i] = (uint8_t)c[i];
+                    ss += (double)x[i] * (double)x[i];
+                    nn += (double)d[i] * (double)d[i];
+                }
+            }
+        }
+        sig[r] = ss;
+        noise[r] = nn;
+    }
+}
+
+/* ---------------------------------------------------------------- nvfp4 */
+
+/* Squared error of one 16-block stored with scale total (fp64, the pairwise tree of
+ * formats/_common.tree_sum_fp64), and its E2M1 values. */
+ALWAYS double nv_block(v16 x, float total, v16 *vout) {
+    v16 v;
+    if (total == 0.0f) {
+        v = (v16){0};
+    } else {
+        v16 y = x / total;
+        y = vsel((vi16)(y < -6.0f), (v16){0} - 6.0f, y);
+        y = vsel((vi16)(y > 6.0f), (v16){0} + 6.0f, y);
+        vu16 sign = (vu16)y & 0x80000000u;
+        v16 a = (v16)((vu16)y & 0x7fffffffu);
+        const float M = 12582912.0f;  /* 1.5 * 2^23: (t + M) - M rounds t (< 2^22) half to even */
+        v16 r1 = ((a * 2.0f + M) - M) * 0.5f;
+        v16 r2 = (a + M) - M;
+        v16 r3 = ((a * 0.5f + M) - M) * 2.0f;
+        v = vsel((vi16)(a < 2.0f), r1, vsel((vi16)(a < 4.0f), r2, r3));
+        v = (v16)((vu16)v | sign);
+    }
+    v16 d = x - v * total;
+    double s8[8];
+    for (int i = 0; i < 8; i++) s8[i] = (double)d[i] * (double)d[i] + (double)d[i + 8] * (double)d[i + 8];
+    for (int i = 0; i < 4; i++) s8[i] = s8[i] + s8[i + 4];
+    for (int i = 0; i < 2; i++) s8[i] = s8[i] + s8[i + 2];
+    *vout = v;
+    return s8[0] + s8[1];
+}
+
+/* Rows [r0, r1) in blocks of 16 (nb a row, kp = 16 nb): the scale search from the kitchen-rounded
+ * E4M3 block scale codes code0[r * nb + j] over the code offsets off[0..n_off) (off[0] = 0), scale
+ * values from lut (the 127 positive E4M3 values by code), g = weight_scale_2. Writes the winning scale
+ * codes best[r * nb + j], the packed E2M1 bytes q[r * kp / 2 + c / 2] (even column high), and per row
+ * fp64 sums of w^2 and of the winner's squared errors. */
+void qk_nvfp4(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, float g,
+              const uint8_t *code0, const float *lut, const int32_t *off, int n_off, uint8_t *best,
+              uint8_t *q, double *sig, double *noise) {
+    const uint8_t *p = (const uint8_t *)w;
+    const int64_t half = nb * 8;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = p + r * k * ELEM[kind];
+        double ss = 0, nn = 0;
+        for (int64_t j = 0; j < nb; j++) {
+            v16 x = load16(row, 16 * j, k, kind), v, bv;
+            int32_t c0 = code0[r * nb + j];
+            int32_t bc = c0;
+            double be = nv_block(x, g * lut[c0], &bv);
+            if (c0 != 0) {
+                for (int o = 1; o < n_off; o++) {
+                    int32_t c = c0 + off[o];
+                    c = c < 1 ? 1 : (c > 0x7e ? 0x7e : c);
+                    double er = nv_block(x, g * lut[c], &v);
+                    if (er < be) { be = er; bc = c; bv = v; }
+                }
+            }
+            best[r * nb + j] = (uint8_t)bc;
+            vu16 sign = (vu16)bv & 0x80000000u;
+            v16 a = (v16)((vu16)bv & 0x7fffffffu);
+            v16 cf = vsel((vi16)(a < 2.0f), a * 2.0f, vsel((vi16)(a < 4.0f), a + 2.0f, a * 0.5f + 4.0f));
+            vu16 code = (vu16)__builtin_convertvector(cf, vi16) | (sign >> 28);
+            for (int i = 0; i < 8; i++) q[r * half + 8 * j + i] = (uint8_t)((code[2 * i] << 4) | code[2 * i + 1]);
+            for (int i = 0; i < 16; i++) ss += (double)x[i] * (double)x[i];
+            nn += be;
+        }
+        sig[r] = ss;
+        noise[r] = nn;
+    }
+}
+
+/* ---------------------------------------------------------------- int8-convrot */
+
+/* Rows [r0, r1): each row upcast to fp32, rotated along K in groups of G = 4^d by the butterfly of
+ * formats/_hadamard.rotate (stages from the lowest digit up; s = (a + b) + (c + e), outputs s - 2e,
+ * s - 2c, s - 2b, s - 2a; then times 2^-d), per-row scale amax / 127 (1 for a zero row) into
+ * scale[r], q = clamp(round_half_even(x / scale), -127, 127). sig: fp64 sum of the row's w^2; noise:
+ * of its rotated error (the rotation is orthogonal: the same up to fp32 rounding). ok[r] = 0 where
+ * the row holds NaN/Inf. */
+void qk_convrot(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t G, int d, int8_t *q,
+                float *scale, double *sig, double *noise, uint8_t *ok) {
+    const uint8_t *p = (const uint8_t *)w;
+    float *x = (float *)malloc((size_t)k * sizeof(float));
+    if (!x) { for (int64_t r = r0; r < r1; r++) ok[r] = 2; return; }
+    const float norm = bits_f((uint32_t)(127 - d) << 23);  /* 2^-d */
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = p + r * k * ELEM[kind];
+        double ss = 0;
+        uint32_t inb = 0;
+        for (int64_t c = 0; c < k; c++) {
+            x[c] = load1(row, c, kind);
+            ss += (double)x[c] * (double)x[c];
+            uint32_t a = f_bits(x[c]) & 0x7fffffffu;
+            inb = a > inb ? a : inb;
+        }
+        ok[r] = inb < 0x7f800000u;
+        for (int64_t st = 1; st < G; st *= 4) {
+            for (int64_t base = 0; base < k; base += 4 * st) {
+                float *y = x + base;
+                for (int64_t lo = 0; lo < st; lo++) {
+                    float a = y[lo], b = y[lo + st], c = y[lo + 2 * st], e = y[lo + 3 * st];
+                    float s = (a + b) + (c + e);
+                    y[lo] = s - 2.0f * e;
+                    y[lo + st] = s - 2.0f * c;
+                    y[lo + 2 * st] = s - 2.0f * b;
+                    y[lo + 3 * st] = s - 2.0f * a;
+                }
+            }
+        }
+        uint32_t ab = 0;
+        for (int64_t c = 0; c < k; c++) {
+            x[c] = x[c] * norm;
+            uint32_t a = f_bits(x[c]) & 0x7fffffffu;
+            ab = a > ab ? a : ab;
+        }
+        float amax = bits_f(ab);
+        float s = amax == 0.0f ? 1.0f : amax / 127.0f;
+        scale[r] = s;
+        double nn = 0;
+        for (int64_t c = 0; c < k; c++) {
+            float t = x[c] / s;
+            t = (t + 12582912.0f) - 12582912.0f;
+            t = t < -127.0f ? -127.0f : (t > 127.0f ? 127.0f : t);
+            q[r * k + c] = (int8_t)t;
+            float e = x[c] - t * s;
+            nn += (double)e * (double)e;
+        }
+        sig[r] = ss;
+        noise[r] = nn;
+    }
+    free(x);
+}

@@ -1,0 +1,142 @@
+"""The native CPU kernels of int8-convrot, mxfp8 and nvfp4: ``cpu_blocks.c``, built and cached as
+:mod:`.native` builds ``cpu_quant.c`` (same compiler, flags and cache; rows split over
+``torch.get_num_threads()`` threads). Each returns the stored tensors of its format's torch
+``quantize`` (the spec), byte for byte, and the fp64 error sums the converter reports (int8-convrot:
+of the rotated weight, the same up to fp32 rounding since the rotation is orthogonal).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from ..errors import QuantkitError
+from ..quantize import ErrorStats
+from . import native
+
+SOURCE = native.SOURCE.with_name("cpu_blocks.c")
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def _load() -> ctypes.CDLL:
+    cc = native._compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    lib = ctypes.CDLL(str(native._build(cc, SOURCE)))
+    i64, p, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+    lib.qk_block16_amax.argtypes = [p, i32, i64, i64, i64, i64, p]
+    lib.qk_mxfp8.argtypes = [p, i32, i64, i64, i64, i64, p, p, p, p]
+    lib.qk_nvfp4.argtypes = [p, i32, i64, i64, i64, i64, f32, p, p, p, i32, p, p, p, p]
+    lib.qk_convrot.argtypes = [p, i32, i64, i64, i64, i64, i32, p, p, p, p, p]
+    for f in (lib.qk_block16_amax, lib.qk_mxfp8, lib.qk_nvfp4, lib.qk_convrot):
+        f.restype = None
+    return lib
+
+
+def available() -> str | None:
+    """None when the kernels are built and loaded (building them on the first call), else why not."""
+    global _lib, _error
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                _lib = _load()
+            except Exception as e:  # no compiler, a failed build, a library that does not load
+                _error = f"{type(e).__name__}: {e}"
+        return _error
+
+
+def _prepare(w: torch.Tensor, fmt: str):
+    if w.dtype not in native._KIND:
+        raise QuantkitError(f"{fmt}: weight dtype {w.dtype} is not bf16/fp16/fp32", fix="quantize floating-point weights only")
+    if w.dim() != 2 or 0 in w.shape:
+        raise QuantkitError(f"{fmt}: weight shape {tuple(w.shape)} is not a non-empty 2-D [N, K]",
+                            fix="keep this tensor unquantized")
+    return w.contiguous(), native._KIND[w.dtype]
+
+
+def _nonfinite(fmt: str) -> QuantkitError:
+    return QuantkitError(f"{fmt}: weight holds NaN or Inf values", fix="repair the checkpoint or keep this tensor unquantized")
+
+
+def _stats(sig: torch.Tensor, noise: torch.Tensor) -> ErrorStats:
+    return ErrorStats(float(sig.sum()), float(noise.sum()))
+
+
+def convrot(w: torch.Tensor, group: int) -> tuple[dict, ErrorStats]:
+    """int8-convrot with ConvRot group ``group`` (a power of 4 dividing K, checked by the caller)."""
+    assert _lib is not None
+    w, kind = _prepare(w, "int8-convrot")
+    n, k = w.shape
+    d = (group.bit_length() - 1) // 2
+    q = torch.empty(n, k, dtype=torch.int8)
+    scale = torch.empty(n, 1, dtype=torch.float32)
+    sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    ok = torch.zeros(n, dtype=torch.uint8)
+    native.parallel(n, 1, lambda r0, r1: _lib.qk_convrot(w.data_ptr(), kind, r0, r1, k, group, d, q.data_ptr(),
+                                                         scale.data_ptr(), sig.data_ptr(), noise.data_ptr(),
+                                                         ok.data_ptr()))
+    if int(ok.min()) != 1:
+        if int(ok.max()) == 2:
+            raise MemoryError("int8-convrot: no memory for a row buffer")
+        raise _nonfinite("int8-convrot")
+    return {"weight": q, "weight_scale": scale}, _stats(sig, noise)
+
+
+def mxfp8(w: torch.Tensor) -> tuple[dict, ErrorStats]:
+    from ..formats import _blocked
+    from ..formats.mxfp8 import padded_shape
+    assert _lib is not None
+    w, kind = _prepare(w, "mxfp8")
+    n, k = w.shape
+    rows, cols = padded_shape((n, k))
+    nb = cols // 32
+    q = torch.zeros(rows, cols, dtype=torch.uint8)
+    e = torch.zeros(rows, nb, dtype=torch.uint8)
+    sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    amax = torch.empty(n, (cols + 15) // 16, dtype=torch.float32)
+    # the finiteness check (as the reference's) from the 16-blocks' amax: one cheap extra pass
+    native.parallel(n, 1, lambda r0, r1: _lib.qk_block16_amax(w.data_ptr(), kind, r0, r1, k, amax.shape[1],
+                                                              amax.data_ptr()))
+    if not bool(torch.isfinite(amax).all()):
+        raise _nonfinite("mxfp8")
+    native.parallel(n, 1, lambda r0, r1: _lib.qk_mxfp8(w.data_ptr(), kind, r0, r1, k, nb, e.data_ptr(), q.data_ptr(),
+                                                       sig.data_ptr(), noise.data_ptr()))
+    return {"weight": q.view(torch.float8_e4m3fn), "weight_scale": _blocked.swizzle(e)}, _stats(sig, noise)
+
+
+_LUT = None
+
+
+def nvfp4(w: torch.Tensor) -> tuple[dict, ErrorStats]:
+    """nvfp4 with the scale search (:data:`quantkit.formats.nvfp4.SEARCH_OFFSETS`)."""
+    global _LUT
+    from ..formats import _blocked, nvfp4 as spec
+    assert _lib is not None
+    w, kind = _prepare(w, "nvfp4")
+    n, k = w.shape
+    rows, cols = spec.padded_shape((n, k))
+    nb = cols // 16
+    amax_b = torch.zeros(rows, nb, dtype=torch.float32)
+    native.parallel(n, 1, lambda r0, r1: _lib.qk_block16_amax(w.data_ptr(), kind, r0, r1, k, nb, amax_b.data_ptr()))
+    if not bool(torch.isfinite(amax_b).all()):
+        raise _nonfinite("nvfp4")
+    g = spec.global_scale(amax_b)  # max over the blocks = max |w|
+    b = (amax_b / torch.full_like(amax_b, spec.E2M1_MAX)) / g
+    code0 = b.clamp(max=spec.FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).contiguous()
+    if _LUT is None:
+        _LUT = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float().contiguous()
+    off = torch.tensor(spec.SEARCH_OFFSETS, dtype=torch.int32)
+    best = torch.zeros(rows, nb, dtype=torch.uint8)
+    q = torch.zeros(rows, cols // 2, dtype=torch.uint8)
+    sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    gf = float(g)
+    native.parallel(n, 1, lambda r0, r1: _lib.qk_nvfp4(w.data_ptr(), kind, r0, r1, k, nb, gf, code0.data_ptr(),
+                                                       _LUT.data_ptr(), off.data_ptr(), len(spec.SEARCH_OFFSETS),
+                                                       best.data_ptr(), q.data_ptr(), sig.data_ptr(),
+                                                       noise.data_ptr()))
+    return {"weight": q, "weight_scale": _blocked.swizzle(best.view(torch.float8_e4m3fn)),
+            "weight_scale_2": g.reshape(())}, _stats(sig, noise)

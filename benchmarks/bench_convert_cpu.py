@@ -3,6 +3,9 @@ per format against `cp in out && sync out` and against the old converter, all in
 file, with the input in the page cache for every command (it is read once before each).
 
     python benchmarks/bench_convert_cpu.py --dir /work/bench --gb 4.2 [--repeat 3] [--no-ctq] [--torch-too]
+        [--formats fp8,int8-row,int8-convrot,mxfp8,nvfp4]
+
+The "x int8-row" column is each run over the int8-row run of the same round.
 
 quantkit runs with the backend it picks (``native`` where a C compiler builds it, built once before the
 rounds, as on a user's first conversion); ``--torch-too`` adds the same formats with
@@ -54,7 +57,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("bench-data"))
     ap.add_argument("--gb", type=float, default=4.2)
     ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--formats", default="fp8,int8-tensor,int8-row,int8-block")
+    ap.add_argument("--formats", default="fp8,int8-tensor,int8-row,int8-block,int8-convrot,mxfp8,nvfp4")
     ap.add_argument("--no-ctq", action="store_true", help="skip the old converter")
     ap.add_argument("--torch-too", action="store_true", help="also time each format on the torch backend")
     ap.add_argument("--ctq-timeout", type=float, default=900, help="give up on the old converter after this many s")
@@ -119,8 +122,13 @@ def main() -> None:
     ctq_times = {lbl.split()[1]: w for lbl, w, _ in rows if lbl.startswith("convert_to_quant")}
     size = src.stat().st_size
     print(f"\ninput {size / 1e9:.2f} GB, {os.cpu_count()} cores, median of {a.repeat} interleaved rounds\n")
-    print("| command | wall s (median) | x cp (median of per-round ratios) | per-round x cp, min-max | peak RSS MB | x convert_to_quant |")
-    print("|---|---|---|---|---|---|")
+    # each quantkit run over the int8-row run of its own round (the target of the newer formats)
+    row_label = "quantkit int8-row"
+    vs_row = {lbl: [w / r for w, r in zip(walls[lbl], walls[row_label])] for lbl in walls
+              if lbl.startswith("quantkit") and row_label in walls}
+    print("| command | wall s (median) | x cp (median of per-round ratios) | per-round x cp, min-max | peak RSS MB "
+          "| x int8-row (median of per-round ratios) | x convert_to_quant |")
+    print("|---|---|---|---|---|---|---|")
     for label, wall, rss in rows:
         vs = ""
         if label.startswith("quantkit") and ctq_times and "torch backend" not in label:
@@ -129,7 +137,8 @@ def main() -> None:
         rr = ratios.get(label)
         x = f"{statistics.median(rr):.2f}" if rr else f"{wall / base:.2f}"
         spread = f"{min(rr):.2f}-{max(rr):.2f}" if rr else ""
-        print(f"| {label} | {wall:.2f} | {x} | {spread} | {rss / 1e6:.0f} | {vs} |")
+        xr = f"{statistics.median(vs_row[label]):.2f}" if vs_row.get(label) else ""
+        print(f"| {label} | {wall:.2f} | {x} | {spread} | {rss / 1e6:.0f} | {xr} | {vs} |")
 
 
 if __name__ == "__main__":

@@ -55,12 +55,33 @@ ALWAYS v16 load16(const uint8_t *row, int64_t c0, int64_t k, int kind) {
     return x;
 }
 
-ALWAYS uint32_t amax_bits16(v16 x) {  /* largest |x| as ordered bits (NaN above inf) */
+ALWAYS vu16 umax16(vu16 a, vu16 b) { return usel((vi16)(a > b), a, b); }
+
+ALWAYS uint32_t amax_bits16(v16 x) {  /* largest |x| as ordered bits (NaN above inf), by halving */
     vu16 a = (vu16)x & 0x7fffffffu;
-    uint32_t r = 0;
-    for (int i = 0; i < 16; i++) r = a[i] > r ? a[i] : r;
-    return r;
+    a = umax16(a, __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    a = umax16(a, __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    a = umax16(a, __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    a = umax16(a, __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+    return a[0];
 }
+
+/* sum of squares of 16 fp32 lanes into an fp64 accumulator of 8 lanes (exact squares in fp64) */
+ALWAYS vd8 acc_sq(vd8 acc, v16 x) {
+    v8 lo, hi;
+    memcpy(&lo, &x, 32);
+    memcpy(&hi, (const char *)&x + 32, 32);
+    vd8 a = __builtin_convertvector(lo, vd8), b = __builtin_convertvector(hi, vd8);
+    return acc + (a * a + b * b);
+}
+
+ALWAYS double hsum8(vd8 v) {
+    double t = 0;
+    for (int l = 0; l < 8; l++) t += v[l];
+    return t;
+}
+
+typedef uint8_t vb16 __attribute__((vector_size(16)));
 
 ALWAYS float bits_f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 ALWAYS uint32_t f_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -98,42 +119,47 @@ ALWAYS vu16 e4m3(v16 x, v16 *val) {
  * bytes q[r * kp + c] (kp = nb * 32; padding columns 0); sig/noise: fp64 sums of w^2 and of the fp32
  * dequantization error per row. */
 void qk_mxfp8(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, uint8_t *e, uint8_t *q,
-              double *sig, double *noise) {
+              double *sig, double *noise, uint8_t *ok) {
     const uint8_t *p = (const uint8_t *)w;
     const int64_t kp = nb * 32;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = p + r * k * ELEM[kind];
-        double ss = 0, nn = 0;
+        vd8 ss = {0}, nn = {0};
+        uint32_t rowmax = 0;
         for (int64_t j = 0; j < nb; j++) {
             v16 x0 = load16(row, 32 * j, k, kind), x1 = load16(row, 32 * j + 16, k, kind);
-            uint32_t ab = amax_bits16(x0), ab1 = amax_bits16(x1);
-            ab = ab1 > ab ? ab1 : ab;
+            vu16 m = umax16((vu16)x0 & 0x7fffffffu, (vu16)x1 & 0x7fffffffu);
+            uint32_t ab = amax_bits16((v16)m);
+            rowmax = ab > rowmax ? ab : rowmax;
             float amax = bits_f(ab);
             uint32_t ex = 0;
-            float s = 1.0f;
+            float s = 1.0f, inv = 1.0f;
             if (amax != 0.0f) {
                 uint32_t b = f_bits(amax / 448.0f);
                 int32_t f = (int32_t)((b >> 23) & 0xff) + ((b & 0x7fffffu) != 0);
                 ex = (uint32_t)(f < 1 ? 1 : (f > 254 ? 254 : f));
                 s = bits_f(ex << 23);
+                /* 1/s = 2^(127-ex) exactly (a subnormal 2^-127 for ex = 254): x * inv rounds the same
+                 * real number x / s as the division does */
+                inv = ex == 254 ? 0x1p-127f : bits_f((254u - ex) << 23);
             }
             e[r * nb + j] = (uint8_t)ex;
             for (int h = 0; h < 2; h++) {
                 v16 x = h ? x1 : x0, v;
-                v16 y = x / s;
+                v16 y = x * inv;
                 y = vsel((vi16)(y < -448.0f), (v16){0} - 448.0f, y);
                 y = vsel((vi16)(y > 448.0f), (v16){0} + 448.0f, y);
                 vu16 c = e4m3(y, &v);
                 v16 d = x - v * s;
-                for (int i = 0; i < 16; i++) {
-                    q[r * kp + 32 * j + 16 * h + i] = (uint8_t)c[i];
-                    ss += (double)x[i] * (double)x[i];
-                    nn += (double)d[i] * (double)d[i];
-                }
+                vb16 cb = __builtin_convertvector(c, vb16);
+                memcpy(q + r * kp + 32 * j + 16 * h, &cb, 16);
+                ss = acc_sq(ss, x);
+                nn = acc_sq(nn, d);
             }
         }
-        sig[r] = ss;
-        noise[r] = nn;
+        sig[r] = hsum8(ss);
+        noise[r] = hsum8(nn);
+        ok[r] = rowmax < 0x7f800000u;
     }
 }
 
@@ -159,12 +185,15 @@ ALWAYS double nv_block(v16 x, float total, v16 *vout) {
         v = (v16)((vu16)v | sign);
     }
     v16 d = x - v * total;
-    double s8[8];
-    for (int i = 0; i < 8; i++) s8[i] = (double)d[i] * (double)d[i] + (double)d[i + 8] * (double)d[i + 8];
-    for (int i = 0; i < 4; i++) s8[i] = s8[i] + s8[i + 4];
-    for (int i = 0; i < 2; i++) s8[i] = s8[i] + s8[i + 2];
+    /* the tree: element i + 8 onto i, then + 4, + 2, + 1 */
+    v8 lo, hi;
+    memcpy(&lo, &d, 32);
+    memcpy(&hi, (const char *)&d + 32, 32);
+    vd8 a = __builtin_convertvector(lo, vd8), b = __builtin_convertvector(hi, vd8);
+    vd8 s8 = a * a + b * b;
+    double t0 = s8[0] + s8[4], t1 = s8[1] + s8[5], t2 = s8[2] + s8[6], t3 = s8[3] + s8[7];
     *vout = v;
-    return s8[0] + s8[1];
+    return (t0 + t2) + (t1 + t3);
 }
 
 /* Rows [r0, r1) in blocks of 16 (nb a row, kp = 16 nb): the scale search from the kitchen-rounded
@@ -179,7 +208,8 @@ void qk_nvfp4(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_
     const int64_t half = nb * 8;
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = p + r * k * ELEM[kind];
-        double ss = 0, nn = 0;
+        vd8 ss = {0};
+        double nn = 0;
         for (int64_t j = 0; j < nb; j++) {
             v16 x = load16(row, 16 * j, k, kind), v, bv;
             int32_t c0 = code0[r * nb + j];
@@ -199,10 +229,10 @@ void qk_nvfp4(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_
             v16 cf = vsel((vi16)(a < 2.0f), a * 2.0f, vsel((vi16)(a < 4.0f), a + 2.0f, a * 0.5f + 4.0f));
             vu16 code = (vu16)__builtin_convertvector(cf, vi16) | (sign >> 28);
             for (int i = 0; i < 8; i++) q[r * half + 8 * j + i] = (uint8_t)((code[2 * i] << 4) | code[2 * i + 1]);
-            for (int i = 0; i < 16; i++) ss += (double)x[i] * (double)x[i];
+            ss = acc_sq(ss, x);
             nn += be;
         }
-        sig[r] = ss;
+        sig[r] = hsum8(ss);
         noise[r] = nn;
     }
 }
@@ -223,12 +253,13 @@ void qk_convrot(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int6
     const float norm = bits_f((uint32_t)(127 - d) << 23);  /* 2^-d */
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = p + r * k * ELEM[kind];
-        double ss = 0;
+        vd8 ss = {0}, nn = {0};
         uint32_t inb = 0;
-        for (int64_t c = 0; c < k; c++) {
-            x[c] = load1(row, c, kind);
-            ss += (double)x[c] * (double)x[c];
-            uint32_t a = f_bits(x[c]) & 0x7fffffffu;
+        for (int64_t c = 0; c < k; c += 16) {  /* k is a multiple of G >= 16 */
+            v16 v = load16(row, c, k, kind);
+            memcpy(x + c, &v, 64);
+            ss = acc_sq(ss, v);
+            uint32_t a = amax_bits16(v);
             inb = a > inb ? a : inb;
         }
         ok[r] = inb < 0x7f800000u;
@@ -246,25 +277,30 @@ void qk_convrot(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int6
             }
         }
         uint32_t ab = 0;
-        for (int64_t c = 0; c < k; c++) {
-            x[c] = x[c] * norm;
-            uint32_t a = f_bits(x[c]) & 0x7fffffffu;
+        for (int64_t c = 0; c < k; c += 16) {
+            v16 v;
+            memcpy(&v, x + c, 64);
+            v = v * norm;
+            memcpy(x + c, &v, 64);
+            uint32_t a = amax_bits16(v);
             ab = a > ab ? a : ab;
         }
         float amax = bits_f(ab);
         float s = amax == 0.0f ? 1.0f : amax / 127.0f;
         scale[r] = s;
-        double nn = 0;
-        for (int64_t c = 0; c < k; c++) {
-            float t = x[c] / s;
+        for (int64_t c = 0; c < k; c += 16) {
+            v16 v, t;
+            memcpy(&v, x + c, 64);
+            t = v / s;
             t = (t + 12582912.0f) - 12582912.0f;
-            t = t < -127.0f ? -127.0f : (t > 127.0f ? 127.0f : t);
-            q[r * k + c] = (int8_t)t;
-            float e = x[c] - t * s;
-            nn += (double)e * (double)e;
+            t = vsel((vi16)(t < -127.0f), (v16){0} - 127.0f, t);
+            t = vsel((vi16)(t > 127.0f), (v16){0} + 127.0f, t);
+            vb16 qb = (vb16)__builtin_convertvector(__builtin_convertvector(t, vi16), vb16);
+            memcpy(q + r * k + c, &qb, 16);
+            nn = acc_sq(nn, v - t * s);
         }
-        sig[r] = ss;
-        noise[r] = nn;
+        sig[r] = hsum8(ss);
+        noise[r] = hsum8(nn);
     }
     free(x);
 }

@@ -29,7 +29,7 @@ def _load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(native._build(cc, SOURCE)))
     i64, p, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.qk_block16_amax.argtypes = [p, i32, i64, i64, i64, i64, p]
-    lib.qk_mxfp8.argtypes = [p, i32, i64, i64, i64, i64, p, p, p, p]
+    lib.qk_mxfp8.argtypes = [p, i32, i64, i64, i64, i64, p, p, p, p, p]
     lib.qk_nvfp4.argtypes = [p, i32, i64, i64, i64, i64, f32, p, p, p, i32, p, p, p, p]
     lib.qk_convrot.argtypes = [p, i32, i64, i64, i64, i64, i32, p, p, p, p, p]
     for f in (lib.qk_block16_amax, lib.qk_mxfp8, lib.qk_nvfp4, lib.qk_convrot):
@@ -97,14 +97,11 @@ def mxfp8(w: torch.Tensor) -> tuple[dict, ErrorStats]:
     q = torch.zeros(rows, cols, dtype=torch.uint8)
     e = torch.zeros(rows, nb, dtype=torch.uint8)
     sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    amax = torch.empty(n, (cols + 15) // 16, dtype=torch.float32)
-    # the finiteness check (as the reference's) from the 16-blocks' amax: one cheap extra pass
-    native.parallel(n, 1, lambda r0, r1: _lib.qk_block16_amax(w.data_ptr(), kind, r0, r1, k, amax.shape[1],
-                                                              amax.data_ptr()))
-    if not bool(torch.isfinite(amax).all()):
-        raise _nonfinite("mxfp8")
+    ok = torch.zeros(n, dtype=torch.uint8)
     native.parallel(n, 1, lambda r0, r1: _lib.qk_mxfp8(w.data_ptr(), kind, r0, r1, k, nb, e.data_ptr(), q.data_ptr(),
-                                                       sig.data_ptr(), noise.data_ptr()))
+                                                       sig.data_ptr(), noise.data_ptr(), ok.data_ptr()))
+    if int(ok.min()) != 1:
+        raise _nonfinite("mxfp8")
     return {"weight": q.view(torch.float8_e4m3fn), "weight_scale": _blocked.swizzle(e)}, _stats(sig, noise)
 
 

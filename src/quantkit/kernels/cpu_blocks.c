@@ -21,6 +21,8 @@ typedef uint32_t vu16 __attribute__((vector_size(64)));
 typedef uint16_t vh16 __attribute__((vector_size(32)));
 typedef double vd8 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+typedef uint8_t vq8 __attribute__((vector_size(8)));
 
 ALWAYS v16 vsel(vi16 m, v16 a, v16 b) { return (v16)(((vi16)a & m) | ((vi16)b & ~m)); }
 ALWAYS vu16 usel(vi16 m, vu16 a, vu16 b) { return (a & (vu16)m) | (b & ~(vu16)m); }
@@ -178,10 +180,12 @@ ALWAYS double nv_block(v16 x, float total, v16 *vout) {
         vu16 sign = (vu16)y & 0x80000000u;
         v16 a = (v16)((vu16)y & 0x7fffffffu);
         const float M = 12582912.0f;  /* 1.5 * 2^23: (t + M) - M rounds t (< 2^22) half to even */
-        v16 r1 = ((a * 2.0f + M) - M) * 0.5f;
-        v16 r2 = (a + M) - M;
-        v16 r3 = ((a * 0.5f + M) - M) * 2.0f;
-        v = vsel((vi16)(a < 2.0f), r1, vsel((vi16)(a < 4.0f), r2, r3));
+        /* steps of .5 below 2, 1 below 4, 2 up to 6: round(a * m) / m with m = 2, 1, 1/2 (the
+         * multiplies by powers of two are exact, so this is round_values' arithmetic) */
+        vi16 lt2 = (vi16)(a < 2.0f), lt4 = (vi16)(a < 4.0f);
+        v16 m = vsel(lt2, (v16){0} + 2.0f, vsel(lt4, (v16){0} + 1.0f, (v16){0} + 0.5f));
+        v16 mi = vsel(lt2, (v16){0} + 0.5f, vsel(lt4, (v16){0} + 1.0f, (v16){0} + 2.0f));
+        v = ((a * m + M) - M) * mi;
         v = (v16)((vu16)v | sign);
     }
     v16 d = x - v * total;
@@ -191,9 +195,11 @@ ALWAYS double nv_block(v16 x, float total, v16 *vout) {
     memcpy(&hi, (const char *)&d + 32, 32);
     vd8 a = __builtin_convertvector(lo, vd8), b = __builtin_convertvector(hi, vd8);
     vd8 s8 = a * a + b * b;
-    double t0 = s8[0] + s8[4], t1 = s8[1] + s8[5], t2 = s8[2] + s8[6], t3 = s8[3] + s8[7];
+    vd8 t = s8 + __builtin_shufflevector(s8, s8, 4, 5, 6, 7, 0, 1, 2, 3);  /* lane i < 4: s8[i] + s8[i + 4] */
+    vd8 u = t + __builtin_shufflevector(t, t, 2, 3, 0, 1, 6, 7, 4, 5);     /* lane i < 2: t[i] + t[i + 2] */
+    vd8 z = u + __builtin_shufflevector(u, u, 1, 0, 3, 2, 5, 4, 7, 6);     /* lane 0: u[0] + u[1] */
     *vout = v;
-    return (t0 + t2) + (t1 + t3);
+    return z[0];
 }
 
 /* Rows [r0, r1) in blocks of 16 (nb a row, kp = 16 nb): the scale search from the kitchen-rounded
@@ -228,7 +234,10 @@ void qk_nvfp4(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_
             v16 a = (v16)((vu16)bv & 0x7fffffffu);
             v16 cf = vsel((vi16)(a < 2.0f), a * 2.0f, vsel((vi16)(a < 4.0f), a + 2.0f, a * 0.5f + 4.0f));
             vu16 code = (vu16)__builtin_convertvector(cf, vi16) | (sign >> 28);
-            for (int i = 0; i < 8; i++) q[r * half + 8 * j + i] = (uint8_t)((code[2 * i] << 4) | code[2 * i + 1]);
+            vu8 even = __builtin_shufflevector(code, code, 0, 2, 4, 6, 8, 10, 12, 14);
+            vu8 odd = __builtin_shufflevector(code, code, 1, 3, 5, 7, 9, 11, 13, 15);
+            vq8 packed = __builtin_convertvector((even << 4) | odd, vq8);  /* even column in the high nibble */
+            memcpy(q + r * half + 8 * j, &packed, 8);
             ss = acc_sq(ss, x);
             nn += be;
         }
@@ -257,13 +266,24 @@ void qk_convrot(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int6
         uint32_t inb = 0;
         for (int64_t c = 0; c < k; c += 16) {  /* k is a multiple of G >= 16 */
             v16 v = load16(row, c, k, kind);
-            memcpy(x + c, &v, 64);
             ss = acc_sq(ss, v);
             uint32_t a = amax_bits16(v);
             inb = a > inb ? a : inb;
+            /* the stages of strides 1 and 4 inside these 16 lanes: p = pair sums, s = (a + b) + (c + e)
+             * on every lane of a 4-group (IEEE addition commutes, so each lane holds the same s), then
+             * s - 2 * (the lane mirrored in its group) */
+            v16 pr = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+            v16 sm = pr + __builtin_shufflevector(pr, pr, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+            v = sm - 2.0f * __builtin_shufflevector(v, v, 3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12);
+            if (G >= 16) {
+                pr = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+                sm = pr + __builtin_shufflevector(pr, pr, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+                v = sm - 2.0f * __builtin_shufflevector(v, v, 12, 13, 14, 15, 8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3);
+            }
+            memcpy(x + c, &v, 64);
         }
         ok[r] = inb < 0x7f800000u;
-        for (int64_t st = 1; st < G; st *= 4) {
+        for (int64_t st = 16; st < G; st *= 4) {
             for (int64_t base = 0; base < k; base += 4 * st) {
                 float *y = x + base;
                 for (int64_t lo = 0; lo < st; lo++) {

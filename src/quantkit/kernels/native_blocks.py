@@ -94,8 +94,10 @@ def mxfp8(w: torch.Tensor) -> tuple[dict, ErrorStats]:
     n, k = w.shape
     rows, cols = padded_shape((n, k))
     nb = cols // 32
-    q = torch.zeros(rows, cols, dtype=torch.uint8)
-    e = torch.zeros(rows, nb, dtype=torch.uint8)
+    q = torch.empty(rows, cols, dtype=torch.uint8)  # the kernel writes rows < n whole; the padded rows are zero
+    e = torch.empty(rows, nb, dtype=torch.uint8)
+    q[n:] = 0
+    e[n:] = 0
     sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     ok = torch.zeros(n, dtype=torch.uint8)
     native.parallel(n, 1, lambda r0, r1: _lib.qk_mxfp8(w.data_ptr(), kind, r0, r1, k, nb, e.data_ptr(), q.data_ptr(),
@@ -117,7 +119,8 @@ def nvfp4(w: torch.Tensor) -> tuple[dict, ErrorStats]:
     n, k = w.shape
     rows, cols = spec.padded_shape((n, k))
     nb = cols // 16
-    amax_b = torch.zeros(rows, nb, dtype=torch.float32)
+    amax_b = torch.empty(rows, nb, dtype=torch.float32)
+    amax_b[n:] = 0
     native.parallel(n, 1, lambda r0, r1: _lib.qk_block16_amax(w.data_ptr(), kind, r0, r1, k, nb, amax_b.data_ptr()))
     if not bool(torch.isfinite(amax_b).all()):
         raise _nonfinite("nvfp4")
@@ -127,8 +130,10 @@ def nvfp4(w: torch.Tensor) -> tuple[dict, ErrorStats]:
     if _LUT is None:
         _LUT = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float().contiguous()
     off = torch.tensor(spec.SEARCH_OFFSETS, dtype=torch.int32)
-    best = torch.zeros(rows, nb, dtype=torch.uint8)
-    q = torch.zeros(rows, cols // 2, dtype=torch.uint8)
+    best = torch.empty(rows, nb, dtype=torch.uint8)  # the kernel writes rows < n whole; the padded rows are zero
+    q = torch.empty(rows, cols // 2, dtype=torch.uint8)
+    best[n:] = 0
+    q[n:] = 0
     sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     gf = float(g)
     native.parallel(n, 1, lambda r0, r1: _lib.qk_nvfp4(w.data_ptr(), kind, r0, r1, k, nb, gf, code0.data_ptr(),

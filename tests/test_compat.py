@@ -55,14 +55,14 @@ def test_readme_invocations_map(line, expect):
 @pytest.mark.parametrize("line,needle", [
     # the old README's MXFP8, ConvRot and FP8 block-scaling examples
     ("ctq -i model.safetensors -o model-mxfp8mixed.safetensors --mxfp8 --comfy_quant --save-quant-metadata --simple "
-     "--low-memory", "--mxfp8: not supported by quantkit's drop-in for convert_to_quant (quantkit does not write MXFP8)"),
+     "--low-memory", "--mxfp8: not supported by quantkit's drop-in for convert_to_quant (run 'quantkit convert --format mxfp8' itself)"),
     ("ctq -i model.safetensors -o model-int8-convrot-simple.safetensors --comfy_quant --save-quant-metadata --int8 "
      "--scaling-mode row --convrot --convrot-group-size 256 --simple", "--convrot: not supported"),
     ("ctq -i model.safetensors --scaling-mode block --block_size 64 --comfy_quant --simple",
      "FP8 with --scaling_mode block (a block-wise FP8 format) is not a quantkit format"),
     ("ctq -i model.safetensors --exclude-layers x --comfy_quant",
      "without --simple the old converter runs learned rounding, which quantkit does not do"),
-    ("ctq -i m.safetensors --simple --nvfp4", "quantkit does not write NVFP4"),
+    ("ctq -i m.safetensors --simple --nvfp4", "run 'quantkit convert --format nvfp4' itself"),
     ("ctq -i m.safetensors --simple --heur", "--heur: not supported"),
     ("ctq -i m.safetensors --simple --optimizer adamw", "--optimizer: not supported by quantkit's drop-in"),
     ("ctq -i m.safetensors --simple --wan --flux2", "several model flags (--wan, --flux2)"),

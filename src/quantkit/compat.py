@@ -40,8 +40,9 @@ _VALUE = {"-i": "input", "--input": "input", "-o": "output", "--output": "output
 
 # Old flags refused with a specific reason (any other unknown flag gets the generic message).
 _WHY = {
-    "--nvfp4": "quantkit does not write NVFP4", "--mxfp8": "quantkit does not write MXFP8",
-    "--convrot": "quantkit does not write ConvRot INT8", "--dynamic-convrot": "quantkit does not write ConvRot INT8",
+    "--nvfp4": "run 'quantkit convert --format nvfp4' itself", "--mxfp8": "run 'quantkit convert --format mxfp8' itself",
+    "--convrot": "run 'quantkit convert --format int8-convrot' itself",
+    "--dynamic-convrot": "quantkit quantizes no activations; 'quantkit convert --format int8-convrot' writes the weights",
     "--heur": "quantkit has no size/aspect heuristics; use --exclude-layers",
     "--fallback": "quantkit's --fallback means something else (the format for layers a block format cannot take)",
     "--custom-layers": "use a quantkit per-layer config file (quantkit convert --config layers.toml)",

@@ -57,7 +57,7 @@ def pad_to(wf: torch.Tensor, mult: int) -> torch.Tensor:
     np_, kp = roundup(n, mult), roundup(k, mult)
     if (np_, kp) == (n, k):
         return wf
-    out = torch.zeros(np_, kp, dtype=torch.float32)
+    out = torch.zeros(np_, kp, dtype=torch.float32, device=wf.device)
     out[:n, :k] = wf
     return out
 

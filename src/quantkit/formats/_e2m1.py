@@ -30,7 +30,7 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.float32:
         raise ValueError("encode expects fp32")
     a = x.abs()
-    code = torch.zeros(x.shape, dtype=torch.uint8)
+    code = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
     for t, inclusive in _THRESHOLDS:
         code += (a >= t if inclusive else a > t).to(torch.uint8)
     return code | (torch.signbit(x).to(torch.uint8) << 3)

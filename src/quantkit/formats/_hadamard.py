@@ -52,7 +52,7 @@ def rotate_like_kitchen(x: torch.Tensor, g: int) -> torch.Tensor:
     """fp32 [N, K] times the block-diagonal H^T, as comfy-kitchen's dequantization computes it:
     one batched ``torch.matmul`` of the [N, K/G, G] view with the transposed view of ``matrix(g)``."""
     n, k = x.shape
-    h = matrix(g)
+    h = matrix(g).to(x.device)
     return torch.matmul(x.reshape(n, k // g, g), h.T).reshape(n, k)
 
 

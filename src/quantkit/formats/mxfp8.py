@@ -95,8 +95,8 @@ def quantize(w) -> dict:
     wf = as_fp32(w, NAME)
     n, k = wf.shape
     rows, cols = padded_shape((n, k))
-    q = torch.zeros(rows, cols, dtype=torch.float8_e4m3fn)  # padded rows: +0, scale byte 0, as a zero block
-    e = torch.zeros(rows, cols // BLOCK, dtype=torch.uint8)
+    q = torch.zeros(rows, cols, dtype=torch.float8_e4m3fn, device=wf.device)  # padded rows: +0, scale 0
+    e = torch.zeros(rows, cols // BLOCK, dtype=torch.uint8, device=wf.device)
     # in row chunks: each block's math is independent of the others, so the bytes do not depend on
     # the chunking; a chunk's fp32 temporaries stay near the cache
     step = max(1, (1 << 18) // max(cols, 1))

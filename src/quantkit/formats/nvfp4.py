@@ -202,9 +202,9 @@ def quantize(w, scale_search: bool = DEFAULT_SEARCH, input_scale: float | None =
     n, k = wf.shape
     rows, cols = padded_shape((n, k))
     nb = cols // BLOCK
-    packed = torch.zeros(rows, cols // 2, dtype=torch.uint8)  # padded rows: +0 codes, zero scales
-    scales = torch.zeros(rows, nb, dtype=torch.uint8)
-    offsets = torch.tensor(SEARCH_OFFSETS, dtype=torch.int32)
+    packed = torch.zeros(rows, cols // 2, dtype=torch.uint8, device=wf.device)  # padded rows: +0 codes, zero scales
+    scales = torch.zeros(rows, nb, dtype=torch.uint8, device=wf.device)
+    offsets = torch.tensor(SEARCH_OFFSETS, dtype=torch.int32, device=wf.device)
     step = max(1, _CHUNK_ELEMS // cols)
     for i in range(0, n, step):
         j = min(n, i + step)
@@ -239,7 +239,7 @@ def dequantize(tensors: dict, marker: dict, dtype) -> object:
     if g.numel() != 1:
         raise QuantkitError(f"{NAME}: weight_scale_2 has shape {tuple(g.shape)}, expected a scalar",
                             fix="re-convert the layer")
-    vals = _e2m1.lut(dtype)[_e2m1.unpack(q).long()].reshape(rows, cols // BLOCK, BLOCK)
+    vals = _e2m1.lut(dtype).to(q.device)[_e2m1.unpack(q).long()].reshape(rows, cols // BLOCK, BLOCK)
     c = _blocked.unswizzle(s.view(torch.float8_e4m3fn), rows, cols // BLOCK)
     total = g.float().to(dtype) * c.to(dtype)
     return (vals * total[..., None]).reshape(rows, cols).to(dtype)[:n, :k]

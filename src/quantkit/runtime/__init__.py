@@ -2,7 +2,8 @@
 and ``comfy.ops`` expose (see ``quant_ops.py`` at the repository root). Needs no ComfyUI; triton
 only for the CUDA W8A8 paths.
 
-* :mod:`.layouts` -- ``QuantizedLayout`` per format, the layout registry, ``QUANT_ALGOS``
+* :mod:`.layouts` -- ``QuantizedLayout`` per format (int8-convrot, mxfp8, nvfp4: dequantize + matmul
+  in plain PyTorch on every device), the layout registry, ``QUANT_ALGOS``
 * :mod:`.tensor` -- ``QuantizedTensor`` and ``register_layout_op`` dispatch
 * :mod:`.linear` -- ``F.linear`` per layout (``torch._scaled_mm``, ``torch._int_mm``, Triton W8A8)
 * :mod:`.activations` -- torch reference for activation quantization and the W8A8 block matmul
@@ -12,9 +13,9 @@ only for the CUDA W8A8 paths.
 * :mod:`.swap` -- ``load_quantized``: put a quantized file into an existing ``nn.Module``
 """
 
-from .layouts import (LAYOUTS, QUANT_ALGOS, BlockWiseINT8Layout, LayoutParams, QuantizedLayout,
-                      TensorCoreFP8E4M3Layout, TensorCoreFP8E5M2Layout, TensorCoreFP8Layout, TensorWiseINT8Layout,
-                      get_layout_class, register_layout_class)
+from .layouts import (LAYOUTS, QUANT_ALGOS, BlockWiseINT8Layout, LayoutParams, QuantizedLayout, StoredLayout,
+                      TensorCoreFP8E4M3Layout, TensorCoreFP8E5M2Layout, TensorCoreFP8Layout, TensorCoreMXFP8Layout,
+                      TensorCoreNVFP4Layout, TensorWiseINT8Layout, get_layout_class, register_layout_class)
 from .tensor import QuantizedTensor, dequantize_args, register_layout_op
 from .linear import supports_fp8_compute  # noqa: E402  (registers the linear handlers)
 from .ops import mixed_precision_ops
@@ -22,5 +23,6 @@ from .swap import SwapResult, load_quantized
 
 __all__ = ["LAYOUTS", "QUANT_ALGOS", "BlockWiseINT8Layout", "LayoutParams", "QuantizedLayout", "QuantizedTensor",
            "TensorCoreFP8E4M3Layout", "TensorCoreFP8E5M2Layout", "TensorCoreFP8Layout", "TensorWiseINT8Layout",
+           "TensorCoreMXFP8Layout", "TensorCoreNVFP4Layout", "StoredLayout",
            "get_layout_class", "register_layout_class", "register_layout_op", "dequantize_args",
            "supports_fp8_compute", "mixed_precision_ops", "load_quantized", "SwapResult"]

@@ -77,6 +77,16 @@ ALWAYS vd8 acc_sq(vd8 acc, v16 x) {
     return acc + (a * a + b * b);
 }
 
+/* fp32 sums of squares over a run of at most RUN vectors, then added into fp64 (as cpu_quant.c: the
+ * error sums are only reported, within ~RUN x 2^-24 relative of exact, in a fixed order per row) */
+#define RUN 16
+ALWAYS vd8 flush16(vd8 acc, v16 s) {
+    v8 lo, hi;
+    memcpy(&lo, &s, 32);
+    memcpy(&hi, (const char *)&s + 32, 32);
+    return acc + (__builtin_convertvector(lo, vd8) + __builtin_convertvector(hi, vd8));
+}
+
 ALWAYS double hsum8(vd8 v) {
     double t = 0;
     for (int l = 0; l < 8; l++) t += v[l];
@@ -127,8 +137,10 @@ void qk_mxfp8(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = p + r * k * ELEM[kind];
         vd8 ss = {0}, nn = {0};
+        v16 s2 = {0}, n2 = {0};
         uint32_t rowmax = 0;
         for (int64_t j = 0; j < nb; j++) {
+            if (j % RUN == 0 && j) { ss = flush16(ss, s2); nn = flush16(nn, n2); s2 = (v16){0}; n2 = (v16){0}; }
             v16 x0 = load16(row, 32 * j, k, kind), x1 = load16(row, 32 * j + 16, k, kind);
             vu16 m = umax16((vu16)x0 & 0x7fffffffu, (vu16)x1 & 0x7fffffffu);
             uint32_t ab = amax_bits16((v16)m);
@@ -155,10 +167,12 @@ void qk_mxfp8(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_
                 v16 d = x - v * s;
                 vb16 cb = __builtin_convertvector(c, vb16);
                 memcpy(q + r * kp + 32 * j + 16 * h, &cb, 16);
-                ss = acc_sq(ss, x);
-                nn = acc_sq(nn, d);
+                s2 += x * x;
+                n2 += d * d;
             }
         }
+        ss = flush16(ss, s2);
+        nn = flush16(nn, n2);
         sig[r] = hsum8(ss);
         noise[r] = hsum8(nn);
         ok[r] = rowmax < 0x7f800000u;
@@ -308,8 +322,10 @@ void qk_convrot(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int6
         float amax = bits_f(ab);
         float s = amax == 0.0f ? 1.0f : amax / 127.0f;
         scale[r] = s;
+        v16 n2 = {0};
         for (int64_t c = 0; c < k; c += 16) {
             v16 v, t;
+            if (c % (16 * RUN) == 0 && c) { nn = flush16(nn, n2); n2 = (v16){0}; }
             memcpy(&v, x + c, 64);
             t = v / s;
             t = (t + 12582912.0f) - 12582912.0f;
@@ -317,8 +333,10 @@ void qk_convrot(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int6
             t = vsel((vi16)(t > 127.0f), (v16){0} + 127.0f, t);
             vb16 qb = (vb16)__builtin_convertvector(__builtin_convertvector(t, vi16), vb16);
             memcpy(q + r * k + c, &qb, 16);
-            nn = acc_sq(nn, v - t * s);
+            v16 d = v - t * s;
+            n2 += d * d;
         }
+        nn = flush16(nn, n2);
         sig[r] = hsum8(ss);
         noise[r] = hsum8(nn);
     }

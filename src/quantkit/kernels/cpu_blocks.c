@@ -130,7 +130,7 @@ ALWAYS vu16 e4m3(v16 x, v16 *val) {
 /* Rows [r0, r1) of w in blocks of 32: E8M0 exponent bytes e[r * nb + j] (nb = kp / 32) and the E4M3
  * bytes q[r * kp + c] (kp = nb * 32; padding columns 0); sig/noise: fp64 sums of w^2 and of the fp32
  * dequantization error per row. */
-void qk_mxfp8(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, uint8_t *e, uint8_t *q,
+ALWAYS void qk_mxfp8_t(const void *w, const int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, uint8_t *e, uint8_t *q,
               double *sig, double *noise, uint8_t *ok) {
     const uint8_t *p = (const uint8_t *)w;
     const int64_t kp = nb * 32;
@@ -179,6 +179,13 @@ void qk_mxfp8(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_
     }
 }
 
+void qk_mxfp8(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, uint8_t *e, uint8_t *q,
+              double *sig, double *noise, uint8_t *ok) {
+    if (kind == IN_BF16) qk_mxfp8_t(w, IN_BF16, r0, r1, k, nb, e, q, sig, noise, ok);
+    else if (kind == IN_F16) qk_mxfp8_t(w, IN_F16, r0, r1, k, nb, e, q, sig, noise, ok);
+    else qk_mxfp8_t(w, IN_F32, r0, r1, k, nb, e, q, sig, noise, ok);
+}
+
 /* ---------------------------------------------------------------- nvfp4 */
 
 /* Squared error of one 16-block stored with scale total (fp64, the pairwise tree of
@@ -221,7 +228,7 @@ ALWAYS double nv_block(v16 x, float total, v16 *vout) {
  * values from lut (the 127 positive E4M3 values by code), g = weight_scale_2. Writes the winning scale
  * codes best[r * nb + j], the packed E2M1 bytes q[r * kp / 2 + c / 2] (even column high), and per row
  * fp64 sums of w^2 and of the winner's squared errors. */
-void qk_nvfp4(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, float g,
+ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, float g,
               const uint8_t *code0, const float *lut, const int32_t *off, int n_off, uint8_t *best,
               uint8_t *q, double *sig, double *noise) {
     const uint8_t *p = (const uint8_t *)w;
@@ -260,6 +267,14 @@ void qk_nvfp4(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_
     }
 }
 
+void qk_nvfp4(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, float g,
+              const uint8_t *code0, const float *lut, const int32_t *off, int n_off, uint8_t *best,
+              uint8_t *q, double *sig, double *noise) {
+    if (kind == IN_BF16) qk_nvfp4_t(w, IN_BF16, r0, r1, k, nb, g, code0, lut, off, n_off, best, q, sig, noise);
+    else if (kind == IN_F16) qk_nvfp4_t(w, IN_F16, r0, r1, k, nb, g, code0, lut, off, n_off, best, q, sig, noise);
+    else qk_nvfp4_t(w, IN_F32, r0, r1, k, nb, g, code0, lut, off, n_off, best, q, sig, noise);
+}
+
 /* ---------------------------------------------------------------- int8-convrot */
 
 /* Rows [r0, r1): each row upcast to fp32, rotated along K in groups of G = 4^d by the butterfly of
@@ -268,7 +283,7 @@ void qk_nvfp4(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_
  * scale[r], q = clamp(round_half_even(x / scale), -127, 127). sig: fp64 sum of the row's w^2; noise:
  * of its rotated error (the rotation is orthogonal: the same up to fp32 rounding). ok[r] = 0 where
  * the row holds NaN/Inf. */
-void qk_convrot(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t G, int d, int8_t *q,
+ALWAYS void qk_convrot_t(const void *w, const int kind, int64_t r0, int64_t r1, int64_t k, int64_t G, int d, int8_t *q,
                 float *scale, double *sig, double *noise, uint8_t *ok) {
     const uint8_t *p = (const uint8_t *)w;
     float *x = (float *)malloc((size_t)k * sizeof(float));
@@ -341,4 +356,11 @@ void qk_convrot(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int6
         noise[r] = hsum8(nn);
     }
     free(x);
+}
+
+void qk_convrot(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t G, int d, int8_t *q,
+                float *scale, double *sig, double *noise, uint8_t *ok) {
+    if (kind == IN_BF16) qk_convrot_t(w, IN_BF16, r0, r1, k, G, d, q, scale, sig, noise, ok);
+    else if (kind == IN_F16) qk_convrot_t(w, IN_F16, r0, r1, k, G, d, q, scale, sig, noise, ok);
+    else qk_convrot_t(w, IN_F32, r0, r1, k, G, d, q, scale, sig, noise, ok);
 }

@@ -1,7 +1,7 @@
 """The native CPU kernels of int8-convrot, mxfp8 and nvfp4: ``cpu_blocks.c``, built and cached as
 :mod:`.native` builds ``cpu_quant.c`` (same compiler, flags and cache; rows split over
 ``torch.get_num_threads()`` threads). Each returns the stored tensors of its format's torch
-``quantize`` (the spec), byte for byte, and the fp64 error sums the converter reports (int8-convrot:
+``quantize`` (the spec), byte for byte, and the error sums the converter reports (fp32 runs added in fp64; int8-convrot:
 of the rotated weight, the same up to fp32 rounding since the rotation is orthogonal).
 """
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -559,11 +560,9 @@ def main() -> None:
         app()
         code = 0
     except interrupts.Interrupted as e:
-        sys.stderr.write(f"{e}\n")
-        code = e.exit_code
+        code = interrupts.announce(e)
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted (SIGINT)\n")
-        code = EXIT_INTERRUPTED
+        code = interrupts.announce(interrupts.Interrupted(signal.SIGINT))
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             code = e.code or 0

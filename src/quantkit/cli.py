@@ -204,9 +204,11 @@ PresetOpt = Annotated[str, typer.Option("--preset", metavar="NAME", help="Model 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="Per-layer settings (.toml or .json): pattern -> format, block_size, skip, options. The most specific pattern wins.")]
 FpmmOpt = Annotated[bool, typer.Option("--full-precision-mm", help="Mark every layer full_precision_matrix_mult: ComfyUI dequantizes it and runs a normal matmul.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")]
+KeepQuantizedOpt = Annotated[bool, typer.Option("--keep-quantized", help="Copy an input's already quantized layers through as they are, instead of dequantizing them as ComfyUI does and quantizing them to --format.")]
 
 
-def _options(format: str, block_size: int, include, exclude, fallback: str, preset: str, config, fpmm: bool) -> Options:
+def _options(format: str, block_size: int, include, exclude, fallback: str, preset: str, config, fpmm: bool,
+             keep_quantized: bool = False) -> Options:
     from .families import PRESET_CHOICES
     if format not in tuple(FORMATS):
         raise typer.BadParameter(f"'{format}' (choose from {', '.join(tuple(FORMATS))})", param_hint="--format")
@@ -216,7 +218,8 @@ def _options(format: str, block_size: int, include, exclude, fallback: str, pres
         raise typer.BadParameter(f"'{preset}' (choose from {', '.join(PRESET_CHOICES)})", param_hint="--preset")
     from .convert import make_options
     try:
-        return make_options(format, block_size, include or (), exclude or (), fallback, preset, config, fpmm)
+        return make_options(format, block_size, include or (), exclude or (), fallback, preset, config, fpmm,
+                            keep_quantized=keep_quantized)
     except QuantkitError as e:
         raise _fail(e) from None
 
@@ -253,6 +256,7 @@ def convert(
     bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Rewrite each quantized layer's bias as b + (W - Wq) mean(x). Needs --calibration.")] = False,
     learned_objective: Annotated[str, typer.Option("--learned-objective", metavar="NAME", help="What --learned-rounding lowers: calibration (the output error on the --calibration statistics) or subspace (data-free, so no --calibration; it was neutral on real inputs).")] = "calibration",
     devices: Annotated[Optional[str], typer.Option("--devices", metavar="LIST", help="Run --learned-rounding in one worker process per device: cuda:0,cuda:1,... or all. The output bytes are those of one process.")] = None,
+    keep_quantized: KeepQuantizedOpt = False,
 ) -> None:
     """Convert checkpoints: quantize their linear weights, copy everything else bit-exactly.
 
@@ -274,7 +278,7 @@ def convert(
     if learned_objective != "calibration" and not learned_rounding:
         raise typer.BadParameter("it sets the objective of --learned-rounding; add --learned-rounding",
                                  param_hint="--learned-objective")
-    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm)
+    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm, keep_quantized)
     from . import reportfile
     from .plan import default_output_name, plan_file
     from .render import print_plan, print_summary
@@ -387,7 +391,7 @@ def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool,
                            exclude=opts.exclude, fallback=opts.fallback, overwrite=overwrite,
                            progress=on_progress, preset=opts.preset, config=opts.config,
                            full_precision_matrix_mult=bool(dict(opts.comfy_options).get("full_precision_matrix_mult")),
-                           device=device, **refine)
+                           device=device, keep_quantized=opts.keep_quantized, **refine)
         rep.startup_seconds = startup or 0.0
         return rep
 
@@ -406,13 +410,14 @@ def plan(
     config: ConfigOpt = None,
     fpmm: FpmmOpt = False,
     json_out: JsonOpt = False,
+    keep_quantized: KeepQuantizedOpt = False,
 ) -> None:
     """Show what 'convert' would do with each layer, and why; write nothing.
 
     Prints each layer's shape, dtype, format and reason, then the family, the counts, the exact
     output size and whether stock ComfyUI loads it. Exit codes: 0 ok, 1 bad input, 2 usage error.
     """
-    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm)
+    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm, keep_quantized)
     from .plan import plan_file
     from .render import print_plan
     try:
@@ -423,6 +428,35 @@ def plan(
         out.print_json(data=_plan_json(p, input, None))
     else:
         print_plan(p, input.name, None, out)
+
+
+@app.command(epilog="Examples:\n\n  quantkit upgrade flux1-dev-fp8-scaled.safetensors -o flux1-dev-fp8.safetensors")
+def upgrade(
+    input: Annotated[Path, typer.Argument(metavar="OLD", help="A legacy scaled fp8 .safetensors file (scaled_fp8 marker, scale_weight / scale_input tensors).", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="NEW", help="The file to write.", show_default=False)],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary; errors still go to stderr.")] = False,
+) -> None:
+    """Rewrite a legacy scaled fp8 file with .comfy_quant markers, losslessly, as ComfyUI converts it at load.
+
+    Every weight is copied byte for byte; scale_weight / scale_input become weight_scale / input_scale
+    (fp32; an input scale of 1.0 is dropped, as ComfyUI does), each scaled layer gets its marker and the
+    header its _quantization_metadata; the scaled_fp8 marker tensor is dropped. Exit codes: 0 written,
+    1 bad input (not a legacy scaled fp8 file), 2 usage error, 130 / 143 / 129 interrupted.
+    """
+    from .convert import upgrade as upgrade_file
+    from .render import print_summary
+    try:
+        rep = upgrade_file(input, output, overwrite=overwrite)
+    except QuantkitError as e:
+        raise _fail(e) from None
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; no output written\n")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if not quiet:
+        for note in rep.notes:
+            err.print(_text(f"note: {note}"), soft_wrap=True, highlight=False)
+        print_summary(rep, out)
 
 
 @app.command(epilog="Examples:\n\n  quantkit inspect flux1-dev-fp8.safetensors\n\n"

@@ -36,6 +36,7 @@ QUANT_SUFFIXES = (".comfy_quant", *SCALE_SUFFIXES)  # every tensor a quantized l
 LAYER_OPTIONS: dict[str, type] = {"full_precision_matrix_mult": bool}
 
 from . import fp8, int8, int8_block  # noqa: E402,F401  (each registers its formats)
+from . import legacy  # noqa: E402,F401  (legacy scaled_fp8 files: read and upgraded, never a --format)
 
 DEFAULT_FORMAT = fp8.FP8.name
 DEFAULT_FALLBACK = int8.INT8_ROW.name

@@ -234,7 +234,7 @@ def _plan_json(plan, src: Path, dst: Path | None) -> dict:
                     "  quantkit convert a.safetensors b.safetensors -O out/ --report report.json\n\n"
                     "  quantkit convert wan.safetensors --preset wan --config layers.toml --dry-run")
 def convert(
-    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="Checkpoints to convert (.safetensors, bf16/fp16/fp32); each is converted on its own.", show_default=False)],
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="Checkpoints to convert (.safetensors: bf16/fp16/fp32, or already quantized: their quantized layers are re-quantized, or copied with --keep-quantized); each is converted on its own.", show_default=False)],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE", help="Output file, for one input. Default: <stem>-<format>.safetensors beside the input.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("-O", "--output-dir", metavar="DIR", help="Write each output as <stem>-<format>.safetensors into DIR (created if missing).")] = None,
     format: FormatOpt = DEFAULT_FORMAT,

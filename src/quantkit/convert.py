@@ -392,9 +392,9 @@ def _static_input_scale(tensors: dict[str, torch.Tensor], lp: LayerPlan, refiner
 def _quantized_input(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter,
                      stages: dict[str, float], lp: LayerPlan, device: torch.device) -> LayerReport:
     """The weight of a layer of a quantized input: copied as it is (with ComfyUI's marker when the
-    input has none: a legacy layer), or dequantized as ComfyUI does and quantized to the target by
-    the format's torch reference (what every fast path equals bit for bit); SQNR against the
-    dequantized input weight."""
+    input has none: a legacy layer), or dequantized as ComfyUI does (fp32) and quantized to the
+    target: on the CPU by the converter's quantizer for formats it runs, else by the format's torch
+    reference (the two agree bit for bit); SQNR against the dequantized input weight."""
     src, info = lp.source, reader.tensors[lp.tensor]
     if lp.spec is None:
         fd, off = reader.fileno(), reader.data_start + info.start
@@ -409,11 +409,16 @@ def _quantized_input(reader: SafetensorsReader, writer: SafetensorsWriter, bw: B
     spec = lp.spec
     w = qinput.read(reader, src).to(device)
     check_finite(w, file=reader.path, tensor=lp.tensor, layer=lp.layer)
-    tensors = spec.quantize(w, lp.opts)
-    for t in tensors.values():
-        if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-            check_finite(t, file=reader.path, tensor=lp.tensor, layer=lp.layer)
-    sqnr = scaled.sqnr(w, spec.dequantize(tensors, lp.comfy_quant(), torch.float32, lp.layer))
+    if device.type == "cpu" and backend.has_kernel(spec):  # the converter's CPU quantizer: the same bits
+        q, scale, stats = backend.cpu_quantizer()(w, spec, lp.block_size)
+        check_finite(scale, file=reader.path, tensor=lp.tensor, layer=lp.layer)
+        tensors, sqnr = spec.pack(q, scale), stats.sqnr_db
+    else:
+        tensors = spec.quantize(w, lp.opts)
+        for t in tensors.values():
+            if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                check_finite(t, file=reader.path, tensor=lp.tensor, layer=lp.layer)
+        sqnr = scaled.sqnr(w, spec.dequantize(tensors, lp.comfy_quant(), torch.float32, lp.layer))
     del w
     tensors = {k: v.cpu() for k, v in tensors.items()}
     _submit_layer(writer, bw, stages, lp, tensors, None)

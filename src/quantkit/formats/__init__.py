@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 
 from . import unwritten
+from . import legacy  # noqa: F401  (legacy scaled_fp8 files: read and upgraded, never a --format)
 from .base import (DEFAULT_BLOCK_SIZE, FORMATS, SCALED, Format, LayerOpts, Stored, Violation, register,
                    unregister)
 
@@ -36,7 +37,6 @@ QUANT_SUFFIXES = (".comfy_quant", *SCALE_SUFFIXES)  # every tensor a quantized l
 LAYER_OPTIONS: dict[str, type] = {"full_precision_matrix_mult": bool}
 
 from . import fp8, int8, int8_block  # noqa: E402,F401  (each registers its formats)
-from . import legacy  # noqa: E402,F401  (legacy scaled_fp8 files: read and upgraded, never a --format)
 
 DEFAULT_FORMAT = fp8.FP8.name
 DEFAULT_FALLBACK = int8.INT8_ROW.name

@@ -14,6 +14,7 @@ import collections
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -207,8 +208,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON in
 KeepQuantizedOpt = Annotated[bool, typer.Option("--keep-quantized", help="Copy an input's already quantized layers through as they are, instead of dequantizing them as ComfyUI does and quantizing them to --format.")]
 
 
-def _options(format: str, block_size: int, include, exclude, fallback: str, preset: str, config, fpmm: bool,
-             keep_quantized: bool = False) -> Options:
+def _options(format: str, block_size: int, include, exclude, fallback: str, preset: str, config, fpmm: bool) -> Options:
     from .families import PRESET_CHOICES
     if format not in tuple(FORMATS):
         raise typer.BadParameter(f"'{format}' (choose from {', '.join(tuple(FORMATS))})", param_hint="--format")
@@ -218,8 +218,7 @@ def _options(format: str, block_size: int, include, exclude, fallback: str, pres
         raise typer.BadParameter(f"'{preset}' (choose from {', '.join(PRESET_CHOICES)})", param_hint="--preset")
     from .convert import make_options
     try:
-        return make_options(format, block_size, include or (), exclude or (), fallback, preset, config, fpmm,
-                            keep_quantized=keep_quantized)
+        return make_options(format, block_size, include or (), exclude or (), fallback, preset, config, fpmm)
     except QuantkitError as e:
         raise _fail(e) from None
 
@@ -278,7 +277,7 @@ def convert(
     if learned_objective != "calibration" and not learned_rounding:
         raise typer.BadParameter("it sets the objective of --learned-rounding; add --learned-rounding",
                                  param_hint="--learned-objective")
-    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm, keep_quantized)
+    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm)
     from . import reportfile
     from .plan import default_output_name, plan_file
     from .render import print_plan, print_summary
@@ -306,7 +305,7 @@ def convert(
         plans = []
         for src, dst in targets:
             try:
-                plan = plan_file(src, opts)
+                plan = plan_file(src, replace(opts, keep_quantized=keep_quantized))
             except QuantkitError as e:
                 failed, worst = failed + 1, max(worst, e.exit_code)
                 _fail_one(e)
@@ -326,7 +325,7 @@ def convert(
             rep = _convert_one(src, dst, opts, overwrite, show_progress, device,
                                dict(learned_rounding=learned_rounding, calibration=calibration,
                                     bias_correction=bias_correction, learned_objective=learned_objective,
-                                    devices=devices), first=i == 0)
+                                    devices=devices, keep_quantized=keep_quantized), first=i == 0)
         except QuantkitError as e:
             failed, worst = failed + 1, max(worst, e.exit_code)
             _fail_one(e)
@@ -391,7 +390,7 @@ def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool,
                            exclude=opts.exclude, fallback=opts.fallback, overwrite=overwrite,
                            progress=on_progress, preset=opts.preset, config=opts.config,
                            full_precision_matrix_mult=bool(dict(opts.comfy_options).get("full_precision_matrix_mult")),
-                           device=device, keep_quantized=opts.keep_quantized, **refine)
+                           device=device, **refine)
         rep.startup_seconds = startup or 0.0
         return rep
 
@@ -417,11 +416,11 @@ def plan(
     Prints each layer's shape, dtype, format and reason, then the family, the counts, the exact
     output size and whether stock ComfyUI loads it. Exit codes: 0 ok, 1 bad input, 2 usage error.
     """
-    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm, keep_quantized)
+    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm)
     from .plan import plan_file
     from .render import print_plan
     try:
-        p = plan_file(input, opts)
+        p = plan_file(input, replace(opts, keep_quantized=keep_quantized))
     except QuantkitError as e:
         raise _fail(e) from None
     if json_out:

@@ -526,3 +526,17 @@ def test_every_registered_format_reads_back(tmp_path, fmt):
     a, b = load_file(str(out)), load_file(str(ref))
     assert set(a) == set(b)
     assert all(same_bytes(a[n], b[n]) for n in a if not n.endswith(".comfy_quant"))
+
+
+def test_inspect_tells_a_legacy_file(tmp_path):
+    old, _ = legacy_file(tmp_path / "old.safetensors")
+    new = tmp_path / "new.safetensors"
+    r = runner.invoke(app, ["inspect", str(old), "--json"])
+    d = json.loads(r.stdout)
+    assert r.exit_code == 0 and d["legacy_scaled_layers"] == 26 and d["quantized_layers"] == 0
+    assert [n["rule"] for n in d["notes"]] == ["legacy-scaled-fp8"] and d["notes"][0]["tensor"] == "scaled_fp8"
+    quantkit.upgrade(old, new)
+    r = runner.invoke(app, ["inspect", str(new), "--json"])
+    d = json.loads(r.stdout)
+    assert r.exit_code == 0 and d["violations"] == [] and d["notes"] == []
+    assert d["quantized_layers"] == 26 and d["legacy_scaled_layers"] == 0 and d["formats"] == {"float8_e4m3fn": 26}

@@ -254,6 +254,15 @@ def test_contract_breaking_layer_is_unreadable(tmp_path):
     assert_clean_failure(lambda: quantkit.convert(p, out, format="fp8"), p, out, "tensor 'a.weight'", "--keep-quantized")
 
 
+def test_marker_without_weight(tmp_path):
+    p, out = tmp_path / "m.safetensors", tmp_path / "o.safetensors"
+    save_file({"a.weight": torch.randn(128, 128).bfloat16(),
+               "b.comfy_quant": torch.tensor(list(b'{"format":"float8_e4m3fn"}'), dtype=torch.uint8)}, str(p))
+    for keep in (False, True):
+        assert_clean_failure(lambda: quantkit.convert(p, out, keep_quantized=keep), p, out, "tensor 'b.comfy_quant'",
+                             "no b.weight")
+
+
 def test_bad_marker_json_and_bad_header_metadata(tmp_path):
     out = tmp_path / "o.safetensors"
     p = tmp_path / "m.safetensors"
@@ -409,6 +418,8 @@ def _legacy_variant(tmp_path: Path, name: str) -> Path:
         sd = {k: v for k, v in load_file(str(SAMPLE)).items()} | {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
     elif name == "not-fp8":
         sd[f"{L}.weight"] = torch.zeros(512, 128, dtype=torch.int8)
+    elif name == "no-weight":
+        del sd[f"{L}.weight"]
     p = tmp_path / f"{name}.safetensors"
     save_file(sd, str(p))
     return p
@@ -417,6 +428,7 @@ def _legacy_variant(tmp_path: Path, name: str) -> Path:
 @pytest.mark.parametrize("variant,needles", [
     ("row-scale", ("tensor 'double_blocks.0.img_mlp.0.weight'", "reads one number")),
     ("not-fp8", ("tensor 'double_blocks.0.img_mlp.0.weight'", "not an fp8 type")),
+    ("no-weight", ("tensor 'double_blocks.0.img_mlp.0.scale_weight'", "no double_blocks.0.img_mlp.0.weight")),
     ("stray-input-scale", ("tensor 'final_layer.linear.scale_input'", "scale_input without scale_weight")),
     ("no-scaled-layers", ("tensor 'scaled_fp8'", "without any scale_weight")),
 ])

@@ -279,11 +279,12 @@ def _plan_source(reader: SafetensorsReader, src: qinput.Source, spec: Format, se
                  options: Options) -> LayerPlan:
     """The weight entry of one quantized input layer: re-quantized to the target (through the usual
     rules, as if it were a float weight of its original shape) or kept as it is."""
-    w = reader.tensors[src.weight]
     if src.legacy and src.problem:  # copied as it is, ComfyUI would read garbage beside the new markers
-        raise QuantkitError(src.problem, file=reader.path, tensor=src.weight,
+        raise QuantkitError(src.problem, file=reader.path,
+                            tensor=src.weight if src.weight in reader.tensors else src.reads[1][1],
                             fix=f"convert the original checkpoint; a legacy layer must be an fp8 weight with one "
                                 f"{legacy.SCALE_WEIGHT} number")
+    w = reader.tensors[src.weight]
     keep = "--keep-quantized" if options.keep_quantized else ("upgrade" if options.upgrade else None)
     lp = None
     if keep is None:

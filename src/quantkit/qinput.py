@@ -171,11 +171,12 @@ def scan(reader: SafetensorsReader) -> Scan:
 def _marked(reader: SafetensorsReader, layer: str, m: dict, shapes: dict, new_marker: bool) -> Source:
     T = reader.tensors
     wname = f"{layer}.weight"
-    fmt = format_of_marker(m, shapes) if wname in T else None
+    if wname not in T:  # ComfyUI ignores it (no module loads it); a file that has one is broken
+        raise QuantkitError(f".comfy_quant marks a layer with no {wname}", file=reader.path,
+                            tensor=f"{layer}{MARKER_SUFFIX}", fix="delete the stray marker (re-export the file)")
+    fmt = format_of_marker(m, shapes)
     problem = ""
-    if wname not in T:
-        problem = f"marks a layer with no {wname}"
-    elif fmt is None:
+    if fmt is None:
         problem = f".comfy_quant format {m.get('format')!r} with these tensors is no format quantkit reads"
     else:
         bad = fmt.check(layer, m, T)

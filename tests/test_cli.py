@@ -198,8 +198,8 @@ def test_time_line_parts_add_up(sample, tmp_path):
     (["convert", "{sample}", "--preset", "flux3"], ["--preset", "'flux3'", "auto, none, chroma"]),
     (["convert", "{sample}", "--learned-rounding", "--learned-objective", "x"], ["calibration, subspace"]),
     (["convert", "{sample}", "--learned-objective", "subspace"], ["add --learned-rounding"]),
-    (["convert", "{sample}", "--formt", "fp8"], ["no such option: --formt", "--format"]),
-    (["convert", "{sample}", "--block-size", "abc"], ["--block-size", "integer"]),
+    (["convert", "{sample}", "--formt", "fp8"], ["--formt", "--format"]),
+    (["convert", "{sample}", "--block-size", "abc"], ["--block-size", "int"]),
     (["convert"], ["missing argument"]),
     (["plan"], ["missing argument"]),
     (["convert", "{sample}", "-o"], ["-o", "requires an argument"]),
@@ -248,11 +248,16 @@ def test_help_texts_are_short_and_untagged():
                 assert history not in text, (name, p.name, text)
             seen += 1
     assert seen > 30
+    # typer before 0.29 prints each argument's type beside its metavar (INPUT... <path>): its own
+    # column, no option of ours; the options' lines are checked with every typer
+    from importlib.metadata import version
+    whole = tuple(int(x) for x in version("typer").split(".")[:2]) >= (0, 29)
     for args in (["--help"], *([c, "--help"] for c in ("convert", "plan", "inspect", "verify", "presets", "formats"))):
         r = run(*args, env={"COLUMNS": "200"})
         assert r.exit_code == 0, r.output
+        shown = r.stdout if whole else "\n".join(ln for ln in r.stdout.splitlines() if "--" in ln)
         for tag in ("<bool>", "<str>", "<path>", "<int>", "<float>", "<list", "{inputs}", "{input}", "{file}"):
-            assert tag not in r.stdout, (args, tag)
+            assert tag not in shown, (args, tag)
     r = run("convert", "--help", env={"COLUMNS": "200"})
     assert "INPUT..." in r.stdout and "--output" in r.stdout and "FILE" in r.stdout
 

@@ -25,7 +25,7 @@ from quantkit.comfyui import capture_nodes
 from quantkit.comfyui.capture_nodes import QuantkitCaptureCalibration, QuantkitSaveCalibration
 from quantkit.comfyui.compare_node import VERDICT_TIP, QuantkitCompareModels
 from quantkit.comfyui.nodes import NODE_CLASS_MAPPINGS, QuantkitConvertCheckpoint, QuantkitQuantizeModel
-from quantkit.compare import THRESHOLDS, VERDICTS, psnr, ssim
+from quantkit.compare import THRESHOLDS, VERDICTS, psnr, ssim, verdict
 from quantkit.errors import QuantkitError
 from quantkit.formats import FORMATS
 
@@ -375,6 +375,18 @@ def test_image_metrics():
     assert ssim(x, y) == pytest.approx((2 * 0.5 * 0.7 + c1) / (0.25 + 0.49 + c1), rel=1e-7)
     with pytest.raises(QuantkitError, match="images differ in shape"):
         ssim(a, a[:, :16])
+
+
+@pytest.mark.parametrize("psnr_db,ssim_value,rel_l2,want", [
+    (50.0, 0.999, 0.01, 0), (35.0, 0.98, 0.5, 0),      # the indistinguishable bar is inclusive
+    (34.9, 0.99, 0.01, 1), (40.0, 0.979, 0.01, 1),     # one criterion short: minor differences
+    (12.0, 0.50, 0.30, 1),                             # poor but neither broken criterion
+    (50.0, 0.999, 0.501, 2),                           # latents apart by more than half their norm
+    (50.0, 0.299, 0.01, 2), (float("inf"), 0.29, 0.0, 2),  # images without shared structure
+])
+def test_verdict_thresholds(psnr_db, ssim_value, rel_l2, want):
+    """Each verdict at and across the thresholds the tooltip states (broken wins over any PSNR)."""
+    assert verdict(psnr_db, ssim_value, rel_l2) == VERDICTS[want]
 
 
 def test_compare_node_verdicts_on_sampled_dit(world):

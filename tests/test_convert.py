@@ -263,10 +263,13 @@ def test_existing_output_needs_overwrite(sample, tmp_path):
     assert out.read_bytes() != b"precious"
 
 
-def test_already_quantized_input(sample, tmp_path):
-    q = tmp_path / "q.st"
-    quantkit.convert(sample, q)
-    _assert_clean_failure(tmp_path, q, tmp_path / "o.st", "already holds quantized layers")
+def test_scale_without_marker_input(tmp_path):
+    """A scale with no .comfy_quant for its layer (newest ComfyUI refuses such a file). Inputs that
+    are properly quantized are converted: tests/test_quantized_inputs.py."""
+    p = tmp_path / "q.st"
+    save_file({"a.weight": torch.randn(128, 128).bfloat16(), "a.weight_scale": torch.tensor(1.0)}, str(p))
+    msg = _assert_clean_failure(tmp_path, p, tmp_path / "o.st", "weight_scale without a .comfy_quant marker")
+    assert "tensor 'a.weight_scale'" in msg and not (tmp_path / "o.st").exists()
 
 
 def test_output_directory_not_writable(sample, tmp_path, monkeypatch):

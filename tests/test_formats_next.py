@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 
+from conftest import at_most
 from quantkit.errors import QuantkitError
 from quantkit.formats_next import FORMATS, blocked, e2m1, e8m0, hadamard, int8_convrot, mxfp8, nvfp4
 
@@ -315,7 +316,12 @@ def test_stored_tensors_match_kitchens_quantizer(fmt, shape):
     if mod is int8_convrot:  # butterfly vs BLAS summation order: a q differs by one step at most, rarely
         dq = (ours["weight"].int() - theirs["weight"].int()).abs()
         assert int(dq.max()) <= 1 and float(dq.float().mean()) < 1e-3
-        assert torch.allclose(ours["weight_scale"], theirs["weight_scale"], rtol=1e-6, atol=0)
+        # a scale is a row's amax of rotated values; each is a length-G dot product in kitchen (BLAS,
+        # whose summation order varies with the CPU: 1e-6 held on the dev box, not on a 16-core Xeon)
+        # and a butterfly here: both within G * 2^-24 relative of the exact value
+        g = marker.get("convrot_groupsize")
+        rel = ((ours["weight_scale"] - theirs["weight_scale"]).abs() / theirs["weight_scale"]).max()
+        at_most(float(rel), 2 * g * 2.0 ** -24, f"{fmt} {shape} scale relative difference to kitchen's")
     else:  # the same rules: byte-identical
         for key, t in ours.items():
             assert torch.equal(t.reshape(-1).view(torch.uint8), theirs[key].reshape(-1).view(torch.uint8)), key

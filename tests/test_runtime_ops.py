@@ -38,10 +38,11 @@ def float_file(tmp_path_factory):
     return p
 
 
-# worst row's cosine to the float model, lower of the W8A8 and full-precision paths: measured (the same
-# at 1 and 2 threads, ATEN_CPU_CAPABILITY avx512 / default and MKL_ENABLE_INSTRUCTIONS=SSE4_2),
-# through cos_floor (1 - cos may grow 25%)
-WORST_COS = {k: cos_floor(v) for k, v in {"fp8": 0.999192, "int8-row": 0.999925, "int8-block": 0.999923}.items()}
+# worst row's cosine to the float model, lower of the W8A8 and full-precision paths, on a seeded input
+# (the global generator's state once depended on which tests ran first: fp8 measured 0.998928 under the
+# old floor on a 16-core Xeon): measured (the same at 1 and 2 threads, ATEN_CPU_CAPABILITY avx512 /
+# default), through cos_floor (1 - cos may grow 25%)
+WORST_COS = {k: cos_floor(v) for k, v in {"fp8": 0.998926, "int8-row": 0.999917, "int8-block": 0.999937}.items()}
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8-row", "int8-block"])
@@ -57,7 +58,7 @@ def test_ops_linear_loads_converted_file(fmt, float_file, tmp_path):
                                   "int8-block": "int8_blockwise"}[fmt]
     assert (net.a.input_scale is not None) == (fmt != "int8-row")
     assert net.a.weight.params.block_size == (64 if fmt == "int8-block" else 0)
-    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
     ref = Net()
     ref.load_state_dict({k: v.float() for k, v in load_file(str(float_file)).items()})
     exact = Net(mixed_precision_ops(compute_dtype=torch.bfloat16, full_precision_mm=True))

@@ -100,6 +100,25 @@ def test_second_signal_during_cleanup_exits_at_once(big_checkpoint, tmp_path):
     _check(p, ("SIGTERM", "SIGINT"), out)
 
 
+def test_signal_after_the_line_is_announced_adds_nothing():
+    """A second signal that arrives while the first one's line is being written (CI caught the
+    line printed twice: the second signal's handler wrote it again) is ignored."""
+    code = (
+        "import os, signal, time\n"
+        "from quantkit import interrupts\n"
+        "interrupts.install_raising()\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+        "except interrupts.Interrupted as e:\n"
+        "    rc = interrupts.announce(e)\n"
+        "    os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGHUP); time.sleep(0.2)\n"
+        "    os._exit(rc)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert (r.returncode, r.stderr) == (143, "interrupted (SIGTERM)\n")
+
+
 def test_devices_workers_stopped_with_the_parent(tmp_path):
     """Ctrl-C in a terminal reaches the whole process group, --devices workers included: the parent
     alone answers (one line), and its workers (one hung on a layer) are gone right after it."""

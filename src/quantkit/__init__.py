@@ -24,9 +24,9 @@ __version__ = "0.1.0"
 
 _LAZY = {"QuantkitError": "errors", "UsageError": "errors", "FORMATS": "formats", "Format": "formats",
          "DEFAULT_FORMAT": "formats", "DEFAULT_BLOCK_SIZE": "formats", "ConvertReport": "report",
-         "LayerReport": "report", "TensorReport": "report"}
+         "LayerReport": "report", "TensorReport": "report", "upgrade": "convert"}
 
-__all__ = ["convert", "compare", "QuantkitError", "UsageError", "FORMATS", "Format", "DEFAULT_FORMAT",
+__all__ = ["convert", "compare", "upgrade", "QuantkitError", "UsageError", "FORMATS", "Format", "DEFAULT_FORMAT",
            "DEFAULT_BLOCK_SIZE", "ConvertReport", "LayerReport", "TensorReport", "__version__"]
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -205,6 +207,7 @@ PresetOpt = Annotated[str, typer.Option("--preset", metavar="NAME", help="Model 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", metavar="FILE", help="Per-layer settings (.toml or .json): pattern -> format, block_size, skip, options. The most specific pattern wins.")]
 FpmmOpt = Annotated[bool, typer.Option("--full-precision-mm", help="Mark every layer full_precision_matrix_mult: ComfyUI dequantizes it and runs a normal matmul.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")]
+KeepQuantizedOpt = Annotated[bool, typer.Option("--keep-quantized", help="Copy an input's already quantized layers through as they are, instead of dequantizing them as ComfyUI does and quantizing them to --format.")]
 
 
 def _options(format: str, block_size: int, include, exclude, fallback: str, preset: str, config, fpmm: bool,
@@ -234,7 +237,7 @@ def _plan_json(plan, src: Path, dst: Path | None) -> dict:
                     "  quantkit convert a.safetensors b.safetensors -O out/ --report report.json\n\n"
                     "  quantkit convert wan.safetensors --preset wan --config layers.toml --dry-run")
 def convert(
-    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="Checkpoints to convert (.safetensors, bf16/fp16/fp32); each is converted on its own.", show_default=False)],
+    inputs: Annotated[list[Path], typer.Argument(metavar="INPUT...", help="Checkpoints to convert (.safetensors: bf16/fp16/fp32, or already quantized: their quantized layers are re-quantized, or copied with --keep-quantized); each is converted on its own.", show_default=False)],
     output: Annotated[Optional[Path], typer.Option("-o", "--output", metavar="FILE", help="Output file, for one input. Default: <stem>-<format>.safetensors beside the input.")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("-O", "--output-dir", metavar="DIR", help="Write each output as <stem>-<format>.safetensors into DIR (created if missing).")] = None,
     format: FormatOpt = DEFAULT_FORMAT,
@@ -257,6 +260,7 @@ def convert(
     bias_correction: Annotated[bool, typer.Option("--bias-correction", help="Rewrite each quantized layer's bias as b + (W - Wq) mean(x). Needs --calibration.")] = False,
     learned_objective: Annotated[str, typer.Option("--learned-objective", metavar="NAME", help="What --learned-rounding lowers: calibration (the output error on the --calibration statistics) or subspace (data-free, so no --calibration; it was neutral on real inputs).")] = "calibration",
     devices: Annotated[Optional[str], typer.Option("--devices", metavar="LIST", help="Run --learned-rounding in one worker process per device: cuda:0,cuda:1,... or all. The output bytes are those of one process.")] = None,
+    keep_quantized: KeepQuantizedOpt = False,
 ) -> None:
     """Convert checkpoints: quantize their linear weights, copy everything else bit-exactly.
 
@@ -306,7 +310,7 @@ def convert(
         plans = []
         for src, dst in targets:
             try:
-                plan = plan_file(src, opts)
+                plan = plan_file(src, replace(opts, keep_quantized=keep_quantized))
             except QuantkitError as e:
                 failed, worst = failed + 1, max(worst, e.exit_code)
                 _fail_one(e)
@@ -326,7 +330,7 @@ def convert(
             rep = _convert_one(src, dst, opts, overwrite, show_progress, device,
                                dict(learned_rounding=learned_rounding, calibration=calibration,
                                     bias_correction=bias_correction, learned_objective=learned_objective,
-                                    devices=devices), first=i == 0)
+                                    devices=devices, keep_quantized=keep_quantized), first=i == 0)
         except QuantkitError as e:
             failed, worst = failed + 1, max(worst, e.exit_code)
             _fail_one(e)
@@ -411,6 +415,7 @@ def plan(
     config: ConfigOpt = None,
     fpmm: FpmmOpt = False,
     json_out: JsonOpt = False,
+    keep_quantized: KeepQuantizedOpt = False,
 ) -> None:
     """Show what 'convert' would do with each layer, and why; write nothing.
 
@@ -421,13 +426,42 @@ def plan(
     from .plan import plan_file
     from .render import print_plan
     try:
-        p = plan_file(input, opts)
+        p = plan_file(input, replace(opts, keep_quantized=keep_quantized))
     except QuantkitError as e:
         raise _fail(e) from None
     if json_out:
         out.print_json(data=_plan_json(p, input, None))
     else:
         print_plan(p, input.name, None, out)
+
+
+@app.command(epilog="Examples:\n\n  quantkit upgrade flux1-dev-fp8-scaled.safetensors -o flux1-dev-fp8.safetensors")
+def upgrade(
+    input: Annotated[Path, typer.Argument(metavar="OLD", help="A legacy scaled fp8 .safetensors file (scaled_fp8 marker, scale_weight / scale_input tensors).", show_default=False)],
+    output: Annotated[Path, typer.Option("-o", "--output", metavar="NEW", help="The file to write.", show_default=False)],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No summary; errors still go to stderr.")] = False,
+) -> None:
+    """Rewrite a legacy scaled fp8 file with .comfy_quant markers, losslessly, as ComfyUI converts it at load.
+
+    Every weight is copied byte for byte; scale_weight / scale_input become weight_scale / input_scale
+    (fp32; an input scale of 1.0 is dropped, as ComfyUI does), each scaled layer gets its marker and the
+    header its _quantization_metadata; the scaled_fp8 marker tensor is dropped. Exit codes: 0 written,
+    1 bad input (not a legacy scaled fp8 file), 2 usage error, 130 / 143 / 129 interrupted.
+    """
+    from .convert import upgrade as upgrade_file
+    from .render import print_summary
+    try:
+        rep = upgrade_file(input, output, overwrite=overwrite)
+    except QuantkitError as e:
+        raise _fail(e) from None
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; no output written\n")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    if not quiet:
+        for note in rep.notes:
+            err.print(_text(f"note: {note}"), soft_wrap=True, highlight=False)
+        print_summary(rep, out)
 
 
 @app.command(epilog="Examples:\n\n  quantkit inspect flux1-dev-fp8.safetensors\n\n"
@@ -564,11 +598,9 @@ def main() -> None:
         app()
         code = 0
     except interrupts.Interrupted as e:
-        sys.stderr.write(f"{e}\n")
-        code = e.exit_code
+        code = interrupts.announce(e)
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted (SIGINT)\n")
-        code = EXIT_INTERRUPTED
+        code = interrupts.announce(interrupts.Interrupted(signal.SIGINT))
     except SystemExit as e:
         if e.code is None or isinstance(e.code, int):
             code = e.code or 0

@@ -15,6 +15,7 @@ old default without ``--simple``) is refused too, since quantkit rounds to neare
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -178,11 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except interrupts.Interrupted as e:
-        sys.stderr.write(f"{e}\n")
-        return e.exit_code
+        return interrupts.announce(e)
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted (SIGINT)\n")
-        return 130
+        return interrupts.announce(interrupts.Interrupted(signal.SIGINT))
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import backend, interrupts, readahead, tempfiles
+from . import backend, interrupts, qinput, readahead, tempfiles
 from .formats import scaled
 from .backend import check_finite, parse_device
 from .dtypes import torch_dtype
@@ -52,7 +52,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             full_precision_matrix_mult: bool = False, device: str = "auto", learned_rounding: bool = False,
             calibration: str | os.PathLike | None = None, bias_correction: bool = False,
             learned_objective: str = "calibration", devices: str | list[str] | None = None,
-            format_options: dict | None = None) -> ConvertReport:
+            format_options: dict | None = None, keep_quantized: bool = False,
+            _upgrade: bool = False) -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
     beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input.
 
@@ -68,12 +69,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     ``all``, or ``cpu,cpu``; see :mod:`quantkit.multi`); same output bytes. ``progress(read, total,
     tensor, written)``: input bytes read of ``total``, the tensor just read, output bytes written.
     ``format_options``: per-layer options a format reads besides ``block_size`` (fields of
-    :class:`quantkit.formats.LayerOpts`)."""
+    :class:`quantkit.formats.LayerOpts`).
+
+    An input whose layers are already quantized (``.comfy_quant`` markers of any producer, or a legacy
+    ``scaled_fp8`` file; :mod:`quantkit.qinput`): each such layer is dequantized as ComfyUI does and
+    quantized to ``format`` (the report's notes say its quality is bounded by the input's), or, with
+    ``keep_quantized``, copied through (a legacy layer with the marker ComfyUI gives it at load)."""
     if devices is not None and learned_objective != "calibration":
         raise UsageError("--devices spreads the calibration objective only",
                          fix="drop --devices, or use --learned-objective calibration")
     options = make_options(format, block_size, include, exclude, fallback, preset, config,
-                           full_precision_matrix_mult, format_options)
+                           full_precision_matrix_mult, format_options, keep_quantized, _upgrade)
     dev = parse_device(device)
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
@@ -88,6 +94,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
                 _refuse_unlearnable(plan)
             refiner = None
             if learned_rounding or calibration is not None or bias_correction or devices is not None:
+                if plan.requantized:
+                    raise UsageError("learned rounding, calibration and bias correction need the original float "
+                                     f"weights, and {len(plan.requantized)} layers are already quantized", file=src,
+                                     tensor=plan.requantized[0].tensor,
+                                     fix="convert the original checkpoint, or pass --keep-quantized")
                 # imported only when asked for: not on the way to a round-to-nearest conversion's first read
                 from . import multi
                 from .refine import Refiner
@@ -102,6 +113,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
                 clock.mark("plan" if learned_store is None else "learned rounding (workers)")
                 report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead,
                                   clock=clock, overwrite=overwrite)
+            report.notes.extend(plan.notes)
             if reclaimed is not None:
                 report.notes.append(reclaimed)
             if learned_store is not None:
@@ -153,13 +165,14 @@ def _learned_options(objective: str):
 
 def make_options(format: str = DEFAULT_FORMAT, block_size: int = 128, include=(), exclude=(), fallback: str = DEFAULT_FALLBACK,
                  preset: str = "auto", config: str | os.PathLike | LayerConfig | None = None,
-                 full_precision_matrix_mult: bool = False, format_options: dict | None = None) -> Options:
+                 full_precision_matrix_mult: bool = False, format_options: dict | None = None,
+                 keep_quantized: bool = False, upgrade: bool = False) -> Options:
     """Validated :class:`Options` from keyword values (a config path is loaded and checked here)."""
     if config is not None and not isinstance(config, LayerConfig):
         config = load_layer_config(config)
     extra = (("full_precision_matrix_mult", True),) if full_precision_matrix_mult else ()
     options = Options(format, block_size, tuple(include), tuple(exclude), fallback, preset, config, extra,
-                      tuple(sorted((format_options or {}).items())))
+                      tuple(sorted((format_options or {}).items())), keep_quantized, upgrade)
     options.validate()
     return options
 
@@ -260,7 +273,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             need = writer.total_size
             # layers whose weights learned rounding chooses are quantized by the refiner instead, and
             # formats no fast kernel runs by their own torch reference
-            quantizer = _make_quantizer([lp for lp in plan.quantized if backend.has_kernel(lp.spec)
+            quantizer = _make_quantizer([lp for lp in plan.quantized if backend.has_kernel(lp.spec) and not lp.requantized
                                          and (refiner is None or not refiner.rewrites(lp))], reader, device)
             bw = BackgroundWriter(threaded)
             stages = report.detail_seconds
@@ -346,6 +359,14 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backg
                  lp: LayerPlan, stages: dict[str, float], refiner: Refiner | None = None,
                  device: torch.device = torch.device("cpu")) -> LayerReport:
     info = reader.tensors[lp.tensor]
+    if lp.drop:
+        return LayerReport(lp.tensor, lp.shape, lp.dtype, "dropped", None, None, lp.reason)
+    if lp.source is not None:
+        return _quantized_input(reader, writer, bw, stages, lp, device)
+    if lp.out_name:  # a legacy scale, under the name ComfyUI gives it and in fp32
+        value = reader.tensor(lp.tensor).to(torch_dtype(lp.out_dtype)).contiguous()
+        bw.submit(_timed(stages, lambda: writer.write(lp.out_name, value)))
+        return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, lp.reason)
     if refiner is not None and lp.spec is None and (bias := refiner.bias(lp)) is not None:
         bw.submit(_timed(stages, lambda: writer.write(lp.tensor, bias)))
         return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, "bias corrected: b + (W - Wq) mean(x)")
@@ -378,6 +399,43 @@ def _static_input_scale(tensors: dict[str, torch.Tensor], lp: LayerPlan, refiner
         s = refiner.input_scale(lp)
         if s is not None:
             tensors["input_scale"] = s
+
+
+def _quantized_input(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter,
+                     stages: dict[str, float], lp: LayerPlan, device: torch.device) -> LayerReport:
+    """The weight of a layer of a quantized input: copied as it is (with ComfyUI's marker when the
+    input has none: a legacy layer), or dequantized as ComfyUI does (fp32) and quantized to the
+    target: on the CPU by the converter's quantizer for formats it runs, else by the format's torch
+    reference (the two agree bit for bit); SQNR against the dequantized input weight."""
+    src, info = lp.source, reader.tensors[lp.tensor]
+    if lp.spec is None:
+        fd, off = reader.fileno(), reader.data_start + info.start
+        marker = qinput.marker_bytes(src) if src.new_marker else None
+
+        def copy() -> None:
+            writer.copy_from_fd(lp.tensor, fd, off, info.nbytes)
+            if marker is not None:
+                writer.write(f"{src.layer}{qinput.MARKER_SUFFIX}", marker)
+        bw.submit(_timed(stages, copy))
+        return LayerReport(lp.tensor, lp.shape, lp.dtype, "kept", None, None, lp.reason)
+    spec = lp.spec
+    w = qinput.read(reader, src).to(device)
+    check_finite(w, file=reader.path, tensor=lp.tensor, layer=lp.layer)
+    if device.type == "cpu" and backend.has_kernel(spec):  # the converter's CPU quantizer: the same bits
+        q, scale, stats = backend.cpu_quantizer()(w, spec, lp.block_size)
+        check_finite(scale, file=reader.path, tensor=lp.tensor, layer=lp.layer)
+        tensors, sqnr = spec.pack(q, scale), stats.sqnr_db
+    else:
+        tensors = spec.quantize(w, lp.opts)
+        for t in tensors.values():
+            if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                check_finite(t, file=reader.path, tensor=lp.tensor, layer=lp.layer)
+        sqnr = scaled.sqnr(w, spec.dequantize(tensors, lp.comfy_quant(), torch.float32, lp.layer))
+    del w
+    tensors = {k: v.cpu() for k, v in tensors.items()}
+    _submit_layer(writer, bw, stages, lp, tensors, None)
+    return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
+                       spec.comfy_format, lp.reason, sqnr)
 
 
 def _by_reference(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter,
@@ -428,7 +486,7 @@ def _submit_layer(writer: SafetensorsWriter, bw: BackgroundWriter, stages: dict[
     marker for the writer thread, in the format's order. ``give_back`` (if any) returns the weight's
     buffer to its pool once the weight is written, or when the job is skipped after an earlier failure."""
     layer = lp.layer
-    order = [s.suffix for s in lp.spec.stored(lp.shape, torch_dtype(lp.dtype), lp.opts)]
+    order = [s.suffix for s in lp.spec.stored(lp.shape, torch_dtype(lp.value_dtype), lp.opts)]
     if sorted(order) != sorted(tensors):
         if give_back is not None:
             give_back()
@@ -469,6 +527,11 @@ def verify_written(path: Path, plan: Plan, writer: SafetensorsWriter) -> None:
             if got != lp.comfy_quant():
                 raise QuantkitError("written .comfy_quant marker does not decode to the plan", file=path,
                                     tensor=name, fix="report this as a quantkit bug")
+        for lp in plan.kept_quantized:
+            name = f"{lp.source.layer}{qinput.MARKER_SUFFIX}"
+            if lp.source.new_marker and decode_comfy_quant(bytes(out.buffer(name))) != lp.source.marker:
+                raise QuantkitError("written .comfy_quant marker does not decode to the plan", file=path,
+                                    tensor=name, fix="report this as a quantkit bug")
 
 
 def _fsync_dir(d: Path) -> None:
@@ -484,4 +547,16 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-__all__ = ["convert", "check_output_path", "verify_written", "FORMATS"]
+def upgrade(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
+            progress: Progress | None = None) -> ConvertReport:
+    """Rewrite a legacy ``scaled_fp8`` file as ComfyUI converts it at load
+    (:mod:`quantkit.formats.legacy`): every weight byte-identical, each scaled layer's
+    ``scale_weight`` / ``scale_input`` under ComfyUI's names (``weight_scale`` / ``input_scale``, fp32;
+    an input scale of 1.0 dropped) with its ``.comfy_quant`` marker and the header's
+    ``_quantization_metadata``; the file's ``scaled_fp8`` marker tensor is dropped, as ComfyUI drops
+    it. Every other tensor is copied. QuantkitError when ``src`` is not a legacy scaled fp8 file."""
+    return convert(src, dst, overwrite=overwrite, progress=progress, preset="none", device="cpu",
+                   keep_quantized=True, _upgrade=True)
+
+
+__all__ = ["convert", "upgrade", "check_output_path", "verify_written", "FORMATS"]

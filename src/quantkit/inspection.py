@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import families
 from .formats import (COMFY_READ_KEYS, QUANT_SUFFIXES, SCALE_SUFFIXES, STOCK_COMFY_FORMATS, Violation, check_layer,
-                      decode_comfy_quant, shapes_by_layer)
+                      decode_comfy_quant, legacy, shapes_by_layer)
 from .plan import QUANT_METADATA_KEY
 from .safetensors_io import SafetensorsReader, TensorInfo
 
@@ -28,6 +28,7 @@ class Inspection:
     families: list[families.Detected] = field(default_factory=list)
     violations: list[Violation] = field(default_factory=list)
     notes: list[Violation] = field(default_factory=list)  # worth knowing, but ComfyUI loads it right
+    legacy_layers: int = 0  # scale_weight layers of a legacy scaled_fp8 file (formats/legacy.py)
 
     @property
     def formats(self) -> dict[str, int]:
@@ -41,6 +42,9 @@ class Inspection:
     def loads(self) -> str:
         if self.violations:
             return f"no: {len(self.violations)} contract violation(s)"
+        if not self.markers and self.legacy_layers:
+            return (f"yes: a legacy scaled fp8 file ({self.legacy_layers} scaled layers) that ComfyUI converts "
+                    "at load; 'quantkit upgrade' writes its .comfy_quant markers")
         if not self.markers:
             return "yes: a plain checkpoint (no quantized layers)"
         if self.needs_node:
@@ -55,7 +59,7 @@ class Inspection:
                 "tensors": self.tensors,
                 "dtypes": {k: {"count": c, "bytes": b} for k, (c, b) in self.dtypes.items()},
                 "metadata": meta, "quantized_layers": len(self.markers), "formats": self.formats,
-                "unquantized_float_weights": self.float_weights,
+                "unquantized_float_weights": self.float_weights, "legacy_scaled_layers": self.legacy_layers,
                 "families": [{"family": d.family.name, "prefix": d.prefix} for d in self.families],
                 "comfyui_loads": self.loads, "needs_node_for": self.needs_node,
                 "violations": [{"rule": v.rule, "tensor": v.tensor, "message": v.message} for v in self.violations],
@@ -92,6 +96,15 @@ def inspect_reader(r: SafetensorsReader) -> Inspection:
         if (t.name.endswith(".weight") and len(t.shape) == 2 and t.dtype in ("F32", "F16", "BF16")
                 and f"{t.name.removesuffix('.weight')}.comfy_quant" not in T):
             ins.float_weights += 1
+    if not (r.metadata and QUANT_METADATA_KEY in r.metadata):  # else ComfyUI never reads the legacy layout
+        for t in r.tensors_in_order:
+            prefix = legacy.prefix_of(t.name)
+            if prefix is not None:
+                ins.legacy_layers = sum(n.startswith(prefix) and n.endswith(f".{legacy.SCALE_WEIGHT}") for n in T)
+                ins.notes.append(Violation("legacy-scaled-fp8", t.name, "a legacy scaled fp8 file: ComfyUI converts "
+                                           "it at load; 'quantkit upgrade' rewrites it with .comfy_quant markers "
+                                           "losslessly, 'quantkit convert' re-quantizes its layers"))
+                break
     by_layer = shapes_by_layer(T)
     for layer, m in ins.markers.items():
         _check_layer(layer, m, T, by_layer.get(layer, {}), v)

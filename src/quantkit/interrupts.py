@@ -95,6 +95,19 @@ def _install(handler) -> None:
             pass
 
 
+def announce(e: Interrupted) -> int:
+    """The end of an interrupted command: further signals are ignored from here (a second one
+    arriving now would otherwise print the line a second time), the one line goes to stderr, and
+    the exit code is returned."""
+    _install(signal.SIG_IGN)
+    _flush()
+    try:
+        os.write(2, (str(e) + "\n").encode())
+    except OSError:
+        pass
+    return e.exit_code
+
+
 def install_startup() -> None:
     """From now until :func:`install_raising`: a signal exits the process at once."""
     _install(_on_startup_signal)
@@ -125,5 +138,5 @@ def ignore_sigint_in_worker() -> None:
         pass
 
 
-__all__ = ["Interrupted", "SIGNALS", "install_startup", "install_raising", "check", "received", "message",
+__all__ = ["Interrupted", "SIGNALS", "announce", "install_startup", "install_raising", "check", "received", "message",
            "ignore_sigint_in_worker"]

@@ -4,19 +4,19 @@ list of output tensors. Nothing is read or written here beyond the header."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
-from . import families, policy
+from . import families, policy, qinput
 from .dtypes import torch_dtype
 from .errors import QuantkitError, UsageError
-from .formats import (DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS, LAYER_OPTIONS, QUANT_SUFFIXES,
-                      Format, LayerOpts, formats_with_option, get_format)
+from .formats import (DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS, LAYER_OPTIONS, STOCK_COMFY_FORMATS,
+                      Format, LayerOpts, formats_with_option, get_format, legacy)
 from .layerconfig import LayerConfig, LayerRule
 from .report import layer_counts
 from .safetensors_io import PlannedTensor, SafetensorsReader, TensorInfo, build_header
 
-QUANT_METADATA_KEY = "_quantization_metadata"
+QUANT_METADATA_KEY = qinput.QUANT_METADATA_KEY
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class Options:
     config: LayerConfig | None = None  # per-layer overrides (quantkit.layerconfig)
     comfy_options: tuple[tuple[str, object], ...] = ()  # extra .comfy_quant keys for every layer
     format_options: tuple[tuple[str, object], ...] = ()  # LayerOpts fields besides block_size
+    keep_quantized: bool = False  # copy an input's quantized layers through instead of re-quantizing them
+    upgrade: bool = False  # `quantkit upgrade`: rewrite a legacy scaled_fp8 file's layers, copy the rest
 
     def validate(self) -> None:
         get_format(self.format)
@@ -73,6 +75,12 @@ class LayerPlan:
     options: tuple[tuple[str, object], ...] = ()  # extra .comfy_quant keys
     rule: str = ""  # the per-layer config pattern that decided this layer, if any
     format_options: tuple[tuple[str, object], ...] = ()  # LayerOpts fields besides block_size
+    # A layer of a quantized input (:mod:`quantkit.qinput`), on its weight's entry: re-quantized to
+    # ``spec`` from its dequantized weight, or (spec None) copied through as it is quantized.
+    source: qinput.Source | None = None
+    drop: bool = False  # not written (a re-quantized layer's old scales, the legacy scaled_fp8 marker)
+    out_name: str = ""  # written under this name (a legacy scale: ComfyUI's name for it)
+    out_dtype: str = ""  # written cast to this dtype (a legacy scale: fp32, as ComfyUI reads it)
 
     @property
     def layer(self) -> str:
@@ -83,7 +91,23 @@ class LayerPlan:
         return self.spec is not None
 
     @property
+    def requantized(self) -> bool:
+        return self.source is not None and self.spec is not None
+
+    @property
+    def kept_quantized(self) -> bool:
+        return self.source is not None and self.spec is None
+
+    @property
+    def value_dtype(self) -> str:
+        """The dtype recorded as the layer's orig_dtype (the input's, or that of a quantized input's
+        weight before it was quantized)."""
+        return self.source.orig_dtype if self.source is not None else self.dtype
+
+    @property
     def action(self) -> str:
+        if self.drop:
+            return "dropped"
         return "fallback" if self.fallback and self.spec else ("quantized" if self.spec else "kept")
 
     @property
@@ -92,15 +116,22 @@ class LayerPlan:
 
     def comfy_quant(self) -> dict:
         assert self.spec is not None
-        d = self.spec.marker(self.shape, torch_dtype(self.dtype), self.opts)
+        d = self.spec.marker(self.shape, torch_dtype(self.value_dtype), self.opts)
         d.update(self.options)
         return d
 
     def outputs(self) -> list[PlannedTensor]:
+        if self.drop:
+            return []
         if self.spec is None:
-            return [PlannedTensor(self.tensor, self.dtype, self.shape)]
+            out = [PlannedTensor(self.out_name or self.tensor, self.out_dtype or self.dtype, self.shape)]
+            if self.source is not None and self.source.new_marker:
+                out.append(PlannedTensor(f"{self.source.layer}{qinput.MARKER_SUFFIX}", "U8",
+                                         (len(qinput.marker_bytes(self.source)),)))
+            return out
         return [PlannedTensor(name, dtype, shape) for name, dtype, shape in
-                self.spec.layer_tensors(self.layer, self.shape, torch_dtype(self.dtype), self.opts, dict(self.options))]
+                self.spec.layer_tensors(self.layer, self.shape, torch_dtype(self.value_dtype), self.opts,
+                                        dict(self.options))]
 
     def to_dict(self) -> dict:
         return {"tensor": self.tensor, "shape": list(self.shape), "dtype": self.dtype,
@@ -108,7 +139,9 @@ class LayerPlan:
                 "format": self.spec.name if self.spec else None,
                 "comfy_format": self.spec.comfy_format if self.spec else None,
                 "block_size": self.block_size if self.spec and "block_size" in self.spec.option_names else None,
-                "options": dict(self.options), "reason": self.reason, "rule": self.rule or None}
+                "options": dict(self.options), "reason": self.reason, "rule": self.rule or None,
+                "from_quantized": self.source.to_dict() if self.source is not None else None,
+                "kept_quantized": self.kept_quantized, "output_name": self.out_name or None}
 
 
 @dataclass
@@ -119,10 +152,21 @@ class Plan:
     metadata: dict[str, str] | None = None
     families: list[families.Detected] = field(default_factory=list)
     input_size: int = 0
+    notes: list[str] = field(default_factory=list)  # one line each, for the user (the run's report carries them)
 
     @property
     def quantized(self) -> list[LayerPlan]:
         return [p for p in self.layers if p.quantized]
+
+    @property
+    def requantized(self) -> list[LayerPlan]:
+        """Layers of a quantized input written in a new format from their dequantized weights."""
+        return [p for p in self.layers if p.requantized]
+
+    @property
+    def kept_quantized(self) -> list[LayerPlan]:
+        """Layers of a quantized input copied through quantized (a legacy one with ComfyUI's marker)."""
+        return [p for p in self.layers if p.kept_quantized]
 
     @property
     def output_size(self) -> int:
@@ -133,7 +177,9 @@ class Plan:
     @property
     def needs_node(self) -> list[str]:
         """The .comfy_quant formats in this plan that stock ComfyUI cannot load (empty: it loads)."""
-        return sorted({lp.spec.comfy_format for lp in self.quantized if not lp.spec.stock_comfy})
+        return sorted({lp.spec.comfy_format for lp in self.quantized if not lp.spec.stock_comfy}
+                      | {str(lp.source.marker.get("format")) for lp in self.kept_quantized
+                         if lp.source.marker.get("format") not in STOCK_COMFY_FORMATS})
 
     def counts(self) -> dict[str, int]:
         """Layers (modules with a ``.weight``) by action, and tensors in and to write
@@ -147,6 +193,9 @@ class Plan:
                              for d in self.families],
                 "counts": self.counts(), "input_bytes": self.input_size, "output_bytes": self.output_size,
                 "stock_comfyui": not self.needs_node, "needs_node_for": self.needs_node,
+                "quantized_input": {"requantized": len(self.requantized), "kept_quantized": len(self.kept_quantized),
+                                    "keep_quantized": self.options.keep_quantized},
+                "notes": list(self.notes),
                 "tensors": [lp.to_dict() for lp in self.layers]}
 
 
@@ -154,18 +203,31 @@ def plan_conversion(reader: SafetensorsReader, options: Options) -> Plan:
     options.validate()
     spec = FORMATS[options.format]
     sel = policy.Selection.from_patterns(options.include, options.exclude)
-    for t in reader.tensors_in_order:
-        if t.name.endswith(QUANT_SUFFIXES):
-            raise QuantkitError("input already holds quantized layers", file=reader.path, tensor=t.name,
-                                fix="convert the original bf16/fp16/fp32 checkpoint")
-    if reader.metadata and QUANT_METADATA_KEY in reader.metadata:
-        raise QuantkitError(f"input metadata already has {QUANT_METADATA_KEY}", file=reader.path,
-                            fix="convert the original bf16/fp16/fp32 checkpoint")
+    qs = qinput.scan(reader)
+    if options.upgrade:
+        _check_upgradable(reader, qs)
     detected = families.resolve(options.preset, {t.name: t.shape for t in reader.tensors_in_order},
                                 file=reader.path)
     sel = policy.Selection(sel.include, sel.exclude, tuple(detected))
-    layers = [_plan_one(t, spec, sel, options) for t in reader.tensors_in_order]
+    decided = {layer: _plan_source(reader, src, spec, sel, options) for layer, src in qs.layers.items()}
+    layers = []
+    for t in reader.tensors_in_order:
+        layer = qs.member_of.get(t.name)
+        if layer is not None:
+            layers.append(_plan_member(t, decided[layer], qs))
+        elif t.name == qs.legacy_marker:
+            layers.append(LayerPlan(t.name, t.shape, t.dtype, None, f"legacy {legacy.MARKER} marker: dropped (its "
+                                    "layers get .comfy_quant markers, as ComfyUI converts them at load)", drop=True))
+        elif options.upgrade:
+            layers.append(LayerPlan(t.name, t.shape, t.dtype, None, "copied (upgrade rewrites the scaled layers only)"))
+        else:
+            layers.append(_plan_one(t, spec, sel, options))
     plan = Plan(options, layers, families=detected, input_size=reader.file_size)
+    if plan.requantized:
+        kinds = ", ".join(dict.fromkeys(lp.source.label for lp in plan.requantized))
+        plan.notes.append(f"{len(plan.requantized)} layers were re-quantized from an already quantized input "
+                          f"({kinds}): their quality is bounded by the input's; the original bf16/fp16/fp32 "
+                          "checkpoint gives better results (--keep-quantized copies them instead)")
     names: dict[str, str] = {}
     for lp in layers:
         for out in lp.outputs():
@@ -176,7 +238,9 @@ def plan_conversion(reader: SafetensorsReader, options: Options) -> Plan:
             names[out.name] = lp.tensor
             plan.outputs.append(out)
     metadata = dict(reader.metadata) if reader.metadata is not None else None
-    if plan.quantized:
+    if metadata is not None:
+        metadata.pop(QUANT_METADATA_KEY, None)  # the input's layers; rebuilt below for the output's
+    if plan.quantized or plan.kept_quantized:
         metadata = metadata or {}
         metadata[QUANT_METADATA_KEY] = quantization_metadata(plan)
     plan.metadata = metadata
@@ -194,9 +258,71 @@ def plan_file(src, options: Options) -> Plan:
 
 
 def quantization_metadata(plan: Plan) -> str:
-    layers = {lp.layer: lp.comfy_quant()
-              for lp in sorted(plan.quantized, key=lambda p: p.layer)}
+    markers = {lp.layer: lp.comfy_quant() for lp in plan.quantized}
+    markers.update({lp.source.layer: lp.source.marker for lp in plan.kept_quantized})
+    layers = {k: markers[k] for k in sorted(markers)}
     return json.dumps({"format_version": "1.0", "layers": layers}, separators=(",", ":"))
+
+
+def _check_upgradable(reader: SafetensorsReader, qs: qinput.Scan) -> None:
+    """`quantkit upgrade` takes a legacy scaled_fp8 file with at least one scaled layer."""
+    fix = "only legacy scaled fp8 files need upgrading; 'quantkit inspect' shows what this file holds"
+    if qs.legacy_marker is None:
+        if reader.metadata and QUANT_METADATA_KEY in reader.metadata:
+            raise QuantkitError(f"not a legacy scaled fp8 file: its header has {QUANT_METADATA_KEY}, so ComfyUI "
+                                "reads its .comfy_quant markers as they are", file=reader.path, fix=fix)
+        raise QuantkitError(f"not a legacy scaled fp8 file: no {legacy.MARKER} marker tensor", file=reader.path, fix=fix)
+    if not any(src.legacy for src in qs.layers.values()):
+        raise QuantkitError(f"legacy {legacy.MARKER} file without any {legacy.SCALE_WEIGHT} layer", file=reader.path,
+                            tensor=qs.legacy_marker, fix="nothing to upgrade: the file loads as plain weights")
+
+
+def _plan_source(reader: SafetensorsReader, src: qinput.Source, spec: Format, sel: policy.Selection,
+                 options: Options) -> LayerPlan:
+    """The weight entry of one quantized input layer: re-quantized to the target (through the usual
+    rules, as if it were a float weight of its original shape) or kept as it is."""
+    if src.legacy and src.problem:  # copied as it is, ComfyUI would read garbage beside the new markers
+        raise QuantkitError(src.problem, file=reader.path,
+                            tensor=src.weight if src.weight in reader.tensors else src.reads[1][1],
+                            fix=f"convert the original checkpoint; a legacy layer must be an fp8 weight with one "
+                                f"{legacy.SCALE_WEIGHT} number")
+    w = reader.tensors[src.weight]
+    keep = "--keep-quantized" if options.keep_quantized else ("upgrade" if options.upgrade else None)
+    lp = None
+    if keep is None:
+        as_float = TensorInfo(src.weight, src.orig_dtype, src.orig_shape, 0, 0)
+        lp = _plan_one(as_float, spec, sel, options)
+        if lp.spec is None:
+            keep = lp.reason
+    if keep is not None:
+        return LayerPlan(w.name, w.shape, w.dtype, None, f"already quantized ({src.label}), copied: {keep}",
+                         source=src, rule=lp.rule if lp is not None else "")
+    if not src.readable:
+        raise QuantkitError(f"layer is quantized ({src.label}) in a way quantkit cannot read: {src.problem}",
+                            file=reader.path, tensor=src.weight,
+                            fix=f"pass --keep-quantized to copy it as it is, or --exclude '^{src.layer}$'")
+    why = f"re-quantized from {src.label}" + (f"; {lp.reason}" if lp.reason else "")
+    return replace(lp, dtype=w.dtype, reason=why, source=src)
+
+
+def _plan_member(t: TensorInfo, owner: LayerPlan, qs: qinput.Scan) -> LayerPlan:
+    """An input tensor of a quantized layer: its weight's entry, or a scale / marker that goes with
+    the re-quantized layer (dropped) or is copied with the kept one (a legacy one under its ComfyUI
+    name, in fp32; a legacy input scale of 1.0 dropped, as ComfyUI does)."""
+    src = owner.source
+    if t.name == src.weight:
+        return owner
+    if owner.spec is not None:
+        return LayerPlan(t.name, t.shape, t.dtype, None, f"part of {src.layer} ({src.label}), which is re-quantized",
+                         drop=True)
+    if not src.legacy:
+        return LayerPlan(t.name, t.shape, t.dtype, None, f"part of {src.layer} ({src.label}), copied")
+    suffix = t.name.rpartition(".")[2]
+    if t.name in qs.input_scales and legacy.drops_input_scale(qs.input_scales[t.name]):
+        return LayerPlan(t.name, t.shape, t.dtype, None, f"legacy {suffix} of 1.0: dropped, as ComfyUI does", drop=True)
+    new = f"{src.layer}.{legacy.RENAMES[suffix]}"
+    return LayerPlan(t.name, t.shape, t.dtype, None, f"legacy {suffix} of {src.layer}, written as {new}",
+                     out_name=new, out_dtype="F32")
 
 
 def _plan_one(t: TensorInfo, spec: Format, sel: policy.Selection, options: Options) -> LayerPlan:

@@ -75,20 +75,30 @@ def print_plan(plan: Plan, input_name: str, output_name: str | None, console: Co
     for col in ("tensor", "shape", "dtype", "->", "why"):
         t.add_column(col, overflow="fold")
     others = 0
+    dropped = 0
     for lp in plan.layers:
-        if lp.spec is None and (len(lp.shape) < 2 or not lp.tensor.endswith(".weight")):
+        if lp.drop:
+            dropped += 1  # a re-quantized layer's old scales and marker, a legacy scaled_fp8 marker
+            continue
+        if lp.source is None and lp.spec is None and (len(lp.shape) < 2 or not lp.tensor.endswith(".weight")):
             others += 1  # biases, norms, scalars: always copied; listed in --json
             continue
-        if lp.spec is None:
+        if lp.source is not None and lp.spec is None:
+            to = Text(f"kept {lp.source.label}", style="cyan")
+        elif lp.spec is None:
             to = Text("kept", style="dim")
         else:
-            to = Text(lp.spec.name + (f" b{lp.block_size}" if "block_size" in lp.spec.option_names else ""),
+            to = Text((f"{lp.source.label} -> " if lp.source is not None else "") + lp.spec.name
+                      + (f" b{lp.block_size}" if "block_size" in lp.spec.option_names else ""),
                       style="yellow" if lp.fallback else "green")
         t.add_row(lp.tensor, "x".join(map(str, lp.shape)), lp.dtype, to, lp.reason)
     console.print(t)
     if others:
         console.print(Text(f"and {others} other tensors (biases, norms, 1-D, scalars) copied unchanged"),
                       highlight=False)
+    if dropped:
+        console.print(Text(f"and {dropped} tensors not written (the old scales and markers of re-quantized layers, "
+                           "a legacy scaled_fp8 marker; listed in --json)"), highlight=False)
     c = plan.counts()
     fams = ", ".join(f"{d.family.title} ({d.family.name}" + (f" at '{d.prefix}')" if d.prefix else ")")
                      for d in plan.families) or "none"
@@ -101,7 +111,12 @@ def print_plan(plan: Plan, input_name: str, output_name: str | None, console: Co
     ratio = plan.output_size / plan.input_size if plan.input_size else 0
     s.add_row("size", f"{gb(plan.input_size)} -> {gb(plan.output_size)} ({ratio:.0%}) expected")
     s.add_row("ComfyUI", loads_line(plan.needs_node))
+    if plan.requantized or plan.kept_quantized:
+        s.add_row("quantized input", f"{len(plan.requantized)} layers re-quantized, "
+                                     f"{len(plan.kept_quantized)} kept as they are quantized")
     console.print(s)
+    for note in plan.notes:
+        console.print(Text(f"note: {note}"), highlight=False, soft_wrap=True)
 
 
 def print_inspection(ins: Inspection, console: Console) -> None:

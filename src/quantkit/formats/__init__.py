@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 
 from . import unwritten
+from . import legacy  # noqa: F401  (legacy scaled_fp8 files: read and upgraded, never a --format)
 from .base import (DEFAULT_BLOCK_SIZE, FORMATS, SCALED, Format, LayerOpts, Stored, Violation, register,
                    unregister)
 

@@ -69,3 +69,43 @@ def repeat_to_batch_size(tensor, batch_size, dim=0):
         reps = dim * [1] + [math.ceil(batch_size / tensor.shape[dim])] + [1] * (len(tensor.shape) - 1 - dim)
         return tensor.repeat(reps).narrow(dim, 0, batch_size)
     return tensor
+
+
+def convert_old_quants(state_dict, model_prefix="", metadata={}):
+    """ComfyUI's load-time conversion (comfy/utils.py at 09708eae, same name and signature): a
+    header ``_quantization_metadata`` puts its per-layer objects into ``L.comfy_quant`` tensors;
+    without one, a legacy ``<prefix>scaled_fp8`` state dict is rewritten: the marker goes,
+    ``L.scale_weight`` becomes ``L.weight_scale`` with marker ``{"format": "float8_e4m3fn"}`` (plus
+    ``full_precision_matrix_mult`` when the marker holds 2 elements), ``L.scale_input`` becomes
+    ``L.input_scale`` unless it is 1.0; tensors outside the prefix are left alone."""
+    import json
+
+    import torch
+
+    metadata = {} if metadata is None else metadata
+    if "_quantization_metadata" in metadata:
+        layers = json.loads(metadata["_quantization_metadata"])["layers"]
+    else:
+        marker = f"{model_prefix}scaled_fp8"
+        if marker not in state_dict:
+            return state_dict, metadata
+        fpmm = state_dict[marker].nelement() == 2
+        converted, layers = {}, {}
+        for key, value in state_dict.items():
+            if key == marker:
+                continue
+            if not key.startswith(model_prefix):
+                converted[key] = value
+            elif key.endswith(".scale_weight"):
+                layer = key[: -len(".scale_weight")]
+                converted[f"{layer}.weight_scale"] = value
+                layers[layer] = {"format": "float8_e4m3fn", **({"full_precision_matrix_mult": True} if fpmm else {})}
+            elif key.endswith(".scale_input"):
+                if value.item() != 1.0:
+                    converted[f"{key[: -len('.scale_input')]}.input_scale"] = value
+            else:
+                converted[key] = value
+        state_dict = converted
+    for layer, conf in layers.items():
+        state_dict[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
+    return state_dict, metadata

@@ -249,10 +249,10 @@ def _linears(sd: dict) -> list[str]:
 
 
 # Measured over all 36 encoder linears (test_minilm_every_layer_and_heldout; -m slow for w4a8*): the smallest
-# per-layer margin ours - kitchen in dB: w4a8 0.186, w4a8-6bit 0.138, int4-convrot 1.450, awq4 0.832.
-# Floors: those minus 0.06 dB (w4a8) / 0.3 dB, covering BLAS and thread differences in kitchen's
+# per-layer margin ours - kitchen in dB: w4a8 0.287, w4a8-6bit 0.317, int4-convrot 1.450, awq4 0.832.
+# Floors: those minus 0.06 dB (w4a8*) / 0.3 dB, covering BLAS and thread differences in kitchen's
 # matmul rotation (ours is a fixed butterfly).
-MARGIN_FLOOR = {"w4a8": 0.12, "w4a8-6bit": 0.08, "int4-convrot": 1.15, "awq4": 0.53}
+MARGIN_FLOOR = {"w4a8": 0.22, "w4a8-6bit": 0.25, "int4-convrot": 1.15, "awq4": 0.53}
 FAST_LAYERS = ("encoder.layer.0.attention.self.query.weight",  # 384x384: ConvRot group 64
                "encoder.layer.3.output.dense.weight")  # 384x1536: group 256
 
@@ -267,10 +267,12 @@ def test_minilm_layers_beat_kitchens_quantizer(minilm, name):
 
 # Held-out mean 1 - cos of sentence embeddings against fp32 (models.sentences.EVALUATION, every
 # encoder linear quantized), measured: ours / kitchen's quantizer
-#   w4a8 1.867e-2 / 2.019e-2, w4a8-6bit 1.296e-3 / 1.651e-3, int4-convrot 4.995e-2 / 6.756e-2,
+#   w4a8 1.712e-2 / 2.019e-2, w4a8-6bit 1.342e-3 / 1.651e-3, int4-convrot 4.995e-2 / 6.756e-2,
 #   awq4 2.785e-2 / 3.499e-2 (min/max round-to-nearest). Ceilings: ours + 5 %.
-HELDOUT_CEIL = {"w4a8": 1.96e-2, "w4a8-6bit": 1.36e-3, "int4-convrot": 5.25e-2, "awq4": 2.93e-2}
-MEAN_SQNR_FLOOR = {"w4a8": 22.95, "w4a8-6bit": 34.05, "int4-convrot": 18.95, "awq4": 21.38}  # measured - 0.06
+HELDOUT_CEIL = {"w4a8": 1.80e-2, "w4a8-6bit": 1.41e-3, "int4-convrot": 5.25e-2, "awq4": 2.93e-2}
+# mean SQNR over the 36 layers, measured w4a8 23.109, w4a8-6bit 34.266, int4-convrot 19.021, awq4 21.445
+# (kitchen's quantizer: 22.781, 33.809, 17.394, min/max 20.563); floors 0.06 dB under
+MEAN_SQNR_FLOOR = {"w4a8": 23.05, "w4a8-6bit": 34.2, "int4-convrot": 18.96, "awq4": 21.38}
 
 
 def _heldout(minilm: dict, names: list[str], dequant) -> tuple[float, list[float]]:
@@ -284,7 +286,7 @@ def _heldout(minilm: dict, names: list[str], dequant) -> tuple[float, list[float
     return 1 - heldout.embedding_cosine(ref, heldout.model_from(sd), sentences.EVALUATION), db
 
 
-@pytest.mark.parametrize("name", [pytest.param("w4a8", marks=pytest.mark.slow),  # 16 s on 2 cores
+@pytest.mark.parametrize("name", [pytest.param("w4a8", marks=pytest.mark.slow),  # 16 s on 2 cores (more when shared)
                                   pytest.param("w4a8-6bit", marks=pytest.mark.slow),  # 5 s
                                   "int4-convrot", "awq4"])  # 3 s each
 def test_minilm_every_layer_and_heldout(minilm, name):

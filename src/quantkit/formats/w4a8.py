@@ -25,7 +25,7 @@ Quantization (the spec), all fp32, sums by :func:`_lowbit.tree_sum`:
 3. ``s_channel = max |l gs| over the row / 127``, ``s_rel = e4m3(gs / s_channel)`` (kitchen stops here
    at 4 bits, and at 6 bits searches s_rel over +-1 e4m3 step);
 4. grid-aware search: per row, s_channel times each f in :data:`CHANNEL_FACTORS` (1 first; one e4m3
-   step swept in 16ths), and per group every e4m3 value within :data:`SEARCH_STEPS` of ``s_rel``;
+   step swept in 8ths), and per group every e4m3 value within :data:`SEARCH_STEPS` of ``s_rel``;
    a group's error is summed through the decoded INT8 levels (``clamp(round(l s_rel))``), a row keeps
    its best f and each group its best s_rel (the first best: kitchen's choice wins ties); the codes
    are then the nearest decoded level of x / s_channel (a tie to the lower level, as kitchen).
@@ -43,9 +43,9 @@ from .base import Format, LayerOpts, Stored, Violation, dtype_str, register
 GROUP = 16
 ALS_ITERS = 3
 KITCHEN_ALS = 2  # kitchen's passes (search=False reproduces its quantizer)
-SEARCH_STEPS = 1
-# s_channel = max |l gs| / 127 times f: one e4m3 step (12.5%) swept in 16ths, a little below 1 too
-CHANNEL_FACTORS = tuple(1.0 + 0.125 * i / 16 for i in (0, *range(-3, 0), *range(1, 16)))
+SEARCH_STEPS = 3
+# s_channel = max |l gs| / 127 times f: one e4m3 step (12.5%) swept in 8ths, and one 8th below 1
+CHANNEL_FACTORS = tuple(1.0 + 0.125 * i / 8 for i in (0, -1, *range(1, 8)))
 W6_LEVELS = 31
 E4M3_MAX_BITS = 0x7E  # 0x7F is NaN in e4m3fn
 # kitchen's frozen table (comfy_kitchen.tensor.w4a8_packed._FIXED_LUT; a fact, the values it decodes)

@@ -83,7 +83,7 @@ def unpack_nibbles(packed):
     """int8 [N, K/2] -> int32 [N, K] unsigned nibbles 0..15 (inverse of :func:`pack_nibbles`)."""
     import torch
     b = packed.view(torch.uint8).to(torch.int32)
-    out = torch.empty(b.shape[0], b.shape[1] * 2, dtype=torch.int32)
+    out = torch.empty(b.shape[0], b.shape[1] * 2, dtype=torch.int32, device=b.device)
     out[:, 0::2] = b & 0xF
     out[:, 1::2] = b >> 4
     return out

@@ -120,8 +120,9 @@ class Int4ConvRotFormat(Format):
             raise lb.bad(layer, "weight_scale", self.name, f"weight_scale has {s.numel()} values for {n} rows")
         nib = lb.unpack_nibbles(q)
         w_int = torch.where(nib >= 8, nib - 16, nib).to(torch.float32)
-        w_rot = w_int * s.to(torch.float32).reshape(-1, 1)
-        return hadamard.rotate_like_kitchen(w_rot, g).to(dtype)
+        w_rot = w_int * s.to(device=w_int.device, dtype=torch.float32).reshape(-1, 1)
+        h = hadamard.matrix(g).to(w_rot.device)  # kitchen's call: [N, K/G, G] @ H^T, fp32
+        return torch.matmul(w_rot.reshape(n, k // g, g), h.T).reshape(n, k).to(dtype)
 
     def orig_shape(self, marker: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
         n, kh = shapes["weight"]

@@ -154,9 +154,9 @@ def quantize_rotated(r, bits: int, search: bool = True):
     n, k = r.shape
     x = r.reshape(n * (k // GROUP), GROUP)
     if bits == 6:
-        table = torch.arange(-W6_LEVELS, W6_LEVELS + 1, dtype=torch.float32)
+        table = torch.arange(-W6_LEVELS, W6_LEVELS + 1, dtype=torch.float32, device=r.device)
     else:
-        table = torch.tensor(LLOYD_MAX_16, dtype=torch.float32)
+        table = torch.tensor(LLOYD_MAX_16, dtype=torch.float32, device=r.device)
     s_rel, s_ch, idx = _fit(x, table, n, search)
     codes = (idx + 1 if bits == 6 else idx).to(torch.int32).reshape(n, k)
     return codes, s_rel.reshape(n, -1), s_ch, (table if bits == 4 else None)
@@ -271,13 +271,13 @@ class W4A8Format(Format):
             raise lb.bad(layer, "weight_codebook", self.name, f"shape {list(cb.shape)}, needs [16]")
         codes = unpack_codes(q, k, bits)
         if cb is not None:
-            values = cb.to(torch.float32)[codes]
+            values = cb.to(device=codes.device, dtype=torch.float32)[codes]
         else:
             values = codes.float() - float(1 << (bits - 1))
         values = values.view(n, k // g, g) * s_rel.float().unsqueeze(-1)
         i8 = values.view(n, k).round().clamp_(-127, 127).to(torch.int8)
         rot = (i8.float().view(n, k // g, g) * s_ch.float().view(n, 1, 1)).view(n, k).to(dtype)
-        h = hadamard.matrix(G).to(dtype)
+        h = hadamard.matrix(G).to(device=rot.device, dtype=dtype)
         return torch.matmul(rot.reshape(n, k // G, G), h.T).reshape(n, k).to(dtype)
 
     def check(self, layer: str, m: dict, T: dict) -> list[Violation]:

@@ -320,7 +320,7 @@ _DIGEST = r"""
 import hashlib, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
 from quantkit.formats import FORMATS, LayerOpts
-w = torch.randn(96, 768, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+w = torch.randn(48, 768, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
 h = hashlib.sha256()
 for name in ("w4a8", "w4a8-6bit", "int4-convrot", "awq4"):
     for k, t in sorted(FORMATS[name].quantize(w, LayerOpts()).items()):

@@ -429,3 +429,20 @@ def test_convert_refuses_a_layer_it_cannot_take_without_leaving_output(tmp_path)
     assert [lr.action for lr in rep.layers] == ["kept"]
     assert "blk.proj.comfy_quant" not in load_file(str(out))
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_quantizer_writes_the_cpu_bytes(name):
+    """The quantizers are elementwise IEEE fp32 ops, fixed-order sums and searches: on a GPU (convert
+    --device cuda) they write the same bytes as on the CPU, and dequantize there to the CPU's values."""
+    fmt = FORMATS[name]
+    w = torch.randn(96, 1536, generator=_gen(13)).to(torch.bfloat16)
+    cpu = fmt.quantize(w, OPTS)
+    gpu = fmt.quantize(w.cuda(), OPTS)
+    for k, t in cpu.items():
+        assert gpu[k].is_cuda and torch.equal(gpu[k].cpu().view(torch.uint8), t.view(torch.uint8)), k
+    m = fmt.marker(tuple(w.shape), w.dtype, OPTS)
+    d = fmt.dequantize(gpu, m, torch.float32, "L")
+    assert d.is_cuda and sqnr(w.float(), d.cpu()) >= sqnr(w.float(), fmt.dequantize(cpu, m, torch.float32)) - 1e-3

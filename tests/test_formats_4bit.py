@@ -420,6 +420,18 @@ def test_errors_name_the_tensor_and_the_fix():
                                   torch.float32, "L")
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_convert_of_a_nan_weight_names_file_and_tensor_and_leaves_nothing(tmp_path, name):
+    src = tmp_path / "in.safetensors"
+    w = torch.randn(32, 128, generator=_gen(14))
+    w[1, 2] = float("nan")
+    save_file({"blk.proj.weight": w}, str(src))
+    with pytest.raises(QuantkitError, match="NaN or Inf") as e:
+        quantkit.convert(src, tmp_path / "out.safetensors", format=name, preset="none")
+    assert e.value.file == str(src) and e.value.tensor == "blk.proj.weight" and "--exclude" in e.value.fix
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
 def test_convert_refuses_a_layer_it_cannot_take_without_leaving_output(tmp_path):
     """A layer whose K fits no group is kept as it is (planned), never written unrotated."""
     src = tmp_path / "in.safetensors"

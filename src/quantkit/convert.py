@@ -375,6 +375,7 @@ def _by_reference(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Back
     own ``dequantize`` (what ComfyUI computes) against the weight."""
     spec = lp.spec
     w = reader.tensor(lp.tensor).to(device)
+    check_finite(w, file=reader.path, tensor=lp.tensor, layer=lp.layer)  # before its searches see NaN
     tensors = spec.quantize(w, lp.opts)
     for t in tensors.values():
         if t.dtype in (torch.float32, torch.float16, torch.bfloat16):  # scales: NaN/Inf in w shows there

@@ -224,7 +224,8 @@ def test_usage_error_one_line_from_the_console_script(sample):
                        capture_output=True, text=True, env={**os.environ, "COLUMNS": "40"})
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == ("error: quantkit convert: invalid value for --format: 'int9' "
-                        "(choose from fp8, fp8-e5m2, int8-tensor, int8-row, int8-block, int8-convrot, mxfp8, nvfp4)\n")
+                        "(choose from fp8, fp8-e5m2, int8-tensor, int8-row, int8-block, int8-convrot, mxfp8, nvfp4, "
+                        "w4a8, w4a8-6bit, int4-convrot, awq4)\n")
 
 
 def _sentences(text: str) -> int:

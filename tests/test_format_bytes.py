@@ -21,6 +21,11 @@ SAMPLE_SHA = {
     "int8-tensor": "2460e0609ca959cae45f7fc41cf2af7446dce52bcabf868835baeb01887c4e23",
     "int8-row": "451fa1c75afe457efad4cc1ee1507521f0843bbcb73cf9c14fa4e559d518c882",
     "int8-block": "a31c78eaef7f628587b6137fac9160aa3606c8a41146b2a62c184e9cb350d07b",
+    # the 4-bit formats, pinned when they landed
+    "w4a8": "384f23eae1b2bf89fba2a06d69ec03196439840a7e11b4ff5b76948ce3c1c55c",
+    "w4a8-6bit": "949b1aab9f4e39f148550c3941ce4ef68727083ff83bd867c107b8b1eadd835d",
+    "int4-convrot": "809e06382b469d1446c00013b3c052577a540082d8594d191c1a4c1e3a8f9629",
+    "awq4": "74ac8928257e533363a6804a803495b08da0b5020af0e2c58f53ced82d95cc69",
 }
 SAMPLE_NO_PRESET_BLOCK64_SHA = {
     "fp8": "cb51d6dd418fcdcd94b542bfd2642a3665efe59e41b0834f7d1a91e25075477e",
@@ -33,6 +38,12 @@ MINILM_SHA = {
     "int8-tensor": "933c42a8ee8d0e6537ca18933e11a80b5b1207d4217605f3fcabc316ab5a9109",
     "int8-row": "c1baeba3a6a39162eb2e35dc9abd53a0def05076ff586bc908167297cb3c9a16",
     "int8-block": "21d8e34a010a23234847a25f851eba26ccf9e3e34763d76d891cd84864ad7407",
+    "int4-convrot": "a3b6d81ace5237601b29a7ff84dbd01afd8c7dca34d6523ef281391a41471af7",
+    "awq4": "22bb99a306a41993951c7f8c66263e7f4cc2db2a005c352ca116487ff2b17dee",
+}
+MINILM_SLOW_SHA = {  # their search makes a whole-MiniLM convert take 15-40 s on 2 cores
+    "w4a8": "8a18fbfc1de8b27c87ecebc7b6b538ecc89351039fba20084201799fde99e0a2",
+    "w4a8-6bit": "91f86acc9fe5fe4e9b8a32b32ec03e0e1199e4f5cb92537b2b18b319023c71a6",
 }
 LEARNED_SHA = {
     "fp8": "3aed53d39b19f20d2eab57d2b7fc1e972e25d34726583cbec7be47073fbe008c",
@@ -60,6 +71,14 @@ def test_minilm_bytes(tmp_path, fmt):
     out = tmp_path / "out.safetensors"
     quantkit.convert(minilm_path(), out, format=fmt)
     assert sha(out) == MINILM_SHA[fmt]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", MINILM_SLOW_SHA)
+def test_minilm_bytes_slow(tmp_path, fmt):
+    out = tmp_path / "out.safetensors"
+    quantkit.convert(minilm_path(), out, format=fmt)
+    assert sha(out) == MINILM_SLOW_SHA[fmt]
 
 
 class _Tiny(nn.Module):

@@ -25,7 +25,10 @@ from test_format_bytes import SAMPLE_SHA
 # (fp8 31.54, fp8-e5m2 25.63, int8-tensor 39.67, int8-row 42.55, int8-block 40.35 at b=128, int8-convrot
 # 42.59 at G=256, mxfp8 31.49, nvfp4 21.77); floors 1 dB under.
 SQNR_FLOOR = {"fp8": 30.5, "fp8-e5m2": 24.6, "int8-tensor": 38.6, "int8-row": 41.5, "int8-block": 39.3,
-              "int8-convrot": 41.5, "mxfp8": 30.4, "nvfp4": 20.7}
+              "int8-convrot": 41.5, "mxfp8": 30.4, "nvfp4": 20.7,
+              # 4-bit formats (measured w4a8 23.09, w4a8-6bit 34.24, int4-convrot 19.05, awq4 21.82); 1 dB under
+              "w4a8": 22.0, "w4a8-6bit": 33.2, "int4-convrot": 18.0, "awq4": 20.8}
+
 
 
 def _weight() -> torch.Tensor:
@@ -68,8 +71,14 @@ def test_quantize_writes_exactly_the_planned_tensors(name):
     ({"format": "int8_blockwise", "group_size": 32}, {"weight_scale": (2, 4)}, "int8-block"),
     ({"format": "mxfp8"}, {"weight_scale": (128, 4)}, "mxfp8"),
     ({"format": "nvfp4"}, {"weight_scale": (128, 8), "weight_scale_2": ()}, "nvfp4"),
-    ({"format": "convrot_w4a4"}, {"weight_scale": (64,)}, None),
     ({"format": "float8_e4m3fn_rowwise"}, {"weight_scale": (64, 1)}, None),
+    # asym_w4a8_int8: the bit depth is the packed row width against K = s_rel columns x group_size
+    ({"format": "asym_w4a8_int8", "group_size": 16}, {"weight": (64, 64), "weight_s_rel": (64, 8)}, "w4a8"),
+    ({"format": "asym_w4a8_int8", "group_size": 16}, {"weight": (64, 96), "weight_s_rel": (64, 8)}, "w4a8-6bit"),
+    ({"format": "asym_w4a8_int8", "group_size": 16}, {"weight": (64, 80), "weight_s_rel": (64, 8)}, None),
+    ({"format": "asym_w4a8_int8"}, {"weight": (64, 64)}, None),  # no s_rel: not readable
+    ({"format": "convrot_w4a4", "convrot_groupsize": 64}, {"weight": (64, 64), "weight_scale": (64,)}, "int4-convrot"),
+    ({"format": "awq_w4a16", "group_size": 64}, {"weight": (64, 64), "weight_scale": (2, 64)}, "awq4"),
 ])
 def test_format_of_marker(marker, shapes, want):
     got = format_of_marker(marker, {"weight": (64, 128), **shapes})

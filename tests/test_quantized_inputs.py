@@ -219,14 +219,15 @@ def test_learned_rounding_refuses_a_quantized_input(quantized, tmp_path):
 # ---- layers quantkit cannot read ----
 
 def _unreadable(tmp_path: Path) -> Path:
-    """Layer 'a' in a format quantkit has no reader for (awq_w4a16: packed uint4, scales and zeros)."""
+    """Layer 'a' in a format quantkit has no reader for (a format string no module registers, with
+    the tensors of a packed 4-bit layer: a file of some later ComfyUI format)."""
     g = torch.Generator().manual_seed(3)
     sd = {"a.weight": torch.randint(-128, 127, (128, 64), dtype=torch.int8, generator=g),
           "a.weight_scale": torch.rand(2, 128, generator=g).bfloat16(),
           "a.weight_zeros": torch.rand(2, 128, generator=g).bfloat16(),
-          "a.comfy_quant": torch.tensor(list(b'{"format":"awq_w4a16","group_size":64}'), dtype=torch.uint8),
+          "a.comfy_quant": torch.tensor(list(b'{"format":"int3_future","group_size":64}'), dtype=torch.uint8),
           "b.weight": torch.randn(128, 128, generator=g).bfloat16()}
-    p = tmp_path / "awq.safetensors"
+    p = tmp_path / "future.safetensors"
     save_file(sd, str(p))
     return p
 
@@ -234,14 +235,14 @@ def _unreadable(tmp_path: Path) -> Path:
 def test_unreadable_layer_names_tensor_and_keep_quantized(tmp_path):
     p, out = _unreadable(tmp_path), tmp_path / "o.safetensors"
     msg = assert_clean_failure(lambda: quantkit.convert(p, out, format="int8-row", preset="none"), p, out,
-                               "tensor 'a.weight'", "awq_w4a16", "--keep-quantized")
+                               "tensor 'a.weight'", "int3_future", "--keep-quantized")
     assert "cannot read" in msg
     rep = quantkit.convert(p, out, format="int8-row", preset="none", keep_quantized=True)
     a, src = load_file(str(out)), load_file(str(p))
     for suf in ("weight", "weight_scale", "weight_zeros", "comfy_quant"):
         assert same_bytes(a[f"a.{suf}"], src[f"a.{suf}"]), suf
     assert a["b.weight"].dtype == torch.int8  # the float layer is still quantized
-    assert json.loads(metadata_of(out)["_quantization_metadata"])["layers"]["a"] == {"format": "awq_w4a16", "group_size": 64}
+    assert json.loads(metadata_of(out)["_quantization_metadata"])["layers"]["a"] == {"format": "int3_future", "group_size": 64}
     assert rep.counts()["quantized"] == 1
 
 

@@ -445,6 +445,7 @@ def _by_reference(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Back
     own ``dequantize`` (what ComfyUI computes) against the weight."""
     spec = lp.spec
     w = reader.tensor(lp.tensor).to(device)
+    check_finite(w, file=reader.path, tensor=lp.tensor, layer=lp.layer)  # before a format's searches see NaN
     try:
         tensors, stats = backend.quantize_stored(w, spec, lp.opts)
     except QuantkitError as e:  # NaN/Inf in w, said by the format

@@ -11,6 +11,9 @@ module             --format          ``.comfy_quant`` format
 :mod:`.nvfp4`      nvfp4             nvfp4 (packed E2M1 padded to 16, E4M3 block-16 scales + fp32)
 =================  ================  ==========================================================
 
+The 4-bit formats stock ComfyUI loads: :mod:`.w4a8` (w4a8, w4a8-6bit: asym_w4a8_int8),
+:mod:`.int4_convrot` (int4-convrot: convrot_w4a4), :mod:`.awq4` (awq4: awq_w4a16).
+
 :mod:`.base` is the interface (:class:`~.base.Format`), :mod:`.scaled` the shared scaled-grid math
 (the numerical spec of the first five formats above), the private ``_hadamard``, ``_blocked``,
 ``_e2m1``, ``_e8m0`` and ``_common`` modules the helpers of the last three (they import torch; the
@@ -30,12 +33,16 @@ from .base import (DEFAULT_BLOCK_SIZE, FORMATS, SCALED, Format, LayerOpts, Store
                    unregister)
 
 # .comfy_quant "format" strings unmodified ComfyUI loads (comfy-contract.md); any other needs a node.
-STOCK_COMFY_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "mxfp8", "nvfp4")
+STOCK_COMFY_FORMATS = ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "mxfp8", "nvfp4",
+                       "convrot_w4a4", "asym_w4a8_int8", "awq_w4a16")
 # .comfy_quant keys ComfyUI (or the int8_blockwise node: group_size) acts on; others are ignored.
-COMFY_READ_KEYS = ("format", "full_precision_matrix_mult", "convrot", "convrot_groupsize", "group_size")
+COMFY_READ_KEYS = ("format", "full_precision_matrix_mult", "convrot", "convrot_groupsize", "group_size",
+                   "linear_dtype")
 # The scale tensors a quantized layer L may carry; ComfyUI refuses any of them without L.comfy_quant.
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale")
-QUANT_SUFFIXES = (".comfy_quant", *SCALE_SUFFIXES)  # every tensor a quantized layer adds besides .weight
+# every tensor a quantized layer adds besides .weight (the 4-bit formats' own tensors included)
+QUANT_SUFFIXES = (".comfy_quant", *SCALE_SUFFIXES, ".weight_s_rel", ".weight_s_channel", ".weight_codebook",
+                  ".weight_zeros")
 
 # Extra .comfy_quant keys a user may set per layer (or for all layers), with their type. Stock
 # ComfyUI reads full_precision_matrix_mult: dequantize and run a normal matmul for that layer.
@@ -43,7 +50,8 @@ LAYER_OPTIONS: dict[str, type] = {"full_precision_matrix_mult": bool}
 
 # Each module registers its formats; the order is the registry's (choices, `quantkit formats`). A new
 # format family is one more module on this list.
-FORMAT_MODULES = ("fp8", "int8", "int8_block", "int8_convrot", "mxfp8", "nvfp4")
+FORMAT_MODULES = ("fp8", "int8", "int8_block", "int8_convrot", "mxfp8", "nvfp4",
+                  "w4a8", "int4_convrot", "awq4")
 import importlib  # noqa: E402
 for _m in FORMAT_MODULES:
     importlib.import_module(f"{__name__}.{_m}")

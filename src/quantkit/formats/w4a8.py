@@ -1,0 +1,322 @@
+"""``w4a8`` and ``w4a8-6bit``: grouped 4-bit Lloyd-Max codebook codes (or uniform 6-bit codes) of W
+rotated by ConvRot, decoded onto an INT8 grid; stock ComfyUI's ``asym_w4a8_int8`` (comfy-kitchen
+``AsymW4A8Int8Layout``; the bit depth is implied by the packed row width).
+
+On disk, for a weight [N, K], group size g = 16 and ConvRot group G:
+
+* ``weight``: I8 [N, K/2] (4-bit: two codes a byte, even column in the low nibble) or [N, 3K/4]
+  (6-bit: that nibble plane, then a K/4-byte plane of each code's top two bits, column c in byte
+  c // 4 at bit 2 (c % 4); codes are level + 32)
+* ``weight_s_rel``: F8_E4M3 [N, K/g] (per-group scale relative to the row's)
+* ``weight_s_channel``: F32 [N]
+* ``weight_codebook``: F32 [16] (4-bit only; 6-bit levels are the integers -31..31)
+* ``.comfy_quant``: ``{"format": "asym_w4a8_int8", "group_size": 16, "convrot_groupsize": G, ...}``;
+  G is per layer (the largest of 256 / 64 / 16 dividing K: a K = 384 layer gets 64).
+
+Dequantization (kitchen's eager path, bit for bit, compute dtype D): ``i8 = clamp(round(level[c] *
+float(s_rel)), -127, 127)``; ``R = (i8.float() * s_channel[:, None]).to(D)``; then ``R`` viewed
+[N, K/G, G] ``torch.matmul`` H^T, H built in D (kitchen rotates in the compute dtype).
+
+Quantization (the spec), all fp32, sums by :func:`_lowbit.tree_sum`:
+
+1. R = W rotated by the butterfly (:func:`hadamard.rotate`), viewed as groups x of 16;
+2. per group, alternating least squares from ``amax`` (4-bit) or ``amax / 31`` (6-bit), as kitchen:
+   codes = nearest level of x / gs, then ``gs = <x, l> / <l, l>``, :data:`ALS_ITERS` times;
+3. ``s_channel = max |l gs| over the row / 127``, ``s_rel = e4m3(gs / s_channel)`` (kitchen stops here
+   at 4 bits, and at 6 bits searches s_rel over +-1 e4m3 step);
+4. grid-aware search: per row, s_channel times each f in :data:`CHANNEL_FACTORS` (1 first; one e4m3
+   step swept in 8ths), and per group every e4m3 value within :data:`SEARCH_STEPS` of ``s_rel``;
+   a group's error is summed through the decoded INT8 levels (``clamp(round(l s_rel))``), a row keeps
+   its best f and each group its best s_rel (the first best: kitchen's choice wins ties); the codes
+   are then the nearest decoded level of x / s_channel (a tie to the lower level, as kitchen).
+
+The 4-bit table is kitchen's frozen Lloyd-Max one: refitting it per layer (Lloyd iterations on the
+group-normalised rotated weights) measured +0.008 dB mean on 12 all-MiniLM-L6-v2 layers and would lose
+kitchen's CUDA GEMV packing, which takes only layers carrying that table.
+"""
+
+from __future__ import annotations
+
+from . import _lowbit as lb
+from .base import Format, LayerOpts, Stored, Violation, dtype_str, register
+
+GROUP = 16
+ALS_ITERS = 3
+KITCHEN_ALS = 2  # kitchen's passes (search=False reproduces its quantizer)
+SEARCH_STEPS = 3
+# s_channel = max |l gs| / 127 times f: one e4m3 step (12.5%) swept in 8ths, and one 8th below 1
+CHANNEL_FACTORS = tuple(1.0 + 0.125 * i / 8 for i in (0, -1, *range(1, 8)))
+W6_LEVELS = 31
+E4M3_MAX_BITS = 0x7E  # 0x7F is NaN in e4m3fn
+# kitchen's frozen table (comfy_kitchen.tensor.w4a8_packed._FIXED_LUT; a fact, the values it decodes)
+LLOYD_MAX_16 = (-0.980602, -0.794529, -0.638165, -0.500986, -0.377321, -0.263187, -0.155210, -0.050720,
+                0.052541, 0.156985, 0.265284, 0.379533, 0.502636, 0.638953, 0.794876, 0.980671)
+
+
+def _nearest(values, table):
+    """Index of the nearest entry of the sorted 1-D ``table`` (or per-row tables [R, L]) to each
+    value; a tie goes to the lower index."""
+    import torch
+    last = table.shape[-1] - 1
+    pos = torch.searchsorted(table, values.contiguous())
+    lo, hi = (pos - 1).clamp_(0, last), pos.clamp_(0, last)
+    if table.dim() == 1:
+        tl, th = table[lo], table[hi]
+    else:
+        tl, th = torch.gather(table, 1, lo), torch.gather(table, 1, hi)
+    return torch.where((values - th).abs() < (values - tl).abs(), hi, lo)
+
+
+def _als(x, table, bits, iters: int = ALS_ITERS):
+    """(gs [R, 1], level indices [R, g]) by alternating least squares (step 2)."""
+    import torch
+    amax = x.abs().amax(dim=1, keepdim=True)
+    gs = (amax / W6_LEVELS if bits == 6 else amax).clamp(min=1e-8)
+
+    def assign(y):
+        if bits == 6:
+            return (y.round().clamp_(-W6_LEVELS, W6_LEVELS) + W6_LEVELS).to(torch.int64)
+        return _nearest(y, table)
+
+    idx = assign(x / gs)
+    for _ in range(iters):
+        lv = table[idx]
+        gs = (lb.tree_sum(x * lv) / lb.tree_sum(lv * lv).clamp(min=1e-8)).clamp(min=1e-8).unsqueeze(1)
+        idx = assign(x / gs)
+    return gs, idx
+
+
+def _grid(table, s_rel):
+    """The INT8 values each level decodes to in every group: clamp(round(level * s_rel), -127, 127)."""
+    return (table.view(1, -1) * s_rel.view(-1, 1)).round_().clamp_(-127, 127)
+
+
+def _fit(x, table, rows: int, search: bool = True):
+    """Steps 2-4 for one level table: (s_rel e4m3 [R], s_channel [N], indices [R, g])."""
+    import torch
+    bits = 6 if table.numel() == 2 * W6_LEVELS + 1 else 4
+    gs, idx = _als(x, table, bits, ALS_ITERS if search else KITCHEN_ALS)
+    shifted = (table[idx] * gs).abs().reshape(rows, -1)
+    s_channel0 = (shifted.amax(dim=1) / 127.0).clamp(min=1e-8)
+    per = x.shape[0] // rows
+    steps = [0] + [d for s in range(1, SEARCH_STEPS + 1) for d in (-s, s)] if search else [0]
+    best = None  # per row: s_channel, per group: raw s_rel, per element: level index; row error
+    for f in (CHANNEL_FACTORS if search else (1.0,)):
+        s_channel = s_channel0 if f == 1.0 else s_channel0 * f
+        sc = s_channel.repeat_interleave(per).unsqueeze(1)  # [R, 1]
+        raw = (gs / sc).clamp_(max=448.0).reshape(-1).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+        target = x / sc
+        g_best = None
+        for d in steps:
+            cand_raw = (raw + d).clamp(0, E4M3_MAX_BITS) if d else raw
+            err = _grid_error(table, cand_raw.to(torch.uint8).view(torch.float8_e4m3fn).float(), target, bits)
+            if g_best is None:
+                g_best = [cand_raw, err]
+                continue
+            take = err < g_best[1]
+            g_best = [torch.where(take, cand_raw, g_best[0]), torch.where(take, err, g_best[1])]
+        row_err = lb.tree_sum(g_best[1].double().reshape(rows, per)) * s_channel.double().square()
+        if best is None:
+            best = [s_channel, g_best[0], row_err]
+            continue
+        take = row_err < best[2]
+        best = [torch.where(take, s_channel, best[0]), torch.where(take.repeat_interleave(per), g_best[0], best[1]),
+                torch.where(take, row_err, best[2])]
+    s_channel, raw, _ = best
+    s_rel = raw.to(torch.uint8).view(torch.float8_e4m3fn)
+    sc = s_channel.repeat_interleave(per).unsqueeze(1)
+    return s_rel, s_channel, _nearest(x / sc, _grid(table, s_rel.float()))
+
+
+def _grid_error(table, s_rel, target, bits: int):
+    """Per group, the squared error of ``target`` [R, g] at its nearest decoded INT8 level. At 6
+    bits the levels are round(l s) for integer l, so the nearest is one of round(t / s) + -1, 0, 1
+    (a search score; the stored codes come from :func:`_nearest` over every level)."""
+    import torch
+    if bits == 4:
+        levels = _grid(table, s_rel)
+        return lb.tree_sum((torch.gather(levels, 1, _nearest(target, levels)) - target).square_())
+    s = s_rel.unsqueeze(1)
+    l0 = (target / torch.where(s > 0, s, torch.ones_like(s))).round_()
+    best = None
+    for d in (-1.0, 0.0, 1.0):
+        v = ((l0 + d).clamp_(-W6_LEVELS, W6_LEVELS) * s).round_().clamp_(-127, 127)
+        e = (v - target).square_()
+        best = e if best is None else torch.minimum(best, e)
+    return lb.tree_sum(best)
+
+
+def quantize_rotated(r, bits: int, search: bool = True):
+    """Stored tensors (codes int32 [N, K] as written: 4-bit indices / 6-bit level + 32, s_rel, s_channel,
+    codebook or None) of rotated fp32 ``r``; ``search=False``: kitchen's quantizer (steps 2-3 with
+    its passes, no search)."""
+    import torch
+    n, k = r.shape
+    x = r.reshape(n * (k // GROUP), GROUP)
+    if bits == 6:
+        table = torch.arange(-W6_LEVELS, W6_LEVELS + 1, dtype=torch.float32, device=r.device)
+    else:
+        table = torch.tensor(LLOYD_MAX_16, dtype=torch.float32, device=r.device)
+    s_rel, s_ch, idx = _fit(x, table, n, search)
+    codes = (idx + 1 if bits == 6 else idx).to(torch.int32).reshape(n, k)
+    return codes, s_rel.reshape(n, -1), s_ch, (table if bits == 4 else None)
+
+
+def pack_codes(codes, bits: int):
+    import torch
+    low = lb.pack_nibbles(codes)
+    if bits == 4:
+        return low
+    hi = (codes[:, 0::4] >> 4) & 0x3
+    for j in range(1, 4):
+        hi = hi | (((codes[:, j::4] >> 4) & 0x3) << (2 * j))
+    return torch.cat([low, hi.to(torch.uint8).view(torch.int8)], dim=1).contiguous()
+
+
+def unpack_codes(q, k: int, bits: int):
+    import torch
+    codes = lb.unpack_nibbles(q[:, : k // 2].contiguous())
+    if bits == 6:
+        hi = q[:, k // 2:].view(torch.uint8).to(torch.int32)
+        for j in range(4):
+            codes[:, j::4] |= ((hi >> (2 * j)) & 0x3) << 4
+    return codes
+
+
+def bits_of(marker: dict, shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """4 or 6 from the packed row width against K = s_rel columns x group_size; None if neither."""
+    w, s, g = shapes.get("weight"), shapes.get("weight_s_rel"), marker.get("group_size", GROUP)
+    if not (w and s and len(w) == 2 and len(s) == 2 and isinstance(g, int) and g > 0):
+        return None
+    k = s[1] * g
+    return 4 if k * 4 == w[1] * 8 else 6 if k * 6 == w[1] * 8 else None
+
+
+class W4A8Format(Format):
+    comfy_format = "asym_w4a8_int8"
+    stock_comfy = True
+
+    def __init__(self, name: str, bits: int, summary: str) -> None:
+        self.name, self.bits, self.summary = name, bits, summary
+
+    def cannot_take(self, shape: tuple[int, ...], opts: LayerOpts) -> str | None:
+        reason = lb.shape_reason(shape)
+        if reason:
+            return reason
+        m = 32 if self.bits == 6 else GROUP
+        if shape[1] % m:
+            return f"in_features {shape[1]} is not a multiple of {m}"
+        return None
+
+    def stored(self, shape: tuple[int, ...], orig_dtype, opts: LayerOpts) -> list[Stored]:
+        n, k = shape
+        out = [Stored("weight", "I8", (n, k * self.bits // 8)), Stored("weight_s_rel", "F8_E4M3", (n, k // GROUP)),
+               Stored("weight_s_channel", "F32", (n,))]
+        return out + ([Stored("weight_codebook", "F32", (16,))] if self.bits == 4 else [])
+
+    def marker(self, shape: tuple[int, ...], orig_dtype, opts: LayerOpts) -> dict:
+        return {"format": self.comfy_format, "group_size": GROUP, "convrot_groupsize": lb.convrot_group(shape[1]),
+                "orig_dtype": dtype_str(orig_dtype), "orig_shape": list(shape)}
+
+    def describe(self) -> tuple[str, str]:
+        if self.bits == 4:
+            return "I8 [N,K/2] (4-bit codebook x2, ConvRot)", "fp8 [N,K/16], fp32 [N], codebook fp32 [16]"
+        return "I8 [N,3K/4] (6-bit, ConvRot)", "fp8 [N,K/16], fp32 [N]"
+
+    def recognizes(self, marker: dict, shapes: dict[str, tuple[int, ...]]) -> bool:
+        return marker.get("format") == self.comfy_format and bits_of(marker, shapes) == self.bits
+
+    def orig_shape(self, marker: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        return (shapes["weight"][0], shapes["weight_s_rel"][1] * marker.get("group_size", GROUP))
+
+    def quantize(self, w, opts: LayerOpts, layer: str = "", search: bool = True) -> dict:
+        from quantkit.formats_next import hadamard
+        wf = lb.as_fp32(w, self.name, layer)
+        reason = self.cannot_take(tuple(wf.shape), opts)
+        if reason:
+            raise lb.bad(layer, "weight", self.name, reason)
+        r = hadamard.rotate(wf, lb.convrot_group(wf.shape[1]))
+        codes, s_rel, s_ch, cb = quantize_rotated(r, self.bits, search)
+        out = {"weight": pack_codes(codes, self.bits), "weight_s_rel": s_rel.contiguous(),
+               "weight_s_channel": s_ch.contiguous()}
+        if cb is not None:
+            out["weight_codebook"] = cb
+        return out
+
+    def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = ""):
+        import torch
+        from quantkit.formats_next import hadamard
+        q, s_rel, s_ch = tensors["weight"], tensors.get("weight_s_rel"), tensors.get("weight_s_channel")
+        cb = tensors.get("weight_codebook")
+        g = lb.marker_int(marker, "group_size", GROUP, self.name, layer)
+        G = lb.marker_int(marker, "convrot_groupsize", lb.DEFAULT_CONVROT, self.name, layer)
+        if s_rel is None or s_ch is None:
+            raise lb.bad(layer, "weight_s_rel" if s_rel is None else "weight_s_channel", self.name, "missing")
+        if s_rel.dtype == torch.uint8:
+            s_rel = s_rel.view(torch.float8_e4m3fn)
+        if q.dtype != torch.int8 or q.dim() != 2 or s_rel.dim() != 2 or s_rel.shape[0] != q.shape[0]:
+            raise lb.bad(layer, "weight", self.name, f"weight {q.dtype} {list(q.shape)} / s_rel {list(s_rel.shape)} "
+                         "are not I8 [N, K*bits/8] / [N, K/group_size]")
+        n, k = q.shape[0], s_rel.shape[1] * g
+        bits = bits_of(marker, {"weight": tuple(q.shape), "weight_s_rel": tuple(s_rel.shape)})
+        if bits is None:
+            raise lb.bad(layer, "weight", self.name, f"row width {q.shape[1]} is neither K/2 nor 3K/4 for K={k}")
+        if not hadamard.is_power_of_4(G) or k % G or k % 16:
+            raise lb.bad(layer, "comfy_quant", self.name, f"convrot_groupsize {G} does not divide K={k}")
+        if tuple(s_ch.shape) != (n,):
+            raise lb.bad(layer, "weight_s_channel", self.name, f"shape {list(s_ch.shape)}, needs [{n}]")
+        if bits == 6 and cb is not None:
+            raise lb.bad(layer, "weight_codebook", self.name, "6-bit storage takes no codebook")
+        if cb is not None and tuple(cb.shape) != (16,):
+            raise lb.bad(layer, "weight_codebook", self.name, f"shape {list(cb.shape)}, needs [16]")
+        codes = unpack_codes(q, k, bits)
+        if cb is not None:
+            values = cb.to(device=codes.device, dtype=torch.float32)[codes]
+        else:
+            values = codes.float() - float(1 << (bits - 1))
+        values = values.view(n, k // g, g) * s_rel.float().unsqueeze(-1)
+        i8 = values.view(n, k).round().clamp_(-127, 127).to(torch.int8)
+        rot = (i8.float().view(n, k // g, g) * s_ch.float().view(n, 1, 1)).view(n, k).to(dtype)
+        h = hadamard.matrix(G).to(device=rot.device, dtype=dtype)
+        return torch.matmul(rot.reshape(n, k // G, G), h.T).reshape(n, k).to(dtype)
+
+    def check(self, layer: str, m: dict, T: dict) -> list[Violation]:
+        out: list[Violation] = []
+        w = T[f"{layer}.weight"]
+        fmt = self.comfy_format
+        lb.check_tensor(out, layer, T, "weight", ("I8",), None, fmt)
+        if len(w.shape) != 2:
+            return out + [Violation("wrong-weight-shape", w.name, f"quantized weight is {len(w.shape)}-D; must be 2-D")]
+        g = m.get("group_size", GROUP)
+        if not isinstance(g, int) or isinstance(g, bool) or g < 4 or (16 % g and g % 16):
+            return out + [Violation("bad-marker", f"{layer}.comfy_quant",
+                                    f"{fmt} group_size {g!r} must be >= 4 and divide 16 or be a multiple of 16")]
+        if not lb.check_tensor(out, layer, T, "weight_s_rel", ("F8_E4M3", "U8"), None, fmt):
+            return out
+        s = T[f"{layer}.weight_s_rel"]
+        n = w.shape[0]
+        if len(s.shape) != 2 or s.shape[0] != n:
+            return out + [Violation("wrong-scale-shape", s.name, f"{fmt} weight_s_rel must be [{n}, K/{g}], not {list(s.shape)}")]
+        k = s.shape[1] * g
+        bits = bits_of(m, {"weight": tuple(w.shape), "weight_s_rel": tuple(s.shape)})
+        if bits is None:
+            out.append(Violation("wrong-weight-shape", w.name, f"{fmt} weight row {w.shape[1]} bytes is neither K/2 "
+                                 f"({k // 2}, 4-bit) nor 3K/4 ({3 * k // 4}, 6-bit) for K={k}"))
+        lb.check_tensor(out, layer, T, "weight_s_channel", ("F32",), (n,), fmt)
+        if k % 16 or (bits == 6 and (k % 32 or g % 16)):
+            out.append(Violation("wrong-weight-shape", w.name, f"{fmt} K={k} breaks the {bits}-bit layout rules"))
+        lb.check_convrot_group(out, layer, m, k, fmt)
+        cb = T.get(f"{layer}.weight_codebook")
+        if cb is not None:
+            if bits == 6:
+                out.append(Violation("codebook-on-6bit", cb.name, f"{fmt} 6-bit storage is uniform: comfy-kitchen "
+                                     "raises on a codebook"))
+            else:
+                lb.check_tensor(out, layer, T, "weight_codebook", ("F32",), (16,), fmt)
+        return out
+
+
+W4A8 = register(W4A8Format("w4a8", 4, "4-bit Lloyd-Max codes of W rotated by ConvRot, fp8 group + fp32 row "
+                           "scales (W4A8 INT8 kernels)"))
+W4A8_6BIT = register(W4A8Format("w4a8-6bit", 6, "6-bit uniform codes of W rotated by ConvRot, fp8 group + fp32 "
+                                "row scales (asym_w4a8_int8, 3K/4-byte rows)"))

@@ -157,6 +157,9 @@ class MXFP8Format(Format):
     def quantize(self, w, opts: LayerOpts) -> dict:
         return quantize(w)
 
+    def learn_grid(self, w, h, opts: LayerOpts):
+        return learn_grid(w, h)
+
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = "") -> object:
         from ._common import layer_dequantize
         return layer_dequantize(dequantize, tensors, marker, dtype, layer, tuple(tensors["weight"].shape))
@@ -198,3 +201,51 @@ class MXFP8Format(Format):
 
 
 MXFP8 = register(MXFP8Format())
+
+
+# ---- learned rounding's grid (quantkit.learned.learn_format) ----
+
+class MXFP8Grid:
+    """E4M3 elements with each 1 x 32 block's E8M0 exponent chosen by the spec's rule
+    (:func:`quantize_blocks`) from the error-updated weights when learned rounding reaches the
+    block's first column."""
+
+    block = BLOCK
+    method = "gptq (block scales chosen with the rounding)"
+
+    def __init__(self, w, h) -> None:
+        import torch
+        self.w, self.h = w.float().contiguous(), h.float()
+        self.n, self.k = self.w.shape
+        rows, cols = padded_shape((self.n, self.k))
+        self.q = torch.zeros(rows, cols, dtype=torch.float8_e4m3fn, device=self.w.device)
+        self.e = torch.zeros(rows, cols // BLOCK, dtype=torch.uint8, device=self.w.device)
+        self.s = None
+
+    def choose(self, j0: int, cols) -> None:
+        import torch
+
+        from . import _e8m0
+        x = cols
+        if x.shape[1] < BLOCK:
+            x = torch.nn.functional.pad(x, (0, BLOCK - x.shape[1]))
+        _, e = quantize_blocks(x.reshape(self.n, 1, BLOCK))
+        e = e[:, 0]
+        self.e[:self.n, j0 // BLOCK] = e
+        self.s = _e8m0.decode(e)  # 0 for a zero block: its elements decode to 0 whatever they are
+
+    def round(self, j: int, col):
+        import torch
+        safe = torch.where(self.s == 0, torch.ones_like(self.s), self.s)
+        v = (col / safe).clamp(-QMAX, QMAX).to(torch.float8_e4m3fn)
+        v = torch.where(self.s == 0, torch.zeros_like(v), v)
+        self.q[:self.n, j] = v
+        return v.float() * self.s
+
+    def stored(self) -> dict:
+        from . import _blocked
+        return {"weight": self.q, "weight_scale": _blocked.swizzle(self.e)}
+
+
+def learn_grid(w, h) -> MXFP8Grid:
+    return MXFP8Grid(w, h)

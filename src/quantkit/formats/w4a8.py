@@ -243,6 +243,9 @@ class W4A8Format(Format):
             out["weight_codebook"] = cb
         return out
 
+    def learn_grid(self, w, h, opts: LayerOpts):
+        return W4A8Grid(w, h, self.bits)
+
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = ""):
         import torch
         from quantkit.formats_next import hadamard
@@ -320,3 +323,49 @@ W4A8 = register(W4A8Format("w4a8", 4, "4-bit Lloyd-Max codes of W rotated by Con
                            "scales (W4A8 INT8 kernels)"))
 W4A8_6BIT = register(W4A8Format("w4a8-6bit", 6, "6-bit uniform codes of W rotated by ConvRot, fp8 group + fp32 "
                                 "row scales (asym_w4a8_int8, 3K/4-byte rows)"))
+
+
+# ---- learned rounding's grid (quantkit.learned.learn_format) ----
+
+class W4A8Grid:
+    """The format's decoded INT8 levels of W rotated by its butterfly; the objective in the rotated
+    basis (H -> B H B). The per-row s_channel and per-group s_rel are the format's quantizer's
+    (searched on the rotated weight, fixed up front); each element is rounded to the nearest
+    decoded level of its group (``clamp(round(level * s_rel), -127, 127) * s_channel``)."""
+
+    block = 0
+    method = "gptq"
+
+    def __init__(self, w, h, bits: int) -> None:
+        import torch
+        from quantkit.formats_next import hadamard
+        g = lb.convrot_group(w.shape[1])
+        self.bits = bits
+        self.w = hadamard.rotate(w.float().contiguous(), g)
+        self.h = hadamard.rotate_objective(h, g)
+        n, k = self.w.shape
+        _, self.s_rel, self.s_ch, self.cb = quantize_rotated(self.w, bits)
+        if bits == 6:
+            table = torch.arange(-W6_LEVELS, W6_LEVELS + 1, dtype=torch.float32, device=self.w.device)
+        else:
+            table = torch.tensor(LLOYD_MAX_16, dtype=torch.float32, device=self.w.device)
+        self.levels = _grid(table, self.s_rel.float().reshape(-1)).reshape(n, k // GROUP, -1)
+        self.levels, self.order = self.levels.sort(dim=-1, stable=True)  # decoded levels may repeat / reorder
+        self.codes = torch.zeros(n, k, dtype=torch.int32, device=self.w.device)
+
+    def choose(self, j0, cols) -> None:
+        pass
+
+    def round(self, j: int, col):
+        import torch
+        lv = self.levels[:, j // GROUP, :]
+        i = _nearest((col / self.s_ch)[:, None], lv)
+        self.codes[:, j] = torch.gather(self.order[:, j // GROUP, :], 1, i)[:, 0].to(torch.int32) + (1 if self.bits == 6 else 0)
+        return torch.gather(lv, 1, i)[:, 0] * self.s_ch
+
+    def stored(self) -> dict:
+        out = {"weight": pack_codes(self.codes, self.bits), "weight_s_rel": self.s_rel.contiguous(),
+               "weight_s_channel": self.s_ch.contiguous()}
+        if self.cb is not None:
+            out["weight_codebook"] = self.cb
+        return out

@@ -91,7 +91,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             reclaimed = tempfiles.reclaim_note(tempfiles.reclaim(dst))
             plan = plan_conversion(reader, options)
             if learned_rounding:
-                _refuse_unlearnable(plan)
+                _refuse_unlearnable(plan, learned_objective)
             refiner = None
             if learned_rounding or calibration is not None or bias_correction or devices is not None:
                 if plan.requantized:
@@ -126,10 +126,19 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     return report
 
 
-def _refuse_unlearnable(plan: Plan) -> None:
-    """Learned rounding runs on the scaled grids only: a plan holding a layer of another format is
-    refused up front, before anything is read or written."""
+def _refuse_unlearnable(plan: Plan, objective: str = "calibration") -> None:
+    """Learned rounding runs on the scaled grids and on the formats that give their own grid
+    (``Format.learn_grid``, with the calibration objective only): a plan holding a layer of another
+    format is refused up front, before anything is read or written."""
     from .refine import learnable
+    if objective == "subspace":
+        other = sorted({lp.spec.name for lp in plan.quantized if not backend.has_kernel(lp.spec)})
+        if other:
+            grids = ", ".join(f.name for f in FORMATS.values() if backend.has_kernel(f))
+            raise UsageError(f"--learned-rounding does not run {', '.join(other)} with the data-free subspace "
+                             "objective", fix=f"drop --learned-rounding, pass --calibration FILE without "
+                                              f"--learned-objective subspace, or use one of: {grids}")
+        return
     other = sorted({lp.spec.name for lp in plan.quantized if not learnable(lp.spec)})
     if other:
         grids = ", ".join(f.name for f in FORMATS.values() if learnable(f))

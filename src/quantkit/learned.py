@@ -65,6 +65,7 @@ class LearnedOptions:
     objective: str = "calibration"  # or "subspace": data-free, W's top singular subspace (see learn_subspace)
     subspace_weight_cost: float = 20.0  # "subspace" only: gamma of learn_subspace's score
     subspace_target_db: float = 3.0  # "subspace" only: stop once the projected error is this far below RTN's
+    grid_damping: float | None = None  # formats giving their own grid: None takes the grid's measured default
 
 
 @dataclass
@@ -478,13 +479,14 @@ def learn_format(w: torch.Tensor, h: torch.Tensor, fmt, layer_opts=None, options
     check_memory(name or "weight", n, k, 1, dev)
     w32 = w.to(dev, torch.float32)
     h32 = h.to(dev, torch.float32)
-    marker = fmt.marker(tuple(w.shape), orig_dtype or w.dtype, opts)
-    rtn = fmt.quantize(w.to(dev), opts)
     grid = fmt.learn_grid(w32, h32, opts)
     if grid is None:
-        raise QuantkitError(f"learned rounding does not run {fmt.name}", tensor=name or None,
+        raise QuantkitError(f"learned rounding does not run {fmt.name}: the format gives no grid", tensor=name or None,
                             fix="drop --learned-rounding for this format")
-    gptq_grid(grid, options.damping)
+    marker = fmt.marker(tuple(w.shape), orig_dtype or w.dtype, opts)
+    rtn = fmt.quantize(w.to(dev), opts)
+    damping = options.grid_damping if options.grid_damping is not None else getattr(grid, "damping", options.damping)
+    gptq_grid(grid, damping)
     got = grid.stored()
 
     def j_of(stored: dict) -> float:

@@ -350,7 +350,8 @@ class W4A8Grid:
         else:
             table = torch.tensor(LLOYD_MAX_16, dtype=torch.float32, device=self.w.device)
         self.levels = _grid(table, self.s_rel.float().reshape(-1)).reshape(n, k // GROUP, -1)
-        self.levels, self.order = self.levels.sort(dim=-1, stable=True)  # decoded levels may repeat / reorder
+        lv, order = self.levels.sort(dim=-1, stable=True)  # decoded levels may repeat / reorder
+        self.levels, self.order = lv.transpose(0, 1).contiguous(), order.transpose(0, 1).contiguous()  # [K/g, N, L]
         self.codes = torch.zeros(n, k, dtype=torch.int32, device=self.w.device)
 
     def choose(self, j0, cols) -> None:
@@ -358,9 +359,9 @@ class W4A8Grid:
 
     def round(self, j: int, col):
         import torch
-        lv = self.levels[:, j // GROUP, :]
+        lv = self.levels[j // GROUP]
         i = _nearest((col / self.s_ch)[:, None], lv)
-        self.codes[:, j] = torch.gather(self.order[:, j // GROUP, :], 1, i)[:, 0].to(torch.int32) + (1 if self.bits == 6 else 0)
+        self.codes[:, j] = torch.gather(self.order[j // GROUP], 1, i)[:, 0].to(torch.int32) + (1 if self.bits == 6 else 0)
         return torch.gather(lv, 1, i)[:, 0] * self.s_ch
 
     def stored(self) -> dict:

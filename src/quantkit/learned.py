@@ -479,12 +479,13 @@ def learn_format(w: torch.Tensor, h: torch.Tensor, fmt, layer_opts=None, options
     check_memory(name or "weight", n, k, 1, dev)
     w32 = w.to(dev, torch.float32)
     h32 = h.to(dev, torch.float32)
-    grid = fmt.learn_grid(w32, h32, opts)
+    from .backend import quantize_stored
+    rtn = quantize_stored(w.to(dev), fmt, opts)[0]  # the format's own bytes (its C kernel where it has one)
+    grid = fmt.learn_grid(w32, h32, opts, rtn)
     if grid is None:
         raise QuantkitError(f"learned rounding does not run {fmt.name}: the format gives no grid", tensor=name or None,
                             fix="drop --learned-rounding for this format")
     marker = fmt.marker(tuple(w.shape), orig_dtype or w.dtype, opts)
-    rtn = fmt.quantize(w.to(dev), opts)
     damping = options.grid_damping if options.grid_damping is not None else getattr(grid, "damping", options.damping)
     gptq_grid(grid, damping)
     got = grid.stored()

@@ -135,7 +135,7 @@ class AWQ4Format(Format):
                 "weight_scale": s.reshape(n, k // GROUP).t().contiguous().to(torch.bfloat16),
                 "weight_zeros": z.reshape(n, k // GROUP).t().contiguous().to(torch.bfloat16)}
 
-    def learn_grid(self, w, h, opts: LayerOpts):
+    def learn_grid(self, w, h, opts: LayerOpts, rtn: dict | None = None):
         return AWQ4Grid(w, h)
 
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = ""):

@@ -167,9 +167,11 @@ class Format:
         """For a format with a ``kernel``: its stored tensors from the kernel's (q, scale)."""
         raise NotImplementedError
 
-    def learn_grid(self, w, h, opts: LayerOpts) -> LearnGrid | None:
-        """The format's grid for learned rounding of weight ``w`` under objective matrix ``h``
-        (E[x x^T] or the covariance, [K, K]); None: learned rounding does not run this format."""
+    def learn_grid(self, w, h, opts: LayerOpts, rtn: dict | None = None) -> LearnGrid | None:
+        """The format's grid for learned rounding of weight ``w`` (fp32) under objective matrix ``h``
+        (E[x x^T] or the covariance, [K, K]); ``rtn``: the format's own quantizer's tensors of ``w``
+        when the caller has them (a grid may start from their scales instead of searching again).
+        None: learned rounding does not run this format."""
         return None
 
     def static_input_scale(self, stats: dict) -> Any:

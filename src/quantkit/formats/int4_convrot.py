@@ -106,8 +106,8 @@ class Int4ConvRotFormat(Format):
         q, scale = quantize_rotated(r)
         return {"weight": lb.pack_nibbles(q.to(torch.int32)), "weight_scale": scale}
 
-    def learn_grid(self, w, h, opts: LayerOpts):
-        return Int4ConvRotGrid(w, h, self.group(tuple(w.shape)))
+    def learn_grid(self, w, h, opts: LayerOpts, rtn: dict | None = None):
+        return Int4ConvRotGrid(w, h, self.group(tuple(w.shape)), rtn)
 
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = ""):
         import torch
@@ -162,12 +162,12 @@ class Int4ConvRotGrid:
     block = 0
     method = "gptq"
 
-    def __init__(self, w, h, g: int) -> None:
+    def __init__(self, w, h, g: int, rtn: dict | None = None) -> None:
         import torch
         from quantkit.formats_next import hadamard
         self.w = hadamard.rotate(w.float().contiguous(), g)
         self.h = hadamard.rotate_objective(h, g)
-        _, s0 = quantize_rotated(self.w)
+        s0 = rtn["weight_scale"].to(self.w.device, torch.float32) if rtn is not None else quantize_rotated(self.w)[1]
         amax = self.w.abs().amax(dim=1, keepdim=True).clamp_(min=1e-10)
         best, best_obj = None, None
         for s in (s0.reshape(-1, 1), *(amax / QMAX * f for f in (1.0, *SHRINK))):

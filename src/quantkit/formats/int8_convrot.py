@@ -164,7 +164,7 @@ class Int8ConvRotFormat(Format):
         from ..kernels import native_blocks
         return native_blocks.convrot(w, _group(tuple(w.shape), opts.convrot_group_size))
 
-    def learn_grid(self, w, h, opts: LayerOpts):
+    def learn_grid(self, w, h, opts: LayerOpts, rtn: dict | None = None):
         return learn_grid(w, h, opts.convrot_group_size)
 
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = "") -> object:

@@ -157,7 +157,7 @@ class MXFP8Format(Format):
     def quantize(self, w, opts: LayerOpts) -> dict:
         return quantize(w)
 
-    def learn_grid(self, w, h, opts: LayerOpts):
+    def learn_grid(self, w, h, opts: LayerOpts, rtn: dict | None = None):
         return learn_grid(w, h)
 
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = "") -> object:

@@ -243,8 +243,8 @@ class W4A8Format(Format):
             out["weight_codebook"] = cb
         return out
 
-    def learn_grid(self, w, h, opts: LayerOpts):
-        return W4A8Grid(w, h, self.bits)
+    def learn_grid(self, w, h, opts: LayerOpts, rtn: dict | None = None):
+        return W4A8Grid(w, h, self.bits, rtn)
 
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = ""):
         import torch
@@ -336,7 +336,7 @@ class W4A8Grid:
     block = 0
     method = "gptq"
 
-    def __init__(self, w, h, bits: int) -> None:
+    def __init__(self, w, h, bits: int, rtn: dict | None = None) -> None:
         import torch
         from quantkit.formats_next import hadamard
         g = lb.convrot_group(w.shape[1])
@@ -344,7 +344,12 @@ class W4A8Grid:
         self.w = hadamard.rotate(w.float().contiguous(), g)
         self.h = hadamard.rotate_objective(h, g)
         n, k = self.w.shape
-        _, self.s_rel, self.s_ch, self.cb = quantize_rotated(self.w, bits)
+        if rtn is not None:  # the format's own search, already run by the caller
+            dev = self.w.device
+            self.s_rel, self.s_ch = rtn["weight_s_rel"].to(dev), rtn["weight_s_channel"].to(dev, torch.float32)
+            self.cb = rtn["weight_codebook"].to(dev) if "weight_codebook" in rtn else None
+        else:
+            _, self.s_rel, self.s_ch, self.cb = quantize_rotated(self.w, bits)
         if bits == 6:
             table = torch.arange(-W6_LEVELS, W6_LEVELS + 1, dtype=torch.float32, device=self.w.device)
         else:

@@ -100,8 +100,10 @@ class Refiner:
         return float(self._stats.get(layer, {}).get("count", 0.0)) > 0
 
     def learned_layers(self) -> list[tuple[LayerPlan, str, bool]]:
-        """The layers learned rounding runs on: (plan, calibration layer name, whether the objective is
-        the bias-corrected covariance), in plan order. Empty without learned rounding."""
+        """The layers of the scaled grids learned rounding runs on (what ``--devices`` workers compute):
+        (plan, calibration layer name, whether the objective is the bias-corrected covariance), in plan
+        order. Empty without learned rounding. Layers of a format giving its own grid are learned in
+        the converting process (:meth:`_result`)."""
         if not self.learned_rounding or self.calibration is None:
             return []
         return [(lp, self._stat_names[L], self._corrects_bias(L)) for L, lp in self._layers.items()

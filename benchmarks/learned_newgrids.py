@@ -6,6 +6,19 @@ models.sentences.CALIBRATION, measure mean 1-cos of sentence embeddings on EVALU
 
 Per format: RTN (the format's quantizer) vs learned rounding + bias correction
 (:func:`quantkit.learned.learn_format`), both dequantized by the format (what ComfyUI computes).
+The converter (``quantkit convert --calibration S --learned-rounding --bias-correction``) gives the
+same figures (tests/test_learned_newgrids.py).
+
+Measured (1 thread, this machine; seconds include RTN, 2 cores shared):
+
+    format          rtn 1-cos learned+bc  ratio kept rtn
+    int8-convrot   2.0611e-04 6.6274e-05  0.322    0/36
+    mxfp8          1.6074e-03 7.7670e-04  0.483    0/36
+    nvfp4          1.9725e-02 8.1545e-03  0.413    0/36
+    w4a8           1.7122e-02 5.9746e-03  0.349    0/36
+    w4a8-6bit      1.3416e-03 4.4414e-04  0.331    0/36
+    int4-convrot   4.9948e-02 1.5017e-02  0.301    0/36
+    awq4           2.7851e-02 9.9266e-03  0.356    0/36
 """
 
 from __future__ import annotations

@@ -22,6 +22,12 @@ Method (per layer, on the grid of the layer's format, scales kept in the format'
    rounded. Damping: ``H + damping * mean(diag H) * I``.
 3. Keep RTN (the reference quantizer, bit for bit) whenever the learned q is not lower on J.
 
+Registry formats without a scaled kernel (int8-convrot, mxfp8, nvfp4, the 4-bit ones) give their own
+grid (``Format.learn_grid``, :class:`quantkit.formats.base.LearnGrid`): :func:`learn_format` runs the
+same error feedback (:func:`gptq_grid`, PyTorch loop) in the format's basis (ConvRot: W B and
+B H B), with block scales the format chooses from the error-updated weights where it says so
+(nvfp4, awq4, w4a8's s_rel), and keeps the format's RTN bytes where J is not lower.
+
 There is no randomness: a result is a pure function of (W, statistics, options); seeds are not needed.
 Layers of the same shape can be processed together (:func:`learn_batch`, the leading batch dim).
 

@@ -91,7 +91,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             reclaimed = tempfiles.reclaim_note(tempfiles.reclaim(dst))
             plan = plan_conversion(reader, options)
             if learned_rounding:
-                _refuse_unlearnable(plan)
+                _refuse_unlearnable(plan, learned_objective)
             refiner = None
             if learned_rounding or calibration is not None or bias_correction or devices is not None:
                 if plan.requantized:
@@ -126,12 +126,22 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     return report
 
 
-def _refuse_unlearnable(plan: Plan) -> None:
-    """Learned rounding runs on the scaled grids only: a plan holding a layer of another format is
-    refused up front, before anything is read or written."""
-    other = sorted({lp.spec.name for lp in plan.quantized if not backend.has_kernel(lp.spec)})
+def _refuse_unlearnable(plan: Plan, objective: str = "calibration") -> None:
+    """Learned rounding runs on the scaled grids and on the formats that give their own grid
+    (``Format.learn_grid``, with the calibration objective only): a plan holding a layer of another
+    format is refused up front, before anything is read or written."""
+    from .refine import learnable
+    if objective == "subspace":
+        other = sorted({lp.spec.name for lp in plan.quantized if not backend.has_kernel(lp.spec)})
+        if other:
+            grids = ", ".join(f.name for f in FORMATS.values() if backend.has_kernel(f))
+            raise UsageError(f"--learned-rounding does not run {', '.join(other)} with the data-free subspace "
+                             "objective", fix=f"drop --learned-rounding, pass --calibration FILE without "
+                                              f"--learned-objective subspace, or use one of: {grids}")
+        return
+    other = sorted({lp.spec.name for lp in plan.quantized if not learnable(lp.spec)})
     if other:
-        grids = ", ".join(f.name for f in FORMATS.values() if backend.has_kernel(f))
+        grids = ", ".join(f.name for f in FORMATS.values() if learnable(f))
         raise UsageError(f"--learned-rounding does not run {', '.join(other)}",
                          fix=f"drop --learned-rounding, or use one of: {grids}")
 
@@ -468,10 +478,23 @@ def _refined(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backgroun
              lp: LayerPlan, refiner: Refiner) -> LayerReport:
     spec = lp.spec
     q, scale, note = refiner.quantize(lp)
+    dev = refiner.device  # the learning device: a whole-tensor fp64 SQNR is slow on CPU cores
+    if scale is None:  # a registry format's own grid (Format.learn_grid): q is its stored tensors
+        tensors = dict(q)
+        for t in tensors.values():
+            if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                check_finite(t, file=reader.path, tensor=lp.tensor, layer=lp.layer)
+        _static_input_scale(tensors, lp, refiner)
+        w = reader.tensor(lp.tensor).to(dev)
+        sqnr = scaled.sqnr(w, spec.dequantize(tensors, lp.comfy_quant(), torch.float32, lp.layer).to(dev))
+        del w
+        reader.release(lp.tensor)
+        _submit_layer(writer, bw, stages, lp, tensors, None)
+        return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
+                           spec.comfy_format, "; ".join(x for x in (lp.reason, note) if x), sqnr)
     tensors = spec.pack(q, scale)
     _static_input_scale(tensors, lp, refiner)
     check_finite(scale, file=reader.path, tensor=lp.tensor, layer=lp.layer)
-    dev = refiner.device  # the learning device: a whole-tensor fp64 SQNR is slow on CPU cores
     w = reader.tensor(lp.tensor).to(dev)
     sqnr = scaled.sqnr(w, scaled.dequantize(q.to(dev), scale.to(dev), spec, lp.block_size, torch.float32))
     del w

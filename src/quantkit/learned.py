@@ -22,6 +22,12 @@ Method (per layer, on the grid of the layer's format, scales kept in the format'
    rounded. Damping: ``H + damping * mean(diag H) * I``.
 3. Keep RTN (the reference quantizer, bit for bit) whenever the learned q is not lower on J.
 
+Registry formats without a scaled kernel (int8-convrot, mxfp8, nvfp4, the 4-bit ones) give their own
+grid (``Format.learn_grid``, :class:`quantkit.formats.base.LearnGrid`): :func:`learn_format` runs the
+same error feedback (:func:`gptq_grid`, PyTorch loop) in the format's basis (ConvRot: W B and
+B H B), with block scales the format chooses from the error-updated weights where it says so
+(nvfp4, awq4, w4a8's s_rel), and keeps the format's RTN bytes where J is not lower.
+
 There is no randomness: a result is a pure function of (W, statistics, options); seeds are not needed.
 Layers of the same shape can be processed together (:func:`learn_batch`, the leading batch dim).
 
@@ -65,6 +71,7 @@ class LearnedOptions:
     objective: str = "calibration"  # or "subspace": data-free, W's top singular subspace (see learn_subspace)
     subspace_weight_cost: float = 20.0  # "subspace" only: gamma of learn_subspace's score
     subspace_target_db: float = 3.0  # "subspace" only: stop once the projected error is this far below RTN's
+    grid_damping: float | None = None  # formats giving their own grid: None takes the grid's measured default
 
 
 @dataclass
@@ -404,3 +411,97 @@ def static_input_scale(stats: dict[str, torch.Tensor], spec) -> torch.Tensor | N
     """The static activation scale calibration gives a format (its own rule: for fp8, max |x| seen
     over the calibration set / qmax); None where the format stores none."""
     return spec.static_input_scale(stats)
+
+
+# ---- learned rounding on a format's own grid (formats without a scaled kernel) ----
+
+@dataclass
+class FormatResult:
+    """Learned rounding of one weight on a registry format's grid (:func:`learn_format`)."""
+
+    stored: dict  # the layer's tensors (suffix -> tensor), as the format's quantize returns them
+    objective_rtn: float  # J(RTN) / tr(W H W^T), RTN = the format's own quantizer
+    objective: float  # J(chosen) / tr(W H W^T)
+    method: str  # "gptq", "gptq+clip", ... or "rtn (learned not better)"
+
+    @property
+    def note(self) -> str:
+        return f"{self.method}: objective {self.objective_rtn:.3g} -> {self.objective:.3g}"
+
+
+def gptq_grid(grid, damping: float = DEFAULT_DAMPING) -> None:
+    """Sequential error feedback (as :func:`gptq`) over the columns of ``grid.w`` [N, K] under
+    ``grid.h``, every column rounded by ``grid.round`` (the format's grid) and, for a grid with
+    ``block``, each block's scales chosen by ``grid.choose`` from the error-updated weights at the
+    block's first column (columns in natural order then; else by decreasing H_kk). The codes stay
+    in the grid (its :meth:`stored`)."""
+    w = grid.w.float().clone()
+    n, k = w.shape
+    blk = int(grid.block)
+    if blk and (COLUMN_BLOCK % blk or blk <= 0):
+        raise ValueError(f"grid block {blk} does not divide {COLUMN_BLOCK}")
+    h = grid.h.to(w.device, torch.float32).clone()
+    diag = h.diagonal()
+    diag += damping * diag.mean().clamp_min(torch.finfo(torch.float32).tiny)
+    perm = torch.arange(k, device=w.device) if blk else torch.argsort(diag, descending=True, stable=True)
+    w = w[:, perm].contiguous()
+    h = h[perm][:, perm]
+    chol, info = torch.linalg.cholesky_ex(h.double())
+    if int(info) != 0:
+        raise QuantkitError("calibration statistics are not positive definite even after damping",
+                            fix="capture over more rows, or raise the damping")
+    del h
+    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+    del chol
+    order = perm.tolist()
+    for i1 in range(0, k, COLUMN_BLOCK):
+        i2 = min(i1 + COLUMN_BLOCK, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for jj in range(i2 - i1):
+            j = i1 + jj
+            if blk and j % blk == 0:
+                grid.choose(j, w1[:, jj:jj + blk])
+            col = w1[:, jj]
+            err = (col - grid.round(order[j], col)) / u1[jj, jj]
+            w1[:, jj:] -= err[:, None] * u1[None, jj, jj:]
+            err1[:, jj] = err
+        if i2 < k:
+            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+
+def learn_format(w: torch.Tensor, h: torch.Tensor, fmt, layer_opts=None, options: LearnedOptions = LearnedOptions(),
+                 name: str = "", orig_dtype=None) -> FormatResult:
+    """Learned rounding of ``w`` [N, K] on registry format ``fmt``'s own grid (``fmt.learn_grid``):
+    error feedback (:func:`gptq_grid`) in the format's basis, then the objective of the stored
+    tensors dequantized by the format (what ComfyUI computes, fp32) against the format's own
+    quantizer; RTN is kept whenever the learned tensors are not lower on J. Runs on the CPU or
+    ``options.device``."""
+    from .formats.base import LayerOpts
+    opts = layer_opts if layer_opts is not None else LayerOpts()
+    dev = pick_device(options.device)
+    n, k = w.shape
+    check_memory(name or "weight", n, k, 1, dev)
+    w32 = w.to(dev, torch.float32)
+    h32 = h.to(dev, torch.float32)
+    from .backend import quantize_stored
+    rtn = quantize_stored(w.to(dev), fmt, opts)[0]  # the format's own bytes (its C kernel where it has one)
+    grid = fmt.learn_grid(w32, h32, opts, rtn)
+    if grid is None:
+        raise QuantkitError(f"learned rounding does not run {fmt.name}: the format gives no grid", tensor=name or None,
+                            fix="drop --learned-rounding for this format")
+    marker = fmt.marker(tuple(w.shape), orig_dtype or w.dtype, opts)
+    damping = options.grid_damping if options.grid_damping is not None else getattr(grid, "damping", options.damping)
+    gptq_grid(grid, damping)
+    got = grid.stored()
+
+    def j_of(stored: dict) -> float:
+        deq = fmt.dequantize(stored, marker, torch.float32, name).to(dev, torch.float32)
+        return float(objective(w32[None], deq[None], h32[None])[0])
+
+    ref = max(float(objective(w32[None], torch.zeros_like(w32)[None], h32[None])[0]), torch.finfo(torch.float64).tiny)
+    jr, jl = j_of(rtn) / ref, j_of(got) / ref
+    if jl < jr:
+        return FormatResult({s: t.cpu() for s, t in got.items()}, jr, jl, grid.method)
+    return FormatResult({s: t.cpu() for s, t in rtn.items()}, jr, jr, "rtn (learned not better)")

@@ -24,6 +24,7 @@ import torch
 
 from . import learned
 from .backend import has_kernel
+from .formats.base import Format
 from .formats import scaled
 from .calibration import Calibration, match_layers
 from .errors import QuantkitError, UsageError
@@ -99,8 +100,10 @@ class Refiner:
         return float(self._stats.get(layer, {}).get("count", 0.0)) > 0
 
     def learned_layers(self) -> list[tuple[LayerPlan, str, bool]]:
-        """The layers learned rounding runs on: (plan, calibration layer name, whether the objective is
-        the bias-corrected covariance), in plan order. Empty without learned rounding."""
+        """The layers of the scaled grids learned rounding runs on (what ``--devices`` workers compute):
+        (plan, calibration layer name, whether the objective is the bias-corrected covariance), in plan
+        order. Empty without learned rounding. Layers of a format giving its own grid are learned in
+        the converting process (:meth:`_result`)."""
         if not self.learned_rounding or self.calibration is None:
             return []
         return [(lp, self._stat_names[L], self._corrects_bias(L)) for L, lp in self._layers.items()
@@ -112,7 +115,7 @@ class Refiner:
         wlp = self._layers.get(layer)
         t = self.reader.tensors.get(f"{layer}.bias")
         return (self.bias_correction and wlp is not None and t is not None and self._seen(layer)
-                and tuple(t.shape) == (wlp.shape[0],) and has_kernel(wlp.spec))
+                and tuple(t.shape) == (wlp.shape[0],) and learnable(wlp.spec))
 
     @property
     def device(self) -> torch.device:
@@ -121,8 +124,10 @@ class Refiner:
     def rewrites(self, lp: LayerPlan) -> bool:
         """Whether learned rounding chooses this layer's weight (else it is round-to-nearest, which the
         converter's own quantizer writes, with :meth:`input_scale` and :meth:`note` from here)."""
-        if not self.learned_rounding or lp.spec is None or not has_kernel(lp.spec):
-            return False  # learned rounding works on the scaled grids
+        if not self.learned_rounding or lp.spec is None or not learnable(lp.spec):
+            return False  # learned rounding works on the scaled grids and on formats giving their grid
+        if not has_kernel(lp.spec) and self.options.objective != "calibration":
+            return False  # the data-free subspace objective runs on the scaled grids only
         return self.options.objective == "subspace" or (self.calibration is not None and self._seen(lp.layer)
                                                          and not self._lacks_hessian(lp.layer))
 
@@ -150,7 +155,14 @@ class Refiner:
         spec, b = lp.spec, lp.block_size  # a config entry may set its own
         assert spec is not None
         w = self.reader.tensor(lp.tensor)
-        if self.rewrites(lp):
+        if not has_kernel(spec):  # a registry format's own grid: its stored tensors, scale None
+            if self.rewrites(lp):
+                r = learned.learn_format(w, learned.objective_matrix(self._stats[L], self._corrects_bias(L)), spec,
+                                         lp.opts, self.options, name=L, orig_dtype=w.dtype)
+                out = (r.stored, None, r.note)
+            else:  # round-to-nearest (the format's own quantizer), needed here only for a corrected bias
+                out = (spec.quantize(w, lp.opts), None, "")
+        elif self.rewrites(lp):
             if self.options.objective == "subspace":
                 r = learned.learn_subspace(w, spec, b, self.options, name=L)
             else:
@@ -204,7 +216,16 @@ class Refiner:
         q, scale, _ = self._result(wlp)
         dev = self.device  # whole-tensor fp64 work: on the learning device, not CPU cores
         w = self.reader.tensor(wlp.tensor).to(dev)
-        deq = scaled.dequantize(q.to(dev), scale.to(dev), wlp.spec, wlp.block_size, torch.float32)
+        if scale is None:  # a registry format's stored tensors
+            deq = wlp.spec.dequantize(q, wlp.comfy_quant(), torch.float32, L).to(dev)
+        else:
+            deq = scaled.dequantize(q.to(dev), scale.to(dev), wlp.spec, wlp.block_size, torch.float32)
         b = learned.corrected_bias(self.reader.tensor(lp.tensor).to(dev), w, deq, self._stats[L]["mean"].to(dev))
         self._done(L, "bias")
         return b.cpu()
+
+
+def learnable(spec) -> bool:
+    """Whether learned rounding runs this format: a scaled grid (the fast kernels' family) or a
+    registry format that gives its own grid (:meth:`quantkit.formats.base.Format.learn_grid`)."""
+    return spec is not None and (has_kernel(spec) or type(spec).learn_grid is not Format.learn_grid)

@@ -70,3 +70,12 @@ def rotate(x: torch.Tensor, g: int) -> torch.Tensor:
         s = (a + b) + (c + e)
         y = torch.stack((s - 2 * e, s - 2 * c, s - 2 * b, s - 2 * a), dim=axis)
     return (y * (2.0 ** -d)).reshape(n, k)
+
+
+def rotate_objective(h: torch.Tensor, g: int) -> torch.Tensor:
+    """The objective matrix of the rotated basis, B H B for B the block-diagonal rotation
+    (:func:`rotate` is x -> x B, B symmetric and orthogonal): with W = R B the output error
+    (W - Wq) x is (R - Rq) (B x), so E[(Bx)(Bx)^T] = B H B. fp32 [K, K] in and out."""
+    a = rotate(h.float().contiguous(), g)  # H B
+    b = rotate(a.T.contiguous(), g)  # B H B (B H = (H B)^T for symmetric H)
+    return ((b + b.T) * 0.5).contiguous()

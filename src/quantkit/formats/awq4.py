@@ -135,6 +135,9 @@ class AWQ4Format(Format):
                 "weight_scale": s.reshape(n, k // GROUP).t().contiguous().to(torch.bfloat16),
                 "weight_zeros": z.reshape(n, k // GROUP).t().contiguous().to(torch.bfloat16)}
 
+    def learn_grid(self, w, h, opts: LayerOpts, rtn: dict | None = None):
+        return AWQ4Grid(w, h)
+
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = ""):
         import torch
         q, s, z = tensors["weight"], tensors["weight_scale"], tensors.get("weight_zeros")
@@ -176,3 +179,39 @@ class AWQ4Format(Format):
 
 
 AWQ4 = register(AWQ4Format())
+
+
+# ---- learned rounding's grid (quantkit.learned.learn_format) ----
+
+class AWQ4Grid:
+    """Unsigned 4-bit codes with each group of 64 input channels' bf16 scale and zero chosen by the
+    format's search (:func:`quantize_grouped`) from the error-updated weights when learned rounding
+    reaches the group's first column."""
+
+    block = GROUP
+    method = "gptq (group scales and zeros chosen with the rounding)"
+
+    def __init__(self, w, h) -> None:
+        import torch
+        self.w, self.h = w.float().contiguous(), h.float()
+        n, k = self.w.shape
+        self.codes = torch.zeros(n, k, dtype=torch.int32, device=self.w.device)
+        self.s = torch.zeros(n, k // GROUP, dtype=torch.float32, device=self.w.device)
+        self.z = torch.zeros_like(self.s)
+        self.cur = None
+
+    def choose(self, j0: int, cols) -> None:
+        _, s, z = quantize_grouped(cols.contiguous())
+        self.s[:, j0 // GROUP], self.z[:, j0 // GROUP] = s[:, 0], z[:, 0]
+        self.cur = (s[:, 0], z[:, 0])
+
+    def round(self, j: int, col):
+        s, z = self.cur
+        q = _codes(col, s, z)
+        self.codes[:, j] = q.to(self.codes.dtype)
+        return (q - 8.0) * s + z
+
+    def stored(self) -> dict:
+        import torch
+        return {"weight": lb.pack_nibbles(self.codes), "weight_scale": self.s.t().contiguous().to(torch.bfloat16),
+                "weight_zeros": self.z.t().contiguous().to(torch.bfloat16)}

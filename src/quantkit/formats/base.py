@@ -55,6 +55,39 @@ def dtype_str(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class LearnGrid:
+    """What a format gives learned rounding (:func:`quantkit.learned.learn_format`): its real grid
+    for one weight. The error-feedback loop runs over the columns of :attr:`w` and never names a
+    format; the format rounds, chooses its scales and assembles its own tensors.
+
+    * :attr:`w` fp32 [N, K]: the weight in the basis the objective is taken in (ConvRot: W rotated
+      as the format's quantizer rotates it), :attr:`h` fp32 [K, K]: the objective matrix in that
+      basis (ConvRot: R^T H R). The loop's squared error in that basis is the layer's output error.
+    * :attr:`block`: columns that share one choice of scales, chosen by :meth:`choose` from the
+      error-updated weights when the loop reaches the block's first column (columns then go in
+      natural order; a multiple of 16 dividing 128); 0: the scales are fixed when the grid is made
+      and columns may go in any order.
+    * :meth:`round`: column ``j`` (index in :attr:`w`) to the grid with those scales; returns its
+      dequantized value in the basis (fp32 [N]) and remembers the codes.
+    * :meth:`stored`: the layer's tensors from the codes and scales (suffix -> tensor), which the
+      format's ``dequantize`` reads like its own quantizer's.
+    """
+
+    w: Any
+    h: Any
+    block: int = 0
+    method: str = "gptq"  # what the report says the scales came from
+
+    def choose(self, j0: int, cols) -> None:
+        """Choose the scales of the block starting at column ``j0`` from ``cols`` fp32 [N, <= block]."""
+
+    def round(self, j: int, col) -> Any:
+        raise NotImplementedError
+
+    def stored(self) -> dict:
+        raise NotImplementedError
+
+
 class Format:
     """Base class of an on-disk format. Subclasses set the class attributes and implement the
     methods; an instance joins :data:`FORMATS` through :func:`register`."""
@@ -133,6 +166,13 @@ class Format:
     def pack(self, q, scale) -> dict:
         """For a format with a ``kernel``: its stored tensors from the kernel's (q, scale)."""
         raise NotImplementedError
+
+    def learn_grid(self, w, h, opts: LayerOpts, rtn: dict | None = None) -> LearnGrid | None:
+        """The format's grid for learned rounding of weight ``w`` (fp32) under objective matrix ``h``
+        (E[x x^T] or the covariance, [K, K]); ``rtn``: the format's own quantizer's tensors of ``w``
+        when the caller has them (a grid may start from their scales instead of searching again).
+        None: learned rounding does not run this format."""
+        return None
 
     def static_input_scale(self, stats: dict) -> Any:
         """The ``input_scale`` tensor calibration statistics give (``absmax``, ``mean``, ...: see

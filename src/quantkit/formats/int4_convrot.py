@@ -106,6 +106,9 @@ class Int4ConvRotFormat(Format):
         q, scale = quantize_rotated(r)
         return {"weight": lb.pack_nibbles(q.to(torch.int32)), "weight_scale": scale}
 
+    def learn_grid(self, w, h, opts: LayerOpts, rtn: dict | None = None):
+        return Int4ConvRotGrid(w, h, self.group(tuple(w.shape)), rtn)
+
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = ""):
         import torch
         from quantkit.formats_next import hadamard
@@ -146,3 +149,46 @@ class Int4ConvRotFormat(Format):
 
 
 INT4_CONVROT = register(Int4ConvRotFormat())
+
+
+# ---- learned rounding's grid (quantkit.learned.learn_format) ----
+
+class Int4ConvRotGrid:
+    """Signed INT4 (-7..7) per-row grid of W rotated by the format's butterfly; the objective in
+    the rotated basis (H -> B H B). Per-row scales fixed up front: the format's searched scale and
+    ``amax / 7 * f`` for f in (1, :data:`SHRINK`), per row the one whose round-to-nearest error on J
+    is lowest (rows are independent in J)."""
+
+    block = 0
+    method = "gptq"
+
+    def __init__(self, w, h, g: int, rtn: dict | None = None) -> None:
+        import torch
+        from quantkit.formats_next import hadamard
+        self.w = hadamard.rotate(w.float().contiguous(), g)
+        self.h = hadamard.rotate_objective(h, g)
+        s0 = rtn["weight_scale"].to(self.w.device, torch.float32) if rtn is not None else quantize_rotated(self.w)[1]
+        amax = self.w.abs().amax(dim=1, keepdim=True).clamp_(min=1e-10)
+        best, best_obj = None, None
+        for s in (s0.reshape(-1, 1), *(amax / QMAX * f for f in (1.0, *SHRINK))):
+            e = self.w - (self.w / s).round().clamp(-QMAX, QMAX) * s
+            obj = ((e @ self.h) * e).sum(1, keepdim=True, dtype=torch.float64)
+            if best is None:
+                best, best_obj = s, obj
+            else:
+                take = obj < best_obj
+                best, best_obj = torch.where(take, s, best), torch.where(take, obj, best_obj)
+        self.scale = best
+        self.q = torch.zeros(self.w.shape, dtype=torch.int32, device=self.w.device)
+
+    def choose(self, j0, cols) -> None:
+        pass
+
+    def round(self, j: int, col):
+        s = self.scale[:, 0]
+        v = (col / s).round().clamp(-QMAX, QMAX)
+        self.q[:, j] = v.to(self.q.dtype)
+        return v * s
+
+    def stored(self) -> dict:
+        return {"weight": lb.pack_nibbles(self.q), "weight_scale": self.scale.reshape(-1).contiguous()}

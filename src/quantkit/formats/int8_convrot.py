@@ -164,6 +164,9 @@ class Int8ConvRotFormat(Format):
         from ..kernels import native_blocks
         return native_blocks.convrot(w, _group(tuple(w.shape), opts.convrot_group_size))
 
+    def learn_grid(self, w, h, opts: LayerOpts, rtn: dict | None = None):
+        return learn_grid(w, h, opts.convrot_group_size)
+
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = "") -> object:
         from ._common import layer_dequantize
         return layer_dequantize(dequantize, tensors, marker, dtype, layer, tuple(tensors["weight"].shape))
@@ -200,3 +203,57 @@ class Int8ConvRotFormat(Format):
 
 
 INT8_CONVROT = register(Int8ConvRotFormat())
+
+
+# ---- learned rounding's grid (quantkit.learned.learn_format) ----
+
+class ConvRotGrid:
+    """INT8 per-row grid of W rotated by the format's butterfly; the objective in the rotated
+    basis (H -> B H B). Per-row scales fixed up front: per row, ``alpha * amax / 127`` for alpha in
+    the learned-rounding clip grid, the alpha whose round-to-nearest error on J is lowest (rows
+    are independent in J, so this is exact; alpha = 1, the format's own scale, always a candidate)."""
+
+    block = 0
+
+    def __init__(self, w, h, group_size: int) -> None:
+        import torch
+
+        from . import _hadamard
+        from ..learned import CLIP_GRID
+        wf = w.float().contiguous()
+        self.g = _group(tuple(wf.shape), group_size)
+        self.w = _hadamard.rotate(wf, self.g)
+        self.h = _hadamard.rotate_objective(h, self.g)
+        amax = self.w.abs().amax(dim=1, keepdim=True)
+        best = best_obj = None
+        for alpha in CLIP_GRID:
+            a = amax if alpha == 1.0 else amax * alpha
+            s = a / torch.full_like(a, QMAX)
+            s = torch.where(amax == 0, torch.ones_like(s), s)
+            e = self.w - (self.w / s).round().clamp(-QMAX, QMAX) * s
+            obj = ((e @ self.h) * e).sum(1, keepdim=True, dtype=torch.float64)
+            if best is None:
+                best, best_obj, clipped = s, obj, torch.zeros_like(obj, dtype=torch.bool)
+            else:
+                take = obj < best_obj
+                best, best_obj, clipped = torch.where(take, s, best), torch.where(take, obj, best_obj), clipped | take
+        self.scale = best
+        self.method = "gptq+clip" if bool(clipped.any()) else "gptq"
+        self.q = torch.zeros(self.w.shape, dtype=torch.int8, device=self.w.device)
+
+    def choose(self, j0, cols) -> None:
+        pass
+
+    def round(self, j: int, col):
+        import torch
+        s = self.scale[:, 0]
+        v = (col / s).round().clamp(-QMAX, QMAX)
+        self.q[:, j] = v.to(torch.int8)
+        return v * s
+
+    def stored(self) -> dict:
+        return {"weight": self.q, "weight_scale": self.scale.contiguous()}
+
+
+def learn_grid(w, h, group_size: int = DEFAULT_GROUP) -> ConvRotGrid:
+    return ConvRotGrid(w, h, group_size)

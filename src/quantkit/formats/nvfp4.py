@@ -277,6 +277,9 @@ class NVFP4Format(Format):
     def quantize(self, w, opts: LayerOpts) -> dict:
         return quantize(w)
 
+    def learn_grid(self, w, h, opts: LayerOpts, rtn: dict | None = None):
+        return learn_grid(w, h)
+
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = "") -> object:
         from ._common import layer_dequantize
         rows, half = tensors["weight"].shape
@@ -323,3 +326,56 @@ class NVFP4Format(Format):
 
 
 NVFP4 = register(NVFP4Format())
+
+
+# ---- learned rounding's grid (quantkit.learned.learn_format) ----
+
+class NVFP4Grid:
+    """E2M1 elements; weight_scale_2 from W (:func:`global_scale`), each 1 x 16 block's E4M3 scale
+    chosen by the format's scale search (:func:`_search_rows`) from the error-updated weights when
+    learned rounding reaches the block's first column."""
+
+    block = BLOCK
+    method = "gptq (block scales chosen with the rounding)"
+
+    def __init__(self, w, h) -> None:
+        import torch
+        self.w, self.h = w.float().contiguous(), h.float()
+        self.n, self.k = self.w.shape
+        self.g = global_scale(self.w)
+        rows, cols = padded_shape((self.n, self.k))
+        self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=self.w.device)
+        self.c = torch.zeros(rows, cols // BLOCK, dtype=torch.uint8, device=self.w.device)
+        self.offsets = torch.tensor(SEARCH_OFFSETS, dtype=torch.int32, device=self.w.device)
+        self.total = None
+
+    def choose(self, j0: int, cols) -> None:
+        import torch
+        x = cols
+        if x.shape[1] < BLOCK:
+            x = torch.nn.functional.pad(x, (0, BLOCK - x.shape[1]))
+        best, _ = _search_rows(x.reshape(self.n, 1, BLOCK).contiguous(), self.g, self.offsets)
+        self.c[:self.n, j0 // BLOCK] = best[:, 0].view(torch.uint8)
+        self.total = self.g * best[:, 0].float()
+
+    def round(self, j: int, col):
+        import torch
+
+        from . import _e2m1
+        zero = self.total == 0
+        y = (col / torch.where(zero, torch.ones_like(self.total), self.total)).clamp(-E2M1_MAX, E2M1_MAX)
+        code = torch.where(zero, torch.zeros_like(y, dtype=torch.uint8), _e2m1.encode(y))
+        self.codes[:self.n, j] = code
+        v = torch.where(zero, torch.zeros_like(y), _e2m1.round_values(y))
+        return v * self.total
+
+    def stored(self) -> dict:
+        import torch
+
+        from . import _blocked, _e2m1
+        return {"weight": _e2m1.pack(self.codes), "weight_scale": _blocked.swizzle(self.c.view(torch.float8_e4m3fn)),
+                "weight_scale_2": self.g.reshape(())}
+
+
+def learn_grid(w, h) -> NVFP4Grid:
+    return NVFP4Grid(w, h)

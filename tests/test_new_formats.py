@@ -448,7 +448,8 @@ def test_native_kernels_write_the_reference_bytes(native_blocks):
                 assert abs(stats.sqnr_db - exact) < 1e-3, (fmt, n, k, stats.sqnr_db, exact)
 
 
-def test_native_nvfp4_search_on_ties_and_rounding_boundaries(native_blocks):
+@pytest.mark.parametrize("offsets", [nvfp4.SEARCH_OFFSETS, (0, -1, 1, 4)])  # the kernel's 9-wide and general paths
+def test_native_nvfp4_search_on_ties_and_rounding_boundaries(native_blocks, monkeypatch, offsets):
     """The C search filters candidates by fp32 error sums and rounds x * (1 / scale): weights that
     make candidates tie exactly, put elements exactly on E2M1 rounding boundaries of a candidate
     scale, or clamp the offsets at the E4M3 ends must still give the reference's bytes."""
@@ -465,6 +466,7 @@ def test_native_nvfp4_search_on_ties_and_rounding_boundaries(native_blocks):
     w[80:96] *= 2 ** -20  # blocks far under the global amax: offsets clamp at code 1
     w[96:98] = 0
     w[0, 0] = 168.0  # g exactly 1/16
+    monkeypatch.setattr(nvfp4, "SEARCH_OFFSETS", offsets)
     for dtype in (torch.bfloat16, torch.float32):
         x = w.to(dtype)
         got, _ = FORMATS["nvfp4"].quantize_native(x, LayerOpts())

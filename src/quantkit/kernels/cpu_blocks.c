@@ -305,6 +305,86 @@ ALWAYS int nv_search(v16 x, const float *tot, const float *rc, const int32_t *ca
     return win;
 }
 
+/* Lane j of the result: the sum of the 16 lanes of s[j] (j < 9; lanes 9.. 0), by a transposed tree
+ * (halves of two vectors side by side, added; four levels). */
+ALWAYS v16 sum9(const v16 *s) {
+    const v16 z = {0};
+#define LO8(a, b) __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+#define HI8(a, b) __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31)
+#define LO4(a, b) __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+#define HI4(a, b) __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31)
+#define LO2(a, b) __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+#define HI2(a, b) __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31)
+#define EV(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+#define OD(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
+    v16 a0 = LO8(s[0], s[1]) + HI8(s[0], s[1]), a1 = LO8(s[2], s[3]) + HI8(s[2], s[3]);
+    v16 a2 = LO8(s[4], s[5]) + HI8(s[4], s[5]), a3 = LO8(s[6], s[7]) + HI8(s[6], s[7]);
+    v16 a4 = LO8(s[8], z) + HI8(s[8], z);
+    v16 b0 = LO4(a0, a1) + HI4(a0, a1), b1 = LO4(a2, a3) + HI4(a2, a3), b2 = LO4(a4, z) + HI4(a4, z);
+    v16 c0 = LO2(b0, b1) + HI2(b0, b1), c1 = LO2(b2, z) + HI2(b2, z);
+    return EV(c0, c1) + OD(c0, c1);
+#undef LO8
+#undef HI8
+#undef LO4
+#undef HI4
+#undef LO2
+#undef HI2
+#undef EV
+#undef OD
+}
+
+ALWAYS float vmin16(v16 a) {
+    a = vsel((vi16)(a < __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)), a,
+             __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    a = vsel((vi16)(a < __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)), a,
+             __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    a = vsel((vi16)(a < __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)), a,
+             __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    a = vsel((vi16)(a < __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)), a,
+             __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+    return a[0];
+}
+
+/* The bits j (j < 16) where a[j] <= b. */
+ALWAYS uint32_t le_bits(v16 a, float b) {
+    vi16 m = (vi16)(a <= b);
+    uint32_t out = 0;
+    for (int l = 0; l < 16; l++) out |= (uint32_t)(m[l] & 1) << l;
+    return out;
+}
+
+/* nv_search for the 9 offsets of the spec, the candidates' sums side by side. */
+ALWAYS int nv_search9(v16 x, const float *tot, const float *rc, const int32_t *cand, double *be, v16 *bv) {
+    v16 s[9];
+    int exact = 0;
+    for (int o = 0; o < 9; o++) {
+        int32_t c = cand[o];
+        exact |= rc[c] == 0.0f;
+        s[o] = nv_sq32(x, tot[c], rc[c]);
+    }
+    v16 e = sum9(s);
+    const vi16 live = {-1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0};
+    e = vsel(live, e, (v16){0} + __builtin_inff());
+    float emin = vmin16(e);
+    float band = exact ? __builtin_inff() : emin * (1.0f + 0x1p-12f) + 0x1p-130f;
+    uint32_t in = le_bits(e, band) & 0x1ffu;
+    if ((in & (in - 1)) == 0) {
+        int win = __builtin_ctz(in);
+        *be = nv_block(x, tot[cand[win]], bv);
+        return win;
+    }
+    int win = -1;
+    double best = 0;
+    v16 v;
+    for (int o = 0; o < 9; o++) {
+        if (!(in >> o & 1u)) continue;
+        double er = nv_block(x, tot[cand[o]], &v);
+        if (win < 0 || er < best) { best = er; win = o; *bv = v; }
+    }
+    *be = best;
+    return win;
+}
+
 /* Rows [r0, r1) in blocks of 16 (nb a row, kp = 16 nb): the block amax, the kitchen-rounded E4M3 scale
  * code c0 = e4m3(min((amax / 6) / g, 448)) and the scale search from it over the code offsets
  * off[0..n_off) (off[0] = 0), scale values from lut (the 127 positive E4M3 values by code),
@@ -341,7 +421,7 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
                     int32_t c = c0 + off[o];
                     cand[o] = c < 1 ? 1 : (c > 0x7e ? 0x7e : c);
                 }
-                bc = cand[nv_search(x, tot, rc, cand, n_off, &be, &bv)];
+                bc = cand[n_off == 9 ? nv_search9(x, tot, rc, cand, &be, &bv) : nv_search(x, tot, rc, cand, n_off, &be, &bv)];
             }
             best[r * nb + j] = (uint8_t)bc;
             vu16 sign = (vu16)bv & 0x80000000u;

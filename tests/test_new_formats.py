@@ -448,6 +448,31 @@ def test_native_kernels_write_the_reference_bytes(native_blocks):
                 assert abs(stats.sqnr_db - exact) < 1e-3, (fmt, n, k, stats.sqnr_db, exact)
 
 
+@pytest.mark.parametrize("offsets", [nvfp4.SEARCH_OFFSETS, (0, -1, 1, 4)])  # the kernel's 9-wide and general paths
+def test_native_nvfp4_search_on_ties_and_rounding_boundaries(native_blocks, monkeypatch, offsets):
+    """The C search filters candidates by fp32 error sums and rounds x * (1 / scale): weights that
+    make candidates tie exactly, put elements exactly on E2M1 rounding boundaries of a candidate
+    scale, or clamp the offsets at the E4M3 ends must still give the reference's bytes."""
+    g = torch.Generator().manual_seed(11)
+    n, k = 128, 256
+    w = torch.randint(-24, 25, (n, k), generator=g).float() * 2 ** -4  # few values: exact ties
+    lut = torch.arange(1, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 0.5, 3.0])
+    c = lut[torch.randint(30, 110, (32, k // 16), generator=g)].repeat_interleave(16, dim=1)
+    b = bounds[torch.randint(0, len(bounds), (32, k), generator=g)]
+    sign = torch.randint(0, 2, (32, k), generator=g).float() * 2 - 1
+    w[32:64] = 0.0625 * c * b * sign  # on a boundary of some candidate's grid (g = 168 / 2688 = 1/16)
+    w[64:80] = w[64:80, :1]  # constant rows
+    w[80:96] *= 2 ** -20  # blocks far under the global amax: offsets clamp at code 1
+    w[96:98] = 0
+    w[0, 0] = 168.0  # g exactly 1/16
+    monkeypatch.setattr(nvfp4, "SEARCH_OFFSETS", offsets)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = w.to(dtype)
+        got, _ = FORMATS["nvfp4"].quantize_native(x, LayerOpts())
+        assert _same_bytes(nvfp4.quantize_reference(x), got), dtype
+
+
 def test_native_kernels_thread_independent_and_refuse_nan(native_blocks):
     w = _case_weight(300, 448, "specials", torch.bfloat16)
     n_threads = torch.get_num_threads()

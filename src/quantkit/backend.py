@@ -172,12 +172,18 @@ def quantize_stored(w: torch.Tensor, spec, opts):
     On the CPU with the native backend, the format's C kernel (its ``native``: a function of
     :mod:`quantkit.kernels.native_blocks`, byte-identical to its torch ``quantize``), else that
     torch ``quantize`` (stats None: the caller measures them)."""
-    name = getattr(spec, "native", None)
-    if name is not None and w.device.type == "cpu" and backend_for("cpu") == "native":
-        from .kernels import native_blocks
-        if native_blocks.available() is None:
-            return spec.quantize_native(w, opts)
+    if runs_native(w, spec):
+        return spec.quantize_native(w, opts)
     return spec.quantize(w, opts), None
+
+
+def runs_native(w: torch.Tensor, spec) -> bool:
+    """Whether :func:`quantize_stored` runs ``spec``'s C kernel on ``w`` (those refuse NaN/Inf
+    themselves, in the pass they make anyway)."""
+    if getattr(spec, "native", None) is None or w.device.type != "cpu" or backend_for("cpu") != "native":
+        return False
+    from .kernels import native_blocks
+    return native_blocks.available() is None
 
 
 def quantize_torch(w: torch.Tensor, spec: ScaledFormat, block_size: int) -> QuantResult:

@@ -455,10 +455,12 @@ def _by_reference(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Back
     own ``dequantize`` (what ComfyUI computes) against the weight."""
     spec = lp.spec
     w = reader.tensor(lp.tensor).to(device)
-    check_finite(w, file=reader.path, tensor=lp.tensor, layer=lp.layer)  # before a format's searches see NaN
+    if not backend.runs_native(w, spec):  # a C kernel refuses NaN/Inf in its own pass
+        check_finite(w, file=reader.path, tensor=lp.tensor, layer=lp.layer)  # before a format's searches see NaN
     try:
         tensors, stats = backend.quantize_stored(w, spec, lp.opts)
     except QuantkitError as e:  # NaN/Inf in w, said by the format
+        check_finite(w, file=reader.path, tensor=lp.tensor, layer=lp.layer)  # the converter's error, as above
         raise QuantkitError(e.message, file=reader.path, tensor=lp.tensor, fix=e.fix) from None
     for t in tensors.values():
         if t.dtype in (torch.float32, torch.float16, torch.bfloat16):  # scales: NaN/Inf in w shows there

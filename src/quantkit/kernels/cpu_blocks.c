@@ -223,32 +223,205 @@ ALWAYS double nv_block(v16 x, float total, v16 *vout) {
     return z[0];
 }
 
-/* Rows [r0, r1) in blocks of 16 (nb a row, kp = 16 nb): the scale search from the kitchen-rounded
- * E4M3 block scale codes code0[r * nb + j] over the code offsets off[0..n_off) (off[0] = 0), scale
- * values from lut (the 127 positive E4M3 values by code), g = weight_scale_2. Writes the winning scale
- * codes best[r * nb + j], the packed E2M1 bytes q[r * kp / 2 + c / 2] (even column high), and per row
- * fp64 sums of w^2 and of the winner's squared errors. */
+/* Sum of 16 fp32 lanes, any fixed order (only a filter: see nv_search). */
+ALWAYS float hsum16f(v16 a) {
+    a = a + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    a = a + __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    a = a + __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    a = a + __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    return a[0];
+}
+
+/* The E4M3 code of a fp32 0 <= b <= 448, round to nearest even (torch's cast): normals by rounding the
+ * bits, subnormals (below 2^-6, steps of 2^-9) by b * 2^9 rounded to an integer. */
+ALWAYS uint32_t e4m3_code(float b) {
+    uint32_t a = f_bits(b);
+    if (a >= (uint32_t)(127 - 6) << 23) {
+        uint32_t rn = (a + ((1u << 19) - 1) + ((a >> 20) & 1u)) >> 20;
+        return rn - ((uint32_t)(127 - 7) << 3);
+    }
+    return f_bits(b * 512.0f + 8388608.0f) - 0x4B000000u;
+}
+
+/* fp32 squared errors of one block under candidate scale total (> 0, its reciprocal rc normal), with
+ * y = x * rc in place of the spec's x / total, and the E2M1 rounding as |y| (at most 6) plus 2^22,
+ * 2^23 or 2^24 (below 2, below 4, up to 6): steps of .5, 1, 2 half to even, the spec's
+ * round(|y| * m) / m. rc = fl(1 / total) puts |y| within 3 ulp of the spec's quotient, so the two
+ * round to the same value except where |y| lies that close to a rounding boundary (0.25, 0.75, 1.25,
+ * 1.75, 2.5, 3.5, 5); there they are the two grid values around it, nearly equally far: that element's
+ * squared error differs by under 4 * 3 ulp * |y| / (half step) <= 84 ulp of itself (|y| / (half step)
+ * <= 7), so the block's. See nv_search for what that bound buys. */
+ALWAYS v16 nv_sq32(v16 x, float total, float rc) {
+    v16 y = x * rc;
+    vu16 sign = (vu16)y & 0x80000000u;
+    v16 a = (v16)((vu16)y & 0x7fffffffu);
+    a = vsel((vi16)(a > 6.0f), (v16){0} + 6.0f, a);
+    v16 mg = vsel((vi16)(a < 2.0f), (v16){0} + 0x1p22f, vsel((vi16)(a < 4.0f), (v16){0} + 0x1p23f, (v16){0} + 0x1p24f));
+    v16 v = (v16)((vu16)((a + mg) - mg) | sign);
+    v16 d = x - v * total;
+    return d * d;
+}
+
+/* The winner of the scale search of one block (x, kitchen code c0 != 0) over codes cand[0..n) (the
+ * offsets applied and clamped), as the spec picks it: the first candidate of smallest fp64 error
+ * (nv_block, whose sum S of the spec's exact squares it rounds by under 4 ulp of fp64). The fp32
+ * errors e32 of nv_sq32 are a filter: within 100 ulp (fp32) relative of S (84 from the rounding above,
+ * 5 from fp32 squares and the 4 adds) plus an absolute 2^-146 (squares that underflow). A candidate
+ * whose e32 exceeds the smallest e32 by more than the band (relative 2^-12, absolute 2^-130) thus has
+ * S over (1 + 2^-13) times the smallest one's, so a larger fp64 error: it cannot win. The candidates
+ * left in the band (one, unless near a tie) are decided by their fp64 errors in order with strict <.
+ * A scale whose reciprocal is not normal (rc[c] = 0: a weight near fp32's ends) sends every candidate
+ * to the exact decision; so does an inf e32 (a square past fp32), as it puts every one in the band.
+ * tot[c] = g * lut[c], rc[c] its reciprocal. Returns the winner's index, its fp64 error in *be and its
+ * E2M1 values in *bv. */
+ALWAYS int nv_search(v16 x, const float *tot, const float *rc, const int32_t *cand, int n, double *be, v16 *bv) {
+    float e32[16];
+    float emin = __builtin_inff();
+    int exact = 0;
+    for (int o = 0; o < n; o++) {
+        int32_t c = cand[o];
+        exact |= rc[c] == 0.0f;
+        float e = hsum16f(nv_sq32(x, tot[c], rc[c]));
+        e32[o] = e;
+        emin = e < emin ? e : emin;
+    }
+    float band = exact ? __builtin_inff() : emin * (1.0f + 0x1p-12f) + 0x1p-130f;
+    uint32_t in = 0;  /* the candidates in the band, by bit (branch-free: which one wins is data) */
+    for (int o = 0; o < n; o++) in |= (uint32_t)(e32[o] <= band) << o;
+    if ((in & (in - 1)) == 0) {  /* one candidate (the smallest e32): the winner */
+        int win = __builtin_ctz(in);
+        *be = nv_block(x, tot[cand[win]], bv);
+        return win;
+    }
+    int win = -1;
+    double best = 0;
+    v16 v;
+    for (int o = 0; o < n; o++) {
+        if (!(in >> o & 1u)) continue;
+        double er = nv_block(x, tot[cand[o]], &v);
+        if (win < 0 || er < best) { best = er; win = o; *bv = v; }
+    }
+    *be = best;
+    return win;
+}
+
+/* Lane j of the result: the sum of the 16 lanes of s[j] (j < 9; lanes 9.. 0), by a transposed tree
+ * (halves of two vectors side by side, added; four levels). */
+ALWAYS v16 sum9(const v16 *s) {
+    const v16 z = {0};
+#define LO8(a, b) __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
+#define HI8(a, b) __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31)
+#define LO4(a, b) __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
+#define HI4(a, b) __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31)
+#define LO2(a, b) __builtin_shufflevector(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
+#define HI2(a, b) __builtin_shufflevector(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31)
+#define EV(a, b) __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+#define OD(a, b) __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31)
+    v16 a0 = LO8(s[0], s[1]) + HI8(s[0], s[1]), a1 = LO8(s[2], s[3]) + HI8(s[2], s[3]);
+    v16 a2 = LO8(s[4], s[5]) + HI8(s[4], s[5]), a3 = LO8(s[6], s[7]) + HI8(s[6], s[7]);
+    v16 a4 = LO8(s[8], z) + HI8(s[8], z);
+    v16 b0 = LO4(a0, a1) + HI4(a0, a1), b1 = LO4(a2, a3) + HI4(a2, a3), b2 = LO4(a4, z) + HI4(a4, z);
+    v16 c0 = LO2(b0, b1) + HI2(b0, b1), c1 = LO2(b2, z) + HI2(b2, z);
+    return EV(c0, c1) + OD(c0, c1);
+#undef LO8
+#undef HI8
+#undef LO4
+#undef HI4
+#undef LO2
+#undef HI2
+#undef EV
+#undef OD
+}
+
+ALWAYS float vmin16(v16 a) {
+    a = vsel((vi16)(a < __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)), a,
+             __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    a = vsel((vi16)(a < __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)), a,
+             __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+    a = vsel((vi16)(a < __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)), a,
+             __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+    a = vsel((vi16)(a < __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)), a,
+             __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+    return a[0];
+}
+
+/* The bits j (j < 16) where a[j] <= b. */
+ALWAYS uint32_t le_bits(v16 a, float b) {
+    vi16 m = (vi16)(a <= b);
+    uint32_t out = 0;
+    for (int l = 0; l < 16; l++) out |= (uint32_t)(m[l] & 1) << l;
+    return out;
+}
+
+/* nv_search for the 9 offsets of the spec, the candidates' sums side by side. */
+ALWAYS int nv_search9(v16 x, const float *tot, const float *rc, const int32_t *cand, double *be, v16 *bv) {
+    v16 s[9];
+    int exact = 0;
+    for (int o = 0; o < 9; o++) {
+        int32_t c = cand[o];
+        exact |= rc[c] == 0.0f;
+        s[o] = nv_sq32(x, tot[c], rc[c]);
+    }
+    v16 e = sum9(s);
+    const vi16 live = {-1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0};
+    e = vsel(live, e, (v16){0} + __builtin_inff());
+    float emin = vmin16(e);
+    float band = exact ? __builtin_inff() : emin * (1.0f + 0x1p-12f) + 0x1p-130f;
+    uint32_t in = le_bits(e, band) & 0x1ffu;
+    if ((in & (in - 1)) == 0) {
+        int win = __builtin_ctz(in);
+        *be = nv_block(x, tot[cand[win]], bv);
+        return win;
+    }
+    int win = -1;
+    double best = 0;
+    v16 v;
+    for (int o = 0; o < 9; o++) {
+        if (!(in >> o & 1u)) continue;
+        double er = nv_block(x, tot[cand[o]], &v);
+        if (win < 0 || er < best) { best = er; win = o; *bv = v; }
+    }
+    *be = best;
+    return win;
+}
+
+/* Rows [r0, r1) in blocks of 16 (nb a row, kp = 16 nb): the block amax, the kitchen-rounded E4M3 scale
+ * code c0 = e4m3(min((amax / 6) / g, 448)) and the scale search from it over the code offsets
+ * off[0..n_off) (off[0] = 0), scale values from lut (the 127 positive E4M3 values by code),
+ * g = weight_scale_2. Writes the winning scale codes best[r * nb + j], the packed E2M1 bytes
+ * q[r * kp / 2 + c / 2] (even column high), and per row fp64 sums of w^2 and of the winner's squared
+ * errors. */
 ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, float g,
-              const uint8_t *code0, const float *lut, const int32_t *off, int n_off, uint8_t *best,
+              const float *lut, const int32_t *off, int n_off, uint8_t *best,
               uint8_t *q, double *sig, double *noise) {
     const uint8_t *p = (const uint8_t *)w;
     const int64_t half = nb * 8;
+    int32_t cand[16];
+    float tot[128], rc[128];
+    for (int c = 0; c < 127; c++) {
+        tot[c] = g * lut[c];
+        rc[c] = tot[c] >= 0x1p-100f && tot[c] <= 0x1p100f ? 1.0f / tot[c] : 0.0f;
+    }
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = p + r * k * ELEM[kind];
         vd8 ss = {0};
         double nn = 0;
         for (int64_t j = 0; j < nb; j++) {
-            v16 x = load16(row, 16 * j, k, kind), v, bv;
-            int32_t c0 = code0[r * nb + j];
+            v16 x = load16(row, 16 * j, k, kind), bv;
+            float amax = bits_f(amax_bits16(x));
+            float b = (amax / 6.0f) / g;
+            b = b > 448.0f ? 448.0f : b;
+            int32_t c0 = (int32_t)e4m3_code(b);
             int32_t bc = c0;
-            double be = nv_block(x, g * lut[c0], &bv);
-            if (c0 != 0) {
-                for (int o = 1; o < n_off; o++) {
+            double be;
+            if (c0 == 0) {
+                be = nv_block(x, 0.0f, &bv);
+            } else {
+                for (int o = 0; o < n_off; o++) {
                     int32_t c = c0 + off[o];
-                    c = c < 1 ? 1 : (c > 0x7e ? 0x7e : c);
-                    double er = nv_block(x, g * lut[c], &v);
-                    if (er < be) { be = er; bc = c; bv = v; }
+                    cand[o] = c < 1 ? 1 : (c > 0x7e ? 0x7e : c);
                 }
+                bc = cand[n_off == 9 ? nv_search9(x, tot, rc, cand, &be, &bv) : nv_search(x, tot, rc, cand, n_off, &be, &bv)];
             }
             best[r * nb + j] = (uint8_t)bc;
             vu16 sign = (vu16)bv & 0x80000000u;
@@ -268,11 +441,22 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
 }
 
 void qk_nvfp4(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, float g,
-              const uint8_t *code0, const float *lut, const int32_t *off, int n_off, uint8_t *best,
+              const float *lut, const int32_t *off, int n_off, uint8_t *best,
               uint8_t *q, double *sig, double *noise) {
-    if (kind == IN_BF16) qk_nvfp4_t(w, IN_BF16, r0, r1, k, nb, g, code0, lut, off, n_off, best, q, sig, noise);
-    else if (kind == IN_F16) qk_nvfp4_t(w, IN_F16, r0, r1, k, nb, g, code0, lut, off, n_off, best, q, sig, noise);
-    else qk_nvfp4_t(w, IN_F32, r0, r1, k, nb, g, code0, lut, off, n_off, best, q, sig, noise);
+    if (kind == IN_BF16) qk_nvfp4_t(w, IN_BF16, r0, r1, k, nb, g, lut, off, n_off, best, q, sig, noise);
+    else if (kind == IN_F16) qk_nvfp4_t(w, IN_F16, r0, r1, k, nb, g, lut, off, n_off, best, q, sig, noise);
+    else qk_nvfp4_t(w, IN_F32, r0, r1, k, nb, g, lut, off, n_off, best, q, sig, noise);
+}
+
+/* Largest |w| of each row of rows [r0, r1) as ordered bits (NaN above inf): out[r]. */
+void qk_absmax_bits(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, uint32_t *out) {
+    const uint8_t *p = (const uint8_t *)w;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = p + r * k * ELEM[kind];
+        vu16 m = {0};
+        for (int64_t c = 0; c < k; c += 16) m = umax16(m, (vu16)load16(row, c, k, kind) & 0x7fffffffu);
+        out[r] = amax_bits16((v16)m);
+    }
 }
 
 /* ---------------------------------------------------------------- int8-convrot */

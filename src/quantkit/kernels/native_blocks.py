@@ -30,9 +30,10 @@ def _load() -> ctypes.CDLL:
     i64, p, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.qk_block16_amax.argtypes = [p, i32, i64, i64, i64, i64, p]
     lib.qk_mxfp8.argtypes = [p, i32, i64, i64, i64, i64, p, p, p, p, p]
-    lib.qk_nvfp4.argtypes = [p, i32, i64, i64, i64, i64, f32, p, p, p, i32, p, p, p, p]
+    lib.qk_nvfp4.argtypes = [p, i32, i64, i64, i64, i64, f32, p, p, i32, p, p, p, p]
+    lib.qk_absmax_bits.argtypes = [p, i32, i64, i64, i64, p]
     lib.qk_convrot.argtypes = [p, i32, i64, i64, i64, i64, i32, p, p, p, p, p]
-    for f in (lib.qk_block16_amax, lib.qk_mxfp8, lib.qk_nvfp4, lib.qk_convrot):
+    for f in (lib.qk_block16_amax, lib.qk_mxfp8, lib.qk_nvfp4, lib.qk_absmax_bits, lib.qk_convrot):
         f.restype = None
     return lib
 
@@ -119,14 +120,12 @@ def nvfp4(w: torch.Tensor) -> tuple[dict, ErrorStats]:
     n, k = w.shape
     rows, cols = spec.padded_shape((n, k))
     nb = cols // 16
-    amax_b = torch.empty(rows, nb, dtype=torch.float32)
-    amax_b[n:] = 0
-    native.parallel(n, 1, lambda r0, r1: _lib.qk_block16_amax(w.data_ptr(), kind, r0, r1, k, nb, amax_b.data_ptr()))
-    if not bool(torch.isfinite(amax_b).all()):
+    amax = torch.empty(n, dtype=torch.int32)  # each row's largest |w| as ordered bits (NaN above inf)
+    native.parallel(n, 1, lambda r0, r1: _lib.qk_absmax_bits(w.data_ptr(), kind, r0, r1, k, amax.data_ptr()))
+    top = int(amax.max())
+    if top >= 0x7F800000:
         raise _nonfinite("nvfp4")
-    g = spec.global_scale(amax_b)  # max over the blocks = max |w|
-    b = (amax_b / torch.full_like(amax_b, spec.E2M1_MAX)) / g
-    code0 = b.clamp(max=spec.FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).contiguous()
+    g = spec.global_scale(torch.tensor([top], dtype=torch.int32).view(torch.float32))
     if _LUT is None:
         _LUT = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float().contiguous()
     off = torch.tensor(spec.SEARCH_OFFSETS, dtype=torch.int32)
@@ -136,8 +135,8 @@ def nvfp4(w: torch.Tensor) -> tuple[dict, ErrorStats]:
     q[n:] = 0
     sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     gf = float(g)
-    native.parallel(n, 1, lambda r0, r1: _lib.qk_nvfp4(w.data_ptr(), kind, r0, r1, k, nb, gf, code0.data_ptr(),
-                                                       _LUT.data_ptr(), off.data_ptr(), len(spec.SEARCH_OFFSETS),
+    native.parallel(n, 1, lambda r0, r1: _lib.qk_nvfp4(w.data_ptr(), kind, r0, r1, k, nb, gf, _LUT.data_ptr(),
+                                                       off.data_ptr(), len(spec.SEARCH_OFFSETS),
                                                        best.data_ptr(), q.data_ptr(), sig.data_ptr(),
                                                        noise.data_ptr()))
     return {"weight": q, "weight_scale": _blocked.swizzle(best.view(torch.float8_e4m3fn)),

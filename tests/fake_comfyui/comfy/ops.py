@@ -137,8 +137,9 @@ class MixedPrecisionOp(CastWeightBiasOp):
 
 
 def get_disabled_quant_formats(device=None):
-    # This machine has no FP8 / INT8 / MXFP8 / FP4 tensor cores (CPU): ComfyUI disables its stock quantized matmuls.
-    return {"float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "mxfp8", "nvfp4"}
+    # This machine has no FP8 / INT8 / MXFP8 / FP4 tensor cores (CPU): ComfyUI disables its stock quantized
+    # matmuls, the INT8-compute ones (int8_tensorwise, convrot_w4a4, asym_w4a8_int8) included; awq_w4a16 never.
+    return {"float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "mxfp8", "nvfp4", "convrot_w4a4", "asym_w4a8_int8"}
 
 
 def mixed_precision_ops(quant_config={}, compute_dtype=torch.bfloat16, full_precision_mm=False, disabled=[]):

@@ -298,3 +298,41 @@ def test_verify_reports_sqnr_of_what_comfyui_dequantizes(comfy, sample_files, na
         got = rows[layer].sqnr_db
         assert math.isfinite(got) and abs(got - want) < 1e-3, (layer, got, want)
         assert got > 10.0  # 4-bit on the sample's weights: 17-30 dB measured
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_cli_inspect_and_verify_against_on_a_4bit_file(sample_files, tmp_path, name):
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+    from quantkit.verify import verify
+    runner = CliRunner()
+    f = sample_files[name]
+    r = runner.invoke(app, ["inspect", str(f), "--json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["formats"] == {FORMATS[name].comfy_format: 6} and d["comfyui_loads"].startswith("yes: stock ComfyUI")
+    assert d["violations"] == [] and d["needs_node_for"] == []
+    rep = tmp_path / "v.json"
+    r = runner.invoke(app, ["verify", str(f), "--against", str(SAMPLE), "--report", str(rep), "--quiet"])
+    assert r.exit_code == 0, r.output
+    (entry,) = json.loads(rep.read_text())["files"]
+    want = {c.name: c.sqnr_db for c in verify(f, SAMPLE).layers if c.format is not None}
+    assert len(want) == 6 and min(want.values()) > 10.0
+    got = {x["name"]: x["sqnr_db"] for x in entry["layers"] if x["format"] is not None}
+    assert entry["status"] == "ok" and got == pytest.approx(want, abs=1e-9)
+    # --min-sqnr above the worst layer fails (exit 1), just under it passes
+    worst = min(want.values())
+    assert runner.invoke(app, ["verify", str(f), "--against", str(SAMPLE), "--min-sqnr", f"{worst + 0.01:.4f}",
+                               "--quiet"]).exit_code == 1
+    assert runner.invoke(app, ["verify", str(f), "--against", str(SAMPLE), "--min-sqnr", f"{worst - 0.01:.4f}",
+                               "--quiet"]).exit_code == 0
+    # a layer whose scale is gone: inspect names the violation and exits 1
+    sd = load_file(str(f))
+    layer = next(iter(markers(sd)))
+    drop = FORMATS[name].stored((1, 64), torch.bfloat16, LayerOpts())[1].suffix
+    del sd[f"{layer}.{drop}"]
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad))
+    r = runner.invoke(app, ["inspect", str(bad), "--json"])
+    assert r.exit_code == 1 and any(v["tensor"] and layer in v["tensor"] for v in json.loads(r.output)["violations"]), r.output

@@ -336,3 +336,22 @@ def test_cli_inspect_and_verify_against_on_a_4bit_file(sample_files, tmp_path, n
     save_file(sd, str(bad))
     r = runner.invoke(app, ["inspect", str(bad), "--json"])
     assert r.exit_code == 1 and any(v["tensor"] and layer in v["tensor"] for v in json.loads(r.output)["violations"]), r.output
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w4a8_without_codebook_loads_as_comfyui_loads_it(comfy, sample_files, dtype):  # noqa: F811
+    """ComfyUI's loader takes weight_codebook as optional (uniform 4-bit codes without it); so does the runtime."""
+    sd = load_file(str(sample_files["w4a8"]))
+    layer = next(iter(markers(sd)))
+    del sd[f"{layer}.weight_codebook"]
+    n, k = markers(sd)[layer]["orig_shape"]
+    ref = FORMATS["w4a8"].dequantize(stored(sd, layer), markers(sd)[layer], dtype, layer)
+    lin = mixed_precision_ops(compute_dtype=dtype).Linear(k, n, bias=f"{layer}.bias" in sd)
+    res = lin.load_state_dict(sub(sd, layer))
+    assert not res.missing_keys and not res.unexpected_keys
+    assert "weight_codebook" not in lin.weight.params.tensors
+    clin, cres = comfy_linear(comfy, sd, layer, dtype)
+    assert not cres.missing_keys and not cres.unexpected_keys and clin.weight.params.codebook is None
+    assert same_bits(lin.weight.dequantize(), ref) and same_bits(clin.weight.dequantize(), ref)
+    with_cb = FORMATS["w4a8"].dequantize(stored(load_file(str(sample_files["w4a8"])), layer), markers(sd)[layer], dtype)
+    assert not torch.equal(ref, with_cb)  # the codebook matters: uniform codes are other values

@@ -197,6 +197,7 @@ class W4A8Format(Format):
     stock_comfy = True
     runtime_layout = "AsymW4A8Int8Layout"
     weight_dtype_name = "I8"
+    optional_suffixes = ("weight_codebook",)  # ComfyUI loads a 4-bit layer without one (uniform codes)
 
     def __init__(self, name: str, bits: int, summary: str) -> None:
         self.name, self.bits, self.summary = name, bits, summary

@@ -163,6 +163,8 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                                         tensor=f"{layer}.comfy_quant", fix="load the file into the model it was converted from")
                 want = spec.stored(shape, compute_dtype, LayerOpts())
                 tensors = {"weight": weight}
+                optional = getattr(spec, "optional_suffixes", ())  # tensors ComfyUI's loader takes as absent
+                want = [st for st in want if st.suffix not in optional or prefix + st.suffix in state_dict]
                 for st in want[1:]:
                     t = state_dict.pop(prefix + st.suffix, None)
                     if t is None:

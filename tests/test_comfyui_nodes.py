@@ -18,9 +18,12 @@ from quantkit.comfyui.nodes import (NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPI
                                     QuantkitQuantizeModel)
 from quantkit.comfyui.quantize_model import TARGETS
 from quantkit.errors import QuantkitError
+from quantkit.formats import FORMATS, decode_comfy_quant
 
 from comfy_fixture import comfy  # noqa: F401  (fixture)
 from conftest import ROOT, SAMPLE, at_least, at_most, cos_floor, sha
+
+ck_tensor = pytest.importorskip("comfy_kitchen.tensor")
 
 NODE_DIR = ROOT / "comfyui_node"
 
@@ -109,7 +112,7 @@ def _weights(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("target", list(TARGETS))
+@pytest.mark.parametrize("target", list(COS_FLOOR))  # the other targets: test_quantize_dit_shaped_model_to_stored_formats
 def test_quantize_minilm_matches_converter_and_keeps_original(comfy, minilm, minilm_fp32, tmp_path, target):
     model, ids, mask, ref = minilm
     before = _weights(model)
@@ -223,6 +226,79 @@ def test_quantize_dit_shaped_model_decides_like_the_converter(comfy, tmp_path, p
     at_most(rel, 0.0394 * 1.25, "flux-mini qkv int8-block output rel. error")
 
 
+def test_targets_are_every_format_comfyui_loads(comfy):
+    """Derived from the registry: every format stock ComfyUI loads, and int8-block (the node's own layout)."""
+    want = {f.name for f in FORMATS.values() if f.stock_comfy} | {"int8-block"}
+    assert sorted(TARGETS.values()) == sorted(want) and len(TARGETS) == len(FORMATS) == 12
+    assert {"int8-convrot", "mxfp8", "nvfp4", "w4a8", "w4a8-6bit", "int4-convrot", "awq4"} <= set(TARGETS)
+    assert QuantkitConvertCheckpoint.INPUT_TYPES()["required"]["format"][0] == list(FORMATS)
+    for cls in (QuantkitQuantizeModel, QuantkitConvertCheckpoint):
+        kind, opts = cls.INPUT_TYPES()["optional"]["convrot_group_size"]
+        assert kind == "INT" and opts["default"] == 256
+
+
+# Three of the sample's layers (K = 128, 512, 640); the rest is excluded (the 4-bit searches take
+# seconds per layer here). Names with or without ComfyUI's diffusion_model. prefix.
+ONLY_SOME = "^(?!(diffusion_model\\.)?(double_blocks\\.0\\.img_attn\\.proj|double_blocks\\.0\\.img_mlp\\.2|single_blocks\\.0\\.linear2))"
+STORED_TARGETS = [t for t, f in TARGETS.items() if FORMATS[f].kernel is None]
+
+
+@pytest.mark.parametrize("target", STORED_TARGETS)
+def test_quantize_dit_shaped_model_to_stored_formats(comfy, tmp_path, target):
+    """int8-convrot, mxfp8, nvfp4 and the 4-bit formats through the node: the converter's bits, loaded by
+    ComfyUI's loader into comfy-kitchen's layouts, each layer's output F.linear on what it dequantizes."""
+    fmt = TARGETS[target]
+    group = 64 if fmt == "int8-convrot" else 256
+    sd = load_file(str(SAMPLE))
+    base = Tree()
+    base.add_module("diffusion_model", module_from_state_dict(sd))
+    patcher = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    clone, text = QuantkitQuantizeModel().quantize(patcher, target, 128, "int8-row", ONLY_SOME, "auto", group)
+    out = tmp_path / "o.safetensors"
+    report = quantkit.convert(SAMPLE, out, format=fmt, exclude=[ONLY_SOME],
+                              format_options={"convrot_group_size": group} if group != 256 else None)
+    file = load_file(str(out))
+    want = sorted(lr.name.removesuffix(".weight") for lr in report.layers if lr.format == fmt)
+    assert len(want) == 3 and sorted(n.removeprefix("diffusion_model.") for n in clone.object_patches) == want
+    assert text.startswith(f"quantkit: 3 of 34 linear layers quantized to {target}")
+    x = torch.randn(3, 640, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for name, mod in clone.object_patches.items():
+        layer = name.removeprefix("diffusion_model.")
+        m = decode_comfy_quant(file[f"{layer}.comfy_quant"].numpy().tobytes())
+        tensors = {k[len(layer) + 1:]: v for k, v in file.items() if k.startswith(layer + ".")
+                   and k[len(layer) + 1:] not in ("comfy_quant", "bias")}
+        assert mod.quant_format == FORMATS[fmt].comfy_format
+        assert mod.weight.layout_cls is getattr(ck_tensor, FORMATS[fmt].runtime_layout), name  # kitchen's own
+        assert torch.equal(mod.weight._qdata.view(torch.uint8), file[f"{layer}.weight"].view(torch.uint8)), name
+        ref = FORMATS[fmt].dequantize(tensors, m, torch.bfloat16, layer)
+        deq = mod.weight.dequantize()
+        assert deq.dtype == torch.bfloat16 and torch.equal(deq.view(torch.int16), ref.view(torch.int16)), name
+        if fmt == "int8-convrot":  # the node's group where K divides it, as the converter's
+            assert mod.weight.params.convrot_groupsize == m["convrot_groupsize"] == 64, name
+        xi = x[:, :mod.in_features]
+        with torch.inference_mode():
+            y = mod(xi)
+        bias = None if mod.bias is None else mod.bias.to(xi.dtype)
+        y_ref = torch.nn.functional.linear(xi, ref, bias)
+        # ComfyUI dequantizes where this CPU has no kernel for the format (disabled): exactly F.linear;
+        # awq_w4a16 (never disabled) runs comfy-kitchen's own weight-only CPU path
+        if FORMATS[fmt].comfy_format in comfy.ops.get_disabled_quant_formats():
+            assert torch.equal(y, y_ref), name
+        else:
+            rel = float((y.float() - y_ref.float()).norm() / y_ref.float().norm())
+            assert rel < 1e-2, (name, rel)
+
+
+def test_quantize_refuses_a_bad_convrot_group(comfy):
+    sd = load_file(str(SAMPLE))
+    base = Tree()
+    base.add_module("diffusion_model", module_from_state_dict(sd))
+    patcher = comfy.model_patcher.ModelPatcher(base, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(QuantkitError, match="--convrot-group-size 100 is not a power of 4"):
+        QuantkitQuantizeModel().quantize(patcher, "int8-convrot", 128, "int8-row", "", "auto", 100)
+    assert patcher.object_patches == {}
+
+
 def test_quantize_rejects_bad_options(comfy, minilm):
     model = minilm[0]
     patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
@@ -288,6 +364,22 @@ def test_convert_node_writes_beside_source_with_progress(comfy, models_dir, tmp_
                                                    exclude="img_in\n")
     assert Path(path2) == models_dir / "mini8.safetensors"
     assert "img_in.comfy_quant" not in load_file(path2)
+
+
+def test_convert_node_convrot_group_size(comfy, models_dir, tmp_path):
+    src = "diffusion_models/flux-mini.safetensors"
+    path, _ = QuantkitConvertCheckpoint().convert(src, "int8-convrot", 128, "int8-row", "", False,
+                                                  convrot_group_size=64)
+    ref = tmp_path / "ref.safetensors"
+    quantkit.convert(SAMPLE, ref, format="int8-convrot", format_options={"convrot_group_size": 64})
+    assert sha(path) == sha(ref)
+    groups = {decode_comfy_quant(v.numpy().tobytes())["convrot_groupsize"]
+              for k, v in load_file(path).items() if k.endswith(".comfy_quant")}
+    assert groups == {64}  # every K of the sample (128, 256, 512, 640) is a multiple of 64
+    with pytest.raises(QuantkitError, match="--convrot-group-size 8 is not a power of 4"):
+        QuantkitConvertCheckpoint().convert(src, "int8-convrot", 128, "int8-row", "g8.safetensors", False,
+                                            convrot_group_size=8)
+    assert not (models_dir / "g8.safetensors").exists()
 
 
 def test_convert_node_refuses_paths_and_stops_on_interrupt(comfy, models_dir):

@@ -117,7 +117,7 @@ def test_w8a8_reference_is_exact_int_math():
 def test_layout_registry_errors_and_custom_layout_ops():
     with pytest.raises(QuantkitError, match="'TensorWiseINT8Layout' is already registered"):
         register_layout_class("TensorWiseINT8Layout", get_layout_class("TensorWiseINT8Layout"))
-    with pytest.raises(QuantkitError, match="unknown layout 'NoSuchLayout'.*BlockWiseINT8Layout, TensorCoreFP8E4M3Layout"):
+    with pytest.raises(QuantkitError, match="unknown layout 'NoSuchLayout'.*AsymW4A8Int8Layout, BlockWiseINT8Layout, TensorCoreAWQW4A16Layout, TensorCoreConvRotW4A4Layout, TensorCoreFP8E4M3Layout"):
         QuantizedTensor.from_float(weight(), "NoSuchLayout")
     with pytest.raises(QuantkitError, match="not divisible by block size 128"):
         QuantizedTensor.from_float(weight(192, 256), "BlockWiseINT8Layout")

@@ -21,11 +21,11 @@ import re
 from .. import families
 from ..convert import convert
 from ..errors import QuantkitError
-from ..formats import DEFAULT_BLOCK_SIZE, DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS
+from ..formats import DEFAULT_BLOCK_SIZE, DEFAULT_FALLBACK, DEFAULT_FORMAT, FALLBACK_CHOICES, FORMATS, LayerOpts
 from ..plan import default_output_name
 from .capture_nodes import FOLDER, QuantkitCaptureCalibration, QuantkitSaveCalibration, calibration_files, register_folder
 from .compare_node import QuantkitCompareModels
-from .quantize_model import TARGETS, quantize_model
+from .quantize_model import TARGETS, format_options, quantize_model
 
 log = logging.getLogger("quantkit.comfyui")
 
@@ -33,6 +33,10 @@ CATEGORY = "quantkit"
 # Folders the convert node reads from (ComfyUI's folder_paths names).
 SOURCE_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders")
 PRESET_TIP = "model family whose high-precision layers stay unquantized (auto: detect; none: generic rules)"
+CONVROT_INPUT = ("INT", {"default": LayerOpts.convrot_group_size, "min": 4, "max": 4096,
+                         "tooltip": "int8-convrot's ConvRot group: a power of 4 (16, 64, 256, 1024); a layer whose "
+                                    "in_features it does not divide takes the largest power of 4 that does "
+                                    "(the 4-bit formats pick their group per layer)"})
 
 
 def _split_patterns(text: str) -> tuple[str, ...]:
@@ -62,6 +66,7 @@ class QuantkitQuantizeModel:
                 "exclude": ("STRING", {"default": "", "multiline": True,
                                        "tooltip": "regexes (one per line) of layer names to keep unquantized"}),
                 "preset": (list(families.PRESET_CHOICES), {"default": "auto", "tooltip": PRESET_TIP}),
+                "convrot_group_size": CONVROT_INPUT,
             },
         }
 
@@ -70,8 +75,10 @@ class QuantkitQuantizeModel:
     FUNCTION = "quantize"
     CATEGORY = CATEGORY
 
-    def quantize(self, model, target, block_size, fallback, exclude="", preset="auto"):
-        clone, summary = quantize_model(model, target, int(block_size), fallback, _split_patterns(exclude), preset)
+    def quantize(self, model, target, block_size, fallback, exclude="", preset="auto",
+                 convrot_group_size=LayerOpts.convrot_group_size):
+        clone, summary = quantize_model(model, target, int(block_size), fallback, _split_patterns(exclude), preset,
+                                        int(convrot_group_size))
         text = summary.text()
         log.info("%s", text)
         return (clone, text)
@@ -177,6 +184,7 @@ class QuantkitConvertCheckpoint:
                                                  "with hessians for the layers it should change)"}),
                 "bias_correction": ("BOOLEAN", {"default": False, "tooltip": "fold the mean output error into "
                                                 "each bias (needs calibration)"}),
+                "convrot_group_size": CONVROT_INPUT,
             },
         }
 
@@ -187,13 +195,15 @@ class QuantkitConvertCheckpoint:
     OUTPUT_NODE = True
 
     def convert(self, source, format, block_size, fallback, output_name, overwrite, exclude="", preset="auto",
-                device="auto", calibration="none", learned_rounding=False, bias_correction=False):
+                device="auto", calibration="none", learned_rounding=False, bias_correction=False,
+                convrot_group_size=LayerOpts.convrot_group_size):
         src = resolve_source(source)
         dst = output_path(src, format, output_name)
         report = convert(src, dst, format=format, block_size=int(block_size), fallback=fallback,
                          exclude=_split_patterns(exclude), overwrite=bool(overwrite), progress=ProgressReporter(),
                          preset=preset, device=device, calibration=resolve_calibration(calibration),
-                         learned_rounding=bool(learned_rounding), bias_correction=bool(bias_correction))
+                         learned_rounding=bool(learned_rounding), bias_correction=bool(bias_correction),
+                         format_options=dict(format_options(convrot_group_size)))
         q = [layer for layer in report.layers if layer.action != "kept"]
         text = (f"quantkit: wrote {dst} ({report.bytes_out / 1e9:.2f} GB, {len(q)} layers quantized "
                 f"to {format}, {report.seconds:.1f} s)")

@@ -31,14 +31,16 @@ import torch
 from .. import backend, families
 from ..dtypes import TORCH_TO_NAME
 from ..errors import QuantkitError
-from ..formats import DEFAULT_FALLBACK, FORMATS, encode_comfy_quant
+from ..formats import DEFAULT_FALLBACK, FORMATS, LayerOpts, encode_comfy_quant
 from ..formats import scaled
 from ..plan import LayerPlan, Options, _plan_one
 from ..policy import Selection
 from ..safetensors_io import TensorInfo
 
-# What the node offers -> quantkit --format (each format names its own target).
-TARGETS: dict[str, str] = {f.node_target: f.name for f in FORMATS.values() if f.node_target}
+# What the node offers -> quantkit --format, from the registry: every format stock ComfyUI loads
+# (under its ``node_target`` where it names one, else its --format name) and every format the node
+# registers a layout for (those name a ``node_target``: int8_blockwise).
+TARGETS: dict[str, str] = {(f.node_target or f.name): f.name for f in FORMATS.values() if f.node_target or f.stock_comfy}
 
 
 @dataclass
@@ -126,16 +128,26 @@ def layer_state_dict(tensors: dict[str, torch.Tensor], lp: LayerPlan,
     return sd
 
 
+def format_options(convrot_group_size: int) -> tuple[tuple[str, object], ...]:
+    """The per-layer format options a node sets, as ``quantkit convert`` sets them (only where they
+    differ from the default, so a plan without them is unchanged)."""
+    g = int(convrot_group_size)
+    return () if g == LayerOpts.convrot_group_size else (("convrot_group_size", g),)
+
+
 def quantize_model(model, target: str, block_size: int = 128, fallback: str = DEFAULT_FALLBACK,
-                   exclude: tuple[str, ...] = (), preset: str = "auto"):
+                   exclude: tuple[str, ...] = (), preset: str = "auto",
+                   convrot_group_size: int = LayerOpts.convrot_group_size):
     """Return ``(clone, summary)``: a clone of the ModelPatcher ``model`` with its linear layers
     quantized to ``target`` (a key of :data:`TARGETS`) via object patches. ``preset`` picks the
-    family keep rules as ``quantkit convert --preset`` does."""
+    family keep rules as ``quantkit convert --preset`` does; ``convrot_group_size`` is
+    ``--convrot-group-size`` (int8-convrot's asked ConvRot group)."""
     ops = importlib.import_module("comfy.ops")
     if target not in TARGETS:
         raise QuantkitError(f"unknown target '{target}'", fix=f"use one of: {', '.join(TARGETS)}")
     fmt = TARGETS[target]
-    options = Options(fmt, block_size, (), tuple(exclude), fallback, preset)
+    options = Options(fmt, block_size, (), tuple(exclude), fallback, preset,
+                      format_options=format_options(convrot_group_size))
     options.validate()
     shapes = {n: tuple(p.shape) for n, p in model.model.named_parameters()}
     sel = Selection.from_patterns((), options.exclude, families.resolve(options.preset, shapes))

@@ -101,6 +101,8 @@ class AWQ4Format(Format):
     comfy_format = "awq_w4a16"
     summary = "uint4 weight-only, bf16 scale + zero per 64 input channels (W4A16; data-free)"
     stock_comfy = True
+    runtime_layout = "TensorCoreAWQW4A16Layout"
+    weight_dtype_name = "I8"
 
     def cannot_take(self, shape: tuple[int, ...], opts: LayerOpts) -> str | None:
         reason = lb.shape_reason(shape)

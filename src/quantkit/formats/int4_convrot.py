@@ -72,6 +72,8 @@ class Int4ConvRotFormat(Format):
     comfy_format = "convrot_w4a4"
     summary = "INT4 of W rotated by ConvRot (group per layer), one fp32 scale per row (W4A4 kernels)"
     stock_comfy = True
+    runtime_layout = "TensorCoreConvRotW4A4Layout"
+    weight_dtype_name = "I8"
 
     def cannot_take(self, shape: tuple[int, ...], opts: LayerOpts) -> str | None:
         reason = lb.shape_reason(shape)

@@ -195,6 +195,9 @@ def bits_of(marker: dict, shapes: dict[str, tuple[int, ...]]) -> int | None:
 class W4A8Format(Format):
     comfy_format = "asym_w4a8_int8"
     stock_comfy = True
+    runtime_layout = "AsymW4A8Int8Layout"
+    weight_dtype_name = "I8"
+    optional_suffixes = ("weight_codebook",)  # ComfyUI loads a 4-bit layer without one (uniform codes)
 
     def __init__(self, name: str, bits: int, summary: str) -> None:
         self.name, self.bits, self.summary = name, bits, summary

@@ -15,6 +15,10 @@ BlockWiseINT8Layout         int8_blockwise      fp32 ``[N/b,K/b]``            in
 TensorWiseINT8Layout        int8_tensorwise     fp32 ``[N,1]`` + ``convrot``  int8-convrot
 TensorCoreMXFP8Layout       mxfp8               U8 E8M0, swizzled             mxfp8
 TensorCoreNVFP4Layout       nvfp4               F8_E4M3 swizzled + fp32 ``[]`` nvfp4
+AsymW4A8Int8Layout          asym_w4a8_int8      fp8 ``weight_s_rel`` [N,K/16]  w4a8, w4a8-6bit
+                                                + fp32 ``weight_s_channel``
+TensorCoreConvRotW4A4Layout convrot_w4a4        fp32 ``[N]``                  int4-convrot
+TensorCoreAWQW4A16Layout    awq_w4a16           bf16 ``[K/64,N]`` + zeros     awq4
 ==========================  ==================  ============================  =================
 
 ``TensorCoreFP8Layout`` is a second name for the E4M3 layout, as in ComfyUI and comfy-kitchen. The
@@ -22,11 +26,14 @@ names are comfy-kitchen's but for block-wise INT8, which kitchen lacks. Each for
 holds it (``runtime_layout``); a layout finds its formats there, and tells formats sharing it apart
 by the tensor's marker and scale shape (:func:`quantkit.formats.format_of_marker`).
 
-The last three formats (no fast quantizer, ``kernel`` None) keep every stored tensor as written:
-``qdata`` is the stored weight (padded / packed), ``params.scale`` its ``weight_scale``,
-``params.tensors`` the others (nvfp4's ``weight_scale_2``), ``params.marker`` the layer's marker;
-``dequantize`` is the format's own (bit for bit what comfy-kitchen computes, on every device, in
-plain PyTorch), and ``F.linear`` is dequantize + matmul everywhere (:mod:`.linear`).
+The formats without a fast quantizer (``kernel`` None: int8-convrot, mxfp8, nvfp4 and the 4-bit
+ones) keep every stored tensor as written: ``qdata`` is the stored weight (padded / packed),
+``params.scale`` its first scale tensor (``params.scale_suffix``: ``weight_scale``, or w4a8's
+``weight_s_rel``), ``params.tensors`` the others (nvfp4's ``weight_scale_2``, w4a8's
+``weight_s_channel`` and ``weight_codebook``, awq4's ``weight_zeros``), ``params.marker`` the layer's
+marker; ``dequantize`` is the format's own (bit for bit what comfy-kitchen's layout computes, on every
+device, in plain PyTorch), and ``F.linear`` is dequantize + matmul everywhere (:mod:`.linear`): no
+INT4 / W4A8 kernels run here, so a 4-bit layer's output is ``F.linear(x, dequantize(W), bias)``.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ class LayoutParams:
     block_size: int = 0
     tensors: dict | None = None  # formats without a scaled kernel: the other stored tensors by suffix
     marker: dict | None = None  # ... and the layer's marker (convrot keys, orig_shape)
+    scale_suffix: str = "weight_scale"  # ... and the suffix ``scale`` is stored under (w4a8: weight_s_rel)
 
     def moved(self, fn) -> LayoutParams:
         """These params with ``fn`` applied to every tensor (scale and ``tensors``)."""
@@ -82,15 +90,20 @@ class QuantizedLayout:
             cls.spec = _formats_of(cls.__name__)[0]
 
     @classmethod
-    def spec_for(cls, params: LayoutParams) -> Format:
-        """The format of a tensor held in this layout, told apart by its marker and scale's shape."""
+    def spec_for(cls, params: LayoutParams, qdata: torch.Tensor | None = None) -> Format:
+        """The format of a tensor held in this layout, told apart by its marker and the shapes of
+        its stored tensors (``qdata``'s too where given: w4a8 tells 4 from 6 bits by row width)."""
         marker = params.marker if params.marker is not None else {"format": cls.spec.comfy_format}
-        return format_of_marker(marker, {"weight_scale": tuple(params.scale.shape)}) or cls.spec
+        shapes = {params.scale_suffix: tuple(params.scale.shape),
+                  **{k: tuple(v.shape) for k, v in (params.tensors or {}).items()}}
+        if qdata is not None:
+            shapes["weight"] = tuple(qdata.shape)
+        return format_of_marker(marker, shapes) or cls.spec
 
     @staticmethod
     def stored_tensors(qdata: torch.Tensor, params: LayoutParams) -> dict[str, torch.Tensor]:
         """The layer's tensors as the file stores them (suffix -> tensor)."""
-        return {"weight": qdata, "weight_scale": params.scale, **(params.tensors or {})}
+        return {"weight": qdata, params.scale_suffix: params.scale, **(params.tensors or {})}
 
     @classmethod
     def _quantize_stored(cls, tensor: torch.Tensor, spec: Format, opts: LayerOpts) -> tuple[torch.Tensor, LayoutParams]:
@@ -100,9 +113,10 @@ class QuantizedLayout:
             raise QuantkitError(f"cannot quantize to {cls.__name__} ({spec.name}): {why}",
                                 fix="quantize a 2-D weight whose shape the format accepts")
         stored = spec.quantize(tensor, opts)
-        q, scale = stored.pop("weight"), stored.pop("weight_scale")
+        suffix = spec.stored(tuple(tensor.shape), tensor.dtype, opts)[1].suffix
+        q, scale = stored.pop("weight"), stored.pop(suffix)
         marker = spec.marker(tuple(tensor.shape), tensor.dtype, opts)
-        return q, LayoutParams(scale, tensor.dtype, tuple(tensor.shape), 0, stored, marker)
+        return q, LayoutParams(scale, tensor.dtype, tuple(tensor.shape), 0, stored, marker, suffix)
 
     @classmethod
     def quantize(cls, tensor: torch.Tensor, **kwargs) -> tuple[torch.Tensor, LayoutParams]:
@@ -126,7 +140,7 @@ class QuantizedLayout:
                    dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float tensor, computed as ComfyUI does in compute dtype ``dtype`` (default: the
         original dtype)."""
-        spec = cls.spec_for(params)
+        spec = cls.spec_for(params, qdata)
         if spec.kernel is None:
             marker = {**(params.marker or {"format": spec.comfy_format}), "orig_shape": list(params.orig_shape)}
             return spec.dequantize(cls.stored_tensors(qdata, params), marker, dtype or params.orig_dtype)
@@ -135,8 +149,8 @@ class QuantizedLayout:
     @classmethod
     def state_dict_tensors(cls, qdata: torch.Tensor, params: LayoutParams) -> dict[str, torch.Tensor]:
         """Suffixes to append to a weight's key (``""`` is the weight itself) for saving."""
-        return {"": qdata, "_scale": params.scale, **{"_" + k.removeprefix("weight_"): v
-                                                      for k, v in (params.tensors or {}).items()}}
+        return {("_" + k.removeprefix("weight_") if k != "weight" else ""): v
+                for k, v in cls.stored_tensors(qdata, params).items()}
 
 
 class TensorCoreFP8E4M3Layout(QuantizedLayout):
@@ -180,6 +194,31 @@ class TensorCoreNVFP4Layout(StoredLayout):
     """Packed E2M1 padded to 16, swizzled E4M3 block-16 scales and the fp32 ``weight_scale_2``."""
 
 
+class AsymW4A8Int8Layout(StoredLayout):
+    """W4A8 (``asym_w4a8_int8``): 4-bit codebook codes (``I8 [N,K/2]``, w4a8) or 6-bit uniform codes
+    (``I8 [N,3K/4]``, w4a8-6bit) of W rotated by ConvRot, fp8 group scales ``weight_s_rel`` (the
+    ``scale``), fp32 row scales ``weight_s_channel``, the 4-bit codebook ``weight_codebook``. Runs as
+    dequantize + ``F.linear`` on every device (comfy-kitchen's W4A8 INT8 kernels are not used)."""
+
+    @classmethod
+    def quantize(cls, tensor: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, LayoutParams]:
+        spec = next((f for f in _formats_of(cls.__name__) if getattr(f, "bits", None) == bits), None)
+        if spec is None:
+            raise QuantkitError(f"{cls.__name__} stores 4 or 6 bits, not {bits!r}", fix="pass bits=4 or bits=6")
+        return cls._quantize_stored(tensor, spec, LayerOpts())
+
+
+class TensorCoreConvRotW4A4Layout(StoredLayout):
+    """INT4 (``convrot_w4a4``): signed 4-bit codes of W rotated by ConvRot (``I8 [N,K/2]``), one fp32
+    scale per row; the marker's ``convrot_groupsize``. Runs as dequantize + ``F.linear`` on every
+    device (comfy-kitchen's W4A4 kernel is not used)."""
+
+
+class TensorCoreAWQW4A16Layout(StoredLayout):
+    """AWQ W4A16 (``awq_w4a16``): unsigned 4-bit codes (``I8 [N,K/2]``), bf16 scale and ``weight_zeros``
+    per 64 input channels (``[K/64,N]``). Runs as dequantize + ``F.linear`` on every device."""
+
+
 class BlockWiseINT8Layout(QuantizedLayout):
     """INT8 with one scale per ``b x b`` tile of W (``group_size`` in ``.comfy_quant``)."""
 
@@ -214,7 +253,8 @@ def get_layout_class(name: str | type[QuantizedLayout]) -> type[QuantizedLayout]
 
 
 for _cls in (TensorCoreFP8E4M3Layout, TensorCoreFP8E5M2Layout, TensorWiseINT8Layout, BlockWiseINT8Layout,
-             TensorCoreMXFP8Layout, TensorCoreNVFP4Layout):
+             TensorCoreMXFP8Layout, TensorCoreNVFP4Layout, AsymW4A8Int8Layout, TensorCoreConvRotW4A4Layout,
+             TensorCoreAWQW4A16Layout):
     register_layout_class(_cls.__name__, _cls)
 register_layout_class("TensorCoreFP8Layout", TensorCoreFP8E4M3Layout)
 TensorCoreFP8Layout = TensorCoreFP8E4M3Layout

@@ -12,6 +12,8 @@ INT8 tensor / row   dynamic per-token INT8 (Triton) + the Triton W8A8      the t
                     kernel (int32 accumulation, scales in the epilogue)    (``torch._int_mm``)
 INT8 convrot        dequantize                                             dequantize
 MXFP8, NVFP4        dequantize                                             dequantize
+W4A8, INT4 ConvRot, dequantize                                             dequantize
+AWQ W4A16
 INT8 block          dynamic per-token, per-group INT8 (Triton) + the        the torch reference W8A8
                     Triton W8A8 block kernel (sm_90: or the Gluon one,     (``_int_mm`` per group)
                     whichever timed faster for the shape)
@@ -176,8 +178,8 @@ def int8_block_linear(func, args, kwargs):
 
 @register_layout_op(aten.linear.default, StoredLayout)
 def stored_linear(func, args, kwargs):
-    """mxfp8, nvfp4 (and int8-convrot through its INT8 layout): dequantize + matmul on every device,
-    exactly ComfyUI's numbers where it dequantizes too."""
+    """mxfp8, nvfp4, w4a8 / w4a8-6bit, int4-convrot, awq4 (and int8-convrot through its INT8 layout):
+    dequantize + matmul on every device, exactly ComfyUI's numbers where it dequantizes too."""
     x, w, bias = _unpack(args, kwargs)
     return dequantized_linear(x, w, bias)
 

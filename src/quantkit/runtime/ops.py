@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import QuantkitError
 from ..dtypes import name_of, torch_dtype
-from ..formats import SCALE_SUFFIXES, LayerOpts, decode_comfy_quant, format_of_marker
+from ..formats import FORMATS, SCALE_SUFFIXES, LayerOpts, decode_comfy_quant, format_of_marker
 from .layouts import LAYOUT_FOR_FORMAT, QUANT_ALGOS, LayoutParams
 from .linear import dequantized_linear, quantize_input_static, supports_fp8_compute
 from .tensor import QuantizedTensor
@@ -120,6 +120,10 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                 present = {k[len(prefix):]: tuple(v.shape) for k, v in state_dict.items()
                            if k.startswith(prefix) and "." not in k[len(prefix):]}
                 stored_spec = format_of_marker(conf, {"weight": tuple(weight.shape), **present})
+                if stored_spec is None:  # a tensor missing: the format a stored-only comfy string names says which
+                    named = [f for f in FORMATS.values() if f.comfy_format == fmt and f.name in LAYOUT_FOR_FORMAT]
+                    if named and all(f.kernel is None for f in named):
+                        stored_spec = named[0]
                 if stored_spec is not None and stored_spec.kernel is None and stored_spec.name in LAYOUT_FOR_FORMAT:
                     return self._load_stored(layer, prefix, state_dict, weight, conf, stored_spec)
                 self._check_shape(layer, tuple(weight.shape))
@@ -149,7 +153,7 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                 self.full_precision_mm = full_precision_mm or bool(conf.get("full_precision_matrix_mult", False))
 
             def _load_stored(self, layer, prefix, state_dict, weight, conf, spec) -> None:
-                """A format without a scaled kernel (int8-convrot, mxfp8, nvfp4): its stored tensors
+                """A format without a scaled kernel (int8-convrot, mxfp8, nvfp4, the 4-bit ones): its stored tensors
                 are checked against what the format writes for this layer's [out, in] and kept as
                 they are; the layer dequantizes with the format's own math."""
                 shape = (self.out_features, self.in_features)
@@ -159,6 +163,8 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                                         tensor=f"{layer}.comfy_quant", fix="load the file into the model it was converted from")
                 want = spec.stored(shape, compute_dtype, LayerOpts())
                 tensors = {"weight": weight}
+                optional = getattr(spec, "optional_suffixes", ())  # tensors ComfyUI's loader takes as absent
+                want = [st for st in want if st.suffix not in optional or prefix + st.suffix in state_dict]
                 for st in want[1:]:
                     t = state_dict.pop(prefix + st.suffix, None)
                     if t is None:
@@ -176,8 +182,9 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                     if name_of(t.dtype) != st.dtype:  # a U8-stored fp8 scale is a byte view, as ComfyUI reads it
                         tensors[st.suffix] = t.view(torch_dtype(st.dtype))
                 marker = {**conf, "orig_shape": list(shape)}
-                q, scale = tensors.pop("weight"), tensors.pop("weight_scale")
-                params = LayoutParams(scale, compute_dtype, shape, 0, tensors, marker)
+                scale_suffix = want[1].suffix  # weight_scale; w4a8: weight_s_rel
+                q, scale = tensors.pop("weight"), tensors.pop(scale_suffix)
+                params = LayoutParams(scale, compute_dtype, shape, 0, tensors, marker, scale_suffix)
                 self.weight = nn.Parameter(QuantizedTensor(q, LAYOUT_FOR_FORMAT[spec.name], params), requires_grad=False)
                 self.input_scale = None if input_scale is None else input_scale.float()
                 self._static_spec = None

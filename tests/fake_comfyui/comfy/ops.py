@@ -1,6 +1,7 @@
 """Stand-in for ``comfy.ops``: the module-level loader ``_load_quantized_module`` (same name and
-signature as ComfyUI's; stock formats only (fp8, int8_tensorwise with or without ConvRot, mxfp8, nvfp4:
-the scale tensors and views of ComfyUI 0271a469), an explicit per-format branch and a ValueError for any
+signature as ComfyUI's; stock formats only (fp8, int8_tensorwise with or without ConvRot, mxfp8, nvfp4,
+convrot_w4a4, asym_w4a8_int8, awq_w4a16: the scale tensors, views, marker keys and defaults of ComfyUI
+0271a469), an explicit per-format branch and a ValueError for any
 other name, as in ComfyUI) and ``mixed_precision_ops`` whose ``Linear`` loads through it (looked up
 at call time, so a wrapper installed on the module is used) and runs ComfyUI's forward decisions:
 quantized input unless ``quantize_input`` is False, dequantized weight when ``_full_precision_mm``."""
@@ -16,6 +17,12 @@ class CastWeightBiasOp:
     comfy_cast_weights = False
     weight_function = []
     bias_function = []
+
+
+def _nested(conf):
+    """The marker's ``params`` object, where ComfyUI also looks for some keys ({} if not a dict)."""
+    nested = conf.get("params", {})
+    return nested if isinstance(nested, dict) else {}
 
 
 def _load_quantized_module(module, super_load, state_dict, prefix, local_metadata, strict,
@@ -60,8 +67,7 @@ def _load_quantized_module(module, super_load, state_dict, prefix, local_metadat
             if scale is None:
                 raise ValueError(f"Missing INT8 weight scale for layer {prefix}")
             scales = {"scale": scale}
-            nested = conf.get("params", {})
-            nested = nested if isinstance(nested, dict) else {}
+            nested = _nested(conf)
             if conf.get("convrot", nested.get("convrot", False)):
                 scales["convrot"] = True
                 scales["convrot_groupsize"] = int(conf.get("convrot_groupsize", nested.get("convrot_groupsize", 256)))
@@ -76,6 +82,32 @@ def _load_quantized_module(module, super_load, state_dict, prefix, local_metadat
             if per_tensor is None or block is None:
                 raise ValueError(f"Missing NVFP4 scales for layer {prefix.rstrip('.')}")
             scales = {"scale": per_tensor, "block_scale": block}
+        elif module.quant_format == "convrot_w4a4":
+            scale = pop_scale("weight_scale")
+            if scale is None:
+                raise ValueError(f"Missing ConvRot W4A4 weight scale for layer {prefix.rstrip('.')}")
+            nested = _nested(conf)
+            scales = {"scale": scale,
+                      "convrot_groupsize": int(conf.get("convrot_groupsize", nested.get("convrot_groupsize", 256))),
+                      "quant_group_size": 64,  # fixed by ComfyUI's loader
+                      "linear_dtype": conf.get("linear_dtype", nested.get("linear_dtype", "int4"))}
+        elif module.quant_format == "asym_w4a8_int8":
+            group = pop_scale("weight_s_rel")
+            if group is None:
+                raise ValueError(f"Missing W4A8 group scale (weight_s_rel) for layer {prefix.rstrip('.')}")
+            if group.dtype == torch.uint8:
+                group = group.view(torch.float8_e4m3fn)
+            nested = _nested(conf)
+            scales = {"scale": group, "s_channel": pop_scale("weight_s_channel"),
+                      "codebook": pop_scale("weight_codebook"),  # optional: None for uniform codes
+                      "group_size": int(conf.get("group_size", nested.get("group_size", 16))),
+                      "convrot_groupsize": int(conf.get("convrot_groupsize", nested.get("convrot_groupsize", 256)))}
+        elif module.quant_format == "awq_w4a16":
+            scale = pop_scale("weight_scale")
+            zeros = pop_scale("weight_zeros")
+            if scale is None or zeros is None:
+                raise ValueError(f"Missing AWQ W4A16 scale/zeros for layer {prefix.rstrip('.')}")
+            scales = {"scale": scale, "zeros": zeros, "group_size": int(conf.get("group_size", 64))}  # no nested read
         else:
             raise ValueError(f"Unsupported quantization format: {module.quant_format}")
         params = layout_cls.Params(**scales, orig_dtype=compute_dtype, orig_shape=module._orig_shape)
@@ -105,8 +137,9 @@ class MixedPrecisionOp(CastWeightBiasOp):
 
 
 def get_disabled_quant_formats(device=None):
-    # This machine has no FP8 / INT8 / MXFP8 / FP4 tensor cores (CPU): ComfyUI disables its stock quantized matmuls.
-    return {"float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "mxfp8", "nvfp4"}
+    # This machine has no FP8 / INT8 / MXFP8 / FP4 tensor cores (CPU): ComfyUI disables its stock quantized
+    # matmuls, the INT8-compute ones (int8_tensorwise, convrot_w4a4, asym_w4a8_int8) included; awq_w4a16 never.
+    return {"float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "mxfp8", "nvfp4", "convrot_w4a4", "asym_w4a8_int8"}
 
 
 def mixed_precision_ops(quant_config={}, compute_dtype=torch.bfloat16, full_precision_mm=False, disabled=[]):

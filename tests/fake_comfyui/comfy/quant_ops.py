@@ -2,7 +2,8 @@
 names, and the stock ``QUANT_ALGOS`` entries quantkit's formats map to."""
 
 import torch
-from comfy_kitchen.tensor import (QuantizedLayout, QuantizedTensor, TensorCoreFP8Layout, TensorCoreMXFP8Layout,
+from comfy_kitchen.tensor import (AsymW4A8Int8Layout, QuantizedLayout, QuantizedTensor, TensorCoreAWQW4A16Layout,
+                                  TensorCoreConvRotW4A4Layout, TensorCoreFP8Layout, TensorCoreMXFP8Layout,
                                   TensorCoreNVFP4Layout, TensorWiseINT8Layout, get_layout_class,
                                   register_layout_class, register_layout_op)
 
@@ -31,8 +32,16 @@ QUANT_ALGOS = {
               "comfy_tensor_layout": "TensorCoreMXFP8Layout", "group_size": 32},
     "nvfp4": {"storage_t": torch.uint8, "parameters": {"weight_scale", "weight_scale_2", "input_scale"},
               "comfy_tensor_layout": "TensorCoreNVFP4Layout", "group_size": 16},
+    # weight-only in ComfyUI's forward (quantize_input False); "parameters" as ComfyUI lists them
+    "convrot_w4a4": {"storage_t": torch.int8, "parameters": {"weight_scale"},
+                     "comfy_tensor_layout": "TensorCoreConvRotW4A4Layout", "quantize_input": False},
+    "asym_w4a8_int8": {"storage_t": torch.int8, "parameters": {"weight_scale"},
+                       "comfy_tensor_layout": "AsymW4A8Int8Layout", "quantize_input": False},
+    "awq_w4a16": {"storage_t": torch.int8, "parameters": {"weight_scale"},
+                  "comfy_tensor_layout": "TensorCoreAWQW4A16Layout", "quantize_input": False},
 }
 
 __all__ = ["QuantizedTensor", "QuantizedLayout", "TensorCoreFP8Layout", "TensorWiseINT8Layout", "TensorCoreMXFP8Layout",
-           "TensorCoreNVFP4Layout", "QUANT_ALGOS",
+           "TensorCoreNVFP4Layout", "TensorCoreConvRotW4A4Layout", "AsymW4A8Int8Layout", "TensorCoreAWQW4A16Layout",
+           "QUANT_ALGOS",
            "register_layout_op", "register_layout_class", "get_layout_class"]

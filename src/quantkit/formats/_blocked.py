@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import torch
 
-
-def _roundup(x: int, m: int) -> int:
-    return -(-x // m) * m
+from .base import roundup
 
 
 def blocked_shape(rows: int, cols: int) -> tuple[int, int]:
-    return _roundup(rows, 128), _roundup(cols, 4)
+    return roundup(rows, 128), roundup(cols, 4)
 
 
 def swizzle(s: torch.Tensor) -> torch.Tensor:

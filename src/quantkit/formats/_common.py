@@ -25,19 +25,6 @@ def as_fp32(w: torch.Tensor, fmt: str) -> torch.Tensor:
     return wf
 
 
-def shape_reason(shape: tuple[int, ...]) -> str | None:
-    if len(shape) != 2:
-        return f"{len(shape)}-D weight, format needs 2-D"
-    if shape[0] == 0 or shape[1] == 0:
-        return f"empty weight {tuple(shape)}"
-    return None
-
-
-def base_marker(comfy_format: str, shape: tuple[int, ...], orig_dtype: torch.dtype) -> dict:
-    return {"format": comfy_format, "orig_dtype": str(orig_dtype).removeprefix("torch."),
-            "orig_shape": [int(s) for s in shape]}
-
-
 def orig_shape_of(marker: dict, fmt: str) -> tuple[int, int]:
     shape = marker.get("orig_shape")
     if not (isinstance(shape, (list, tuple)) and len(shape) == 2

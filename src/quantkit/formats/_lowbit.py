@@ -37,14 +37,6 @@ def as_fp32(w, fmt: str, layer: str = ""):
     return wf
 
 
-def shape_reason(shape: tuple[int, ...]) -> str | None:
-    if len(shape) != 2:
-        return f"{len(shape)}-D weight, format needs 2-D"
-    if 0 in shape:
-        return f"empty weight {tuple(shape)}"
-    return None
-
-
 def convrot_group(k: int, cap: int = DEFAULT_CONVROT) -> int | None:
     """The largest ConvRot group size <= ``cap`` (a power of 4, 16..1024) that divides K; None if none.
     Every layer gets its own, written in its marker: a K = 384 layer rotates in groups of 64."""

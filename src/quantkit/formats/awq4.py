@@ -32,7 +32,7 @@ min/max baseline. K must be a multiple of 64.
 from __future__ import annotations
 
 from . import _lowbit as lb
-from .base import Format, LayerOpts, Stored, Violation, dtype_str, register
+from .base import Format, LayerOpts, Stored, Violation, dtype_str, register, shape_reason
 
 GROUP = 64
 SHRINK = (0.0, 0.02, 0.04, 0.06, 0.08, 0.11, 0.14, 0.18)
@@ -105,7 +105,7 @@ class AWQ4Format(Format):
     weight_dtype_name = "I8"
 
     def cannot_take(self, shape: tuple[int, ...], opts: LayerOpts) -> str | None:
-        reason = lb.shape_reason(shape)
+        reason = shape_reason(shape)
         if reason:
             return reason
         if shape[1] % GROUP:

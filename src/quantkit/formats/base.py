@@ -55,6 +55,24 @@ def dtype_str(dtype: Any) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def roundup(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def shape_reason(shape: tuple[int, ...]) -> str | None:
+    """Why a weight of ``shape`` is no quantizable matrix (None if it is a non-empty 2-D one)."""
+    if len(shape) != 2:
+        return f"{len(shape)}-D weight, format needs 2-D"
+    if shape[0] == 0 or shape[1] == 0:
+        return f"empty weight {tuple(shape)}"
+    return None
+
+
+def plain_marker(comfy_format: str, shape: tuple[int, ...], orig_dtype: Any) -> dict:
+    """A ``.comfy_quant`` marker of just the format string and the original dtype and shape."""
+    return {"format": comfy_format, "orig_dtype": dtype_str(orig_dtype), "orig_shape": [int(s) for s in shape]}
+
+
 class LearnGrid:
     """What a format gives learned rounding (:func:`quantkit.learned.learn_format`): its real grid
     for one weight. The error-feedback loop runs over the columns of :attr:`w` and never names a

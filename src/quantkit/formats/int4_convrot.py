@@ -24,7 +24,7 @@ K must be a multiple of 64 (the INT4 MMA's quant group, which the loader fixes a
 from __future__ import annotations
 
 from . import _lowbit as lb
-from .base import Format, LayerOpts, Stored, Violation, dtype_str, register
+from .base import Format, LayerOpts, Stored, Violation, dtype_str, register, shape_reason
 
 QMAX = 7.0
 QUANT_GROUP = 64  # ComfyUI's loader passes quant_group_size=64; the MMA kernel needs K % 64 == 0
@@ -76,7 +76,7 @@ class Int4ConvRotFormat(Format):
     weight_dtype_name = "I8"
 
     def cannot_take(self, shape: tuple[int, ...], opts: LayerOpts) -> str | None:
-        reason = lb.shape_reason(shape)
+        reason = shape_reason(shape)
         if reason:
             return reason
         if shape[1] % QUANT_GROUP:

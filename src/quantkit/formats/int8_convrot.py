@@ -27,7 +27,7 @@ torch is imported inside the functions: the registry stays importable without it
 from __future__ import annotations
 
 from ..errors import QuantkitError
-from .base import Format, LayerOpts, Stored, Violation, dtype_str, register
+from .base import Format, LayerOpts, Stored, Violation, dtype_str, register, shape_reason
 from .int8 import convrot_keys
 
 NAME = "int8-convrot"
@@ -56,16 +56,8 @@ def choose_group_size(k: int, requested: int = DEFAULT_GROUP) -> int | None:
     return None
 
 
-def _shape_reason(shape: tuple[int, ...]) -> str | None:
-    if len(shape) != 2:
-        return f"{len(shape)}-D weight, format needs 2-D"
-    if shape[0] == 0 or shape[1] == 0:
-        return f"empty weight {tuple(shape)}"
-    return None
-
-
 def cannot_take(shape: tuple[int, ...], group_size: int = DEFAULT_GROUP) -> str | None:
-    reason = _shape_reason(shape)
+    reason = shape_reason(shape)
     if reason:
         return reason
     if choose_group_size(shape[1], group_size) is None:

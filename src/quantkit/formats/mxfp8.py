@@ -38,7 +38,7 @@ torch is imported inside the functions: the registry stays importable without it
 from __future__ import annotations
 
 from ..errors import QuantkitError
-from .base import Format, LayerOpts, Stored, Violation, dtype_str, register
+from .base import Format, LayerOpts, Stored, Violation, plain_marker, register, roundup, shape_reason
 
 NAME = "mxfp8"
 COMFY_FORMAT = "mxfp8"
@@ -47,30 +47,22 @@ BLOCK = 32
 QMAX = 448.0
 
 
-def _roundup(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def padded_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    return _roundup(shape[0], BLOCK), _roundup(shape[1], BLOCK)
+    return roundup(shape[0], BLOCK), roundup(shape[1], BLOCK)
 
 
 def scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
     """The swizzled block-scale tensor of a [N, K] weight: [roundup(Np, 128), roundup(Kp/32, 4)]."""
     rows, cols = padded_shape(shape)
-    return _roundup(rows, 128), _roundup(cols // BLOCK, 4)
+    return roundup(rows, 128), roundup(cols // BLOCK, 4)
 
 
 def cannot_take(shape: tuple[int, ...], **_: object) -> str | None:
-    if len(shape) != 2:
-        return f"{len(shape)}-D weight, format needs 2-D"
-    if shape[0] == 0 or shape[1] == 0:
-        return f"empty weight {tuple(shape)}"
-    return None
+    return shape_reason(shape)
 
 
 def marker(shape: tuple[int, ...], orig_dtype, **_: object) -> dict:
-    return {"format": COMFY_FORMAT, "orig_dtype": dtype_str(orig_dtype), "orig_shape": [int(s) for s in shape]}
+    return plain_marker(COMFY_FORMAT, shape, orig_dtype)
 
 
 def quantize_blocks(x):
@@ -194,7 +186,7 @@ class MXFP8Format(Format):
         if s.dtype != "U8":
             out.append(Violation("wrong-scale-dtype", s.name, f"mxfp8 scale is {s.dtype}; it must be U8 raw E8M0 "
                                  "(ComfyUI's reader has no F8_E8M0)"))
-        want = [_roundup(n, 128), _roundup(k // BLOCK, 4)]
+        want = [roundup(n, 128), roundup(k // BLOCK, 4)]
         if list(s.shape) != want:
             out.append(Violation("wrong-scale-shape", s.name, f"mxfp8 swizzled scale must be {want}, not {list(s.shape)}"))
         return out

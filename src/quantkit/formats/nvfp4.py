@@ -38,7 +38,7 @@ torch is imported inside the functions: the registry stays importable without it
 from __future__ import annotations
 
 from ..errors import QuantkitError
-from .base import Format, LayerOpts, Stored, Violation, dtype_str, register
+from .base import Format, LayerOpts, Stored, Violation, plain_marker, register, roundup, shape_reason
 
 NAME = "nvfp4"
 COMFY_FORMAT = "nvfp4"
@@ -53,30 +53,22 @@ SEARCH_OFFSETS = (0, -1, 1, 2, 3, 4, 5, 6, -2)
 _FP8_MAX_CODE = 0x7E
 
 
-def _roundup(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
 def padded_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    return _roundup(shape[0], PAD), _roundup(shape[1], PAD)
+    return roundup(shape[0], PAD), roundup(shape[1], PAD)
 
 
 def scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
     """The swizzled block-scale tensor of a [N, K] weight: [roundup(Np, 128), roundup(Kp/16, 4)]."""
     rows, cols = padded_shape(shape)
-    return _roundup(rows, 128), _roundup(cols // BLOCK, 4)
+    return roundup(rows, 128), roundup(cols // BLOCK, 4)
 
 
 def cannot_take(shape: tuple[int, ...], **_: object) -> str | None:
-    if len(shape) != 2:
-        return f"{len(shape)}-D weight, format needs 2-D"
-    if shape[0] == 0 or shape[1] == 0:
-        return f"empty weight {tuple(shape)}"
-    return None
+    return shape_reason(shape)
 
 
 def marker(shape: tuple[int, ...], orig_dtype, **_: object) -> dict:
-    return {"format": COMFY_FORMAT, "orig_dtype": dtype_str(orig_dtype), "orig_shape": [int(s) for s in shape]}
+    return plain_marker(COMFY_FORMAT, shape, orig_dtype)
 
 
 def _block_error(x, g, c):
@@ -310,7 +302,7 @@ class NVFP4Format(Format):
             if (rows, cols // 2) != (n, k):
                 out.append(Violation("orig-shape-mismatch", f"{layer}.comfy_quant",
                                      f"orig_shape {list(orig)} packs to {[rows, cols // 2]}, but the weight is {[n, k]}"))
-        want = [_roundup(n, 128), _roundup(2 * k // BLOCK, 4)]
+        want = [roundup(n, 128), roundup(2 * k // BLOCK, 4)]
         if s.dtype != "F8_E4M3":
             out.append(Violation("wrong-scale-dtype", s.name, f"nvfp4 block scale is {s.dtype}, must be F8_E4M3"))
         if list(s.shape) != want:

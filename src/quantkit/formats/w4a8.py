@@ -38,7 +38,7 @@ kitchen's CUDA GEMV packing, which takes only layers carrying that table.
 from __future__ import annotations
 
 from . import _lowbit as lb
-from .base import Format, LayerOpts, Stored, Violation, dtype_str, register
+from .base import Format, LayerOpts, Stored, Violation, dtype_str, register, shape_reason
 
 GROUP = 16
 ALS_ITERS = 3
@@ -203,7 +203,7 @@ class W4A8Format(Format):
         self.name, self.bits, self.summary = name, bits, summary
 
     def cannot_take(self, shape: tuple[int, ...], opts: LayerOpts) -> str | None:
-        reason = lb.shape_reason(shape)
+        reason = shape_reason(shape)
         if reason:
             return reason
         m = 32 if self.bits == 6 else GROUP

@@ -198,7 +198,11 @@ def test_cli_plan_json_and_usage_errors(small, tmp_path):
     bad = [
         (("--format", "auto"), "exactly one budget"),
         (("--format", "auto", "--bits", "5", "--max-error", "2"), "not both"),
-        (("--format", "int8-row", "--bits", "5"), "options of --format auto"),
+        (("--format", "int8-row", "--bits", "5"), "--bits: an option of --format auto, not of --format int8-row"),
+        (("--format", "fp8", "--max-error", "2", "--auto-candidates", "nvfp4"),
+         "--max-error and --auto-candidates: options of --format auto"),
+        (("--format", "fp8", "--calibration", small), "for --format auto only"),
+        (("--format", "auto", "--bits", "5", "--auto-candidates", ","), "lists no format"),
         (("--format", "auto", "--bits", "0"), "must be a positive number"),
         (("--format", "auto", "--max-error", "-1"), "must be a positive number"),
         (("--format", "auto", "--bits", "5", "--auto-candidates", "int8-row,nope"), "unknown format 'nope'"),

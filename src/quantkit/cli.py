@@ -450,10 +450,13 @@ def plan(
     Prints each layer's shape, dtype, format and reason, then the family, the counts, the exact
     output size and whether stock ComfyUI loads it. Exit codes: 0 ok, 1 bad input, 2 usage error.
     """
+    if calibration is not None and format != "auto":
+        raise typer.BadParameter("plan measures calibration errors for --format auto only; add --format auto or "
+                                 "drop --calibration", param_hint="--calibration")
     auto = dict(bits=bits, max_error=max_error, candidates=auto_candidates, calibration=calibration)
     opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm, convrot_group_size,
                     auto if format == "auto" or bits is not None or max_error is not None
-                    or auto_candidates is not None or calibration is not None else None)
+                    or auto_candidates is not None else None)
     from .plan import plan_file
     from .render import print_plan
     try:

@@ -189,9 +189,10 @@ def make_options(format: str = DEFAULT_FORMAT, block_size: int = 128, include=()
     if format == AUTO or bits is not None or max_error is not None or auto_candidates is not None:
         from .autoplan import CANDIDATES, AutoSpec
         if format != AUTO:
-            what = "--auto-candidates" if bits is None and max_error is None else "--bits and --max-error"
-            raise UsageError(f"{what}: options of --format auto, not of --format {format}",
-                             fix="add --format auto, or drop them")
+            given = [n for n, v in (("--bits", bits), ("--max-error", max_error), ("--auto-candidates", auto_candidates))
+                     if v is not None]
+            raise UsageError(f"{' and '.join(given)}: {'options' if len(given) > 1 else 'an option'} of --format auto, "
+                             f"not of --format {format}", fix=f"add --format auto, or drop {' and '.join(given)}")
         auto = AutoSpec(bits, max_error, tuple(auto_candidates) if auto_candidates is not None else CANDIDATES,
                         None if calibration is None else str(calibration))
     options = Options(format, block_size, tuple(include), tuple(exclude), fallback, preset, config, extra,

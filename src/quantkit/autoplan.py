@@ -18,7 +18,9 @@ its error is measured:
 * without calibration, in weight space: ``e = ||dW||^2 / ||W||^2`` (1 / SQNR);
 * with a calibration file (:mod:`quantkit.calibration`): the expected output error relative to the
   output's energy, ``e = tr(dW H dW^T) / tr(W H W^T)`` with ``H = E[x x^T]`` (its diagonal,
-  ``mean_sq``, where the file has no full ``hessian`` for the layer).
+  ``mean_sq``, where the file has no full ``hessian`` for the layer); a layer the capture never ran
+  (no statistics, e.g. a pooler the embedding does not use) is measured in weight space, and the
+  plan's note says how many.
 
 A layer's error is relative to its own signal, so the total (the sum over layers) weighs every layer
 alike. Sums are in fp64 over fixed-order reductions of the quantizers' outputs, whose bytes do not
@@ -42,7 +44,7 @@ its chosen format (the measurement's tensors are not kept: memory stays one laye
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from .errors import QuantkitError, UsageError
 from .formats import DEFAULT_FALLBACK, FORMATS, get_format
@@ -128,6 +130,7 @@ class AutoResult:
     fixed_numel: int = 0
     solver: str = "exact"  # "exact" (Pareto DP), "greedy-hull", or "per-layer" (--max-error)
     measure: str = "weight"  # "weight" (1/SQNR) or "calibration" (output error on E[x x^T])
+    weight_measured: list[str] = field(default_factory=list)  # with calibration: layers without statistics
 
     @property
     def total_bytes(self) -> int:
@@ -156,13 +159,16 @@ class AutoResult:
                 "measure": self.measure, "solver": self.solver, "average_bits": self.average_bits,
                 "quantized_bytes": self.total_bytes, "quantized_weights": self.total_numel,
                 "total_error": self.total_error, "formats": self.formats(),
+                "weight_measured": list(self.weight_measured),
                 "layers": [lc.to_dict() for lc in self.layers]}
 
     def summary(self) -> str:
         fm = ", ".join(f"{n} {f}" for f, n in self.formats().items())
         budget = f"--bits {self.spec.bits:g}" if self.spec.bits is not None else f"--max-error {self.spec.max_error:g}"
+        no_stats = (f"; {len(self.weight_measured)} layers without calibration statistics measured by weight "
+                    f"SQNR (e.g. {self.weight_measured[0]})" if self.weight_measured else "")
         return (f"auto ({budget}, {self.measure} error, {self.solver}): {self.average_bits:.3f} bits per quantized "
-                f"weight, total error {self.total_error:.4g} over {len(self.layers)} layers ({fm})")
+                f"weight, total error {self.total_error:.4g} over {len(self.layers)} layers ({fm}){no_stats}")
 
 
 # ---------------------------------------------------------------- planning
@@ -242,17 +248,17 @@ def _measure(reader, result: AutoResult) -> None:
         cal = Calibration.load(result.spec.calibration)
         m = match_layers([lc.layer for lc in result.layers], cal, file=result.spec.calibration)
         stats = {L: cal.layers[s] for L, s in m.items() if float(cal.layers[s].get("count", 0.0)) > 0}
-        missing = [lc.layer for lc in result.layers if lc.layer not in stats]
-        if missing:
-            raise QuantkitError(f"no calibration statistics for layer '{missing[0]}' ({len(missing)} of "
-                                f"{len(result.layers)} layers lack them)", file=result.spec.calibration,
-                                fix="capture statistics over every layer this plan quantizes, or drop --calibration")
+        if not stats:
+            raise QuantkitError(f"no calibration statistics for any of the {len(result.layers)} layers to quantize "
+                                f"(e.g. '{result.layers[0].layer}')", file=result.spec.calibration,
+                                fix="capture statistics on the model this checkpoint belongs to, or drop --calibration")
         result.measure = "calibration"
+        result.weight_measured = [lc.layer for lc in result.layers if lc.layer not in stats]
     ref = FORMATS[REFERENCE]
     for lc in result.layers:
         w = reader.read(lc.tensor).float()
         h = None
-        if stats:
+        if lc.layer in stats:  # a layer the capture never ran (a pooler) is measured in weight space
             st = stats[lc.layer]
             h = st["hessian"].double() if "hessian" in st else st["mean_sq"].double()
         signal = _energy(w.double(), h)

@@ -254,6 +254,21 @@ def test_cli_plan_json_and_usage_errors(small, tmp_path):
         plan_file(q, make_options(format="auto", bits=6, auto_candidates=CHEAP))
 
 
+def test_cli_convert_report_carries_the_choice(small, tmp_path):
+    out, rep = tmp_path / "o.safetensors", tmp_path / "r.json"
+    r = _cli("convert", small, "-o", out, "--format", "auto", "--max-error", "30", "--auto-candidates",
+             ",".join(CHEAP), "--report", rep, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    f = json.loads(rep.read_text())["files"][0]
+    assert f["format"] == "auto" and f["auto"]["solver"] == "per-layer" and f["auto"]["max_error"] == 30
+    chosen = {x["layer"]: x["format"] for x in f["auto"]["layers"]}
+    assert _formats_written(out) == chosen
+    for x in f["auto"]["layers"]:
+        assert x["error_vs_int8_row"] <= 30
+        assert x["bits"] == min(c["bits"] for c in x["candidates"].values()
+                                if c["error"] <= 30 * x["candidates"]["int8-row"]["error"])
+
+
 def test_config_fixed_layers_stay_and_count_in_the_budget(small, tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"layers": {"blocks.0.fc": {"format": "mxfp8"}, "blocks.1.fc": {"skip": True}}}))

@@ -225,7 +225,7 @@ def test_usage_error_one_line_from_the_console_script(sample):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == ("error: quantkit convert: invalid value for --format: 'int9' "
                         "(choose from fp8, fp8-e5m2, int8-tensor, int8-row, int8-block, int8-convrot, mxfp8, nvfp4, "
-                        "w4a8, w4a8-6bit, int4-convrot, awq4)\n")
+                        "w4a8, w4a8-6bit, int4-convrot, awq4, auto)\n")
 
 
 def _sentences(text: str) -> int:

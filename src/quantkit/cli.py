@@ -197,7 +197,10 @@ class Rates:
 LEARNED_OBJECTIVES = ("calibration", "subspace")
 
 # Options shared by `convert` and `plan`.
-FormatOpt = Annotated[str, typer.Option("--format", "-f", metavar="NAME", help=f"Target format: {', '.join(tuple(FORMATS))} ('quantkit formats' describes them).")]
+FormatOpt = Annotated[str, typer.Option("--format", "-f", metavar="NAME", help=f"Target format: {', '.join(tuple(FORMATS))} ('quantkit formats' describes them), or auto: a measured format per layer to the budget of --bits or --max-error.")]
+BitsOpt = Annotated[Optional[float], typer.Option("--bits", metavar="B", help="With --format auto: the average bits per quantized weight (scales included) the choice keeps within, at the least total error.")]
+MaxErrorOpt = Annotated[Optional[float], typer.Option("--max-error", metavar="X", help="With --format auto: each layer takes the smallest format whose error is at most X times its int8-row error (output error with --calibration, else weight 1/SQNR).")]
+AutoCandidatesOpt = Annotated[Optional[str], typer.Option("--auto-candidates", metavar="LIST", help="With --format auto: the formats to choose from, comma-separated (default: int4-convrot,awq4,w4a8,nvfp4,w4a8-6bit,mxfp8,int8-convrot,int8-row).")]
 BlockOpt = Annotated[int, typer.Option("--block-size", metavar="B", help="Tile size of int8-block: one scale per B x B tile.")]
 IncludeOpt = Annotated[Optional[list[str]], typer.Option("--include", metavar="REGEX", help="Quantize the layers whose name matches, even where the defaults or the preset keep them. Repeatable.")]
 ExcludeOpt = Annotated[Optional[list[str]], typer.Option("--exclude", metavar="REGEX", help="Keep the layers whose name matches unquantized. Repeatable; wins over every other rule.")]
@@ -211,10 +214,10 @@ KeepQuantizedOpt = Annotated[bool, typer.Option("--keep-quantized", help="Copy a
 
 
 def _options(format: str, block_size: int, include, exclude, fallback: str, preset: str, config, fpmm: bool,
-             convrot_group_size: int = LayerOpts.convrot_group_size) -> Options:
+             convrot_group_size: int = LayerOpts.convrot_group_size, auto: dict | None = None) -> Options:
     from .families import PRESET_CHOICES
-    if format not in tuple(FORMATS):
-        raise typer.BadParameter(f"'{format}' (choose from {', '.join(tuple(FORMATS))})", param_hint="--format")
+    if format not in (*FORMATS, "auto"):
+        raise typer.BadParameter(f"'{format}' (choose from {', '.join((*FORMATS, 'auto'))})", param_hint="--format")
     if fallback not in FALLBACK_CHOICES:
         raise typer.BadParameter(f"'{fallback}' (choose from {', '.join(FALLBACK_CHOICES)})", param_hint="--fallback")
     if preset not in PRESET_CHOICES:
@@ -222,9 +225,19 @@ def _options(format: str, block_size: int, include, exclude, fallback: str, pres
     from .convert import make_options
     try:
         fo = {} if convrot_group_size == LayerOpts.convrot_group_size else {"convrot_group_size": convrot_group_size}
-        return make_options(format, block_size, include or (), exclude or (), fallback, preset, config, fpmm, fo)
+        return make_options(format, block_size, include or (), exclude or (), fallback, preset, config, fpmm, fo,
+                            **_auto_kwargs(auto))
     except QuantkitError as e:
         raise _fail(e) from None
+
+
+def _auto_kwargs(auto: dict | None) -> dict:
+    """make_options' keywords of --format auto from the command line's values."""
+    if not auto:
+        return {}
+    cands = auto.get("candidates")
+    return {"bits": auto.get("bits"), "max_error": auto.get("max_error"), "calibration": auto.get("calibration"),
+            "auto_candidates": None if cands is None else tuple(c.strip() for c in cands.split(",") if c.strip())}
 
 
 def _plan_json(plan, src: Path, dst: Path | None) -> dict:
@@ -261,6 +274,9 @@ def convert(
     learned_objective: Annotated[str, typer.Option("--learned-objective", metavar="NAME", help="What --learned-rounding lowers: calibration (the output error on the --calibration statistics) or subspace (data-free, so no --calibration; it was neutral on real inputs).")] = "calibration",
     devices: Annotated[Optional[str], typer.Option("--devices", metavar="LIST", help="Run --learned-rounding in one worker process per device: cuda:0,cuda:1,... or all. The output bytes are those of one process.")] = None,
     keep_quantized: KeepQuantizedOpt = False,
+    bits: BitsOpt = None,
+    max_error: MaxErrorOpt = None,
+    auto_candidates: AutoCandidatesOpt = None,
 ) -> None:
     """Convert checkpoints: quantize their linear weights, copy everything else bit-exactly.
 
@@ -282,7 +298,10 @@ def convert(
     if learned_objective != "calibration" and not learned_rounding:
         raise typer.BadParameter("it sets the objective of --learned-rounding; add --learned-rounding",
                                  param_hint="--learned-objective")
-    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm, convrot_group_size)
+    auto = dict(bits=bits, max_error=max_error, candidates=auto_candidates, calibration=calibration)
+    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm, convrot_group_size,
+                    auto if format == "auto" or bits is not None or max_error is not None
+                    or auto_candidates is not None else None)
     from . import reportfile
     from .plan import default_output_name, plan_file
     from .render import print_plan, print_summary
@@ -395,9 +414,14 @@ def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool,
                            exclude=opts.exclude, fallback=opts.fallback, overwrite=overwrite,
                            progress=on_progress, preset=opts.preset, config=opts.config,
                            full_precision_matrix_mult=bool(dict(opts.comfy_options).get("full_precision_matrix_mult")),
-                           device=device, format_options=dict(opts.format_options), **refine)
+                           device=device, format_options=dict(opts.format_options), **_auto_of(opts), **refine)
         rep.startup_seconds = startup or 0.0
         return rep
+
+
+def _auto_of(opts: Options) -> dict:
+    a = opts.auto
+    return {} if a is None else {"bits": a.bits, "max_error": a.max_error, "auto_candidates": a.candidates}
 
 
 @app.command(epilog="Examples:\n\n  quantkit plan flux1-dev.safetensors\n\n"
@@ -416,13 +440,23 @@ def plan(
     fpmm: FpmmOpt = False,
     json_out: JsonOpt = False,
     keep_quantized: KeepQuantizedOpt = False,
+    bits: BitsOpt = None,
+    max_error: MaxErrorOpt = None,
+    auto_candidates: AutoCandidatesOpt = None,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", metavar="FILE", help="With --format auto: measure each candidate's output error on these input statistics (quantkit.calibration) instead of its weight SQNR.")] = None,
 ) -> None:
     """Show what 'convert' would do with each layer, and why; write nothing.
 
     Prints each layer's shape, dtype, format and reason, then the family, the counts, the exact
     output size and whether stock ComfyUI loads it. Exit codes: 0 ok, 1 bad input, 2 usage error.
     """
-    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm, convrot_group_size)
+    if calibration is not None and format != "auto":
+        raise typer.BadParameter("plan measures calibration errors for --format auto only; add --format auto or "
+                                 "drop --calibration", param_hint="--calibration")
+    auto = dict(bits=bits, max_error=max_error, candidates=auto_candidates, calibration=calibration)
+    opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm, convrot_group_size,
+                    auto if format == "auto" or bits is not None or max_error is not None
+                    or auto_candidates is not None else None)
     from .plan import plan_file
     from .render import print_plan
     try:

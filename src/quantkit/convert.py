@@ -32,7 +32,7 @@ from .errors import QuantkitError, UsageError
 from .formats import DEFAULT_FALLBACK, DEFAULT_FORMAT, FORMATS, decode_comfy_quant, encode_comfy_quant
 from .pipeline import DEFAULT_DEPTH, BackgroundWriter
 from .layerconfig import LayerConfig, load_layer_config
-from .plan import LayerPlan, Options, Plan, default_output_name, plan_conversion
+from .plan import AUTO, LayerPlan, Options, Plan, default_output_name, plan_conversion
 from .report import ConvertReport, LayerReport
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
 
@@ -53,6 +53,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
             calibration: str | os.PathLike | None = None, bias_correction: bool = False,
             learned_objective: str = "calibration", devices: str | list[str] | None = None,
             format_options: dict | None = None, keep_quantized: bool = False,
+            bits: float | None = None, max_error: float | None = None,
+            auto_candidates: tuple[str, ...] | list[str] | None = None,
             _upgrade: bool = False) -> ConvertReport:
     """Quantize the linear weights of ``src`` into ``dst`` (default: ``<stem>-<format>.safetensors``
     beside the input). Returns a :class:`ConvertReport`; raises :class:`QuantkitError` on bad input.
@@ -71,6 +73,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     ``format_options``: per-layer options a format reads besides ``block_size`` (fields of
     :class:`quantkit.formats.LayerOpts`).
 
+    ``format="auto"``: a format per layer from ``auto_candidates`` (default
+    :data:`quantkit.autoplan.CANDIDATES`), measured on the weights (on ``calibration``'s statistics
+    when given) and chosen to one budget: ``bits`` (average bits per quantized weight, scales
+    included) or ``max_error`` (per layer, relative to int8-row); see :mod:`quantkit.autoplan`.
+
     An input whose layers are already quantized (``.comfy_quant`` markers of any producer, or a legacy
     ``scaled_fp8`` file; :mod:`quantkit.qinput`): each such layer is dequantized as ComfyUI does and
     quantized to ``format`` (the report's notes say its quality is bounded by the input's), or, with
@@ -79,7 +86,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
         raise UsageError("--devices spreads the calibration objective only",
                          fix="drop --devices, or use --learned-objective calibration")
     options = make_options(format, block_size, include, exclude, fallback, preset, config,
-                           full_precision_matrix_mult, format_options, keep_quantized, _upgrade)
+                           full_precision_matrix_mult, format_options, keep_quantized, _upgrade,
+                           bits=bits, max_error=max_error, auto_candidates=auto_candidates,
+                           calibration=calibration)
     dev = parse_device(device)
     src = Path(src)
     dst = Path(dst) if dst is not None else src.with_name(default_output_name(src.name, format))
@@ -114,6 +123,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
                 report = _execute(reader, plan, dst, progress, device=dev, refiner=refiner, ahead=ahead,
                                   clock=clock, overwrite=overwrite)
             report.notes.extend(plan.notes)
+            if plan.auto is not None:
+                report.auto = plan.auto.to_dict()
             if reclaimed is not None:
                 report.notes.append(reclaimed)
             if learned_store is not None:
@@ -176,13 +187,26 @@ def _learned_options(objective: str):
 def make_options(format: str = DEFAULT_FORMAT, block_size: int = 128, include=(), exclude=(), fallback: str = DEFAULT_FALLBACK,
                  preset: str = "auto", config: str | os.PathLike | LayerConfig | None = None,
                  full_precision_matrix_mult: bool = False, format_options: dict | None = None,
-                 keep_quantized: bool = False, upgrade: bool = False) -> Options:
-    """Validated :class:`Options` from keyword values (a config path is loaded and checked here)."""
+                 keep_quantized: bool = False, upgrade: bool = False, *, bits: float | None = None,
+                 max_error: float | None = None, auto_candidates=None, calibration=None) -> Options:
+    """Validated :class:`Options` from keyword values (a config path is loaded and checked here).
+    ``bits`` / ``max_error`` / ``auto_candidates`` / ``calibration``: the budget, candidates and
+    statistics of ``format="auto"`` (:class:`quantkit.autoplan.AutoSpec`)."""
     if config is not None and not isinstance(config, LayerConfig):
         config = load_layer_config(config)
     extra = (("full_precision_matrix_mult", True),) if full_precision_matrix_mult else ()
+    auto = None
+    if format == AUTO or bits is not None or max_error is not None or auto_candidates is not None:
+        from .autoplan import CANDIDATES, AutoSpec
+        if format != AUTO:
+            given = [n for n, v in (("--bits", bits), ("--max-error", max_error), ("--auto-candidates", auto_candidates))
+                     if v is not None]
+            raise UsageError(f"{' and '.join(given)}: {'options' if len(given) > 1 else 'an option'} of --format auto, "
+                             f"not of --format {format}", fix=f"add --format auto, or drop {' and '.join(given)}")
+        auto = AutoSpec(bits, max_error, tuple(auto_candidates) if auto_candidates is not None else CANDIDATES,
+                        None if calibration is None else str(calibration))
     options = Options(format, block_size, tuple(include), tuple(exclude), fallback, preset, config, extra,
-                      tuple(sorted((format_options or {}).items())), keep_quantized, upgrade)
+                      tuple(sorted((format_options or {}).items())), keep_quantized, upgrade, auto)
     options.validate()
     return options
 

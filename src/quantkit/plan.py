@@ -17,6 +17,7 @@ from .report import layer_counts
 from .safetensors_io import PlannedTensor, SafetensorsReader, TensorInfo, build_header
 
 QUANT_METADATA_KEY = qinput.QUANT_METADATA_KEY
+AUTO = "auto"  # --format auto: a measured format per layer (quantkit.autoplan)
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,25 @@ class Options:
     format_options: tuple[tuple[str, object], ...] = ()  # LayerOpts fields besides block_size
     keep_quantized: bool = False  # copy an input's quantized layers through instead of re-quantizing them
     upgrade: bool = False  # `quantkit upgrade`: rewrite a legacy scaled_fp8 file's layers, copy the rest
+    # format "auto": the budget and candidates (quantkit.autoplan.AutoSpec); the plan then reads weights
+    auto: object | None = None
+    # per-layer formats chosen by quantkit.autoplan: (layer, format); a config rule's format wins
+    layer_formats: tuple[tuple[str, str], ...] = ()
 
     def validate(self) -> None:
+        if self.format == AUTO:
+            if self.auto is None:
+                raise UsageError("--format auto needs a budget: --bits B or --max-error X",
+                                 fix="e.g. --format auto --bits 5")
+            self.auto.validate()
+            replace(self, format=DEFAULT_FALLBACK, auto=None).validate()
+            return
+        if self.auto is not None:
+            raise UsageError(f"--bits and --max-error are budgets of --format auto, not of --format {self.format}",
+                             fix="add --format auto, or drop --bits / --max-error")
         get_format(self.format)
+        for _, f in self.layer_formats:
+            get_format(f)
         if self.preset not in families.PRESET_CHOICES:
             raise UsageError(f"unknown --preset '{self.preset}'",
                              fix=f"use one of: {', '.join(families.PRESET_CHOICES)}")
@@ -153,6 +170,7 @@ class Plan:
     families: list[families.Detected] = field(default_factory=list)
     input_size: int = 0
     notes: list[str] = field(default_factory=list)  # one line each, for the user (the run's report carries them)
+    auto: object | None = None  # --format auto: the choice (quantkit.autoplan.AutoResult)
 
     @property
     def quantized(self) -> list[LayerPlan]:
@@ -196,11 +214,17 @@ class Plan:
                 "quantized_input": {"requantized": len(self.requantized), "kept_quantized": len(self.kept_quantized),
                                     "keep_quantized": self.options.keep_quantized},
                 "notes": list(self.notes),
+                **({"auto": self.auto.to_dict()} if self.auto is not None else {}),
                 "tensors": [lp.to_dict() for lp in self.layers]}
 
 
 def plan_conversion(reader: SafetensorsReader, options: Options) -> Plan:
+    """The plan of ``options`` for ``reader``'s file: from its header alone, except with format
+    ``auto``, which reads every quantizable weight once to measure the candidates (quantkit.autoplan)."""
     options.validate()
+    if options.format == AUTO:
+        from .autoplan import plan_auto
+        return plan_auto(reader, options)
     spec = FORMATS[options.format]
     sel = policy.Selection.from_patterns(options.include, options.exclude)
     qs = qinput.scan(reader)
@@ -339,6 +363,10 @@ def _plan_one(t: TensorInfo, spec: Format, sel: policy.Selection, options: Optio
         return LayerPlan(t.name, t.shape, t.dtype, None, why)
     block_size, opts, how = options.block_size, dict(options.comfy_options), ""
     fopts = dict(options.format_options)
+    if options.layer_formats:
+        chosen = dict(options.layer_formats).get(name)
+        if chosen is not None:
+            spec = FORMATS[chosen]
     if rule is not None:
         how = f"config {rule.pattern!r}"
         if rule.format is not None:

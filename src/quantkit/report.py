@@ -78,6 +78,8 @@ class ConvertReport:
 
     # one line each, for the user: what the run did besides converting (stale temporary files removed)
     notes: list[str] = field(default_factory=list)
+    # --format auto: the per-layer choice, budget and expected errors (quantkit.autoplan.AutoResult.to_dict)
+    auto: dict | None = None
 
     @property
     def total_seconds(self) -> float:

@@ -23,6 +23,29 @@ def convrot_keys(m: dict) -> tuple[object, object]:
     return m.get("convrot", p.get("convrot")), m.get("convrot_groupsize", p.get("convrot_groupsize"))
 
 
+def tensorwise_checks(layer: str, m: dict, T: dict) -> tuple[list[Violation], tuple[int, int] | None, object]:
+    """The checks every ``int8_tensorwise`` layer shares (plain and ConvRot): I8 2-D weight, its
+    ``orig_shape``, an F32 scale. Returns the violations, the weight's [N, K] (None where the layer's
+    own checks cannot go on) and the scale's info."""
+    out = []
+    w, s = T[f"{layer}.weight"], T.get(f"{layer}.weight_scale")
+    if w.dtype != "I8":
+        out.append(Violation("wrong-weight-dtype", w.name, f"int8_tensorwise weight is {w.dtype}, must be I8"))
+    if len(w.shape) != 2:
+        return out + [Violation("wrong-weight-shape", w.name,
+                                f"quantized weight is {len(w.shape)}-D {list(w.shape)}; must be 2-D")], None, s
+    n, k = w.shape
+    orig = m.get("orig_shape")
+    if orig is not None and list(orig) != [n, k]:
+        out.append(Violation("orig-shape-mismatch", f"{layer}.comfy_quant", f"orig_shape {orig} but the weight is {[n, k]}"))
+    if s is None:
+        return out + [Violation("missing-scale", w.name, f"int8_tensorwise needs {layer}.weight_scale; ComfyUI "
+                                "crashes at the layer's first use")], None, s
+    if s.dtype != "F32":
+        out.append(Violation("wrong-scale-dtype", f"{layer}.weight_scale", f"int8_tensorwise scale is {s.dtype}, must be F32"))
+    return out, (n, k), s
+
+
 class Int8TensorwiseFormat(ScaledFormat):
     fallback = True
 
@@ -40,23 +63,11 @@ class Int8TensorwiseFormat(ScaledFormat):
         return len(s) == 2 and s[1] == 1
 
     def check(self, layer: str, m: dict, T: dict) -> list[Violation]:
-        out = []
-        w, s = T[f"{layer}.weight"], T.get(f"{layer}.weight_scale")
+        out, nk, s = tensorwise_checks(layer, m, T)
+        if nk is None:
+            return out
+        n, k = nk
         name_s = f"{layer}.weight_scale"
-        if w.dtype != "I8":
-            out.append(Violation("wrong-weight-dtype", w.name, f"int8_tensorwise weight is {w.dtype}, must be I8"))
-        if len(w.shape) != 2:
-            return out + [Violation("wrong-weight-shape", w.name,
-                                    f"quantized weight is {len(w.shape)}-D {list(w.shape)}; must be 2-D")]
-        n, k = w.shape
-        orig = m.get("orig_shape")
-        if orig is not None and list(orig) != [n, k]:
-            out.append(Violation("orig-shape-mismatch", f"{layer}.comfy_quant", f"orig_shape {orig} but the weight is {[n, k]}"))
-        if s is None:
-            return out + [Violation("missing-scale", w.name, f"int8_tensorwise needs {name_s}; ComfyUI crashes "
-                                    "at the layer's first use")]
-        if s.dtype != "F32":
-            out.append(Violation("wrong-scale-dtype", name_s, f"int8_tensorwise scale is {s.dtype}, must be F32"))
         if len(s.shape) == 1 and s.shape[0] == n and n > 1:
             out.append(Violation("int8-scale-1d", name_s, f"1-D [{n}] int8 scale: ComfyUI breaks on it"
                                  + (", or, as here with N == K, silently scales columns instead of rows" if n == k else "")

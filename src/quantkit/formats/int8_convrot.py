@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from ..errors import QuantkitError
 from .base import Format, LayerOpts, Stored, Violation, dtype_str, register, shape_reason
-from .int8 import convrot_keys
+from .int8 import convrot_keys, tensorwise_checks
 
 NAME = "int8-convrot"
 COMFY_FORMAT = "int8_tensorwise"
@@ -167,23 +167,11 @@ class Int8ConvRotFormat(Format):
         return marker.get("format") == self.comfy_format and bool(convrot_keys(marker)[0])
 
     def check(self, layer: str, m: dict, T: dict) -> list[Violation]:
-        out = []
-        w, s = T[f"{layer}.weight"], T.get(f"{layer}.weight_scale")
+        out, nk, s = tensorwise_checks(layer, m, T)
+        if nk is None:
+            return out
+        n, k = nk
         name_s = f"{layer}.weight_scale"
-        if w.dtype != "I8":
-            out.append(Violation("wrong-weight-dtype", w.name, f"int8_tensorwise weight is {w.dtype}, must be I8"))
-        if len(w.shape) != 2:
-            return out + [Violation("wrong-weight-shape", w.name,
-                                    f"quantized weight is {len(w.shape)}-D {list(w.shape)}; must be 2-D")]
-        n, k = w.shape
-        orig = m.get("orig_shape")
-        if orig is not None and list(orig) != [n, k]:
-            out.append(Violation("orig-shape-mismatch", f"{layer}.comfy_quant", f"orig_shape {orig} but the weight is {[n, k]}"))
-        if s is None:
-            return out + [Violation("missing-scale", w.name, f"int8_tensorwise needs {name_s}; ComfyUI crashes "
-                                    "at the layer's first use")]
-        if s.dtype != "F32":
-            out.append(Violation("wrong-scale-dtype", name_s, f"int8_tensorwise scale is {s.dtype}, must be F32"))
         g = convrot_keys(m)[1]
         if not is_power_of_4(g):
             out.append(Violation("bad-convrot", f"{layer}.comfy_quant", f"convrot_groupsize {g!r} is not a power of 4"))

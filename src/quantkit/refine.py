@@ -199,6 +199,12 @@ class Refiner:
         self._done(lp.layer, "weight")
         return out
 
+    def static_input_layers(self) -> set[str]:
+        """The quantized layers whose format takes a static input_scale from their statistics (inputs
+        were seen): the plan lists it for them (:func:`quantkit.plan.with_static_input_scales`)."""
+        return {L for L, lp in self._layers.items() if lp.spec is not None and self._seen(L)
+                and learned.static_input_scale(self._stats[L], lp.spec) is not None}
+
     def input_scale(self, lp: LayerPlan) -> torch.Tensor | None:
         spec = lp.spec
         if spec is None or not self._seen(lp.layer):

@@ -62,7 +62,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     ``preset``: a model family (``quantkit.families``), ``auto`` (detect) or ``none``; ``config``: a
     per-layer config file (``quantkit.layerconfig``); ``device``: ``auto`` (a GPU if there is one),
     ``cpu``, ``cuda`` or ``cuda:N`` (round-to-nearest bytes are the same on every device).
-    ``calibration``: a stats file from :func:`quantkit.calibration.capture` (static fp8 input_scale,
+    ``calibration``: a stats file from :func:`quantkit.calibration.capture` (a static input_scale for fp8 and nvfp4,
     and the objective of the two options below). ``learned_rounding``: choose q to lower the expected
     output error (see :mod:`quantkit.learned`). ``bias_correction``: fold the mean output error into
     the bias (needs ``calibration``). ``learned_objective``: ``calibration`` (default) or ``subspace``
@@ -115,7 +115,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
                                          bias_correction=bias_correction,
                                          options=_learned_options(learned_objective))
                 if refiner is not None:
-                    plan = with_static_input_scales(plan, refiner.static_input_layers())
+                    plan = with_static_input_scales(plan, refiner.static_input_layers(), src)
                 learned_ctx = multi.precompute(refiner, devices, dst)
             else:
                 learned_ctx = contextlib.nullcontext()

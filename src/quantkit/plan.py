@@ -275,7 +275,7 @@ def plan_conversion(reader: SafetensorsReader, options: Options) -> Plan:
     return plan
 
 
-def with_static_input_scales(plan: Plan, layers: set[str]) -> Plan:
+def with_static_input_scales(plan: Plan, layers: set[str], file=None) -> Plan:
     """``plan`` with the quantized ``layers`` marked ``static_input_scale`` (calibration gives them
     one): a format that stores an input_scale only then lists it, and the outputs are re-listed."""
     opt = "static_input_scale"
@@ -287,7 +287,8 @@ def with_static_input_scales(plan: Plan, layers: set[str]) -> Plan:
         for t in lp.outputs():
             if t.name in names:
                 raise QuantkitError(f"output name '{t.name}' would be written twice (also from '{names[t.name]}')",
-                                    tensor=lp.tensor, fix=f"--exclude '^{lp.layer}$' to keep this layer as it is")
+                                    file=file, tensor=lp.tensor,
+                                    fix=f"--exclude '^{lp.layer}$' to keep this layer as it is")
             names[t.name] = lp.tensor
             out.outputs.append(t)
     build_header(out.outputs, out.metadata)

@@ -32,7 +32,7 @@ from .errors import QuantkitError, UsageError
 from .formats import DEFAULT_FALLBACK, DEFAULT_FORMAT, FORMATS, decode_comfy_quant, encode_comfy_quant
 from .pipeline import DEFAULT_DEPTH, BackgroundWriter
 from .layerconfig import LayerConfig, load_layer_config
-from .plan import AUTO, LayerPlan, Options, Plan, default_output_name, plan_conversion
+from .plan import AUTO, LayerPlan, Options, Plan, default_output_name, plan_conversion, with_static_input_scales
 from .report import ConvertReport, LayerReport
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
 
@@ -62,7 +62,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
     ``preset``: a model family (``quantkit.families``), ``auto`` (detect) or ``none``; ``config``: a
     per-layer config file (``quantkit.layerconfig``); ``device``: ``auto`` (a GPU if there is one),
     ``cpu``, ``cuda`` or ``cuda:N`` (round-to-nearest bytes are the same on every device).
-    ``calibration``: a stats file from :func:`quantkit.calibration.capture` (static fp8 input_scale,
+    ``calibration``: a stats file from :func:`quantkit.calibration.capture` (a static input_scale for fp8 and nvfp4,
     and the objective of the two options below). ``learned_rounding``: choose q to lower the expected
     output error (see :mod:`quantkit.learned`). ``bias_correction``: fold the mean output error into
     the bias (needs ``calibration``). ``learned_objective``: ``calibration`` (default) or ``subspace``
@@ -114,6 +114,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike | None = None, *, for
                 refiner = Refiner.create(reader, plan, learned_rounding=learned_rounding, calibration=calibration,
                                          bias_correction=bias_correction,
                                          options=_learned_options(learned_objective))
+                if refiner is not None:
+                    plan = with_static_input_scales(plan, refiner.static_input_layers(), src)
                 learned_ctx = multi.precompute(refiner, devices, dst)
             else:
                 learned_ctx = contextlib.nullcontext()
@@ -428,8 +430,9 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backg
 
 
 def _static_input_scale(tensors: dict[str, torch.Tensor], lp: LayerPlan, refiner: Refiner | None) -> None:
-    """A calibrated input_scale replaces the planned 1.0, for formats that store one."""
-    if refiner is not None and "input_scale" in tensors:
+    """A calibrated input_scale replaces the planned 1.0 (fp8), or is added where the plan lists one
+    only with calibration (nvfp4: ``LayerOpts.static_input_scale``)."""
+    if refiner is not None and ("input_scale" in tensors or lp.opts.static_input_scale):
         s = refiner.input_scale(lp)
         if s is not None:
             tensors["input_scale"] = s

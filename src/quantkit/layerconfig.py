@@ -32,7 +32,7 @@ from .fileio import NotRegularFile, open_regular
 from .formats import FORMATS, LAYER_OPTIONS, LayerOpts, formats_with_option
 
 # format options an entry may set: the LayerOpts fields besides block_size (which has its own key)
-FORMAT_OPTION_KEYS = tuple(k for k in LayerOpts.__dataclass_fields__ if k != "block_size")
+FORMAT_OPTION_KEYS = tuple(k for k in LayerOpts.__dataclass_fields__ if k not in ("block_size", "static_input_scale"))
 ENTRY_KEYS = ("format", "block_size", "skip", "options", *FORMAT_OPTION_KEYS)
 
 try:  # the stdlib regex parser, to rank patterns by how much literal text they demand

@@ -63,7 +63,7 @@ class Options:
             raise UsageError(f"unknown --fallback '{self.fallback}'", fix=f"use one of: {', '.join(FALLBACK_CHOICES)}")
         if not (isinstance(self.block_size, int) and self.block_size >= 1):
             raise UsageError(f"--block-size {self.block_size} must be a positive integer", fix="use 128 or 64")
-        fields = set(LayerOpts.__dataclass_fields__) - {"block_size"}
+        fields = set(LayerOpts.__dataclass_fields__) - {"block_size", "static_input_scale"}
         for k, _ in self.format_options:
             if k not in fields:
                 raise UsageError(f"unknown format option '{k}'", fix=f"known: {', '.join(sorted(fields)) or 'none'}")
@@ -273,6 +273,26 @@ def plan_conversion(reader: SafetensorsReader, options: Options) -> Plan:
     except QuantkitError as e:
         raise QuantkitError(e.message, file=reader.path, tensor=e.tensor, fix=e.fix) from None
     return plan
+
+
+def with_static_input_scales(plan: Plan, layers: set[str], file=None) -> Plan:
+    """``plan`` with the quantized ``layers`` marked ``static_input_scale`` (calibration gives them
+    one): a format that stores an input_scale only then lists it, and the outputs are re-listed."""
+    opt = "static_input_scale"
+    new = [replace(lp, format_options=tuple(sorted({**dict(lp.format_options), opt: True}.items())))
+           if lp.quantized and lp.layer in layers else lp for lp in plan.layers]
+    out = replace(plan, layers=new, outputs=[])
+    names: dict[str, str] = {}
+    for lp in new:
+        for t in lp.outputs():
+            if t.name in names:
+                raise QuantkitError(f"output name '{t.name}' would be written twice (also from '{names[t.name]}')",
+                                    file=file, tensor=lp.tensor,
+                                    fix=f"--exclude '^{lp.layer}$' to keep this layer as it is")
+            names[t.name] = lp.tensor
+            out.outputs.append(t)
+    build_header(out.outputs, out.metadata)
+    return out
 
 
 def plan_file(src, options: Options) -> Plan:

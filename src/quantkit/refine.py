@@ -5,7 +5,8 @@ things, each at one place in ``convert._convert_one``:
 
 * ``quantize(lp)`` -> (q, scale, note) for a quantized layer: learned rounding when asked for
   (objective from the layer's calibration statistics; refused without them), else round-to-nearest;
-* ``input_scale(lp)`` -> the static fp8 ``input_scale`` from calibration (max |x| / qmax), or None;
+* ``input_scale(lp)`` -> the static ``input_scale`` from calibration (the format's rule: fp8 max |x| / qmax, nvfp4
+  max |x| / (448 * 6)), or None; ``static_input_layers()`` -> the layers the plan lists one for;
 * ``bias(lp)`` -> the corrected bias of a quantized layer, b + (W - Wq) mu, in the bias's dtype and shape.
 
 A layer's learned result is cached from the first of its weight and its bias to be written until
@@ -198,6 +199,12 @@ class Refiner:
         out = self._result(lp)
         self._done(lp.layer, "weight")
         return out
+
+    def static_input_layers(self) -> set[str]:
+        """The quantized layers whose format takes a static input_scale from their statistics (inputs
+        were seen): the plan lists it for them (:func:`quantkit.plan.with_static_input_scales`)."""
+        return {L for L, lp in self._layers.items() if lp.spec is not None and self._seen(L)
+                and learned.static_input_scale(self._stats[L], lp.spec) is not None}
 
     def input_scale(self, lp: LayerPlan) -> torch.Tensor | None:
         spec = lp.spec

@@ -28,6 +28,9 @@ class LayerOpts:
 
     block_size: int = DEFAULT_BLOCK_SIZE
     convrot_group_size: int = 256  # int8-convrot: the ConvRot group G wanted (a layer may take a smaller one)
+    # Set by convert, never by the user: calibration gave this layer a static input_scale (its format's
+    # :meth:`Format.static_input_scale` is not None), so a format that stores one only then (nvfp4) plans it.
+    static_input_scale: bool = False
 
 
 class Stored(NamedTuple):

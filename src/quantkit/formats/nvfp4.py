@@ -7,8 +7,13 @@ On disk (ComfyUI's ``nvfp4`` loader; comfy-kitchen ``TensorCoreNVFP4Layout``):
 * ``weight_scale``: F8_E4M3 [Np, Kp/16] block scales in the cuBLAS blocked layout (:mod:`._blocked`),
   shape [roundup(Np, 128), roundup(Kp/16, 4)]
 * ``weight_scale_2``: fp32 scalar ``[]`` = amax(|W|) / (448 * 6) (1.0 for an all-zero W)
-* ``input_scale``: fp32 scalar, only when given (a calibration result; ComfyUI quantizes activations
-  with it on Blackwell GPUs)
+* ``input_scale``: fp32 scalar ``[]``, only with calibration (``quantkit convert --calibration``; the
+  plan lists it for a layer whose statistics saw inputs: ``LayerOpts.static_input_scale``) =
+  max |x| over the calibration set / (448 * 6), the activation's per-tensor scale on the format's own
+  grid. ComfyUI (0271a469) loads it as a module parameter (``QUANT_ALGOS["nvfp4"]["parameters"]``) and
+  passes it to ``TensorCoreNVFP4Layout.quantize(x, scale=input_scale)``: comfy-kitchen's
+  ``quantize_nvfp4(x, per_tensor_scale)``, block scales ``clamp((amax_b / 6) / s, max=448)`` in E4M3.
+  Without it the scale is dynamic: ``amax(|x|) / (448 * 6)`` of each call's activation.
 * ``.comfy_quant``: ``{"format": "nvfp4", ...}``
 
 Quantization (the spec), all fp32, per block of 16 with amax_b = max |w| and g = weight_scale_2:
@@ -237,6 +242,15 @@ def dequantize(tensors: dict, marker: dict, dtype) -> object:
     return (vals * total[..., None]).reshape(rows, cols).to(dtype)[:n, :k]
 
 
+def static_input_scale(stats: dict):
+    """See :meth:`NVFP4Format.static_input_scale`."""
+    import torch
+    amax = stats["absmax"].float().amax()
+    if not bool(torch.isfinite(amax)) or float(amax) <= 0:
+        return None
+    return (amax / torch.full_like(amax, FP8_MAX * E2M1_MAX)).reshape(())
+
+
 def _is_scalar(t) -> bool:
     return t.numel == 1 and len(t.shape) <= 1
 
@@ -257,8 +271,17 @@ class NVFP4Format(Format):
 
     def stored(self, shape: tuple[int, ...], orig_dtype, opts: LayerOpts) -> list[Stored]:
         rows, cols = padded_shape(shape)
-        return [Stored("weight", "U8", (rows, cols // 2)), Stored("weight_scale", "F8_E4M3", scale_shape(shape)),
-                Stored("weight_scale_2", "F32", ())]
+        out = [Stored("weight", "U8", (rows, cols // 2)), Stored("weight_scale", "F8_E4M3", scale_shape(shape)),
+               Stored("weight_scale_2", "F32", ())]
+        if opts.static_input_scale:  # calibrated: convert writes :meth:`static_input_scale`
+            out.append(Stored("input_scale", "F32", ()))
+        return out
+
+    def static_input_scale(self, stats: dict):
+        """max |x| over the calibration set / (448 * 6) in fp32: the per-tensor activation scale
+        comfy-kitchen's ``quantize_nvfp4`` takes (the dynamic one of an input whose amax is the
+        calibration's); None (dynamic scaling, nothing stored) when no input was non-zero."""
+        return static_input_scale(stats)
 
     def marker(self, shape: tuple[int, ...], orig_dtype, opts: LayerOpts) -> dict:
         return marker(shape, orig_dtype)

@@ -45,7 +45,7 @@ MAX_AHEAD = 8 << 30
 CONVERT_VALUE_OPTIONS = frozenset({
     "-o", "--output", "-O", "--output-dir", "-f", "--format", "--block-size", "--include", "--exclude",
     "--fallback", "--preset", "--config", "--report", "--device", "--calibration", "--learned-objective",
-    "--devices", "--convrot-group-size",
+    "--devices", "--convrot-group-size", "--bits", "--max-error", "--auto-candidates",
 })
 
 

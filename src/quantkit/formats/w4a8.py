@@ -48,6 +48,8 @@ SEARCH_STEPS = 3
 CHANNEL_FACTORS = tuple(1.0 + 0.125 * i / 8 for i in (0, -1, *range(1, 8)))
 W6_LEVELS = 31
 E4M3_MAX_BITS = 0x7E  # 0x7F is NaN in e4m3fn
+LUT_HALF = 128  # decoded levels are integers in [-127, 127]: floor(target) clamped to +-128 finds them
+CHUNK_ELEMS = 1 << 17  # the search runs over this many weights at a time (whole rows), to stay in cache
 # kitchen's frozen table (comfy_kitchen.tensor.w4a8_packed._FIXED_LUT; a fact, the values it decodes)
 LLOYD_MAX_16 = (-0.980602, -0.794529, -0.638165, -0.500986, -0.377321, -0.263187, -0.155210, -0.050720,
                 0.052541, 0.156985, 0.265284, 0.379533, 0.502636, 0.638953, 0.794876, 0.980671)
@@ -100,16 +102,40 @@ def _fit(x, table, rows: int, search: bool = True):
     s_channel0 = (shifted.amax(dim=1) / 127.0).clamp(min=1e-8)
     per = x.shape[0] // rows
     steps = [0] + [d for s in range(1, SEARCH_STEPS + 1) for d in (-s, s)] if search else [0]
-    best = None  # per row: s_channel, per group: raw s_rel, per element: level index; row error
-    for f in (CHANNEL_FACTORS if search else (1.0,)):
+    factors = CHANNEL_FACTORS if search else (1.0,)
+    lut = _bracket_lut(table) if bits == 4 else None
+    s_ch_out = torch.empty_like(s_channel0)
+    raw_out = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
+    step = max(1, CHUNK_ELEMS // (per * GROUP))  # rows a chunk: every decision is per group or per row
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        g0, g1 = r0 * per, r1 * per
+        s_ch, raw = _search_rows(x[g0:g1], gs[g0:g1], s_channel0[r0:r1], table, bits, per, steps, factors, lut)
+        s_ch_out[r0:r1], raw_out[g0:g1] = s_ch, raw
+    s_channel, raw = s_ch_out, raw_out
+    s_rel = raw.to(torch.uint8).view(torch.float8_e4m3fn)
+    sc = s_channel.repeat_interleave(per).unsqueeze(1)
+    return s_rel, s_channel, _nearest(x / sc, _grid(table, s_rel.float()))
+
+
+def _search_rows(x, gs, s_channel0, table, bits: int, per: int, steps, factors, lut):
+    """Step 4 on a run of whole rows: (s_channel [rows], raw e4m3 s_rel codes int32 [groups])."""
+    import torch
+    rows = s_channel0.shape[0]
+    best = None  # per row: s_channel, per group: raw s_rel; row error
+    for f in factors:
         s_channel = s_channel0 if f == 1.0 else s_channel0 * f
         sc = s_channel.repeat_interleave(per).unsqueeze(1)  # [R, 1]
         raw = (gs / sc).clamp_(max=448.0).reshape(-1).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
         target = x / sc
+        cell = None if lut is None else target.floor().clamp_(-LUT_HALF, LUT_HALF).to(torch.int64).add_(LUT_HALF)
         g_best = None
         for d in steps:
             cand_raw = (raw + d).clamp(0, E4M3_MAX_BITS) if d else raw
-            err = _grid_error(table, cand_raw.to(torch.uint8).view(torch.float8_e4m3fn).float(), target, bits)
+            if lut is None:
+                err = _grid_error(table, cand_raw.to(torch.uint8).view(torch.float8_e4m3fn).float(), target, bits)
+            else:
+                err = _bracket_error(lut, cand_raw, cell, target)
             if g_best is None:
                 g_best = [cand_raw, err]
                 continue
@@ -122,10 +148,40 @@ def _fit(x, table, rows: int, search: bool = True):
         take = row_err < best[2]
         best = [torch.where(take, s_channel, best[0]), torch.where(take.repeat_interleave(per), g_best[0], best[1]),
                 torch.where(take, row_err, best[2])]
-    s_channel, raw, _ = best
-    s_rel = raw.to(torch.uint8).view(torch.float8_e4m3fn)
-    sc = s_channel.repeat_interleave(per).unsqueeze(1)
-    return s_rel, s_channel, _nearest(x / sc, _grid(table, s_rel.float()))
+    return best[0], best[1]
+
+
+def _bracket_lut(table):
+    """For every e4m3 code r (0..0x7E) and integer m in [-LUT_HALF, LUT_HALF]: (the largest decoded
+    level <= m, else the smallest; the smallest decoded level > m, else the largest), flattened
+    [r * (2 LUT_HALF + 1) + m + LUT_HALF]. The decoded levels are integers in [-127, 127] and sorted
+    (table sorted, s_rel >= 0; multiply, round and clamp keep order), so for a target t with
+    m = floor(t) (clamped: beyond the range every level lies on one side) these are the decoded
+    levels just below and just above t, the only candidates for its nearest."""
+    import torch
+    vals = torch.arange(E4M3_MAX_BITS + 1, dtype=torch.uint8, device=table.device).view(torch.float8_e4m3fn).float()
+    levels = _grid(table, vals)  # [127, L], the same arithmetic as each group's grid
+    m = torch.arange(-LUT_HALF, LUT_HALF + 1, dtype=torch.float32, device=table.device).view(1, -1, 1)
+    lv = levels.unsqueeze(1)
+    le = lv <= m
+    below = torch.where(le, lv, torch.full_like(lv, -float("inf"))).amax(dim=-1)
+    below = torch.where(le.any(dim=-1), below, levels[:, :1])
+    gt = lv > m
+    above = torch.where(gt, lv, torch.full_like(lv, float("inf"))).amin(dim=-1)
+    above = torch.where(gt.any(dim=-1), above, levels[:, -1:])
+    return below.reshape(-1).contiguous(), above.reshape(-1).contiguous()
+
+
+def _bracket_error(lut, raw, cell, target):
+    """:func:`_grid_error` at 4 bits, value for value: the squared error at the nearest decoded level
+    is the smaller of those at the levels just below and just above the target (fp32 subtraction is
+    monotone), which is what the nearest search over the sorted levels picks."""
+    import torch
+    idx = cell + (raw.to(torch.int64) * (2 * LUT_HALF + 1)).unsqueeze(1)
+    below, above = lut
+    eb = (below.take(idx) - target).square_()
+    ea = (above.take(idx) - target).square_()
+    return lb.tree_sum(torch.minimum(eb, ea, out=eb))
 
 
 def _grid_error(table, s_rel, target, bits: int):

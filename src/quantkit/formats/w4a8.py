@@ -103,7 +103,7 @@ def _fit(x, table, rows: int, search: bool = True):
     per = x.shape[0] // rows
     steps = [0] + [d for s in range(1, SEARCH_STEPS + 1) for d in (-s, s)] if search else [0]
     factors = CHANNEL_FACTORS if search else (1.0,)
-    lut = _bracket_lut(table) if bits == 4 else None
+    lut = _bracket_lut(table) if bits == 4 else _window_lut(x.device)
     s_ch_out = torch.empty_like(s_channel0)
     raw_out = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
     step = max(1, CHUNK_ELEMS // (per * GROUP))  # rows a chunk: every decision is per group or per row
@@ -128,12 +128,12 @@ def _search_rows(x, gs, s_channel0, table, bits: int, per: int, steps, factors, 
         sc = s_channel.repeat_interleave(per).unsqueeze(1)  # [R, 1]
         raw = (gs / sc).clamp_(max=448.0).reshape(-1).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
         target = x / sc
-        cell = None if lut is None else target.floor().clamp_(-LUT_HALF, LUT_HALF).to(torch.int64).add_(LUT_HALF)
+        cell = target.floor().clamp_(-LUT_HALF, LUT_HALF).to(torch.int64).add_(LUT_HALF) if bits == 4 else None
         g_best = None
         for d in steps:
             cand_raw = (raw + d).clamp(0, E4M3_MAX_BITS) if d else raw
-            if lut is None:
-                err = _grid_error(table, cand_raw.to(torch.uint8).view(torch.float8_e4m3fn).float(), target, bits)
+            if bits == 6:
+                err = _window_error(lut, cand_raw, target)
             else:
                 err = _bracket_error(lut, cand_raw, cell, target)
             if g_best is None:
@@ -182,6 +182,34 @@ def _bracket_error(lut, raw, cell, target):
     eb = (below.take(idx) - target).square_()
     ea = (above.take(idx) - target).square_()
     return lb.tree_sum(torch.minimum(eb, ea, out=eb))
+
+
+def _window_lut(device=None):
+    """At 6 bits, for every e4m3 code r and l0 in [-W6_LEVELS - 1, W6_LEVELS + 1]: the decoded level
+    ``clamp(round(clamp(l0 + d, -31, 31) * s_rel), -127, 127)`` for d = -1, 0, 1, three tables
+    flattened [r * (2 W6_LEVELS + 3) + l0 + W6_LEVELS + 1] (an l0 beyond +-32 gives the same levels
+    as +-32)."""
+    import torch
+    vals = torch.arange(E4M3_MAX_BITS + 1, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn).float()
+    lv = torch.arange(-W6_LEVELS - 2, W6_LEVELS + 3, dtype=torch.float32, device=device).clamp_(-W6_LEVELS, W6_LEVELS)
+    v = (lv.view(1, -1) * vals.view(-1, 1)).round_().clamp_(-127, 127)  # [127, 67], l = -33..33
+    width = 2 * W6_LEVELS + 3
+    return vals, tuple(v[:, 1 + d: 1 + d + width].reshape(-1).contiguous() for d in (-1, 0, 1))
+
+
+def _window_error(lut, raw, target):
+    """:func:`_grid_error` at 6 bits, value for value, its decoded levels read from :func:`_window_lut`."""
+    import torch
+    vals, tabs = lut
+    raw = raw.to(torch.int64)
+    s = vals.take(raw).unsqueeze(1)
+    l0 = (target / torch.where(s > 0, s, torch.ones_like(s))).round_().clamp_(-W6_LEVELS - 1, W6_LEVELS + 1)
+    idx = l0.to(torch.int64).add_((raw * (2 * W6_LEVELS + 3) + W6_LEVELS + 1).unsqueeze(1))
+    best = None
+    for tab in tabs:
+        e = (tab.take(idx) - target).square_()
+        best = e if best is None else torch.minimum(best, e, out=best)
+    return lb.tree_sum(best)
 
 
 def _grid_error(table, s_rel, target, bits: int):

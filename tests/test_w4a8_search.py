@@ -118,3 +118,16 @@ def test_chunked_search_writes_the_reference_search(monkeypatch, bits, chunk):
         for a, b in zip(got, want):
             assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
                                b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+
+
+def test_nearest_decoded_is_the_nearest_search_for_every_code():
+    """The final codes: index for index (a tie to the lower index, repeated clamped levels)."""
+    table = _table(4)
+    targets = _adversarial_targets(4)
+    per = targets.shape[1] // 16
+    x = targets.reshape(-1, 16)
+    raw = CODES.repeat_interleave(per)
+    want = w4a8._nearest(x, w4a8._grid(table, S_REL.repeat_interleave(per)))
+    got = w4a8._nearest_decoded(table, raw, x)
+    assert want.unique().numel() == 16
+    assert torch.equal(got, want), int((got != want).sum())

@@ -115,6 +115,8 @@ def _fit(x, table, rows: int, search: bool = True):
     s_channel, raw = s_ch_out, raw_out
     s_rel = raw.to(torch.uint8).view(torch.float8_e4m3fn)
     sc = s_channel.repeat_interleave(per).unsqueeze(1)
+    if bits == 4:
+        return s_rel, s_channel, _nearest_decoded(table, raw, x / sc)
     return s_rel, s_channel, _nearest(x / sc, _grid(table, s_rel.float()))
 
 
@@ -210,6 +212,29 @@ def _window_error(lut, raw, target):
         e = (tab.take(idx) - target).square_()
         best = e if best is None else torch.minimum(best, e, out=best)
     return lb.tree_sum(best)
+
+
+def _nearest_decoded(table, raw, t):
+    """``_nearest(t, _grid(table, s_rel))`` for groups of e4m3 codes ``raw`` [R], index for index:
+    :func:`_nearest` compares the last level < t with the first level >= t (clamped to the table's
+    ends), which are the last level <= m and the first level > m for the integer m = ceil(t) - 1
+    (decoded levels are sorted integers), read from per-code tables."""
+    import torch
+    vals = torch.arange(E4M3_MAX_BITS + 1, dtype=torch.uint8, device=t.device).view(torch.float8_e4m3fn).float()
+    levels = _grid(table, vals)  # [127, L]
+    last = levels.shape[1] - 1
+    m = torch.arange(-LUT_HALF, LUT_HALF + 1, dtype=torch.float32, device=t.device).view(1, -1, 1)
+    le = (levels.unsqueeze(1) <= m).sum(dim=-1)  # levels <= m: the last such is le - 1, the first > m is le
+    lo_tab = (le - 1).clamp_(0, last).reshape(-1)
+    hi_tab = le.clamp_(0, last).reshape(-1)
+    raw = raw.to(torch.int64)
+    cell = t.ceil().sub_(1).clamp_(-LUT_HALF, LUT_HALF).to(torch.int64)
+    cell.add_((raw * (2 * LUT_HALF + 1) + LUT_HALF).unsqueeze(1))
+    lo, hi = lo_tab.take(cell), hi_tab.take(cell)
+    base = (raw * (last + 1)).unsqueeze(1)
+    flat = levels.reshape(-1)
+    tl, th = flat.take(lo + base), flat.take(hi + base)
+    return torch.where((t - th).abs() < (t - tl).abs(), hi, lo)
 
 
 def _grid_error(table, s_rel, target, bits: int):

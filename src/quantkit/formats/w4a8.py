@@ -48,6 +48,8 @@ SEARCH_STEPS = 3
 CHANNEL_FACTORS = tuple(1.0 + 0.125 * i / 8 for i in (0, -1, *range(1, 8)))
 W6_LEVELS = 31
 E4M3_MAX_BITS = 0x7E  # 0x7F is NaN in e4m3fn
+LUT_HALF = 128  # decoded levels are integers in [-127, 127]: floor(target) clamped to +-128 finds them
+CHUNK_ELEMS = 1 << 17  # the search runs over this many weights at a time (whole rows), to stay in cache
 # kitchen's frozen table (comfy_kitchen.tensor.w4a8_packed._FIXED_LUT; a fact, the values it decodes)
 LLOYD_MAX_16 = (-0.980602, -0.794529, -0.638165, -0.500986, -0.377321, -0.263187, -0.155210, -0.050720,
                 0.052541, 0.156985, 0.265284, 0.379533, 0.502636, 0.638953, 0.794876, 0.980671)
@@ -100,16 +102,42 @@ def _fit(x, table, rows: int, search: bool = True):
     s_channel0 = (shifted.amax(dim=1) / 127.0).clamp(min=1e-8)
     per = x.shape[0] // rows
     steps = [0] + [d for s in range(1, SEARCH_STEPS + 1) for d in (-s, s)] if search else [0]
-    best = None  # per row: s_channel, per group: raw s_rel, per element: level index; row error
-    for f in (CHANNEL_FACTORS if search else (1.0,)):
+    factors = CHANNEL_FACTORS if search else (1.0,)
+    lut = _bracket_lut(table) if bits == 4 else _window_lut(x.device)
+    s_ch_out = torch.empty_like(s_channel0)
+    raw_out = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
+    step = max(1, CHUNK_ELEMS // (per * GROUP))  # rows a chunk: every decision is per group or per row
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        g0, g1 = r0 * per, r1 * per
+        s_ch, raw = _search_rows(x[g0:g1], gs[g0:g1], s_channel0[r0:r1], table, bits, per, steps, factors, lut)
+        s_ch_out[r0:r1], raw_out[g0:g1] = s_ch, raw
+    s_channel, raw = s_ch_out, raw_out
+    s_rel = raw.to(torch.uint8).view(torch.float8_e4m3fn)
+    sc = s_channel.repeat_interleave(per).unsqueeze(1)
+    if bits == 4:
+        return s_rel, s_channel, _nearest_decoded(table, raw, x / sc)
+    return s_rel, s_channel, _nearest(x / sc, _grid(table, s_rel.float()))
+
+
+def _search_rows(x, gs, s_channel0, table, bits: int, per: int, steps, factors, lut):
+    """Step 4 on a run of whole rows: (s_channel [rows], raw e4m3 s_rel codes int32 [groups])."""
+    import torch
+    rows = s_channel0.shape[0]
+    best = None  # per row: s_channel, per group: raw s_rel; row error
+    for f in factors:
         s_channel = s_channel0 if f == 1.0 else s_channel0 * f
         sc = s_channel.repeat_interleave(per).unsqueeze(1)  # [R, 1]
         raw = (gs / sc).clamp_(max=448.0).reshape(-1).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
         target = x / sc
+        cell = target.floor().clamp_(-LUT_HALF, LUT_HALF).to(torch.int64).add_(LUT_HALF) if bits == 4 else None
         g_best = None
         for d in steps:
             cand_raw = (raw + d).clamp(0, E4M3_MAX_BITS) if d else raw
-            err = _grid_error(table, cand_raw.to(torch.uint8).view(torch.float8_e4m3fn).float(), target, bits)
+            if bits == 6:
+                err = _window_error(lut, cand_raw, target)
+            else:
+                err = _bracket_error(lut, cand_raw, cell, target)
             if g_best is None:
                 g_best = [cand_raw, err]
                 continue
@@ -122,10 +150,91 @@ def _fit(x, table, rows: int, search: bool = True):
         take = row_err < best[2]
         best = [torch.where(take, s_channel, best[0]), torch.where(take.repeat_interleave(per), g_best[0], best[1]),
                 torch.where(take, row_err, best[2])]
-    s_channel, raw, _ = best
-    s_rel = raw.to(torch.uint8).view(torch.float8_e4m3fn)
-    sc = s_channel.repeat_interleave(per).unsqueeze(1)
-    return s_rel, s_channel, _nearest(x / sc, _grid(table, s_rel.float()))
+    return best[0], best[1]
+
+
+def _bracket_lut(table):
+    """For every e4m3 code r (0..0x7E) and integer m in [-LUT_HALF, LUT_HALF]: (the largest decoded
+    level <= m, else the smallest; the smallest decoded level > m, else the largest), flattened
+    [r * (2 LUT_HALF + 1) + m + LUT_HALF]. The decoded levels are integers in [-127, 127] and sorted
+    (table sorted, s_rel >= 0; multiply, round and clamp keep order), so for a target t with
+    m = floor(t) (clamped: beyond the range every level lies on one side) these are the decoded
+    levels just below and just above t, the only candidates for its nearest."""
+    import torch
+    vals = torch.arange(E4M3_MAX_BITS + 1, dtype=torch.uint8, device=table.device).view(torch.float8_e4m3fn).float()
+    levels = _grid(table, vals)  # [127, L], the same arithmetic as each group's grid
+    m = torch.arange(-LUT_HALF, LUT_HALF + 1, dtype=torch.float32, device=table.device).view(1, -1, 1)
+    lv = levels.unsqueeze(1)
+    le = lv <= m
+    below = torch.where(le, lv, torch.full_like(lv, -float("inf"))).amax(dim=-1)
+    below = torch.where(le.any(dim=-1), below, levels[:, :1])
+    gt = lv > m
+    above = torch.where(gt, lv, torch.full_like(lv, float("inf"))).amin(dim=-1)
+    above = torch.where(gt.any(dim=-1), above, levels[:, -1:])
+    return below.reshape(-1).contiguous(), above.reshape(-1).contiguous()
+
+
+def _bracket_error(lut, raw, cell, target):
+    """:func:`_grid_error` at 4 bits, value for value: the squared error at the nearest decoded level
+    is the smaller of those at the levels just below and just above the target (fp32 subtraction is
+    monotone), which is what the nearest search over the sorted levels picks."""
+    import torch
+    idx = cell + (raw.to(torch.int64) * (2 * LUT_HALF + 1)).unsqueeze(1)
+    below, above = lut
+    eb = (below.take(idx) - target).square_()
+    ea = (above.take(idx) - target).square_()
+    return lb.tree_sum(torch.minimum(eb, ea, out=eb))
+
+
+def _window_lut(device=None):
+    """At 6 bits, for every e4m3 code r and l0 in [-W6_LEVELS - 1, W6_LEVELS + 1]: the decoded level
+    ``clamp(round(clamp(l0 + d, -31, 31) * s_rel), -127, 127)`` for d = -1, 0, 1, three tables
+    flattened [r * (2 W6_LEVELS + 3) + l0 + W6_LEVELS + 1] (an l0 beyond +-32 gives the same levels
+    as +-32)."""
+    import torch
+    vals = torch.arange(E4M3_MAX_BITS + 1, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn).float()
+    lv = torch.arange(-W6_LEVELS - 2, W6_LEVELS + 3, dtype=torch.float32, device=device).clamp_(-W6_LEVELS, W6_LEVELS)
+    v = (lv.view(1, -1) * vals.view(-1, 1)).round_().clamp_(-127, 127)  # [127, 67], l = -33..33
+    width = 2 * W6_LEVELS + 3
+    return vals, tuple(v[:, 1 + d: 1 + d + width].reshape(-1).contiguous() for d in (-1, 0, 1))
+
+
+def _window_error(lut, raw, target):
+    """:func:`_grid_error` at 6 bits, value for value, its decoded levels read from :func:`_window_lut`."""
+    import torch
+    vals, tabs = lut
+    raw = raw.to(torch.int64)
+    s = vals.take(raw).unsqueeze(1)
+    l0 = (target / torch.where(s > 0, s, torch.ones_like(s))).round_().clamp_(-W6_LEVELS - 1, W6_LEVELS + 1)
+    idx = l0.to(torch.int64).add_((raw * (2 * W6_LEVELS + 3) + W6_LEVELS + 1).unsqueeze(1))
+    best = None
+    for tab in tabs:
+        e = (tab.take(idx) - target).square_()
+        best = e if best is None else torch.minimum(best, e, out=best)
+    return lb.tree_sum(best)
+
+
+def _nearest_decoded(table, raw, t):
+    """``_nearest(t, _grid(table, s_rel))`` for groups of e4m3 codes ``raw`` [R], index for index:
+    :func:`_nearest` compares the last level < t with the first level >= t (clamped to the table's
+    ends), which are the last level <= m and the first level > m for the integer m = ceil(t) - 1
+    (decoded levels are sorted integers), read from per-code tables."""
+    import torch
+    vals = torch.arange(E4M3_MAX_BITS + 1, dtype=torch.uint8, device=t.device).view(torch.float8_e4m3fn).float()
+    levels = _grid(table, vals)  # [127, L]
+    last = levels.shape[1] - 1
+    m = torch.arange(-LUT_HALF, LUT_HALF + 1, dtype=torch.float32, device=t.device).view(1, -1, 1)
+    le = (levels.unsqueeze(1) <= m).sum(dim=-1)  # levels <= m: the last such is le - 1, the first > m is le
+    lo_tab = (le - 1).clamp_(0, last).reshape(-1)
+    hi_tab = le.clamp_(0, last).reshape(-1)
+    raw = raw.to(torch.int64)
+    cell = t.ceil().sub_(1).clamp_(-LUT_HALF, LUT_HALF).to(torch.int64)
+    cell.add_((raw * (2 * LUT_HALF + 1) + LUT_HALF).unsqueeze(1))
+    lo, hi = lo_tab.take(cell), hi_tab.take(cell)
+    base = (raw * (last + 1)).unsqueeze(1)
+    flat = levels.reshape(-1)
+    tl, th = flat.take(lo + base), flat.take(hi + base)
+    return torch.where((t - th).abs() < (t - tl).abs(), hi, lo)
 
 
 def _grid_error(table, s_rel, target, bits: int):

@@ -304,7 +304,7 @@ def convert(
                     or auto_candidates is not None else None)
     from . import reportfile
     from .plan import default_output_name, plan_file
-    from .render import print_plan, print_summary
+    from .render import print_plan
     targets: list[tuple[Path, Optional[Path]]] = []
     for src in inputs:
         dst = output if output is not None else (
@@ -359,9 +359,7 @@ def convert(
             sys.stderr.write("interrupted; no output written\n")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         if not quiet:
-            for note in rep.notes:
-                err.print(_text(f"note: {note}"), soft_wrap=True, highlight=False)
-            print_summary(rep, out)
+            _print_result(rep, out, err)
         if report is not None:
             entries.append(reportfile.convert_entry(rep))
     if report is not None:
@@ -484,7 +482,6 @@ def upgrade(
     1 bad input (not a legacy scaled fp8 file), 2 usage error, 130 / 143 / 129 interrupted.
     """
     from .convert import upgrade as upgrade_file
-    from .render import print_summary
     try:
         rep = upgrade_file(input, output, overwrite=overwrite)
     except QuantkitError as e:
@@ -493,9 +490,7 @@ def upgrade(
         sys.stderr.write("interrupted; no output written\n")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     if not quiet:
-        for note in rep.notes:
-            err.print(_text(f"note: {note}"), soft_wrap=True, highlight=False)
-        print_summary(rep, out)
+        _print_result(rep, out, err)
 
 
 @app.command(epilog="Examples:\n\n  quantkit inspect flux1-dev-fp8.safetensors\n\n"
@@ -619,6 +614,14 @@ def formats() -> None:
         t.add_row(s.name, s.comfy_format, weight, scale,
                   "stock ComfyUI" if s.stock_comfy else "needs node")
     out.print(t)
+
+
+def _print_result(rep, out, err) -> None:
+    """A written file's notes (stderr, one line each) and its summary (stdout)."""
+    from .render import print_summary
+    for note in rep.notes:
+        err.print(_text(f"note: {note}"), soft_wrap=True, highlight=False)
+    print_summary(rep, out)
 
 
 def main() -> None:

@@ -62,6 +62,17 @@ def roundup(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def padded_2d(shape: tuple[int, int], pad: int) -> tuple[int, int]:
+    """[N, K] rounded up to whole ``pad``-multiples in both dimensions (the stored weight's shape)."""
+    return roundup(shape[0], pad), roundup(shape[1], pad)
+
+
+def blocked_scale_shape(padded: tuple[int, int], block: int) -> tuple[int, int]:
+    """The swizzled block-scale tensor of a padded [Np, Kp] weight with 1 x ``block`` blocks:
+    [roundup(Np, 128), roundup(Kp / block, 4)] (the cuBLAS blocked layout, ``_blocked.py``)."""
+    return roundup(padded[0], 128), roundup(padded[1] // block, 4)
+
+
 def shape_reason(shape: tuple[int, ...]) -> str | None:
     """Why a weight of ``shape`` is no quantizable matrix (None if it is a non-empty 2-D one)."""
     if len(shape) != 2:

@@ -38,7 +38,8 @@ torch is imported inside the functions: the registry stays importable without it
 from __future__ import annotations
 
 from ..errors import QuantkitError
-from .base import Format, LayerOpts, Stored, Violation, plain_marker, register, roundup, shape_reason
+from .base import (Format, LayerOpts, Stored, Violation, blocked_scale_shape, padded_2d, plain_marker, register,
+                   roundup, shape_reason)
 
 NAME = "mxfp8"
 COMFY_FORMAT = "mxfp8"
@@ -48,13 +49,11 @@ QMAX = 448.0
 
 
 def padded_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    return roundup(shape[0], BLOCK), roundup(shape[1], BLOCK)
+    return padded_2d(shape, BLOCK)
 
 
 def scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
-    """The swizzled block-scale tensor of a [N, K] weight: [roundup(Np, 128), roundup(Kp/32, 4)]."""
-    rows, cols = padded_shape(shape)
-    return roundup(rows, 128), roundup(cols // BLOCK, 4)
+    return blocked_scale_shape(padded_shape(shape), BLOCK)
 
 
 def cannot_take(shape: tuple[int, ...], **_: object) -> str | None:

@@ -278,7 +278,7 @@ def test_quantize_dit_shaped_model_to_stored_formats(comfy, tmp_path, target):
         xi = x[:, :mod.in_features]
         with torch.inference_mode():
             y = mod(xi)
-        bias = None if mod.bias is None else mod.bias.to(xi.dtype)
+        bias = None if mod.bias is None else mod.bias.detach().to(xi.dtype)
         y_ref = torch.nn.functional.linear(xi, ref, bias)
         # ComfyUI dequantizes where this CPU has no kernel for the format (disabled): exactly F.linear;
         # awq_w4a16 (never disabled) runs comfy-kitchen's own weight-only CPU path

@@ -171,7 +171,11 @@ def quantize_stored(w: torch.Tensor, spec, opts):
     """A format without a scaled kernel (``kernel`` None): ``(stored tensors, ErrorStats or None)``.
     On the CPU with the native backend, the format's C kernel (its ``native``: a function of
     :mod:`quantkit.kernels.native_blocks`, byte-identical to its torch ``quantize``), else that
-    torch ``quantize`` (stats None: the caller measures them)."""
+    torch ``quantize`` (stats None: the caller measures them). A format that is not ``device_exact``
+    is quantized as on the CPU wherever ``w`` lies (the same bytes), its tensors returned on ``w``'s device."""
+    if w.device.type != "cpu" and not spec.device_exact:
+        stored, stats = quantize_stored(w.cpu(), spec, opts)
+        return {k: v.to(w.device) for k, v in stored.items()}, stats
     if runs_native(w, spec):
         return spec.quantize_native(w, opts)
     return spec.quantize(w, opts), None

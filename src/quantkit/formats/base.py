@@ -135,6 +135,9 @@ class Format:
     node_target: str | None = None  # the name the ComfyUI quantize node offers it under
     weight_dtype_name: str = ""  # safetensors dtype of the stored weight ("I8", "F8_E4M3", "U8", ...)
     native: str | None = None  # a format without a kernel: its C kernel in quantkit.kernels.native_blocks
+    # False where its quantizer's bytes on a GPU were measured to differ from the CPU's (searches whose
+    # sums reduce in another order there): the converter then quantizes it on the CPU
+    device_exact: bool = True
 
     def quantize_native(self, w, opts: LayerOpts):
         """For a format with ``native``: (stored tensors, ErrorStats) from its C kernel, the bytes

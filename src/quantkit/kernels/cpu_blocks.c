@@ -385,6 +385,249 @@ ALWAYS int nv_search9(v16 x, const float *tot, const float *rc, const int32_t *c
     return win;
 }
 
+/* The 8 packed bytes of one block's E2M1 values v (even column in the high nibble). */
+ALWAYS void nv_pack(v16 v, uint8_t *out) {
+    vu16 sign = (vu16)v & 0x80000000u;
+    v16 a = (v16)((vu16)v & 0x7fffffffu);
+    v16 cf = vsel((vi16)(a < 2.0f), a * 2.0f, vsel((vi16)(a < 4.0f), a + 2.0f, a * 0.5f + 4.0f));
+    vu16 code = (vu16)__builtin_convertvector(cf, vi16) | (sign >> 28);
+    vu8 even = __builtin_shufflevector(code, code, 0, 2, 4, 6, 8, 10, 12, 14);
+    vu8 odd = __builtin_shufflevector(code, code, 1, 3, 5, 7, 9, 11, 13, 15);
+    vq8 packed = __builtin_convertvector((even << 4) | odd, vq8);
+    memcpy(out, &packed, 8);
+}
+
+/* One block x with kitchen scale code c0: the winning scale code, its fp64 error *be and E2M1 values *bv. */
+ALWAYS int32_t nv_one(v16 x, int32_t c0, const float *tot, const float *rc, const int32_t *off, int n_off,
+                      double *be, v16 *bv) {
+    if (c0 == 0) {
+        *be = nv_block(x, 0.0f, bv);
+        return 0;
+    }
+    int32_t cand[16];
+    for (int o = 0; o < n_off; o++) {
+        int32_t c = c0 + off[o];
+        cand[o] = c < 1 ? 1 : (c > 0x7e ? 0x7e : c);
+    }
+    return cand[n_off == 9 ? nv_search9(x, tot, rc, cand, be, bv) : nv_search(x, tot, rc, cand, n_off, be, bv)];
+}
+
+/* ---- the same search 16 blocks at a time: lane b of each vector is block b of a group of 16 whole
+ * blocks, so the candidates' error sums, the band test and the winner's fp64 error are vertical
+ * operations (no horizontal sums per block). Same filter as nv_search9 (its bound holds: the fp32 sum
+ * below is 4 runs of 4 then a pair of pairs, 6 roundings deep with the square, not 5; 90 ulp of the
+ * 100), computed on |x| (the error is even in x); a lane whose band holds more than one candidate, or
+ * whose search is exact (a reciprocal not normal) or zero (c0 = 0), is redone by nv_one. */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define NV_GROUPS 1
+#define T1A 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define T1B 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define T2A 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define T2B 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define T4A 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define T4B 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define T8A 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define T8B 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+/* one stage of the transpose: vectors v and v | s swap the lanes in which bit s differs */
+#define NV_T(s, A, B)                                                         \
+    for (int v = 0; v < 16; v++) {                                            \
+        if (v & (s)) continue;                                                \
+        v16 lo = m[v], hi = m[v | (s)];                                       \
+        m[v] = __builtin_shufflevector(lo, hi, A);                            \
+        m[v | (s)] = __builtin_shufflevector(lo, hi, B);                      \
+    }
+ALWAYS void transpose16(v16 *m) {  /* m[i][j] <-> m[j][i] */
+    NV_T(1, T1A, T1B)
+    NV_T(2, T2A, T2B)
+    NV_T(4, T4A, T4B)
+    NV_T(8, T8A, T8B)
+}
+#undef NV_T
+
+ALWAYS vi16 ivsel(vi16 m, vi16 a, vi16 b) { return (a & m) | (b & ~m); }
+
+ALWAYS int vall_zero(vi16 m) {
+    vi16 t = m | __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    uint64_t u[4];
+    memcpy(u, &t, 32);
+    return (u[0] | u[1] | u[2] | u[3]) == 0;
+}
+
+/* The candidates' fp32 error sums e32[o] of every lane (the filter; tv: the scale totals, cv: the codes),
+ * *emin their smallest; returns the lanes whose search must be exact (a reciprocal not normal). amaxf:
+ * each lane's largest |x|. Built with fused multiply-adds where the target has them: a fused operation
+ * rounds once, so the sums are at least as close to the exact ones as the bound of nv_group assumes. */
+/* one element's squared error into accumulator acc (clamp: |x| r may exceed 7, so clamp it at 6 first;
+ * below 7 it rounds to at most 6 on the grid's step of 2 there, as the clamped value would) */
+#define NV_SQ(e, acc, clamp)                                                               \
+    {                                                                                      \
+        v16 a_ = ax[e] * r;                                                                \
+        if (clamp) a_ = vsel((vi16)(a_ > 6.0f), six, a_);                                  \
+        vu16 p2_ = umax16((vu16)a_ & 0x7f800000u, one) + (22u << 23);                      \
+        v16 v_ = (a_ + (v16)p2_) - (v16)p2_;                                               \
+        v16 d_ = ax[e] - v_ * t;                                                           \
+        acc = (e) < 4 ? d_ * d_ : acc + d_ * d_;                                           \
+    }
+#define NV_SUM(clamp)                                                                      \
+    for (int e = 0; e < 16; e += 4) {                                                      \
+        NV_SQ(e, s0, clamp) NV_SQ(e + 1, s1, clamp) NV_SQ(e + 2, s2, clamp) NV_SQ(e + 3, s3, clamp) \
+    }
+__attribute__((noinline, optimize("fp-contract=fast")))
+static vi16 nv_filter9(const v16 *ax, v16 amaxf, vi16 c0, float g, const int32_t *off, v16 *e32, v16 *tv, vi16 *cv,
+                       v16 *emin_out) {
+    const v16 six = (v16){0} + 6.0f;
+    const vu16 one = (vu16)((v16){0} + 1.0f);
+    vi16 redo = {0};
+    v16 emin = (v16){0} + __builtin_inff();
+    for (int o = 0; o < 9; o++) {
+        vi16 c = c0 + off[o];
+        c = ivsel(c < 1, (vi16){0} + 1, c);
+        c = ivsel(c > 0x7e, (vi16){0} + 0x7e, c);
+        /* the E4M3 value of code c: normal from its bits, subnormal c * 2^-9 */
+        v16 val = vsel(c >= 8, (v16)((vu16)(c << 20) + ((uint32_t)(127 - 7) << 23)),
+                       __builtin_convertvector(c, v16) * 0x1p-9f);
+        v16 t = g * val;
+        vi16 ok = (t >= 0x1p-100f) & (t <= 0x1p100f);
+        redo |= ~ok;
+        v16 r = vsel(ok, 1.0f / t, (v16){0} + 1.0f);
+        v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        if (le_bits(amaxf * r, 0x1.bffffep+2f) == 0xffffu) {  /* all below 7 */
+            NV_SUM(0)
+        } else {
+            NV_SUM(1)
+        }
+        e32[o] = (s0 + s1) + (s2 + s3);
+        tv[o] = t;
+        cv[o] = c;
+        emin = vsel((vi16)(e32[o] < emin), e32[o], emin);
+    }
+    *emin_out = emin;
+    return redo;
+}
+#undef NV_SUM
+#undef NV_SQ
+
+/* The fp64 tree of nv_block over lanes of 16 transposed differences d[0..16), half h (lanes 8h..8h+7). */
+ALWAYS vd8 nv_tree64(const v16 *d, int h) {
+    vd8 s[8];
+    for (int e = 0; e < 8; e++) {
+        v8 a8, b8;
+        memcpy(&a8, (const char *)&d[e] + 32 * h, 32);
+        memcpy(&b8, (const char *)&d[e + 8] + 32 * h, 32);
+        vd8 a = __builtin_convertvector(a8, vd8), b = __builtin_convertvector(b8, vd8);
+        s[e] = a * a + b * b;
+    }
+    vd8 t0 = s[0] + s[4], t1 = s[1] + s[5], t2 = s[2] + s[6], t3 = s[3] + s[7];
+    return (t0 + t2) + (t1 + t3);
+}
+
+/* Blocks j0..j0+15 of a row (all inside k): scale codes into bestp[0..16), packed bytes into
+ * qp[0..128), w^2 into *ss and the winners' fp64 errors into *nn, both in block order as qk_nvfp4_t. */
+ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float g, const float *tot,
+                     const float *rc, const int32_t *off, vd8 *ss, double *nn, uint8_t *bestp, uint8_t *qp) {
+    v16 xb[16], m[16], ax[16];
+    for (int b = 0; b < 16; b++) {
+        xb[b] = load16(row, 16 * (j0 + b), k, kind);
+        *ss = acc_sq(*ss, xb[b]);
+        m[b] = xb[b];
+    }
+    transpose16(m);  /* m[e]: element e of every block */
+    vu16 amax = {0};
+    for (int e = 0; e < 16; e++) {
+        ax[e] = (v16)((vu16)m[e] & 0x7fffffffu);
+        amax = umax16(amax, (vu16)ax[e]);
+    }
+    v16 bs = ((v16)amax / 6.0f) / g;
+    bs = vsel((vi16)(bs > 448.0f), (v16){0} + 448.0f, bs);
+    /* e4m3_code, lane-wise */
+    vu16 ab = (vu16)bs;
+    vu16 rn = ((ab + ((1u << 19) - 1) + ((ab >> 20) & 1u)) >> 20) - ((uint32_t)(127 - 7) << 3);
+    vu16 sub = (vu16)(bs * 512.0f + 8388608.0f) - 0x4B000000u;
+    vi16 c0 = (vi16)usel((vi16)(ab >= ((uint32_t)(127 - 6) << 23)), rn, sub);
+    vi16 redo = c0 == 0;
+    v16 e32[9], tv[9], emin;
+    vi16 cv[9];
+    redo |= nv_filter9(ax, (v16)amax, c0, g, off, e32, tv, cv, &emin);
+    v16 band = emin * (1.0f + 0x1p-12f) + 0x1p-130f;
+    vi16 count = {0}, cw = {0};
+    v16 tw = (v16){0} + 1.0f;
+    for (int o = 0; o < 9; o++) {
+        vi16 in = (vi16)(e32[o] <= band);
+        count -= in;
+        cw = ivsel(in, cv[o], cw);
+        tw = vsel(in, tv[o], tw);
+    }
+    redo |= count != 1;
+    tw = vsel(redo, (v16){0} + 1.0f, tw);
+    /* the winner, as nv_block: x / total, E2M1 round, error. x * (1 / total) stands in for the quotient
+     * (within 3 ulp of it: under 2^-19 for values up to 8) unless a value lies that close to a rounding
+     * boundary (half a step from its grid value); then the group is redone with the division. */
+    v16 d[16], vs[16];
+    v16 rw = 1.0f / tw;
+    vi16 near = {0};
+    for (int e = 0; e < 16; e++) {
+        v16 a = (v16)((vu16)m[e] & 0x7fffffffu) * rw;
+        a = vsel((vi16)(a > 6.0f), (v16){0} + 6.0f, a);
+        vu16 p2 = umax16((vu16)a & 0x7f800000u, (vu16)((v16){0} + 1.0f)) + (22u << 23);
+        v16 av = (a + (v16)p2) - (v16)p2;
+        v16 gap = (v16)((vu16)(a - av) & 0x7fffffffu);
+        near |= (vi16)(gap >= (v16)p2 * 0x1p-24f - 0x1p-19f);
+        vs[e] = (v16)((vu16)av | ((vu16)m[e] & 0x80000000u));
+        d[e] = m[e] - vs[e] * tw;
+    }
+    if (!vall_zero(near & ~redo)) {
+        for (int e = 0; e < 16; e++) {
+            v16 y = m[e] / tw;
+            y = vsel((vi16)(y < -6.0f), (v16){0} - 6.0f, y);
+            y = vsel((vi16)(y > 6.0f), (v16){0} + 6.0f, y);
+            vu16 sign = (vu16)y & 0x80000000u;
+            v16 a = (v16)((vu16)y & 0x7fffffffu);
+            vu16 p2 = umax16((vu16)a & 0x7f800000u, (vu16)((v16){0} + 1.0f)) + (22u << 23);
+            vs[e] = (v16)((vu16)((a + (v16)p2) - (v16)p2) | sign);
+            d[e] = m[e] - vs[e] * tw;
+        }
+    }
+    vd8 be0 = nv_tree64(d, 0), be1 = nv_tree64(d, 1);
+    double be[16];
+    memcpy(be, &be0, 64);
+    memcpy(be + 8, &be1, 64);
+    /* codes (E2M1 magnitude 0..7 | sign 8), then bytes: block b's byte i = code[2i] << 4 | code[2i + 1] */
+    vu16 cd[16];
+    for (int e = 0; e < 16; e++) {
+        vu16 sign = (vu16)vs[e] & 0x80000000u;
+        v16 a = (v16)((vu16)vs[e] & 0x7fffffffu);
+        v16 cf = vsel((vi16)(a < 2.0f), a * 2.0f, vsel((vi16)(a < 4.0f), a + 2.0f, a * 0.5f + 4.0f));
+        cd[e] = (vu16)__builtin_convertvector(cf, vi16) | (sign >> 28);
+    }
+    vu16 by[8];
+    for (int i = 0; i < 8; i++) by[i] = (cd[2 * i] << 4) | cd[2 * i + 1];
+    vu16 lo = by[0] | (by[1] << 8) | (by[2] << 16) | (by[3] << 24);
+    vu16 hi = by[4] | (by[5] << 8) | (by[6] << 16) | (by[7] << 24);
+    vu16 o1 = __builtin_shufflevector(lo, hi, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    vu16 o2 = __builtin_shufflevector(lo, hi, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    memcpy(qp, &o1, 64);
+    memcpy(qp + 64, &o2, 64);
+    vb16 cb = __builtin_convertvector(cw, vb16);
+    memcpy(bestp, &cb, 16);
+    for (int b = 0; b < 16; b++) {
+        if (redo[b]) {
+            v16 bv;
+            bestp[b] = (uint8_t)nv_one(xb[b], c0[b], tot, rc, off, 9, &be[b], &bv);
+            nv_pack(bv, qp + 8 * b);
+        }
+        *nn += be[b];
+    }
+}
+#undef T1A
+#undef T1B
+#undef T2A
+#undef T2B
+#undef T4A
+#undef T4B
+#undef T8A
+#undef T8B
+#endif
+
 /* Rows [r0, r1) in blocks of 16 (nb a row, kp = 16 nb): the block amax, the kitchen-rounded E4M3 scale
  * code c0 = e4m3(min((amax / 6) / g, 448)) and the scale search from it over the code offsets
  * off[0..n_off) (off[0] = 0), scale values from lut (the 127 positive E4M3 values by code),
@@ -396,7 +639,6 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
               uint8_t *q, double *sig, double *noise) {
     const uint8_t *p = (const uint8_t *)w;
     const int64_t half = nb * 8;
-    int32_t cand[16];
     float tot[128], rc[128];
     for (int c = 0; c < 127; c++) {
         tot[c] = g * lut[c];
@@ -406,32 +648,21 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
         const uint8_t *row = p + r * k * ELEM[kind];
         vd8 ss = {0};
         double nn = 0;
-        for (int64_t j = 0; j < nb; j++) {
+        int64_t j = 0;
+#ifdef NV_GROUPS
+        if (n_off == 9)
+            for (; 16 * (j + 16) <= k; j += 16)
+                nv_group(row, j, k, kind, g, tot, rc, off, &ss, &nn, best + r * nb + j, q + r * half + 8 * j);
+#endif
+        for (; j < nb; j++) {
             v16 x = load16(row, 16 * j, k, kind), bv;
             float amax = bits_f(amax_bits16(x));
             float b = (amax / 6.0f) / g;
             b = b > 448.0f ? 448.0f : b;
-            int32_t c0 = (int32_t)e4m3_code(b);
-            int32_t bc = c0;
             double be;
-            if (c0 == 0) {
-                be = nv_block(x, 0.0f, &bv);
-            } else {
-                for (int o = 0; o < n_off; o++) {
-                    int32_t c = c0 + off[o];
-                    cand[o] = c < 1 ? 1 : (c > 0x7e ? 0x7e : c);
-                }
-                bc = cand[n_off == 9 ? nv_search9(x, tot, rc, cand, &be, &bv) : nv_search(x, tot, rc, cand, n_off, &be, &bv)];
-            }
+            int32_t bc = nv_one(x, (int32_t)e4m3_code(b), tot, rc, off, n_off, &be, &bv);
             best[r * nb + j] = (uint8_t)bc;
-            vu16 sign = (vu16)bv & 0x80000000u;
-            v16 a = (v16)((vu16)bv & 0x7fffffffu);
-            v16 cf = vsel((vi16)(a < 2.0f), a * 2.0f, vsel((vi16)(a < 4.0f), a + 2.0f, a * 0.5f + 4.0f));
-            vu16 code = (vu16)__builtin_convertvector(cf, vi16) | (sign >> 28);
-            vu8 even = __builtin_shufflevector(code, code, 0, 2, 4, 6, 8, 10, 12, 14);
-            vu8 odd = __builtin_shufflevector(code, code, 1, 3, 5, 7, 9, 11, 13, 15);
-            vq8 packed = __builtin_convertvector((even << 4) | odd, vq8);  /* even column in the high nibble */
-            memcpy(q + r * half + 8 * j, &packed, 8);
+            nv_pack(bv, q + r * half + 8 * j);
             ss = acc_sq(ss, x);
             nn += be;
         }
@@ -454,7 +685,24 @@ void qk_absmax_bits(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, 
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = p + r * k * ELEM[kind];
         vu16 m = {0};
-        for (int64_t c = 0; c < k; c += 16) m = umax16(m, (vu16)load16(row, c, k, kind) & 0x7fffffffu);
+        int64_t c = 0;
+        if (kind == IN_BF16) {  /* the bf16 bits themselves, 32 at a time: |x| orders as its high half */
+            typedef uint16_t vh32 __attribute__((vector_size(64)));
+            typedef int16_t vs32 __attribute__((vector_size(64)));
+            vh32 mh = {0};
+            for (; c + 32 <= k; c += 32) {
+                vh32 h;
+                memcpy(&h, row + 2 * c, 64);
+                h &= 0x7fff;
+                vs32 gt = (vs32)(h > mh);
+                mh = (h & (vh32)gt) | (mh & ~(vh32)gt);
+            }
+            vh16 lo, hi;
+            memcpy(&lo, &mh, 32);
+            memcpy(&hi, (const char *)&mh + 32, 32);
+            m = umax16(__builtin_convertvector(lo, vu16) << 16, __builtin_convertvector(hi, vu16) << 16);
+        }
+        for (; c < k; c += 16) m = umax16(m, (vu16)load16(row, c, k, kind) & 0x7fffffffu);
         out[r] = amax_bits16((v16)m);
     }
 }

@@ -187,6 +187,9 @@ def _marked(reader: SafetensorsReader, layer: str, m: dict, shapes: dict, new_ma
                               if st.suffix != "weight"] if fmt is not None and not problem else [])
     reads = tuple((suf, f"{layer}.{suf}") for suf in dict.fromkeys(suffixes) if f"{layer}.{suf}" in T) or \
         ((("weight", wname),) if wname in T else ())
+    smooth = getattr(fmt, "input_smoothing", None) if fmt is not None and not problem else None
+    if smooth is not None and f"{layer}.{smooth}" in T:  # part of the layer's weight (Format.dequantize)
+        reads += ((smooth, f"{layer}.{smooth}"),)
     extra = [f"{layer}{suf}" for suf in SCALE_SUFFIXES if f"{layer}{suf}" in T]
     members = tuple(dict.fromkeys([n for _, n in reads] + extra + ([] if new_marker else [f"{layer}{MARKER_SUFFIX}"])))
     orig_shape = tuple(fmt.orig_shape(m, shapes)) if fmt is not None and not problem else tuple(shapes.get("weight", ()))

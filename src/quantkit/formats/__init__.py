@@ -42,7 +42,7 @@ COMFY_READ_KEYS = ("format", "full_precision_matrix_mult", "convrot", "convrot_g
 SCALE_SUFFIXES = (".weight_scale", ".weight_scale_2", ".input_scale")
 # every tensor a quantized layer adds besides .weight (the 4-bit formats' own tensors included)
 QUANT_SUFFIXES = (".comfy_quant", *SCALE_SUFFIXES, ".weight_s_rel", ".weight_s_channel", ".weight_codebook",
-                  ".weight_zeros")
+                  ".weight_zeros", ".pre_quant_scale")
 
 # Extra .comfy_quant keys a user may set per layer (or for all layers), with their type. Stock
 # ComfyUI reads full_precision_matrix_mult: dequantize and run a normal matmul for that layer.

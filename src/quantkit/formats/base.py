@@ -138,6 +138,11 @@ class Format:
     # False where its quantizer's bytes on a GPU were measured to differ from the CPU's (searches whose
     # sums reduce in another order there): the converter then quantizes it on the CPU
     device_exact: bool = True
+    # the optional per-input-channel activation multiplier ComfyUI's loader takes for this format (a
+    # float [K] tensor L.<suffix>; its forward runs x * it, in x's dtype, before everything else), or None.
+    # quantkit reads it in other producers' files (the layer's weight is then W'[:, k] * it[k]) and runs
+    # it in the runtime; it never writes one (see formats/nvfp4.py)
+    input_smoothing: str | None = None
 
     def quantize_native(self, w, opts: LayerOpts):
         """For a format with ``native``: (stored tensors, ErrorStats) from its C kernel, the bytes

@@ -14,6 +14,14 @@ On disk (ComfyUI's ``nvfp4`` loader; comfy-kitchen ``TensorCoreNVFP4Layout``):
   passes it to ``TensorCoreNVFP4Layout.quantize(x, scale=input_scale)``: comfy-kitchen's
   ``quantize_nvfp4(x, per_tensor_scale)``, block scales ``clamp((amax_b / 6) / s, max=448)`` in E4M3.
   Without it the scale is dynamic: ``amax(|x|) / (448 * 6)`` of each call's activation.
+* ``pre_quant_scale``: optional float [K], read, never written. ComfyUI (0271a469) loads it as a module
+  parameter (``QUANT_ALGOS["nvfp4"]["parameters"]``) and its forward multiplies the input by it (cast to
+  the input's dtype) before quantizing: AWQ-style smoothing, W stored as W[:, k] / s[k]. quantkit reads
+  such files from other producers (the layer's weight is the dequantized one times s per column) but
+  does not write it: smoothing picked on the calibration set (s = rms(x)^a / max|W|^b over a grid, kept
+  on the 16 of 36 layers where it lowered the calibration output error, by at most 6.7%) made MiniLM's
+  held-out W4A4 error worse, 3.133e-2 against 3.010e-2 (``benchmarks/nvfp4_smoothing.py``), and a LoRA
+  patched onto a smoothed layer is wrong (ComfyUI adds it to W / s).
 * ``.comfy_quant``: ``{"format": "nvfp4", ...}``
 
 Quantization (the spec), all fp32, per block of 16 with amax_b = max |w| and g = weight_scale_2:
@@ -57,6 +65,7 @@ DEFAULT_SEARCH = True
 # E4M3 code offsets from comfy-kitchen's block scale tried by the scale search, in tie-break order.
 SEARCH_OFFSETS = (0, -1, 1, 2, 3, 4, 5, 6, -2)
 _FP8_MAX_CODE = 0x7E
+PRE_QUANT_SCALE = "pre_quant_scale"
 
 
 def padded_shape(shape: tuple[int, int]) -> tuple[int, int]:
@@ -264,6 +273,7 @@ class NVFP4Format(Format):
     native = "nvfp4"
     runtime_layout = LAYOUT
     weight_dtype_name = "U8"
+    input_smoothing = PRE_QUANT_SCALE
 
     def cannot_take(self, shape: tuple[int, ...], opts: LayerOpts) -> str | None:
         return cannot_take(shape)
@@ -295,9 +305,19 @@ class NVFP4Format(Format):
         return learn_grid(w, h)
 
     def dequantize(self, tensors: dict, marker: dict, dtype, layer: str = "") -> object:
+        """The weight ComfyUI computes with: with a ``pre_quant_scale`` s, the dequantized W' times s
+        per input column (ComfyUI multiplies the input instead; the same product)."""
         from ._common import layer_dequantize
         rows, half = tensors["weight"].shape
-        return layer_dequantize(dequantize, tensors, marker, dtype, layer, (rows, 2 * half))
+        w = layer_dequantize(dequantize, tensors, marker, dtype, layer, (rows, 2 * half))
+        s = tensors.get(PRE_QUANT_SCALE)
+        if s is None:
+            return w
+        if s.dim() != 1 or s.shape[0] != w.shape[1] or not s.is_floating_point():
+            raise QuantkitError(f"{NAME}: {PRE_QUANT_SCALE} is {s.dtype} {list(s.shape)}, not a float "
+                                f"[{w.shape[1]}] (one per input channel)", tensor=f"{layer}.{PRE_QUANT_SCALE}",
+                                fix="re-export the layer")
+        return w * s.to(device=w.device, dtype=dtype)[None, :]
 
     def orig_shape(self, marker: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
         o = marker.get("orig_shape")
@@ -336,6 +356,13 @@ class NVFP4Format(Format):
         if i is not None and (i.dtype != "F32" or not _is_scalar(i)):
             out.append(Violation("wrong-scale-shape", i.name,
                                  f"input_scale must be an F32 scalar, not {i.dtype} {list(i.shape)}"))
+        p = T.get(f"{layer}.{PRE_QUANT_SCALE}")
+        if p is not None:
+            k_in = orig[1] if isinstance(orig, (list, tuple)) and len(orig) == 2 else None
+            if p.dtype not in ("F32", "BF16", "F16") or len(p.shape) != 1 or (k_in is not None and p.shape[0] != k_in):
+                want_k = f"[{k_in}]" if k_in is not None else "[K]"
+                out.append(Violation("wrong-scale-shape", p.name, f"{PRE_QUANT_SCALE} must be a float {want_k} "
+                                     f"(one per input channel), not {p.dtype} {list(p.shape)}"))
         return out
 
 

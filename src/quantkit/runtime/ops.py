@@ -70,6 +70,7 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                 self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
                 # fp32 as stored (a plain attribute: a buffer would be cast by module.to(dtype))
                 self.input_scale: torch.Tensor | None = None
+                self.pre_quant_scale: torch.Tensor | None = None  # a format's input_smoothing tensor, if the file has one
                 self._static_spec = None  # the FP8 spec when the input is quantized with input_scale
                 self.quant_format: str | None = None
                 self.full_precision_mm = full_precision_mm
@@ -172,6 +173,13 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                                             fix="rewrite the file with quantkit convert")
                     tensors[st.suffix] = t
                 input_scale = state_dict.pop(prefix + "input_scale", None)
+                smooth = state_dict.pop(prefix + spec.input_smoothing, None) if spec.input_smoothing else None
+                if smooth is not None and (smooth.dim() != 1 or smooth.shape[0] != self.in_features
+                                           or not smooth.is_floating_point()):
+                    raise QuantkitError(f"{spec.input_smoothing} is {name_of(smooth.dtype)} {list(smooth.shape)}, not a "
+                                        f"float [{self.in_features}]", tensor=f"{layer}.{spec.input_smoothing}",
+                                        fix="re-export the layer")
+                self.pre_quant_scale = smooth
                 for st in want:
                     t = tensors[st.suffix]
                     ok = {st.dtype, "U8", *(("F8_E8M0",) if st.dtype == "U8" else ())}  # byte views ComfyUI takes
@@ -192,6 +200,8 @@ def mixed_precision_ops(quant_config: dict | None = None, compute_dtype: torch.d
                 self.full_precision_mm = full_precision_mm or bool(conf.get("full_precision_matrix_mult", False))
 
             def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if self.pre_quant_scale is not None:  # as ComfyUI: the input times it, in the input's dtype
+                    x = x * self.pre_quant_scale.to(device=x.device, dtype=x.dtype)
                 w = self.weight
                 if not isinstance(w, QuantizedTensor):
                     return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))

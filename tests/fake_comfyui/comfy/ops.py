@@ -173,6 +173,9 @@ def mixed_precision_ops(quant_config={}, compute_dtype=torch.bfloat16, full_prec
                 _load_quantized_module(self, super()._load_from_state_dict, *args, load_extra_params=True)
 
             def forward(self, input, *args, **kwargs):
+                pre_quant_scale = getattr(self, "pre_quant_scale", None)  # ModelOpt AWQ-style smoothing
+                if pre_quant_scale is not None:
+                    input = input * pre_quant_scale.to(device=input.device, dtype=input.dtype)
                 use_quantized = (getattr(self, "layout_type", None) is not None
                                  and not isinstance(input, QuantizedTensor) and not self._full_precision_mm)
                 quantize_input = QUANT_ALGOS.get(getattr(self, "quant_format", None), {}).get("quantize_input", True)

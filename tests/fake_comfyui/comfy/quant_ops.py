@@ -30,7 +30,7 @@ QUANT_ALGOS = {
                         "comfy_tensor_layout": "TensorWiseINT8Layout", "quantize_input": False},
     "mxfp8": {"storage_t": torch.float8_e4m3fn, "parameters": {"weight_scale", "input_scale"},
               "comfy_tensor_layout": "TensorCoreMXFP8Layout", "group_size": 32},
-    "nvfp4": {"storage_t": torch.uint8, "parameters": {"weight_scale", "weight_scale_2", "input_scale"},
+    "nvfp4": {"storage_t": torch.uint8, "parameters": {"weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale"},
               "comfy_tensor_layout": "TensorCoreNVFP4Layout", "group_size": 16},
     # weight-only in ComfyUI's forward (quantize_input False); "parameters" as ComfyUI lists them
     "convrot_w4a4": {"storage_t": torch.int8, "parameters": {"weight_scale"},

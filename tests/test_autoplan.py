@@ -131,6 +131,15 @@ def test_plan_is_the_least_error_assignment_within_the_budget(small):
     assert tight.total_error > 10 * loose.total_error
 
 
+def test_measuring_reports_each_layer_once_in_order(small):
+    seen = []
+    with autoplan.measuring(lambda done, total, name: seen.append((done, total, name))):
+        a = plan_file(small, make_options(format="auto", bits=6.5, auto_candidates=CHEAP)).auto
+    assert seen == [(i + 1, 4, lc.tensor) for i, lc in enumerate(a.layers)]
+    plan_file(small, make_options(format="auto", bits=6.5, auto_candidates=CHEAP))  # outside the block: no calls
+    assert len(seen) == 4
+
+
 def test_convert_writes_the_choice_and_its_expected_error(small, tmp_path):
     k = {L: 256 if i != 2 else 512 for i, L in enumerate(f"blocks.{i}.fc" for i in range(4))}
     g = torch.Generator().manual_seed(5)

@@ -43,7 +43,10 @@ its chosen format (the measurement's tensors are not kept: memory stays one laye
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from .errors import QuantkitError, UsageError
@@ -54,6 +57,21 @@ from .formats import DEFAULT_FALLBACK, FORMATS, get_format
 CANDIDATES = ("int4-convrot", "awq4", "w4a8", "nvfp4", "w4a8-6bit", "mxfp8", "int8-convrot", "int8-row")
 REFERENCE = DEFAULT_FALLBACK  # int8-row: the unit of --max-error, and the base plan's format
 MAX_STATES = 200_000  # Pareto frontier size beyond which the exact solve gives way to the greedy one
+
+_ON_MEASURE: contextvars.ContextVar[Callable[[int, int, str], None] | None] = contextvars.ContextVar(
+    "quantkit_auto_on_measure", default=None)
+
+
+@contextlib.contextmanager
+def measuring(callback: Callable[[int, int, str], None]) -> Iterator[None]:
+    """Within the block, ``--format auto`` planning (``plan_file`` / ``convert``) calls
+    ``callback(done, total, tensor)`` after it has measured each layer's candidates: its one slow step
+    (every candidate quantized per layer), which the CLI shows as a progress bar."""
+    token = _ON_MEASURE.set(callback)
+    try:
+        yield
+    finally:
+        _ON_MEASURE.reset(token)
 
 
 @dataclass(frozen=True)
@@ -255,7 +273,8 @@ def _measure(reader, result: AutoResult) -> None:
         result.measure = "calibration"
         result.weight_measured = [lc.layer for lc in result.layers if lc.layer not in stats]
     ref = FORMATS[REFERENCE]
-    for lc in result.layers:
+    report = _ON_MEASURE.get()
+    for done, lc in enumerate(result.layers, 1):
         w = reader.read(lc.tensor).float()
         h = None
         if lc.layer in stats:  # a layer the capture never ran (a pooler) is measured in weight space
@@ -268,6 +287,8 @@ def _measure(reader, result: AutoResult) -> None:
             lc.candidates[i] = replace(c, error=errors[c.format])
         lc.reference_error = errors[REFERENCE] if REFERENCE in errors else _error(ref, w, h, signal, lc)
         del w
+        if report is not None:
+            report(done, len(result.layers), lc.tensor)
 
 
 def _energy(d, h) -> float:
@@ -390,4 +411,4 @@ def solve_greedy(items: list[list[tuple[int, float]]], budget: int) -> list[int]
     return out
 
 
-__all__ = ["AutoSpec", "AutoResult", "CANDIDATES", "plan_auto", "solve_exact", "solve_greedy"]
+__all__ = ["AutoSpec", "AutoResult", "CANDIDATES", "plan_auto", "measuring", "solve_exact", "solve_greedy"]

@@ -11,6 +11,7 @@ checks it), and ``convert`` imports the converter once its options are checked.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import signal
 import sys
@@ -398,23 +399,38 @@ def _convert_one(src: Path, dst: Optional[Path], opts: Options, overwrite: bool,
     with Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[tensors]} tensors"),
                   TextColumn("{task.fields[rates]}", style="cyan"), TimeRemainingColumn(), console=err.get(),
                   disable=not show_progress, transient=True) as bar:
-        task = bar.add_task(f"{src.name} -> {opts.format}", total=None, tensors=0, rates=rates.text())
+        title = f"{src.name} -> {opts.format}"
+        task = bar.add_task(title, total=None, tensors=0, rates=rates.text())
         count = 0
 
         def on_progress(done: int, total: int, name: str, written: int) -> None:
             nonlocal count
             count += 1
             rates.add(done, written)
-            bar.update(task, completed=done, total=total, tensors=count, rates=rates.text())
+            bar.update(task, description=title, completed=done, total=total, tensors=count, rates=rates.text())
+
+        def on_measure(done: int, total: int, name: str) -> None:  # --format auto, before any writing
+            bar.update(task, description=f"{src.name}: measuring auto candidates", completed=done, total=total,
+                       tensors=done)
 
         startup = since_process_start() if first else None  # imports and option checks, before convert()
-        rep = convert_file(src, dst, format=opts.format, block_size=opts.block_size, include=opts.include,
-                           exclude=opts.exclude, fallback=opts.fallback, overwrite=overwrite,
-                           progress=on_progress, preset=opts.preset, config=opts.config,
-                           full_precision_matrix_mult=bool(dict(opts.comfy_options).get("full_precision_matrix_mult")),
-                           device=device, format_options=dict(opts.format_options), **_auto_of(opts), **refine)
+        with _auto_measuring(opts, on_measure):
+            rep = convert_file(src, dst, format=opts.format, block_size=opts.block_size, include=opts.include,
+                               exclude=opts.exclude, fallback=opts.fallback, overwrite=overwrite,
+                               progress=on_progress, preset=opts.preset, config=opts.config,
+                               full_precision_matrix_mult=bool(dict(opts.comfy_options).get("full_precision_matrix_mult")),
+                               device=device, format_options=dict(opts.format_options), **_auto_of(opts),
+                               **refine)
         rep.startup_seconds = startup or 0.0
         return rep
+
+
+def _auto_measuring(opts: Options, callback):
+    """``autoplan.measuring(callback)`` for a --format auto run, else nothing (autoplan not imported)."""
+    if opts.auto is None:
+        return contextlib.nullcontext()
+    from .autoplan import measuring
+    return measuring(callback)
 
 
 def _auto_of(opts: Options) -> dict:
@@ -455,10 +471,21 @@ def plan(
     opts = _options(format, block_size, include, exclude, fallback, preset, config, fpmm, convrot_group_size,
                     auto if format == "auto" or bits is not None or max_error is not None
                     or auto_candidates is not None else None)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
     from .plan import plan_file
     from .render import print_plan
     try:
-        p = plan_file(input, replace(opts, keep_quantized=keep_quantized))
+        with Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), TextColumn("{task.fields[layer]}"),
+                      TimeRemainingColumn(), console=err.get(), disable=not (err.is_terminal and opts.auto is not None),
+                      transient=True) as bar:
+            task = bar.add_task(f"{input.name}: measuring auto candidates", total=None, layer="")
+
+            def on_measure(done: int, total: int, name: str) -> None:
+                bar.update(task, completed=done, total=total, layer=f"{done}/{total} layers")
+
+            with _auto_measuring(opts, on_measure):
+                p = plan_file(input, replace(opts, keep_quantized=keep_quantized))
     except QuantkitError as e:
         raise _fail(e) from None
     if json_out:

@@ -466,7 +466,7 @@ ALWAYS int vall_zero(vi16 m) {
         vu16 p2_ = umax16((vu16)a_ & 0x7f800000u, one) + (22u << 23);                      \
         v16 v_ = (a_ + (v16)p2_) - (v16)p2_;                                               \
         v16 d_ = ax[e] - v_ * t;                                                           \
-        acc = (e) < 4 ? d_ * d_ : acc + d_ * d_;                                           \
+        acc = acc + d_ * d_;                                                               \
     }
 #define NV_SUM(clamp)                                                                      \
     for (int e = 0; e < 16; e += 4) {                                                      \
@@ -491,7 +491,7 @@ static vi16 nv_filter9(const v16 *ax, v16 amaxf, vi16 c0, float g, const int32_t
         redo |= ~ok;
         v16 r = vsel(ok, 1.0f / t, (v16){0} + 1.0f);
         v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-        if (le_bits(amaxf * r, 0x1.bffffep+2f) == 0xffffu) {  /* all below 7 */
+        if (vall_zero((vi16)(amaxf * r >= 7.0f))) {  /* every lane's |x| r below 7 */
             NV_SUM(0)
         } else {
             NV_SUM(1)

@@ -413,7 +413,7 @@ ALWAYS int32_t nv_one(v16 x, int32_t c0, const float *tot, const float *rc, cons
 }
 
 /* ---- the same search 16 blocks at a time: lane b of each vector is block b of a group of 16 whole
- * blocks, so the candidates' error sums, the band test and the winner's fp64 error are vertical
+ * blocks, so the candidates' error sums, the band test and the winner's values are vertical
  * operations (no horizontal sums per block). Same filter as nv_search9 (its bound holds: the fp32 sum
  * below is 4 runs of 4 then a pair of pairs, 6 roundings deep with the square, not 5; 90 ulp of the
  * 100), computed on |x| (the error is even in x); a lane whose band holds more than one candidate, or
@@ -507,22 +507,8 @@ static vi16 nv_filter9(const v16 *ax, v16 amaxf, vi16 c0, float g, const int32_t
 #undef NV_SUM
 #undef NV_SQ
 
-/* The fp64 tree of nv_block over lanes of 16 transposed differences d[0..16), half h (lanes 8h..8h+7). */
-ALWAYS vd8 nv_tree64(const v16 *d, int h) {
-    vd8 s[8];
-    for (int e = 0; e < 8; e++) {
-        v8 a8, b8;
-        memcpy(&a8, (const char *)&d[e] + 32 * h, 32);
-        memcpy(&b8, (const char *)&d[e + 8] + 32 * h, 32);
-        vd8 a = __builtin_convertvector(a8, vd8), b = __builtin_convertvector(b8, vd8);
-        s[e] = a * a + b * b;
-    }
-    vd8 t0 = s[0] + s[4], t1 = s[1] + s[5], t2 = s[2] + s[6], t3 = s[3] + s[7];
-    return (t0 + t2) + (t1 + t3);
-}
-
 /* Blocks j0..j0+15 of a row (all inside k): scale codes into bestp[0..16), packed bytes into
- * qp[0..128), w^2 into *ss and the winners' fp64 errors into *nn, both in block order as qk_nvfp4_t. */
+ * qp[0..128), w^2 into *ss and the winners' errors into *nn, both in block order as qk_nvfp4_t. */
 ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float g, const float *tot,
                      const float *rc, const int32_t *off, vd8 *ss, double *nn, uint8_t *bestp, uint8_t *qp) {
     v16 xb[16], m[16], ax[16];
@@ -550,19 +536,21 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
     redo |= nv_filter9(ax, (v16)amax, c0, g, off, e32, tv, cv, &emin);
     v16 band = emin * (1.0f + 0x1p-12f) + 0x1p-130f;
     vi16 count = {0}, cw = {0};
-    v16 tw = (v16){0} + 1.0f;
+    v16 tw = (v16){0} + 1.0f, ew = {0};
     for (int o = 0; o < 9; o++) {
         vi16 in = (vi16)(e32[o] <= band);
         count -= in;
         cw = ivsel(in, cv[o], cw);
         tw = vsel(in, tv[o], tw);
+        ew = vsel(in, e32[o], ew);
     }
     redo |= count != 1;
     tw = vsel(redo, (v16){0} + 1.0f, tw);
-    /* the winner, as nv_block: x / total, E2M1 round, error. x * (1 / total) stands in for the quotient
-     * (within 3 ulp of it: under 2^-19 for values up to 8) unless a value lies that close to a rounding
-     * boundary (half a step from its grid value); then the group is redone with the division. */
-    v16 d[16], vs[16];
+    /* the winner's E2M1 values, as nv_block: x / total, E2M1 round. x * (1 / total) stands in for the
+     * quotient (within 3 ulp of it: under 2^-19 for values up to 8) unless a value lies that close to a
+     * rounding boundary (half a step from its grid value); then the group is redone with the division.
+     * The block's reported error is the winner's fp32 filter sum (within 100 ulp of the exact one). */
+    v16 vs[16];
     v16 rw = 1.0f / tw;
     vi16 near = {0};
     for (int e = 0; e < 16; e++) {
@@ -572,32 +560,23 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
         v16 av = (a + (v16)p2) - (v16)p2;
         v16 gap = (v16)((vu16)(a - av) & 0x7fffffffu);
         near |= (vi16)(gap >= (v16)p2 * 0x1p-24f - 0x1p-19f);
-        vs[e] = (v16)((vu16)av | ((vu16)m[e] & 0x80000000u));
-        d[e] = m[e] - vs[e] * tw;
+        vs[e] = av;
     }
     if (!vall_zero(near & ~redo)) {
         for (int e = 0; e < 16; e++) {
-            v16 y = m[e] / tw;
-            y = vsel((vi16)(y < -6.0f), (v16){0} - 6.0f, y);
-            y = vsel((vi16)(y > 6.0f), (v16){0} + 6.0f, y);
-            vu16 sign = (vu16)y & 0x80000000u;
-            v16 a = (v16)((vu16)y & 0x7fffffffu);
+            v16 a = (v16)((vu16)(m[e] / tw) & 0x7fffffffu);
+            a = vsel((vi16)(a > 6.0f), (v16){0} + 6.0f, a);
             vu16 p2 = umax16((vu16)a & 0x7f800000u, (vu16)((v16){0} + 1.0f)) + (22u << 23);
-            vs[e] = (v16)((vu16)((a + (v16)p2) - (v16)p2) | sign);
-            d[e] = m[e] - vs[e] * tw;
+            vs[e] = (a + (v16)p2) - (v16)p2;
         }
     }
-    vd8 be0 = nv_tree64(d, 0), be1 = nv_tree64(d, 1);
-    double be[16];
-    memcpy(be, &be0, 64);
-    memcpy(be + 8, &be1, 64);
-    /* codes (E2M1 magnitude 0..7 | sign 8), then bytes: block b's byte i = code[2i] << 4 | code[2i + 1] */
+    /* codes (E2M1 magnitude 0..7 | sign 8, the sign of x as of x / total), then bytes: block b's byte
+     * i = code[2i] << 4 | code[2i + 1] */
     vu16 cd[16];
     for (int e = 0; e < 16; e++) {
-        vu16 sign = (vu16)vs[e] & 0x80000000u;
-        v16 a = (v16)((vu16)vs[e] & 0x7fffffffu);
+        v16 a = vs[e];
         v16 cf = vsel((vi16)(a < 2.0f), a * 2.0f, vsel((vi16)(a < 4.0f), a + 2.0f, a * 0.5f + 4.0f));
-        cd[e] = (vu16)__builtin_convertvector(cf, vi16) | (sign >> 28);
+        cd[e] = (vu16)__builtin_convertvector(cf, vi16) | (((vu16)m[e] & 0x80000000u) >> 28);
     }
     vu16 by[8];
     for (int i = 0; i < 8; i++) by[i] = (cd[2 * i] << 4) | cd[2 * i + 1];
@@ -607,6 +586,8 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
     vu16 o2 = __builtin_shufflevector(lo, hi, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     memcpy(qp, &o1, 64);
     memcpy(qp + 64, &o2, 64);
+    double be[16];
+    for (int b = 0; b < 16; b++) be[b] = ew[b];
     vb16 cb = __builtin_convertvector(cw, vb16);
     memcpy(bestp, &cb, 16);
     for (int b = 0; b < 16; b++) {

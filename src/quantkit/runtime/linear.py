@@ -12,14 +12,20 @@ INT8 tensor / row   dynamic per-token INT8 (Triton) + the Triton W8A8      the t
                     kernel (int32 accumulation, scales in the epilogue)    (``torch._int_mm``)
 INT8 convrot        dequantize                                             dequantize
 MXFP8, NVFP4        dequantize                                             dequantize
-W4A8, INT4 ConvRot, dequantize                                             dequantize
-AWQ W4A16
+W4A8 (4-bit), AWQ   dequantize; opt-in per format and token count          dequantize
+W4A16               (:data:`W4_TRITON_MAX_M`): the fused Triton GEMMs of
+                    :mod:`.triton_w4` (awq4: the same math; w4a8:
+                    comfy-kitchen's, INT8 activations)
+W4A8 6-bit, INT4    dequantize                                             dequantize
+ConvRot
 INT8 block          dynamic per-token, per-group INT8 (Triton) + the        the torch reference W8A8
                     Triton W8A8 block kernel (sm_90: or the Gluon one,     (``_int_mm`` per group)
                     whichever timed faster for the shape)
 ==================  =====================================================  ===========================
 
 "Dequantize" means ``F.linear(x, W.dequantize(x.dtype), bias)``: exactly ComfyUI's result.
+The 4-bit Triton kernels run only where :data:`W4_TRITON_MAX_M` (or ``QUANTKIT_W4_TRITON``) says,
+because they are faster than dequantize + bf16 only for some shapes (benchmarks/bench_w4_linear.py).
 W8A8 paths also quantize the activations, so they differ from it by that rounding (measured on a
 real model in DEVELOPMENT.md). ``mixed_precision_ops(full_precision_mm=True)`` always dequantizes.
 """
@@ -27,10 +33,12 @@ real model in DEVELOPMENT.md). ``mixed_precision_ops(full_precision_mm=True)`` a
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import QuantkitError
 from ..formats import scaled
 from ..formats.scaled import grid
 from . import activations
@@ -64,6 +72,45 @@ def _triton():
     return triton_w8a8
 
 
+@functools.cache
+def _triton_w4():
+    from . import triton_w4
+    return triton_w4
+
+
+# The fused 4-bit kernels (:mod:`.triton_w4`) run on CUDA (sm >= 8.0) for a layer of format awq4 /
+# w4a8 when the flattened token count M (x's elements / K) is at most this; 0: never. Off by
+# default: set from the GPU measurements of benchmarks/bench_w4_linear.py (the kernels beat
+# dequantize + cuBLAS bf16 at small M, where the weight read dominates). Note that w4a8 through the
+# kernel computes comfy-kitchen's numbers (activations rotated and INT8-quantized per token), not
+# dequantize + F.linear's. ``QUANTKIT_W4_TRITON`` sets it at import: "awq4=64,w4a8=16" (per format),
+# "1" (every M, both formats) or "0"; the table may also be changed at run time.
+W4_TRITON_MAX_M: dict[str, int] = {"awq4": 0, "w4a8": 0}
+_W4_ENV = "QUANTKIT_W4_TRITON"
+_NO_LIMIT = 1 << 62
+
+
+def parse_w4_setting(text: str) -> dict[str, int]:
+    """``QUANTKIT_W4_TRITON``'s value as a :data:`W4_TRITON_MAX_M` table."""
+    text = text.strip()
+    if text in ("", "0"):
+        return {k: 0 for k in W4_TRITON_MAX_M}
+    if text == "1":
+        return {k: _NO_LIMIT for k in W4_TRITON_MAX_M}
+    out = {k: 0 for k in W4_TRITON_MAX_M}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in out or not value.strip().isdigit():
+            raise QuantkitError(f"{_W4_ENV}={text!r}: cannot read {part.strip()!r}",
+                                fix=f"set {_W4_ENV} to 0, 1 or e.g. awq4=64,w4a8=16 (format=max tokens)")
+        out[name] = int(value)
+    return out
+
+
+W4_TRITON_MAX_M.update(parse_w4_setting(os.environ.get(_W4_ENV, "0")))
+
+
 def quantize_input_static(x: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:
     """An activation quantized with one static scale (a layer's ``input_scale``): the Triton kernel
     on CUDA, the reference elsewhere; the same bits."""
@@ -74,7 +121,8 @@ def quantize_input_static(x: torch.Tensor, scale: torch.Tensor, spec) -> torch.T
 
 def dequantized_linear(x, w, bias):
     x = x.dequantize() if isinstance(x, QuantizedTensor) else x
-    return F.linear(x, w.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+    # .to: awq4's dequantize in fp16 computes (and returns) fp32, torch's promotion of fp16 and bf16
+    return F.linear(x, w.dequantize(x.dtype).to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def _unpack(args, kwargs):
@@ -176,12 +224,49 @@ def int8_block_linear(func, args, kwargs):
     return _int8_w8a8(x, w, bias, w._layout_params.block_size)
 
 
+_W4_LAYOUTS = ("TensorCoreAWQW4A16Layout", "AsymW4A8Int8Layout")
+
+
+def _w4_kernel_linear(x, w, bias):
+    """The fused 4-bit Triton GEMM where it is switched on (:data:`W4_TRITON_MAX_M`) and the layer
+    fits its contract; None otherwise (the caller dequantizes)."""
+    if (w._layout_type not in _W4_LAYOUTS or isinstance(x, QuantizedTensor) or not x.is_cuda
+            or x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or x.numel() == 0):
+        return None
+    q, p = w._qdata, w._layout_params
+    if not (q.dim() == 2 and q.dtype == torch.int8 and q.device == x.device and x.shape[-1] == 2 * q.shape[1]
+            and len(p.orig_shape) == 2 and p.orig_shape[1] == x.shape[-1] and p.marker is not None):
+        return None
+    spec = w.layout_cls.spec_for(p, q)
+    m = x.numel() // x.shape[-1]
+    if m > W4_TRITON_MAX_M.get(spec.name, 0) or device_capability(x.device) < (8, 0):
+        return None
+    k = x.shape[-1]
+    t = p.tensors or {}
+    b = None if bias is None else bias.to(x.dtype).contiguous()
+    g = p.marker.get("group_size")
+    if spec.name == "awq4":
+        z = t.get("weight_zeros")
+        if g not in (32, 64, 128) or k % g or z is None or tuple(p.scale.shape) != (k // g, q.shape[0]):
+            return None
+        return _triton_w4().awq4_linear(x, q, p.scale, z, b, g)
+    from ..formats import _lowbit
+    cr = p.marker.get("convrot_groupsize", _lowbit.DEFAULT_CONVROT)
+    sc, cb = t.get("weight_s_channel"), t.get("weight_codebook")
+    if (not isinstance(g, int) or g < 2 or g % 2 or k % g or cr not in (16, 64, 256) or k % cr or sc is None
+            or tuple(p.scale.shape) != (q.shape[0], k // g) or p.scale.dtype not in (torch.float8_e4m3fn, torch.uint8)):
+        return None
+    return _triton_w4().w4a8_linear(x, q, p.scale, sc, cb, b, g, cr)
+
+
 @register_layout_op(aten.linear.default, StoredLayout)
 def stored_linear(func, args, kwargs):
     """mxfp8, nvfp4, w4a8 / w4a8-6bit, int4-convrot, awq4 (and int8-convrot through its INT8 layout):
-    dequantize + matmul on every device, exactly ComfyUI's numbers where it dequantizes too."""
+    dequantize + matmul on every device, exactly ComfyUI's numbers where it dequantizes too; awq4
+    and 4-bit w4a8 on CUDA: the fused Triton GEMM where :data:`W4_TRITON_MAX_M` switches it on."""
     x, w, bias = _unpack(args, kwargs)
-    return dequantized_linear(x, w, bias)
+    y = _w4_kernel_linear(x, w, bias)
+    return dequantized_linear(x, w, bias) if y is None else y
 
 
 @register_layout_op(aten.linear.default, "TensorCoreFP8E5M2Layout")

@@ -82,8 +82,8 @@ def _awq_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, M, N, K, M_KEY,
                 MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 GROUP: tl.constexpr, GROUP_M: tl.constexpr, F32_DOT: tl.constexpr = 0, RNE: tl.constexpr = 0):
     """MODE 0: bf16 (each decode op rounded to bf16), 1: fp16 (decode in fp32, cast), 2: fp32.
-    F32_DOT: the dot on the operands widened to fp32 (the same products and fp32 sums; the
-    interpreter's bf16 ``tl.dot`` returns garbage in triton 3.9)."""
+    F32_DOT: the dot on the operands widened to fp32 (the same products and fp32 sums), for the
+    interpreter: its bf16 ``tl.dot`` returns garbage in triton 3.9 and its fp16 one sums in fp16."""
     pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -162,7 +162,7 @@ def awq4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
     args = (x2, qweight, scale, zeros, bias if bias is not None else c, c, m, n, k, _m_bucket(m),
             x2.stride(0), qweight.stride(0), scale.stride(0), c.stride(0))
     meta = {"MODE": _AWQ_MODE[x.dtype], "HAS_BIAS": bias is not None, "GROUP": group,
-            "F32_DOT": int(INTERPRET and x.dtype == torch.bfloat16), "RNE": int(INTERPRET)}
+            "F32_DOT": int(INTERPRET), "RNE": int(INTERPRET)}
     if config is None and INTERPRET:
         config = {"BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2}
     _launch(_awq_kernel, _awq_tuned, args, meta, m, n, config)

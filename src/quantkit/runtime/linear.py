@@ -237,20 +237,23 @@ def _w4_kernel_linear(x, w, bias):
     if not (q.dim() == 2 and q.dtype == torch.int8 and q.device == x.device and x.shape[-1] == 2 * q.shape[1]
             and len(p.orig_shape) == 2 and p.orig_shape[1] == x.shape[-1] and p.marker is not None):
         return None
-    spec = w.layout_cls.spec_for(p, q)
+    name = w.__dict__.get("_w4_format")  # looked up once per tensor (the marker is immutable here)
+    if name is None:
+        name = w.__dict__["_w4_format"] = w.layout_cls.spec_for(p, q).name
     m = x.numel() // x.shape[-1]
-    if m > W4_TRITON_MAX_M.get(spec.name, 0) or device_capability(x.device) < (8, 0):
+    if m > W4_TRITON_MAX_M.get(name, 0) or device_capability(x.device) < (8, 0):
         return None
     k = x.shape[-1]
     t = p.tensors or {}
     b = None if bias is None else bias.to(x.dtype).contiguous()
-    g = p.marker.get("group_size")
-    if spec.name == "awq4":
+    if name == "awq4":
+        g = p.marker.get("group_size", 64)
         z = t.get("weight_zeros")
         if g not in (32, 64, 128) or k % g or z is None or tuple(p.scale.shape) != (k // g, q.shape[0]):
             return None
         return _triton_w4().awq4_linear(x, q, p.scale, z, b, g)
     from ..formats import _lowbit
+    g = p.marker.get("group_size", 16)
     cr = p.marker.get("convrot_groupsize", _lowbit.DEFAULT_CONVROT)
     sc, cb = t.get("weight_s_channel"), t.get("weight_codebook")
     if (not isinstance(g, int) or g < 2 or g % 2 or k % g or cr not in (16, 64, 256) or k % cr or sc is None

@@ -14,9 +14,8 @@ weight in memory); one program computes a BLOCK_M x BLOCK_N tile of ``y = x W^T 
   ``w4a8_int8_linear``: the weight decoded onto its INT8 grid, the activation rotated and quantized
   to INT8 per token, an INT8 GEMM):
 
-  1. :func:`rotate_quantize` -- x rotated per ConvRot group by the block-diagonal H (a tensor-core
-     dot with fp32 accumulation, rounded to x's dtype, as kitchen's ``matmul`` in x's dtype), then
-     per token ``s = max(amax / 127, 1e-30)`` (fp32) and ``q = clamp(rint(D(x_rot / D(s))), -128,
+  1. :func:`rotate_quantize` -- x rotated per ConvRot group by the block-diagonal H (kitchen's own
+     ``torch.matmul`` in x's dtype), then per token (one Triton pass) ``s = max(amax / 127, 1e-30)`` (fp32) and ``q = clamp(rint(D(x_rot / D(s))), -128,
      127)``: kitchen divides in x's dtype D by the scale cast to D (0 replaced by D's tiny);
   2. the GEMM: per weight tile, codes unpacked, ``i8 = clamp(rint(codebook[c] * float(s_rel)), -127,
      127)`` (the 4-bit codebook, or ``c - 8`` without one), an exact int32 dot over all of K, then
@@ -67,10 +66,11 @@ def _swizzle(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 def _to(x, dt: tl.constexpr, RNE: tl.constexpr):
     """fp32 ``x`` cast to ``dt``. RNE (the interpreter, whose fp32 -> bf16 cast truncates): a bf16
     target is rounded half to even on the bits first (what the GPU's cast does), so the cast is exact."""
-    if RNE and dt == tl.bfloat16:
-        b = x.to(tl.int32, bitcast=True)
-        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-        x = b.to(tl.float32, bitcast=True)
+    if RNE:
+        if dt == tl.bfloat16:
+            b = x.to(tl.int32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+            x = b.to(tl.float32, bitcast=True)
     return x.to(dt)
 
 
@@ -184,44 +184,30 @@ def _launch(kernel, tuned, args, meta, m, n, config):
 # ---- w4a8: activations ---------------------------------------------------------------------------
 
 @triton.jit
-def _rotated_group(x_ptrs, mask, h, IS_F32: tl.constexpr, RNE: tl.constexpr):
-    """One ConvRot group of ROWS tokens, rotated (x_g @ H, fp32 accumulation), in x's dtype.
-    IS_F32: fp32 operands (x fp32, or any x in the interpreter: see ``_awq_kernel``'s F32_DOT)."""
-    x = tl.load(x_ptrs, mask=mask, other=0.0)
-    if IS_F32:
-        r = tl.dot(x.to(tl.float32), h.to(tl.float32), input_precision="ieee")
-    else:
-        r = tl.dot(x, h)
-    return _to(r, x_ptrs.dtype.element_ty, RNE)
-
-
-@triton.jit
-def _rotate_quant_kernel(x_ptr, h_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
-                         G: tl.constexpr, ROWS: tl.constexpr, IS_F32: tl.constexpr, TINY: tl.constexpr,
-                         RNE: tl.constexpr = 0):
-    """ROWS tokens per program; K walked one ConvRot group at a time, twice (amax, then quantize;
-    the rotation is recomputed rather than stored)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    rmask = rows < M
-    cols = tl.arange(0, G)
-    h = tl.load(h_ptr + cols[:, None] * G + cols[None, :])
-    x_row = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :]
-    q_row = q_ptr + rows.to(tl.int64)[:, None] * stride_qm + cols[None, :]
-    amax = tl.zeros((ROWS,), dtype=tl.float32)
-    for k0 in range(0, K, G):
-        r = _rotated_group(x_row + k0, rmask[:, None], h, IS_F32, RNE).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(r), axis=1))
-    scale = tl.maximum(tl.math.div_rn(amax, tl.full((ROWS,), 127.0, tl.float32)), 1e-30)
-    tl.store(s_ptr + rows, scale, mask=rmask)
+def _quant_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, CHUNK: tl.constexpr, TINY: tl.constexpr,
+                       RNE: tl.constexpr = 0):
+    """One (rotated) token per program, K walked in CHUNK-wide pieces twice: amax, then quantize."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, CHUNK)
+    x_row = x_ptr + row * stride_xm
+    q_row = q_ptr + row * stride_qm
+    amax = tl.zeros((CHUNK,), dtype=tl.float32)
+    for c0 in range(0, K, CHUNK):
+        x = tl.load(x_row + c0 + cols, mask=c0 + cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    a = tl.max(amax, axis=0)
+    scale = tl.maximum(tl.math.div_rn(a, 127.0), 1e-30)
+    tl.store(s_ptr + row, scale)
     sq = _to(scale, x_ptr.dtype.element_ty, RNE).to(tl.float32)  # kitchen divides by the scale in x's dtype
-    sq = tl.where(sq == 0.0, TINY, sq)
-    sq2 = tl.broadcast_to(sq[:, None], (ROWS, G))
-    for k0 in range(0, K, G):
-        r = _rotated_group(x_row + k0, rmask[:, None], h, IS_F32, RNE).to(tl.float32)
-        y = _to(tl.math.div_rn(r, sq2), x_ptr.dtype.element_ty, RNE).to(tl.float32)  # the quotient in x's dtype
+    sq = tl.where(sq == 0.0, TINY, sq)  # (fp16: 1e-30 flushes to 0; kitchen takes fp16's tiny)
+    sq_v = tl.full((CHUNK,), 0.0, tl.float32) + sq
+    for c0 in range(0, K, CHUNK):
+        mask = c0 + cols < K
+        x = tl.load(x_row + c0 + cols, mask=mask, other=0.0).to(tl.float32)
+        y = _to(tl.math.div_rn(x, sq_v), x_ptr.dtype.element_ty, RNE).to(tl.float32)  # the quotient in x's dtype
         y = (y + 12582912.0) - 12582912.0
         y = tl.minimum(tl.maximum(y, -128.0), 127.0)
-        tl.store(q_row + k0, y.to(tl.int8), mask=rmask[:, None])
+        tl.store(q_row + c0 + cols, y.to(tl.int8), mask=mask)
 
 
 @functools.cache
@@ -232,18 +218,18 @@ def _hadamard(g: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 def rotate_quantize(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q int8 [M, K], scale fp32 [M])`` of a 2-D activation: rotated per ConvRot ``group`` (16, 64
-    or 256) and quantized per token as comfy-kitchen's ``int8_linear(convrot=True)`` does."""
+    or 256) and quantized per token as comfy-kitchen's ``int8_linear(convrot=True)`` does. The
+    rotation is kitchen's own op (``matmul`` of the [M, K/G, G] view with H in x's dtype: the same
+    bits as kitchen on the same device); the quantization one Triton pass per token."""
     m, k = x.shape
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32) or group not in (16, 64, 256) or k % group:
         raise ValueError(f"rotate_quantize: x {x.dtype} [{m}, {k}] / ConvRot group {group} unsupported")
-    if x.stride(1) != 1:
-        x = x.contiguous()
+    r = torch.matmul(x.reshape(m, k // group, group), _hadamard(group, x.dtype, x.device)).reshape(m, k)
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m,), dtype=torch.float32, device=x.device)
-    rows = 16
-    _rotate_quant_kernel[(triton.cdiv(m, rows),)](
-        x, _hadamard(group, x.dtype, x.device), q, s, m, k, x.stride(0), q.stride(0), G=group, ROWS=rows,
-        IS_F32=x.dtype == torch.float32 or INTERPRET, TINY=float(torch.finfo(x.dtype).tiny), RNE=int(INTERPRET), num_warps=4 if group < 256 else 8)
+    chunk = min(2048, triton.next_power_of_2(k))
+    _quant_rows_kernel[(m,)](r, q, s, k, r.stride(0), q.stride(0), CHUNK=chunk, TINY=float(torch.finfo(x.dtype).tiny),
+                             RNE=int(INTERPRET), num_warps=4 if chunk <= 1024 else 8)
     return q, s
 
 

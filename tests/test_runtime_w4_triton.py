@@ -234,3 +234,58 @@ def test_awq4_fp16_input_dequantized_path():
     y = F.linear(x, qt)
     assert y.dtype == torch.float16
     assert torch.equal(y, F.linear(x, qt.dequantize(torch.float16).to(torch.float16)))
+
+
+_AOT = r"""
+import json, os, subprocess, sys, tempfile
+try:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    assert os.path.exists(tool)
+except Exception as e:
+    print(e)
+    sys.exit(3)
+from quantkit.runtime import triton_w4 as tw
+COMMON = {"M": "i32", "N": "i32", "K": "i32", "M_KEY": "i32"}
+W4A8 = {"xq_ptr": "*i8", "xs_ptr": "*fp32", "q_ptr": "*i8", "r_ptr": "*fp8e4nv", "cb_ptr": "*fp32", "sc_ptr": "*fp32",
+        "bias_ptr": "*bf16", "c_ptr": "*bf16", **COMMON, "stride_xm": "i32", "stride_qn": "i32", "stride_rn": "i32",
+        "stride_cm": "i32"}
+AWQ = {"x_ptr": "*bf16", "q_ptr": "*i8", "s_ptr": "*bf16", "z_ptr": "*bf16", "bias_ptr": "*bf16", "c_ptr": "*bf16",
+       **COMMON, "stride_xm": "i32", "stride_qn": "i32", "stride_sg": "i32", "stride_cm": "i32"}
+out = []
+for fn, sig, meta, cfgs in ((tw._w4a8_kernel, W4A8, {"GROUP": 16, "HAS_CB": 1, "HAS_BIAS": 1}, tw.W4A8_CONFIGS),
+                            (tw._awq_kernel, AWQ, {"MODE": 0, "HAS_BIAS": 1, "GROUP": 64}, tw.AWQ_CONFIGS)):
+    for cfg in (cfgs[0], cfgs[-1]):
+        ce = {**meta, **cfg.kwargs, "RNE": 0, **({"F32_DOT": 0} if "F32_DOT" in fn.arg_names else {})}
+        src = ASTSource(fn=fn, signature={a: sig.get(a, "constexpr") for a in fn.arg_names}, constexprs=ce)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        os.unlink(f.name)
+        stack = [int(w.split(":")[1]) for w in usage.split() if w.startswith("STACK:")]
+        out.append({"kernel": fn.__name__, "config": str(cfg), "shared": k.metadata.shared, "stack": stack})
+print(json.dumps(out))
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """The smallest and largest tile of each kernel compile for sm_90 (ahead of time: no GPU needed)
+    within sm_90's 227 KB of shared memory and without register spills (STACK 0 in cuobjdump)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    r = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=300)
+    if r.returncode == 3:
+        pytest.skip(f"no triton sm_90 AOT toolchain here: {r.stdout.strip()[:200]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(rows) == 4
+    for row in rows:
+        assert 0 < row["shared"] <= 232448 and row["stack"] == [0], row

@@ -131,10 +131,11 @@ def _cfg(bm, bn, warps, stages, group_m=8, **extra):
 
 # sm_90 (H200): small M is a weight stream (narrow N tiles: enough programs for 132 SMs), large M
 # tensor-core bound. The decode's temporaries need registers: these are the tiles that compiled
-# for sm_90 (triton 3.9 AOT on CPU, cuobjdump) without spilling (128 x 256, 128 x 64 at 4 warps
-# and 4 warps at 64 x 128 spilled), in 3-33 KB of shared memory. Not yet timed on a GPU.
+# for sm_90 (AOT on CPU with triton 3.6 and 3.9, ptxas -v / cuobjdump) without spilling (128 x 256,
+# and 128 x 64, 64 x 128, 64 x 64 at 4 warps spilled), in 3-33 KB of shared memory, mma.sync below
+# 64 rows, wgmma from 64, no serialised-wgmma warnings. Not yet timed on a GPU.
 AWQ_CONFIGS = [
-    _cfg(16, 16, 4, 4), _cfg(16, 32, 4, 4), _cfg(16, 64, 4, 4), _cfg(32, 64, 4, 4), _cfg(64, 64, 4, 4),
+    _cfg(16, 16, 4, 4), _cfg(16, 32, 4, 4), _cfg(16, 64, 4, 4), _cfg(32, 64, 4, 4), _cfg(64, 64, 8, 4),
     _cfg(64, 128, 8, 4), _cfg(128, 64, 8, 4), _cfg(128, 128, 8, 4), _cfg(128, 128, 8, 3),
 ]
 _awq_tuned = triton.autotune(configs=AWQ_CONFIGS, key=["M_KEY", "N", "K"])(_awq_kernel)
@@ -286,14 +287,13 @@ def _w4a8_kernel(xq_ptr, xs_ptr, q_ptr, r_ptr, cb_ptr, sc_ptr, bias_ptr, c_ptr, 
 
 
 # The codebook gathers are staged in shared memory by the pipeliner (16 x 32 x 128: 22 KB at 2
-# stages, 55 KB at 4); these tiles compiled for sm_90 (AOT on CPU) without register spills in
-# 20-82 KB of shared memory (at 4 warps 32 x 64 and 64 x 64 x 128 spilled, 128 x 128 x 128 and
-# 128 x 256 spilled at 8). Not yet timed on a GPU.
+# stages, 55 KB at 4); these tiles compiled for sm_90 (AOT on CPU, triton 3.6 and 3.9) without
+# register spills in 20-98 KB of shared memory (at 4 warps 32 x 64 and 64 x 64 x 128 spilled;
+# at 8, 128 x 128 x 128, 128 x 256, and 128 x 128 x 64 under triton 3.6). Not yet timed on a GPU.
 W4A8_CONFIGS = [
     _cfg(16, 16, 4, 3, BLOCK_K=128), _cfg(16, 32, 4, 3, BLOCK_K=128), _cfg(16, 64, 4, 3, BLOCK_K=64),
     _cfg(16, 64, 4, 2, BLOCK_K=128), _cfg(32, 64, 8, 3, BLOCK_K=128), _cfg(64, 64, 8, 3, BLOCK_K=128),
-    _cfg(64, 128, 8, 3, BLOCK_K=64), _cfg(128, 64, 8, 3, BLOCK_K=64), _cfg(128, 128, 8, 2, BLOCK_K=64),
-    _cfg(128, 128, 8, 4, BLOCK_K=32),
+    _cfg(64, 128, 8, 3, BLOCK_K=64), _cfg(128, 64, 8, 3, BLOCK_K=64), _cfg(128, 128, 8, 4, BLOCK_K=32),
 ]
 _w4a8_tuned = triton.autotune(configs=W4A8_CONFIGS, key=["M_KEY", "N", "K"])(_w4a8_kernel)
 

@@ -32,8 +32,10 @@ ones) keep every stored tensor as written: ``qdata`` is the stored weight (padde
 ``weight_s_rel``), ``params.tensors`` the others (nvfp4's ``weight_scale_2``, w4a8's
 ``weight_s_channel`` and ``weight_codebook``, awq4's ``weight_zeros``), ``params.marker`` the layer's
 marker; ``dequantize`` is the format's own (bit for bit what comfy-kitchen's layout computes, on every
-device, in plain PyTorch), and ``F.linear`` is dequantize + matmul everywhere (:mod:`.linear`): no
-INT4 / W4A8 kernels run here, so a 4-bit layer's output is ``F.linear(x, dequantize(W), bias)``.
+device, in plain PyTorch), and ``F.linear`` is dequantize + matmul (:mod:`.linear`), so a 4-bit
+layer's output is ``F.linear(x, dequantize(W), bias)``; on CUDA, awq4 and 4-bit w4a8 can be switched
+to the fused Triton GEMMs of :mod:`.triton_w4` per token count (``linear.W4_TRITON_MAX_M``, off by
+default).
 """
 
 from __future__ import annotations
@@ -198,7 +200,8 @@ class AsymW4A8Int8Layout(StoredLayout):
     """W4A8 (``asym_w4a8_int8``): 4-bit codebook codes (``I8 [N,K/2]``, w4a8) or 6-bit uniform codes
     (``I8 [N,3K/4]``, w4a8-6bit) of W rotated by ConvRot, fp8 group scales ``weight_s_rel`` (the
     ``scale``), fp32 row scales ``weight_s_channel``, the 4-bit codebook ``weight_codebook``. Runs as
-    dequantize + ``F.linear`` on every device (comfy-kitchen's W4A8 INT8 kernels are not used)."""
+    dequantize + ``F.linear``; on CUDA, where switched on, 4-bit layers run the Triton W4A8 GEMM of
+    :mod:`.triton_w4` (kitchen's numerics: INT8 activations)."""
 
     @classmethod
     def quantize(cls, tensor: torch.Tensor, bits: int = 4) -> tuple[torch.Tensor, LayoutParams]:
@@ -216,7 +219,8 @@ class TensorCoreConvRotW4A4Layout(StoredLayout):
 
 class TensorCoreAWQW4A16Layout(StoredLayout):
     """AWQ W4A16 (``awq_w4a16``): unsigned 4-bit codes (``I8 [N,K/2]``), bf16 scale and ``weight_zeros``
-    per 64 input channels (``[K/64,N]``). Runs as dequantize + ``F.linear`` on every device."""
+    per 64 input channels (``[K/64,N]``). Runs as dequantize + ``F.linear``; on CUDA, where switched
+    on, the fused Triton W4A16 GEMM of :mod:`.triton_w4` (the same math)."""
 
 
 class BlockWiseINT8Layout(QuantizedLayout):

@@ -9,6 +9,10 @@ runs its 9 candidates per program). ``-m gpu`` runs the same comparisons on CUDA
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -342,6 +346,72 @@ def test_nvfp4_input_scale_and_stats_form():
         assert all(torch.equal(as_bytes(got[t]), as_bytes(want[t])) for t in want) and sorted(got) == sorted(want)
         rs, rn = reference_sums(fmt, w, want)
         assert stats.signal == pytest.approx(rs, rel=SUM_REL) and stats.noise == pytest.approx(rn, rel=SUM_REL)
+
+
+# ---------------------------------------------------------------- sm_90 compile (no GPU needed)
+
+# Compiles both kernels with the tiles, warps and LAUNCH_OPTIONS the entry points use, for sm_90 (no
+# GPU needed), and writes their PTX. Run in a fresh process without TRITON_INTERPRET: Triton 3.9's
+# interpreter leaves the language patched once an interpreted kernel has called a jit helper.
+COMPILE = """
+import sys
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from quantkit.kernels import triton_blocks as tb
+ptr = dict(n="i32", k="i32", rows="i32", nb="i32", cp4="i32")
+kernels = [
+    ("mxfp8", tb._mxfp8_kernel, dict(w_ptr="*i16", q_ptr="*u8", e_ptr="*u8", stats_ptr="*fp64", bits_ptr="*i32", **ptr),
+     dict(IN_BF16=True), tb.MXFP8_TILE),
+    ("nvfp4", tb._nvfp4_kernel, dict(w_ptr="*i16", g_ptr="*fp32", off_ptr="*i32", q_ptr="*u8", s_ptr="*u8",
+                                     stats_ptr="*fp64", **ptr), dict(NOFF=9, IN_BF16=True), tb.NVFP4_TILE)]
+for name, fn, sig, const, (bm, nblk) in kernels:
+    const = dict(const, BM=bm, NBLK=nblk)
+    sig = dict(sig, **{c: "constexpr" for c in const})
+    # what Triton assumes at a launch with K a multiple of 16 (every pointer from torch is 16-aligned)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig if a not in ("n", "rows") and a not in const}
+    k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": tb.NUM_WARPS, **tb.LAUNCH_OPTIONS})
+    (Path(sys.argv[1]) / (name + ".ptx")).write_text(k.asm["ptx"])
+"""
+
+
+def _ptxas() -> Path:
+    """The ptxas Triton itself uses for sm_90 (newer Triton ships two)."""
+    import triton
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return Path(get_ptxas(90).path)
+    except (ImportError, AttributeError, TypeError):
+        return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+@pytest.fixture(scope="module")
+def ptx_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("ptx")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(d / "cache")  # a cold cache: the compile runs
+    subprocess.run([sys.executable, "-c", COMPILE, str(d)], check=True, env=env)
+    return d
+
+
+@pytest.mark.skipif(not _ptxas().exists(), reason="this Triton ships no ptxas")
+@pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
+def test_compiles_for_sm90_without_fma_or_spills(fmt, ptx_dir, tmp_path):
+    """What the interpreter cannot show: the GPU code rounds every product before its sum (a fused
+    multiply-add would change nvfp4's search errors; with Triton's default fusion the nvfp4 kernel
+    holds 152 fma.rn.f32, measured with Triton 3.9), every division is IEEE (div.rn), and the default
+    tiles fit in registers."""
+    ptx_file = ptx_dir / f"{fmt}.ptx"
+    ptx = ptx_file.read_text()
+    assert "fma.rn.f32" not in ptx and "div.rn.f32" in ptx
+    assert not re.search(r"\bdiv\.(approx|full)\.f32", ptx)
+    out = subprocess.run([str(_ptxas()), "-arch=sm_90a", "-v", str(ptx_file), "-o", str(tmp_path / "k.cubin")],
+                         capture_output=True, text=True, env={**os.environ, "LANG": "C"})
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log
+    assert re.search(r"\b0 bytes spill stores", log), log
 
 
 # ---------------------------------------------------------------- GPU (-m gpu)

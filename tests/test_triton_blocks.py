@@ -401,11 +401,12 @@ def ptx_dir(tmp_path_factory) -> Path:
 def test_compiles_for_sm90_without_fma_or_spills(fmt, ptx_dir, tmp_path):
     """What the interpreter cannot show: the GPU code rounds every product before its sum (a fused
     multiply-add would change nvfp4's search errors; with Triton's default fusion the nvfp4 kernel
-    holds 152 fma.rn.f32, measured with Triton 3.9), every division is IEEE (div.rn), and the default
-    tiles fit in registers."""
+    holds 152 fma.rn.f32, measured with Triton 3.9), every division is IEEE (div.rn), nothing flushes
+    subnormals, and the default tiles fit in registers."""
     ptx_file = ptx_dir / f"{fmt}.ptx"
     ptx = ptx_file.read_text()
     assert "fma.rn.f32" not in ptx and "div.rn.f32" in ptx
+    assert ".ftz" not in ptx  # subnormal weights and scales are not flushed to zero
     assert not re.search(r"\bdiv\.(approx|full)\.f32", ptx)
     out = subprocess.run([str(_ptxas()), "-arch=sm_90a", "-v", str(ptx_file), "-o", str(tmp_path / "k.cubin")],
                          capture_output=True, text=True, env={**os.environ, "LANG": "C"})

@@ -38,10 +38,8 @@ SMALL_TILE = {"mxfp8": (8, 2), "nvfp4": (8, 4)}
 # for N positive terms the relative difference is at most (N - 1) * 2^-53, under 1e-12 for the
 # N <= 10^4 elements of these tests (no cancellation: every term is >= 0).
 SUM_REL = 1e-12
-
-
-def device_params():
-    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# CPU runs of the kernels (the interpreter): a machine with CUDA runs the gpu-marked tests instead
+INTERP = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU runs need TRITON_INTERPRET=1")
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -75,6 +73,8 @@ def run(fmt: str, w: torch.Tensor, device: str, **kw):
         assert sig.device.type == "cuda" and noi.device.type == "cuda"
         stored = {name: t.cpu() for name, t in stored.items()}
     else:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("CPU runs need TRITON_INTERPRET=1 (a machine without CUDA)")
         stored, sig, noi = KERNELS[fmt](w, **{"tile": SMALL_TILE[fmt], **kw})
     assert sig.dtype == torch.float64 and sig.dim() == 0 and noi.dtype == torch.float64 and noi.dim() == 0
     return stored, float(sig), float(noi)
@@ -312,6 +312,7 @@ def test_nvfp4_near_ties_follow_the_tree_order():
     assert_matches("nvfp4", with_g_one(v[sensitive][:64], gen))
 
 
+@INTERP
 @pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_nonfinite_weight_is_refused(fmt, bad):
@@ -322,15 +323,19 @@ def test_nonfinite_weight_is_refused(fmt, bad):
 
 
 @pytest.mark.parametrize("fmt", ["mxfp8", "nvfp4"])
-def test_bad_inputs(fmt):
+def test_bad_inputs(fmt, monkeypatch):
     with pytest.raises(QuantkitError, match="is not bf16/fp16/fp32"):
         KERNELS[fmt](torch.ones(4, 4, dtype=torch.int32))
     with pytest.raises(QuantkitError, match="non-empty 2-D"):
         KERNELS[fmt](torch.ones(16))
     with pytest.raises(QuantkitError, match="non-empty 2-D"):
         KERNELS[fmt](torch.ones(0, 16))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(QuantkitError, match="need a CUDA tensor, got one on cpu"):
+        KERNELS[fmt](torch.ones(16, 16))
 
 
+@INTERP
 def test_nvfp4_input_scale_and_stats_form():
     """``input_scale`` is stored as the reference stores it; :func:`quantize_stored` gives the
     (stored, ErrorStats) of ``Format.quantize_native`` with the same sums."""

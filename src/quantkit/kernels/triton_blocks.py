@@ -39,6 +39,8 @@ device tensor: a synchronization, as reading the sums is).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -199,6 +201,9 @@ def _prepare(w: torch.Tensor, fmt: str):
     if w.dim() != 2 or 0 in w.shape:
         raise QuantkitError(f"{fmt}: weight shape {tuple(w.shape)} is not a non-empty 2-D [N, K]",
                             fix="keep this tensor unquantized")
+    if w.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise QuantkitError(f"{fmt}: the Triton kernels need a CUDA tensor, got one on {w.device}",
+                            fix="move the weight to the GPU, or set TRITON_INTERPRET=1 to run them on the CPU")
     w = w.contiguous()
     in_bf16 = w.dtype == torch.bfloat16
     return w, (w.view(torch.int16) if in_bf16 else w), in_bf16

@@ -303,7 +303,8 @@ def test_nvfp4_near_ties_follow_the_tree_order():
     zero = v == 0
     r = torch.rand(v.shape, generator=gen) * zero
     put = zero & (r >= r.topk(2, dim=-1).values[:, 1:2])
-    tiny = 2.0 ** -23 * (1 + torch.rand(v.shape, generator=gen)) * torch.where(torch.rand(v.shape, generator=gen) < 0.5, -1.0, 1.0)
+    sign = torch.where(torch.rand(v.shape, generator=gen) < 0.5, -1.0, 1.0)
+    tiny = 2.0 ** -23 * (1 + torch.rand(v.shape, generator=gen)) * sign
     v = torch.where(put, tiny, v)
     d, codes = candidate_diffs(v, g)
     tree = winners(d, codes, "tree")
@@ -375,7 +376,8 @@ for name, fn, sig, const, (bm, nblk) in kernels:
     const = dict(const, BM=bm, NBLK=nblk)
     sig = dict(sig, **{c: "constexpr" for c in const})
     # what Triton assumes at a launch with K a multiple of 16 (every pointer from torch is 16-aligned)
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig if a not in ("n", "rows") and a not in const}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in sig
+             if a not in ("n", "rows") and a not in const}
     k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": tb.NUM_WARPS, **tb.LAUNCH_OPTIONS})
     (Path(sys.argv[1]) / (name + ".ptx")).write_text(k.asm["ptx"])

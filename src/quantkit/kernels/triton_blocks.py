@@ -197,7 +197,8 @@ LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 
 def _prepare(w: torch.Tensor, fmt: str):
     if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise QuantkitError(f"{fmt}: weight dtype {w.dtype} is not bf16/fp16/fp32", fix="quantize floating-point weights only")
+        raise QuantkitError(f"{fmt}: weight dtype {w.dtype} is not bf16/fp16/fp32",
+                            fix="quantize floating-point weights only")
     if w.dim() != 2 or 0 in w.shape:
         raise QuantkitError(f"{fmt}: weight shape {tuple(w.shape)} is not a non-empty 2-D [N, K]",
                             fix="keep this tensor unquantized")
@@ -210,7 +211,8 @@ def _prepare(w: torch.Tensor, fmt: str):
 
 
 def _nonfinite(fmt: str) -> QuantkitError:
-    return QuantkitError(f"{fmt}: weight holds NaN or Inf values", fix="repair the checkpoint or keep this tensor unquantized")
+    return QuantkitError(f"{fmt}: weight holds NaN or Inf values",
+                         fix="repair the checkpoint or keep this tensor unquantized")
 
 
 def _pow2(v: int, what: str) -> int:

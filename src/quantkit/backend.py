@@ -170,15 +170,25 @@ def cpu_quantizer():
 def quantize_stored(w: torch.Tensor, spec, opts):
     """A format without a scaled kernel (``kernel`` None): ``(stored tensors, ErrorStats or None)``.
     On the CPU with the native backend, the format's C kernel (its ``native``: a function of
-    :mod:`quantkit.kernels.native_blocks`, byte-identical to its torch ``quantize``), else that
-    torch ``quantize`` (stats None: the caller measures them). A format that is not ``device_exact``
+    :mod:`quantkit.kernels.native_blocks`, byte-identical to its torch ``quantize``); on CUDA with the
+    Triton backend its Triton quantizer (its ``triton``: :mod:`quantkit.kernels.triton_blocks`, the same
+    bytes); else that torch ``quantize`` (stats None: the caller measures them). A format that is not ``device_exact``
     is quantized as on the CPU wherever ``w`` lies (the same bytes), its tensors returned on ``w``'s device."""
     if w.device.type != "cpu" and not spec.device_exact:
         stored, stats = quantize_stored(w.cpu(), spec, opts)
         return {k: v.to(w.device) for k, v in stored.items()}, stats
     if runs_native(w, spec):
         return spec.quantize_native(w, opts)
+    if runs_triton(w, spec):
+        from .kernels import triton_blocks
+        return triton_blocks.quantize_stored(spec.triton, w)
     return spec.quantize(w, opts), None
+
+
+def runs_triton(w: torch.Tensor, spec) -> bool:
+    """Whether :func:`quantize_stored` runs ``spec``'s Triton quantizer (its ``triton``, the bytes of its
+    torch ``quantize``) on ``w``: a CUDA tensor where the backend choice is Triton."""
+    return getattr(spec, "triton", None) is not None and w.device.type == "cuda" and backend_for(w.device) == "triton"
 
 
 def runs_native(w: torch.Tensor, spec) -> bool:
@@ -251,4 +261,5 @@ def _check_shape(w: torch.Tensor, spec: ScaledFormat, block_size: int) -> None:
 
 
 __all__ = ["QuantResult", "parse_device", "backend_for", "quantize_tensor", "quantize_torch",
-           "quantize_native", "quantize_triton", "cpu_quantizer", "check_finite", "has_kernel", "BACKEND_ENV"]
+           "quantize_native", "quantize_triton", "cpu_quantizer", "check_finite", "has_kernel", "runs_triton",
+           "BACKEND_ENV"]

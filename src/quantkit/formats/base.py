@@ -135,6 +135,7 @@ class Format:
     node_target: str | None = None  # the name the ComfyUI quantize node offers it under
     weight_dtype_name: str = ""  # safetensors dtype of the stored weight ("I8", "F8_E4M3", "U8", ...)
     native: str | None = None  # a format without a kernel: its C kernel in quantkit.kernels.native_blocks
+    triton: str | None = None  # ... and its Triton quantizer in quantkit.kernels.triton_blocks (CUDA)
     # False where its quantizer's bytes on a GPU were measured to differ from the CPU's (searches whose
     # sums reduce in another order there): the converter then quantizes it on the CPU
     device_exact: bool = True

@@ -130,6 +130,7 @@ class MXFP8Format(Format):
     fallback = True  # padding takes every 2-D shape
     kernel = None
     native = "mxfp8"
+    triton = "mxfp8"
     runtime_layout = LAYOUT
     weight_dtype_name = "F8_E4M3"
 

@@ -271,6 +271,7 @@ class NVFP4Format(Format):
     fallback = True  # padding takes every 2-D shape
     kernel = None
     native = "nvfp4"
+    triton = "nvfp4"
     runtime_layout = LAYOUT
     weight_dtype_name = "U8"
     input_smoothing = PRE_QUANT_SCALE

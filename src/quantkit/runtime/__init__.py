@@ -9,7 +9,7 @@ only for the CUDA W8A8 paths.
 * :mod:`.activations` -- torch reference for activation quantization and the W8A8 block matmul
 * :mod:`.triton_w8a8` -- the Triton kernels (import only where triton is installed)
 * :mod:`.gluon_w8a8` -- the int8-block GEMM for sm_90 (Gluon), used by ``triton_w8a8`` where faster
-* :mod:`.triton_w4` -- fused GEMMs for awq4 and 4-bit w4a8 (CUDA, opt-in: ``linear.W4_TRITON_MAX_M``)
+* :mod:`.triton_w4` -- fused GEMMs for awq4 and 4-bit w4a8 (CUDA, up to the token counts of ``linear.W4_TRITON_MAX_M``)
 * :mod:`.ops` -- ``mixed_precision_ops`` (its ``Linear`` loads quantized state dicts)
 * :mod:`.swap` -- ``load_quantized``: put a quantized file into an existing ``nn.Module``
 """

@@ -33,9 +33,8 @@ ones) keep every stored tensor as written: ``qdata`` is the stored weight (padde
 ``weight_s_channel`` and ``weight_codebook``, awq4's ``weight_zeros``), ``params.marker`` the layer's
 marker; ``dequantize`` is the format's own (bit for bit what comfy-kitchen's layout computes, on every
 device, in plain PyTorch), and ``F.linear`` is dequantize + matmul (:mod:`.linear`), so a 4-bit
-layer's output is ``F.linear(x, dequantize(W), bias)``; on CUDA, awq4 and 4-bit w4a8 can be switched
-to the fused Triton GEMMs of :mod:`.triton_w4` per token count (``linear.W4_TRITON_MAX_M``, off by
-default).
+layer's output is ``F.linear(x, dequantize(W), bias)``; on CUDA, awq4 and 4-bit w4a8 take the fused
+Triton GEMMs of :mod:`.triton_w4` up to a token count per format (``linear.W4_TRITON_MAX_M``, measured).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ INT8 tensor / row   dynamic per-token INT8 (Triton) + the Triton W8A8      the t
                     kernel (int32 accumulation, scales in the epilogue)    (``torch._int_mm``)
 INT8 convrot        dequantize                                             dequantize
 MXFP8, NVFP4        dequantize                                             dequantize
-W4A8 (4-bit), AWQ   dequantize; opt-in per format and token count          dequantize
-W4A16               (:data:`W4_TRITON_MAX_M`): the fused Triton GEMMs of
+W4A8 (4-bit), AWQ   up to a token count per format (:data:`W4_TRITON_MAX_M`,  dequantize
+W4A16               measured): the fused Triton GEMMs of
                     :mod:`.triton_w4` (awq4: the same math; w4a8:
                     comfy-kitchen's, INT8 activations)
 W4A8 6-bit, INT4    dequantize                                             dequantize
@@ -79,13 +79,15 @@ def _triton_w4():
 
 
 # The fused 4-bit kernels (:mod:`.triton_w4`) run on CUDA (sm >= 8.0) for a layer of format awq4 /
-# w4a8 when the flattened token count M (x's elements / K) is at most this; 0: never. Off by
-# default: set from the GPU measurements of benchmarks/bench_w4_linear.py (the kernels beat
-# dequantize + cuBLAS bf16 at small M, where the weight read dominates). Note that w4a8 through the
-# kernel computes comfy-kitchen's numbers (activations rotated and INT8-quantized per token), not
-# dequantize + F.linear's. ``QUANTKIT_W4_TRITON`` sets it at import: "awq4=64,w4a8=16" (per format),
-# "1" (every M, both formats) or "0"; the table may also be changed at run time.
-W4_TRITON_MAX_M: dict[str, int] = {"awq4": 0, "w4a8": 0}
+# w4a8 when the flattened token count M (x's elements / K) is at most this; 0: never. The defaults
+# are the largest M of benchmarks/bench_w4_linear.py (M 1 / 16 / 256 / 4096 on Flux's 3072x3072,
+# 12288x3072, 3072x12288, bf16) at which, for every shape, the kernel beat dequantize + cuBLAS bf16 on
+# an H200: awq4 at all of them (1.19-6.4x), w4a8 up to 256 (1.14-7.2x; at 4096 it is 4-6x slower).
+# Note that w4a8 through the kernel computes comfy-kitchen's numbers (activations rotated and
+# INT8-quantized per token, as kitchen's own w4a8 linear), not dequantize + F.linear's.
+# ``QUANTKIT_W4_TRITON`` replaces it at import: "awq4=64,w4a8=16" (per format), "1" (every M, both
+# formats) or "0" (never); the table may also be changed at run time.
+W4_TRITON_MAX_M: dict[str, int] = {"awq4": 4096, "w4a8": 256}
 _W4_ENV = "QUANTKIT_W4_TRITON"
 _NO_LIMIT = 1 << 62
 
@@ -108,7 +110,8 @@ def parse_w4_setting(text: str) -> dict[str, int]:
     return out
 
 
-W4_TRITON_MAX_M.update(parse_w4_setting(os.environ.get(_W4_ENV, "0")))
+if os.environ.get(_W4_ENV) is not None:
+    W4_TRITON_MAX_M.update(parse_w4_setting(os.environ[_W4_ENV]))
 
 
 def quantize_input_static(x: torch.Tensor, scale: torch.Tensor, spec) -> torch.Tensor:

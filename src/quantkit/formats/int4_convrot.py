@@ -45,7 +45,7 @@ def quantize_rotated(r, search: bool = True):
     docstring says; ``search=False``: kitchen's round-to-nearest at ``amax / 7`` alone."""
     import torch
     amax = r.abs().amax(dim=1, keepdim=True).clamp_(min=1e-10)
-    base = amax / QMAX  # exactly kitchen's scale
+    base = lb.div(amax, QMAX)  # kitchen's scale, as its CPU rounds it
     best_s = base
     best_q, best_e = _candidate(r, base)
     for i, f in enumerate((1.0, *SHRINK) if search else ()):
@@ -173,7 +173,7 @@ class Int4ConvRotGrid:
         s0 = rtn["weight_scale"].to(self.w.device, torch.float32) if rtn is not None else quantize_rotated(self.w)[1]
         amax = self.w.abs().amax(dim=1, keepdim=True).clamp_(min=1e-10)
         best, best_obj = None, None
-        for s in (s0.reshape(-1, 1), *(amax / QMAX * f for f in (1.0, *SHRINK))):
+        for s in (s0.reshape(-1, 1), *(lb.div(amax, QMAX) * f for f in (1.0, *SHRINK))):
             e = self.w - (self.w / s).round().clamp(-QMAX, QMAX) * s
             obj = ((e @ self.h) * e).sum(1, keepdim=True, dtype=torch.float64)
             if best is None:

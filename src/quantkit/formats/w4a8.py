@@ -73,7 +73,7 @@ def _als(x, table, bits, iters: int = ALS_ITERS):
     """(gs [R, 1], level indices [R, g]) by alternating least squares (step 2)."""
     import torch
     amax = x.abs().amax(dim=1, keepdim=True)
-    gs = (amax / W6_LEVELS if bits == 6 else amax).clamp(min=1e-8)
+    gs = (lb.div(amax, W6_LEVELS) if bits == 6 else amax).clamp(min=1e-8)
 
     def assign(y):
         if bits == 6:
@@ -99,7 +99,7 @@ def _fit(x, table, rows: int, search: bool = True):
     bits = 6 if table.numel() == 2 * W6_LEVELS + 1 else 4
     gs, idx = _als(x, table, bits, ALS_ITERS if search else KITCHEN_ALS)
     shifted = (table[idx] * gs).abs().reshape(rows, -1)
-    s_channel0 = (shifted.amax(dim=1) / 127.0).clamp(min=1e-8)
+    s_channel0 = lb.div(shifted.amax(dim=1), 127.0).clamp(min=1e-8)
     per = x.shape[0] // rows
     steps = [0] + [d for s in range(1, SEARCH_STEPS + 1) for d in (-s, s)] if search else [0]
     factors = CHANNEL_FACTORS if search else (1.0,)

@@ -14,9 +14,10 @@ the CPU and on CUDA and compares every stored tensor byte for byte. On a differe
    identical input): the rotation (``hadamard.rotate``), then the fit of the rotated weight
    (w4a8: the ALS group scales ``_als``, the searched scales and codes ``_fit``; int4-convrot:
    ``quantize_rotated``), then the packing;
-2. an op trace: every torch call of the quantizer on each device with an exact integer digest of its
-   outputs; the first call whose output differs is printed with its source line, how many elements
-   differ, and the first of them on both devices with the operands at that index.
+2. an op trace (once a format, on up to 4 of the differing rows: rows are quantized independently):
+   every torch call of the quantizer on each device with an exact integer digest of its outputs; the
+   first call whose output differs is printed with its source line, how many elements differ, and
+   the first of them on both devices with the operands at that index.
 
 Then the CPU and CUDA quantize times per format (the CUDA one after a warm-up, synchronized).
 Exit status 1 on any byte difference, 0 when every stored tensor matches.
@@ -205,6 +206,16 @@ def _broadcasts(src, dst) -> bool:
     return all(s in (1, d) for s, d in zip(src, dst))
 
 
+def differing_rows(c: dict, d: dict, n: int) -> list[int]:
+    """Rows where any stored [N, ...] tensor of ``c`` and ``d`` differs."""
+    rows = torch.zeros(n, dtype=torch.bool)
+    for key, a in c.items():
+        if a.dim() and a.shape[0] == n and d[key].shape == a.shape:
+            ab, bb = as_bytes(a).view(n, -1), as_bytes(d[key]).view(n, -1)
+            rows |= (ab != bb).any(dim=1)
+    return rows.nonzero().reshape(-1).tolist()
+
+
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
 
@@ -305,9 +316,11 @@ def main() -> int:
                         nb = int((as_bytes(c[key]) != as_bytes(d[key])).sum())
                         print(f"    {key}: {nb} of {c[key].numel() * c[key].element_size()} bytes differ")
                 stage_report(name, w, dev)
-                if name not in traced:  # the op trace once a format (it is slow on large weights)
-                    traced.add(name)
-                    trace_diff(lambda x: fmt.quantize(x, OPTS), w, dev)
+                if name not in traced:  # the op trace once a format, on a few differing rows (rows
+                    traced.add(name)  # are quantized independently, so they differ alone too)
+                    rows = differing_rows(c, d, n)
+                    print(f"    {len(rows)} rows differ (first {rows[:8]}); op trace on rows {rows[:4]}")
+                    trace_diff(lambda x: fmt.quantize(x, OPTS), w[rows[:4]], dev)
     print("\ntimes (quantize, s):")
     for name in NAMES:
         tc = sum(t[1] for t in times[name])

@@ -7,8 +7,7 @@ of any difference and the time each device takes.
         # by a Python number as CUDA does (a multiply by the fp32 reciprocal): the harness's own check
 
 For every case (shape, dtype, seed, weight kind) and format it runs the format's own torch
-``quantize`` (not the converter's, which moves a format that is not ``device_exact`` to the CPU) on
-the CPU and on CUDA and compares every stored tensor byte for byte. On a difference it prints:
+``quantize`` on the CPU and on CUDA and compares every stored tensor byte for byte. On a difference it prints:
 
 1. stages, each run on both devices from the CPU's input of that stage (so a stage is judged on
    identical input): the rotation (``hadamard.rotate``), then the fit of the rotated weight
@@ -281,7 +280,6 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
           f"{torch.cuda.get_device_name() if dev.startswith('cuda') else dev}")
-    print("device_exact: " + ", ".join(f"{n}={FORMATS[n].device_exact}" for n in NAMES))
     for name in NAMES:  # warm-up (CUDA context, kernels)
         FORMATS[name].quantize(make_weight(64, 384, torch.bfloat16, 99, "normal").to(dev), OPTS)
     bad = 0

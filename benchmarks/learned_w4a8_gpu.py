@@ -64,7 +64,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
     fmt, dev = FORMATS[a.format], torch.device("cuda")
-    print(f"format {fmt.name}, device_exact {fmt.device_exact}, {torch.cuda.get_device_name()}", flush=True)
+    print(f"format {fmt.name}, {torch.cuda.get_device_name()}", flush=True)
     bad = 0
     print("| shape | CPU s | CUDA s | learned J / RTN J (CUDA) | bytes CUDA = CPU |\n|---|---|---|---|---|")
     for n, k in SMALL:

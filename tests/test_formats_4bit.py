@@ -447,15 +447,14 @@ def test_convert_refuses_a_layer_it_cannot_take_without_leaving_output(tmp_path)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", NAMES)
 def test_cuda_quantizer_writes_the_cpu_bytes(name):
-    """On a GPU (convert --device cuda) every format writes the CPU's bytes: a ``device_exact`` one by
-    its own quantizer there (elementwise IEEE fp32 ops, fixed-order sums), the others (whose searches
-    measured other bytes on CUDA) by the converter's quantizer moving them to the CPU; and the tensors
+    """On a GPU (convert --device cuda) every format's quantizer writes the CPU's bytes there
+    (elementwise IEEE fp32 ops, fixed-order sums, divisions by device tensors), and the tensors
     dequantize on the GPU to the CPU's values."""
     from quantkit.backend import quantize_stored
     fmt = FORMATS[name]
     w = torch.randn(96, 1536, generator=_gen(13)).to(torch.bfloat16)
     cpu = quantize_stored(w, fmt, OPTS)[0]
-    gpu = quantize_stored(w.cuda(), fmt, OPTS)[0]  # a device_exact format: its own quantize on the GPU
+    gpu = quantize_stored(w.cuda(), fmt, OPTS)[0]  # its own quantize on the GPU
     for k, t in cpu.items():
         assert gpu[k].is_cuda and torch.equal(gpu[k].cpu().view(torch.uint8), t.view(torch.uint8)), k
     m = fmt.marker(tuple(w.shape), w.dtype, OPTS)

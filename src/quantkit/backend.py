@@ -172,11 +172,8 @@ def quantize_stored(w: torch.Tensor, spec, opts):
     On the CPU with the native backend, the format's C kernel (its ``native``: a function of
     :mod:`quantkit.kernels.native_blocks`, byte-identical to its torch ``quantize``); on CUDA with the
     Triton backend its Triton quantizer (its ``triton``: :mod:`quantkit.kernels.triton_blocks`, the same
-    bytes); else that torch ``quantize`` (stats None: the caller measures them). A format that is not ``device_exact``
-    is quantized as on the CPU wherever ``w`` lies (the same bytes), its tensors returned on ``w``'s device."""
-    if w.device.type != "cpu" and not spec.device_exact:
-        stored, stats = quantize_stored(w.cpu(), spec, opts)
-        return {k: v.to(w.device) for k, v in stored.items()}, stats
+    bytes); else that torch ``quantize`` (stats None: the caller measures them). Every format's torch
+    ``quantize`` writes the same bytes on CUDA as on the CPU (tests/test_lowbit_exact.py, the GPU suite)."""
     if runs_native(w, spec):
         return spec.quantize_native(w, opts)
     if runs_triton(w, spec):

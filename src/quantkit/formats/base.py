@@ -136,9 +136,6 @@ class Format:
     weight_dtype_name: str = ""  # safetensors dtype of the stored weight ("I8", "F8_E4M3", "U8", ...)
     native: str | None = None  # a format without a kernel: its C kernel in quantkit.kernels.native_blocks
     triton: str | None = None  # ... and its Triton quantizer in quantkit.kernels.triton_blocks (CUDA)
-    # False where its quantizer's bytes on a GPU were measured to differ from the CPU's (searches whose
-    # sums reduce in another order there): the converter then quantizes it on the CPU
-    device_exact: bool = True
     # the optional per-input-channel activation multiplier ComfyUI's loader takes for this format (a
     # float [K] tensor L.<suffix>; its forward runs x * it, in x's dtype, before everything else), or None.
     # quantkit reads it in other producers' files (the layer's weight is then W'[:, k] * it[k]) and runs

@@ -69,7 +69,6 @@ def quantize_rotated(r, search: bool = True):
 
 class Int4ConvRotFormat(Format):
     name = "int4-convrot"
-    device_exact = False  # a CUDA conversion wrote other bytes than the CPU's (H200, 2026-12-03)
     comfy_format = "convrot_w4a4"
     summary = "INT4 of W rotated by ConvRot (group per layer), one fp32 scale per row (W4A4 kernels)"
     stock_comfy = True

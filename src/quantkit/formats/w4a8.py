@@ -307,7 +307,6 @@ class W4A8Format(Format):
     runtime_layout = "AsymW4A8Int8Layout"
     weight_dtype_name = "I8"
     optional_suffixes = ("weight_codebook",)  # ComfyUI loads a 4-bit layer without one (uniform codes)
-    device_exact = False  # the group searches wrote other bytes on CUDA (H200, 2026-12-03)
 
     def __init__(self, name: str, bits: int, summary: str) -> None:
         self.name, self.bits, self.summary = name, bits, summary

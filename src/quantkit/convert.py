@@ -482,7 +482,7 @@ def _by_reference(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Back
     own ``dequantize`` (what ComfyUI computes) against the weight."""
     spec = lp.spec
     w = reader.tensor(lp.tensor).to(device)
-    if not backend.runs_native(w, spec):  # a C kernel refuses NaN/Inf in its own pass
+    if not (backend.runs_native(w, spec) or backend.runs_triton(w, spec)):  # those refuse NaN/Inf in their own pass
         check_finite(w, file=reader.path, tensor=lp.tensor, layer=lp.layer)  # before a format's searches see NaN
     try:
         tensors, stats = backend.quantize_stored(w, spec, lp.opts)

@@ -72,16 +72,24 @@ def _e4m3(x, scale):
 
 
 @triton.jit
-def _mxfp8_kernel(w_ptr, q_ptr, e_ptr, stats_ptr, bits_ptr, n, k, rows, nb, cp4,
-                  IN_BF16: tl.constexpr, BM: tl.constexpr, NBLK: tl.constexpr):
+def _load_tile(w_ptr, n, k, B: tl.constexpr, IN_BF16: tl.constexpr, BM: tl.constexpr, NBLK: tl.constexpr):
+    """This program's tile of BM rows x NBLK blocks of B: (program index, block-column index pb, rows r
+    [BM], blocks blk [NBLK], r as int64 [BM, 1, 1], columns [1, NBLK, B], the weights in fp32
+    [BM, NBLK, B], +0 past the edges: the padding)."""
     pm = tl.program_id(0)
     pb = tl.program_id(1)
     pid = pm * tl.num_programs(1) + pb
     r = pm * BM + tl.arange(0, BM)
     blk = pb * NBLK + tl.arange(0, NBLK)
     r64 = r.to(tl.int64)[:, None, None]
-    col = blk[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
-    w = _load_f32(w_ptr + r64 * k + col, (r64 < n) & (col < k), IN_BF16)  # padding: +0
+    col = blk[None, :, None] * B + tl.arange(0, B)[None, None, :]
+    return pid, pb, r, blk, r64, col, _load_f32(w_ptr + r64 * k + col, (r64 < n) & (col < k), IN_BF16)
+
+
+@triton.jit
+def _mxfp8_kernel(w_ptr, q_ptr, e_ptr, stats_ptr, bits_ptr, n, k, rows, nb, cp4,
+                  IN_BF16: tl.constexpr, BM: tl.constexpr, NBLK: tl.constexpr):
+    pid, pb, r, blk, r64, col, w = _load_tile(w_ptr, n, k, 32, IN_BF16, BM, NBLK)
     abits = tl.max(_abs_bits(w), 2)
     amax = _as_f32(abits)
     sb = tl.math.div_rn(amax, 448.0).to(tl.int32, bitcast=True)
@@ -139,14 +147,7 @@ def _tree16(d, BM: tl.constexpr, NBLK: tl.constexpr):
 @triton.jit
 def _nvfp4_kernel(w_ptr, g_ptr, off_ptr, q_ptr, s_ptr, stats_ptr, n, k, rows, nb, cp4,
                   NOFF: tl.constexpr, IN_BF16: tl.constexpr, BM: tl.constexpr, NBLK: tl.constexpr):
-    pm = tl.program_id(0)
-    pb = tl.program_id(1)
-    pid = pm * tl.num_programs(1) + pb
-    r = pm * BM + tl.arange(0, BM)
-    blk = pb * NBLK + tl.arange(0, NBLK)
-    r64 = r.to(tl.int64)[:, None, None]
-    col = blk[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]
-    x = _load_f32(w_ptr + r64 * k + col, (r64 < n) & (col < k), IN_BF16)  # padding: +0
+    pid, pb, r, blk, r64, col, x = _load_tile(w_ptr, n, k, 16, IN_BF16, BM, NBLK)
     g = tl.load(g_ptr)
     amax = _as_f32(tl.max(_abs_bits(x), 2))
     b = tl.minimum(tl.math.div_rn(tl.math.div_rn(amax, 6.0), g), 448.0)

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_tiles import launch, swizzle
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _MAGIC = 12582912.0  # 1.5 * 2^23: (y + MAGIC) - MAGIC rounds half to even, exact for |y| < 2^22
 
@@ -47,19 +49,6 @@ def _m_bucket(m: int) -> int:
     """The autotuner's M key: powers of two up to 4096 (a new token count reuses its bucket's
     choice instead of tuning again)."""
     return min(triton.next_power_of_2(max(m, 1)), 4096)
-
-
-@triton.jit
-def _swizzle(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (pid_m, pid_n), GROUP_M row blocks walked column by column (L2 reuse)."""
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * grid_n
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -84,7 +73,7 @@ def _awq_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, M, N, K, M_KEY,
     """MODE 0: bf16 (each decode op rounded to bf16), 1: fp16 (decode in fp32, cast), 2: fp32.
     F32_DOT: the dot on the operands widened to fp32 (the same products and fp32 sums), for the
     interpreter: its bf16 ``tl.dot`` returns garbage in triton 3.9 and its fp16 one sums in fp16."""
-    pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, GROUP)
@@ -167,20 +156,8 @@ def awq4_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, zer
             "F32_DOT": int(INTERPRET), "RNE": int(INTERPRET)}
     if config is None and INTERPRET:
         config = {"BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2}
-    _launch(_awq_kernel, _awq_tuned, args, meta, m, n, config)
+    launch(_awq_kernel, _awq_tuned, args, meta, m, n, config)
     return c.reshape(*x.shape[:-1], n)
-
-
-def _launch(kernel, tuned, args, meta, m, n, config):
-    if config is not None:
-        config = dict(config)
-        kw = {k2: config.pop(k2) for k2 in ("num_warps", "num_stages") if k2 in config}
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-        kernel[grid](*args, **config, **meta, **kw)
-    else:
-        def grid(cfg):
-            return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        tuned[grid](*args, **meta)
 
 
 # ---- w4a8: activations ---------------------------------------------------------------------------
@@ -242,7 +219,7 @@ def _w4a8_kernel(xq_ptr, xs_ptr, q_ptr, r_ptr, cb_ptr, sc_ptr, bias_ptr, c_ptr, 
                  stride_xm, stride_qn, stride_rn, stride_cm,
                  GROUP: tl.constexpr, HAS_CB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, RNE: tl.constexpr = 0):
-    pid_m, pid_n = _swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -318,7 +295,7 @@ def w4a8_matmul(xq: torch.Tensor, xs: torch.Tensor, qweight: torch.Tensor, s_rel
     meta = {"GROUP": group, "HAS_CB": codebook is not None, "HAS_BIAS": bias is not None, "RNE": int(INTERPRET)}
     if config is None and INTERPRET:
         config = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}
-    _launch(_w4a8_kernel, _w4a8_tuned, args, meta, m, n, config)
+    launch(_w4a8_kernel, _w4a8_tuned, args, meta, m, n, config)
     return c
 
 

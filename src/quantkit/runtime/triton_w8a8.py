@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_tiles import launch, swizzle
+
 from . import gluon_w8a8
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -198,14 +200,7 @@ def _w8a8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K,
     groups per loop step, both dots issued before the first is scaled (fewer waits on the tensor
     cores). Else one scale per token and per output column, applied once after an int32
     accumulation over all of K (int8 tensor/row)."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * grid_n  # tiles of GROUP_M row-blocks walked column by column (L2 reuse)
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
+    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -310,15 +305,7 @@ def _launch(xq, xs, wq, ws, bias, out_dtype, per_group: bool, block_k: int, ws_s
     meta = {"PER_GROUP": per_group, "HAS_BIAS": bias is not None, "BLOCK_K": block_k}
     if INTERPRET and config is None:  # small fixed tiles: every config computes the same function
         config = {"BLOCK_M": 32, "BLOCK_N": min(block_k, 32), "GROUP_M": 2}
-    if config is not None:  # an explicit config (the interpreter, the sweep)
-        config = dict(config)
-        kw = {k2: config.pop(k2) for k2 in ("num_warps", "num_stages") if k2 in config}
-        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-        _w8a8_kernel[grid](*args, **config, **meta, **kw)
-    else:
-        def grid(cfg):
-            return (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        (_tuned_block if per_group else _tuned_row)[grid](*args, **meta)
+    launch(_w8a8_kernel, _tuned_block if per_group else _tuned_row, args, meta, m, n, config)
     return c
 
 

@@ -222,16 +222,21 @@ def _pow2(v: int, what: str) -> int:
     return v
 
 
+def _setup(w: torch.Tensor, spec, tile: tuple[int, int]):
+    """(tile rows, tile blocks, w as the kernels read it, its kernel argument, bf16 or not, n, k, padded
+    rows, blocks a padded row, device) of format module ``spec``'s weight ``w``."""
+    bm, nblk = (_pow2(t, "tile") for t in tile)
+    w, w_arg, in_bf16 = _prepare(w, spec.NAME)
+    n, k = w.shape
+    rows, cols = spec.padded_shape((n, k))
+    return bm, nblk, w, w_arg, in_bf16, n, k, rows, cols // spec.BLOCK, w.device
+
+
 def mxfp8(w: torch.Tensor, *, tile: tuple[int, int] = MXFP8_TILE, num_warps: int = NUM_WARPS):
     """``(stored, signal, noise)`` of ``formats.mxfp8.quantize(w)`` (see the module docstring)."""
-    bm, nblk = (_pow2(t, "tile") for t in tile)
-    w, w_arg, in_bf16 = _prepare(w, "mxfp8")
-    n, k = w.shape
-    rows, cols = mx_spec.padded_shape((n, k))
-    nb = cols // mx_spec.BLOCK
-    dev = w.device
+    bm, nblk, w, w_arg, in_bf16, n, k, rows, nb, dev = _setup(w, mx_spec, tile)
     srows, scols = mx_spec.scale_shape((n, k))
-    q = torch.empty(rows, cols, dtype=torch.uint8, device=dev)  # the kernel writes every byte
+    q = torch.empty(rows, nb * mx_spec.BLOCK, dtype=torch.uint8, device=dev)  # the kernel writes every byte
     e = torch.zeros(srows, scols, dtype=torch.uint8, device=dev)  # it writes [rows, nb]; the rest stays 0
     grid = (triton.cdiv(rows, bm), triton.cdiv(nb, nblk))
     nprog = grid[0] * grid[1]
@@ -250,12 +255,7 @@ def nvfp4(w: torch.Tensor, input_scale: float | None = None, *, tile: tuple[int,
     """``(stored, signal, noise)`` of ``formats.nvfp4.quantize(w, input_scale=input_scale)`` (see the
     module docstring); ``input_scale`` (a calibrated activation scale) is stored as the reference
     stores it, as a 0-d fp32 tensor, here on ``w``'s device."""
-    bm, nblk = (_pow2(t, "tile") for t in tile)
-    w, w_arg, in_bf16 = _prepare(w, "nvfp4")
-    n, k = w.shape
-    rows, cols = nv_spec.padded_shape((n, k))
-    nb = cols // nv_spec.BLOCK
-    dev = w.device
+    bm, nblk, w, w_arg, in_bf16, n, k, rows, nb, dev = _setup(w, nv_spec, tile)
     numel = w.numel()
     nparts = max(1, min(triton.cdiv(numel, amax_block), programs or 4 * _sm_count(dev)))
     parts = torch.empty(nparts, dtype=torch.int32, device=dev)
@@ -264,7 +264,7 @@ def nvfp4(w: torch.Tensor, input_scale: float | None = None, *, tile: tuple[int,
     g = nv_spec.global_scale(top.view(torch.float32)).reshape(())  # on the device: no round trip
     offsets = torch.tensor(nv_spec.SEARCH_OFFSETS, dtype=torch.int32, device=dev)
     srows, scols = nv_spec.scale_shape((n, k))
-    q = torch.empty(rows, cols // 2, dtype=torch.uint8, device=dev)  # the kernel writes every byte
+    q = torch.empty(rows, nb * nv_spec.BLOCK // 2, dtype=torch.uint8, device=dev)  # the kernel writes every byte
     s = torch.zeros(srows, scols, dtype=torch.uint8, device=dev)  # it writes [rows, nb]; the rest stays 0
     grid = (triton.cdiv(rows, bm), triton.cdiv(nb, nblk))
     stats = torch.empty(grid[0] * grid[1], 2, dtype=torch.float64, device=dev)

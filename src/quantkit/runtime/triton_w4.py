@@ -66,6 +66,22 @@ def _to(x, dt: tl.constexpr, RNE: tl.constexpr):
 # ---- awq4 ----------------------------------------------------------------------------------------
 
 @triton.jit
+def _tile(x_ptr, q_ptr, M, N, stride_xm, stride_qn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile: rows offs_m and columns offs_n with their masks, the K offsets of
+    one step (offs_k; offs_b for its packed bytes, two 4-bit codes a byte), and the pointers to the
+    first step's activations [BLOCK_M, BLOCK_K] and weight bytes [BLOCK_N, BLOCK_K / 2]."""
+    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_b = tl.arange(0, BLOCK_K // 2)
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    q_ptrs = q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn + offs_b[None, :]
+    return offs_m, offs_n, offs_k, offs_b, offs_m < M, offs_n < N, x_ptrs, q_ptrs
+
+
+@triton.jit
 def _awq_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, M, N, K, M_KEY,
                 stride_xm, stride_qn, stride_sg, stride_cm,
                 MODE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -73,15 +89,8 @@ def _awq_kernel(x_ptr, q_ptr, s_ptr, z_ptr, bias_ptr, c_ptr, M, N, K, M_KEY,
     """MODE 0: bf16 (each decode op rounded to bf16), 1: fp16 (decode in fp32, cast), 2: fp32.
     F32_DOT: the dot on the operands widened to fp32 (the same products and fp32 sums), for the
     interpreter: its bf16 ``tl.dot`` returns garbage in triton 3.9 and its fp16 one sums in fp16."""
-    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, GROUP)
-    offs_b = tl.arange(0, GROUP // 2)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-    q_ptrs = q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn + offs_b[None, :]
+    offs_m, offs_n, offs_k, offs_b, mask_m, mask_n, x_ptrs, q_ptrs = _tile(
+        x_ptr, q_ptr, M, N, stride_xm, stride_qn, BLOCK_M, BLOCK_N, GROUP, GROUP_M)
     s_ptrs = s_ptr + offs_n
     z_ptrs = z_ptr + offs_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -219,15 +228,8 @@ def _w4a8_kernel(xq_ptr, xs_ptr, q_ptr, r_ptr, cb_ptr, sc_ptr, bias_ptr, c_ptr, 
                  stride_xm, stride_qn, stride_rn, stride_cm,
                  GROUP: tl.constexpr, HAS_CB: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, RNE: tl.constexpr = 0):
-    pid_m, pid_n = swizzle(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_b = tl.arange(0, BLOCK_K // 2)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    x_ptrs = xq_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-    q_ptrs = q_ptr + offs_n.to(tl.int64)[:, None] * stride_qn + offs_b[None, :]
+    offs_m, offs_n, offs_k, offs_b, mask_m, mask_n, x_ptrs, q_ptrs = _tile(
+        xq_ptr, q_ptr, M, N, stride_xm, stride_qn, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     # one s_rel per byte: a byte's two codes share a group (GROUP is even)
     r_ptrs = r_ptr + offs_n.to(tl.int64)[:, None] * stride_rn + ((2 * offs_b) // GROUP)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)

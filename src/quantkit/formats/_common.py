@@ -9,6 +9,13 @@ from quantkit.errors import QuantkitError
 FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def div(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``x / c`` as an IEEE fp32 division on any device. torch turns the division of a CUDA tensor by a
+    Python number (or a CPU scalar tensor) into a multiply by the divisor's reciprocal, which rounds
+    some quotients one ulp off; a divisor tensor on x's device keeps the true division (the CPU's)."""
+    return x / torch.full_like(x, c)
+
+
 def as_fp32(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """W as a contiguous fp32 [N, K] copy; raises on a dtype or shape the format cannot take or on
     non-finite values (a NaN/Inf weight has no scale that represents it)."""

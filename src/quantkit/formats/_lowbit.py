@@ -7,7 +7,7 @@ its tensor helpers import it when called.
 Device independence: the quantizers use only elementwise IEEE fp32/fp64 operations (each result
 rounded once, so CPU and CUDA agree), order-free reductions (``amax``/``amin``, integer counts),
 exact comparisons and lookups, and :func:`tree_sum`; a division by a constant goes through
-:func:`div`. No matmul, no float ``sum``/``mean``, no transcendental function
+:func:`quantkit.formats._common.div`. No matmul, no float ``sum``/``mean``, no transcendental function
 (``tests/test_lowbit_exact.py`` holds them to that list).
 
 Every reduction a quantizer *decides* with (a per-group error, a least-squares scale) goes through
@@ -63,14 +63,6 @@ def tree_sum(x):
         h = x.shape[-1] // 2
         x = x[..., :h] + x[..., h:]
     return x[..., 0]
-
-
-def div(x, c: float):
-    """``x / c`` as an IEEE fp32 division on any device. torch turns the division of a CUDA tensor by a
-    Python number (or a CPU scalar tensor) into a multiply by the divisor's reciprocal, which rounds
-    some quotients one ulp off; a divisor tensor on x's device keeps the true division (the CPU's)."""
-    import torch
-    return x / torch.full_like(x, c)
 
 
 def total_sq_error(err) -> float:

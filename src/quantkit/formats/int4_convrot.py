@@ -44,8 +44,9 @@ def quantize_rotated(r, search: bool = True):
     """(codes float [N, K] in -7..7, scale fp32 [N]) of already-rotated fp32 rows, as the module
     docstring says; ``search=False``: kitchen's round-to-nearest at ``amax / 7`` alone."""
     import torch
+    from ._common import div
     amax = r.abs().amax(dim=1, keepdim=True).clamp_(min=1e-10)
-    base = lb.div(amax, QMAX)  # kitchen's scale, as its CPU rounds it
+    base = div(amax, QMAX)  # kitchen's scale, as its CPU rounds it
     best_s = base
     best_q, best_e = _candidate(r, base)
     for i, f in enumerate((1.0, *SHRINK) if search else ()):
@@ -166,13 +167,14 @@ class Int4ConvRotGrid:
 
     def __init__(self, w, h, g: int, rtn: dict | None = None) -> None:
         import torch
+        from ._common import div
         from quantkit.formats_next import hadamard
         self.w = hadamard.rotate(w.float().contiguous(), g)
         self.h = hadamard.rotate_objective(h, g)
         s0 = rtn["weight_scale"].to(self.w.device, torch.float32) if rtn is not None else quantize_rotated(self.w)[1]
         amax = self.w.abs().amax(dim=1, keepdim=True).clamp_(min=1e-10)
         best, best_obj = None, None
-        for s in (s0.reshape(-1, 1), *(lb.div(amax, QMAX) * f for f in (1.0, *SHRINK))):
+        for s in (s0.reshape(-1, 1), *(div(amax, QMAX) * f for f in (1.0, *SHRINK))):
             e = self.w - (self.w / s).round().clamp(-QMAX, QMAX) * s
             obj = ((e @ self.h) * e).sum(1, keepdim=True, dtype=torch.float64)
             if best is None:

@@ -83,12 +83,12 @@ def quantize(w, group_size: int = DEFAULT_GROUP) -> dict:
     import torch
 
     from . import _hadamard
-    from ._common import as_fp32
+    from ._common import as_fp32, div
     wf = as_fp32(w, NAME)
     g = _group(tuple(wf.shape), group_size)
     r = _hadamard.rotate(wf, g)
     amax = r.abs().amax(dim=1, keepdim=True)
-    scale = amax / torch.full_like(amax, QMAX)
+    scale = div(amax, QMAX)
     scale = torch.where(amax == 0, torch.ones_like(scale), scale)
     q = (r / scale).round().clamp(-QMAX, QMAX).to(torch.int8)
     return {"weight": q, "weight_scale": scale}
@@ -197,6 +197,7 @@ class ConvRotGrid:
 
     def __init__(self, w, h, group_size: int) -> None:
         import torch
+        from ._common import div
 
         from . import _hadamard
         from ..learned import CLIP_GRID
@@ -208,7 +209,7 @@ class ConvRotGrid:
         best = best_obj = None
         for alpha in CLIP_GRID:
             a = amax if alpha == 1.0 else amax * alpha
-            s = a / torch.full_like(a, QMAX)
+            s = div(a, QMAX)
             s = torch.where(amax == 0, torch.ones_like(s), s)
             e = self.w - (self.w / s).round().clamp(-QMAX, QMAX) * s
             obj = ((e @ self.h) * e).sum(1, keepdim=True, dtype=torch.float64)

@@ -67,11 +67,12 @@ def marker(shape: tuple[int, ...], orig_dtype, **_: object) -> dict:
 def quantize_blocks(x):
     """fp32 [R, B, 32] blocks -> (F8_E4M3 q [R, B, 32], uint8 E8M0 exponents [R, B]): the spec."""
     import torch
+    from ._common import div
 
     from . import _e8m0
     amax = x.abs().amax(dim=-1)
     zero = amax == 0
-    e = _e8m0.ceil_exponent(torch.where(zero, torch.ones_like(amax), amax) / torch.full_like(amax, QMAX))
+    e = _e8m0.ceil_exponent(div(torch.where(zero, torch.ones_like(amax), amax), QMAX))
     e = torch.where(zero, torch.zeros_like(e), e).to(torch.uint8)
     s = _e8m0.decode(torch.where(zero, torch.full_like(e, 127), e))[..., None]  # 1.0 for zero blocks
     return (x / s).clamp(-QMAX, QMAX).to(torch.float8_e4m3fn), e

@@ -112,8 +112,9 @@ def _codes(x, g, c):
 def global_scale(wf):
     """weight_scale_2 of fp32 W: amax / (448 * 6), 1.0 for an all-zero W."""
     import torch
+    from ._common import div
     amax = wf.abs().amax()
-    g = amax / torch.full_like(amax, FP8_MAX * E2M1_MAX)
+    g = div(amax, FP8_MAX * E2M1_MAX)
     return torch.where(g == 0, torch.ones_like(g), g)
 
 
@@ -123,14 +124,14 @@ def quantize_reference(w, scale_search: bool = DEFAULT_SEARCH, input_scale: floa
     import torch
 
     from . import _blocked, _e2m1
-    from ._common import as_fp32, pad_to
+    from ._common import as_fp32, pad_to, div
     wf0 = as_fp32(w, NAME)
     g = global_scale(wf0)
     wf = pad_to(wf0, PAD)
     rows, cols = wf.shape
     x = wf.reshape(rows, cols // BLOCK, BLOCK)
     amax_b = x.abs().amax(dim=-1)
-    b = (amax_b / torch.full_like(amax_b, _e2m1.MAX)) / g
+    b = div(amax_b, _e2m1.MAX) / g
     best = b.clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
     if scale_search:
         code0 = best.view(torch.uint8).to(torch.int32)
@@ -170,9 +171,9 @@ def _search_rows(x, g, offsets):
     the first candidate of smallest error, as the reference's strict ``<`` in offset order picks."""
     import torch
 
-    from ._common import tree_sum_fp64
+    from ._common import tree_sum_fp64, div
     amax_b = x.abs().amax(dim=-1)
-    b = (amax_b / torch.full_like(amax_b, E2M1_MAX)) / g
+    b = div(amax_b, E2M1_MAX) / g
     c0 = b.clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
     code0 = c0.view(torch.uint8).to(torch.int32)[..., None]
     cc = (code0 + offsets).clamp(1, _FP8_MAX_CODE).to(torch.uint8)
@@ -253,10 +254,11 @@ def dequantize(tensors: dict, marker: dict, dtype) -> object:
 def static_input_scale(stats: dict):
     """See :meth:`NVFP4Format.static_input_scale`."""
     import torch
+    from ._common import div
     amax = stats["absmax"].float().amax()
     if not bool(torch.isfinite(amax)) or float(amax) <= 0:
         return None
-    return (amax / torch.full_like(amax, FP8_MAX * E2M1_MAX)).reshape(())
+    return div(amax, FP8_MAX * E2M1_MAX).reshape(())
 
 
 def _is_scalar(t) -> bool:

@@ -72,8 +72,9 @@ def _nearest(values, table):
 def _als(x, table, bits, iters: int = ALS_ITERS):
     """(gs [R, 1], level indices [R, g]) by alternating least squares (step 2)."""
     import torch
+    from ._common import div
     amax = x.abs().amax(dim=1, keepdim=True)
-    gs = (lb.div(amax, W6_LEVELS) if bits == 6 else amax).clamp(min=1e-8)
+    gs = (div(amax, W6_LEVELS) if bits == 6 else amax).clamp(min=1e-8)
 
     def assign(y):
         if bits == 6:
@@ -96,10 +97,11 @@ def _grid(table, s_rel):
 def _fit(x, table, rows: int, search: bool = True):
     """Steps 2-4 for one level table: (s_rel e4m3 [R], s_channel [N], indices [R, g])."""
     import torch
+    from ._common import div
     bits = 6 if table.numel() == 2 * W6_LEVELS + 1 else 4
     gs, idx = _als(x, table, bits, ALS_ITERS if search else KITCHEN_ALS)
     shifted = (table[idx] * gs).abs().reshape(rows, -1)
-    s_channel0 = lb.div(shifted.amax(dim=1), 127.0).clamp(min=1e-8)
+    s_channel0 = div(shifted.amax(dim=1), 127.0).clamp(min=1e-8)
     per = x.shape[0] // rows
     steps = [0] + [d for s in range(1, SEARCH_STEPS + 1) for d in (-s, s)] if search else [0]
     factors = CHANNEL_FACTORS if search else (1.0,)

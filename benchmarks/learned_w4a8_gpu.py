@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from quantkit.backend import quantize_stored
 from quantkit.formats import FORMATS, LayerOpts
 from quantkit.learned import LearnedOptions, learn_format
 
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--skip-flux", action="store_true")
+    ap.add_argument("--cpu-check", default="3072x3072",
+                    help="also compare CPU and CUDA bytes on this Flux shape (NxK; 'none' to skip)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
@@ -80,6 +83,25 @@ def main() -> None:
         bad += not same
         print(f"| {n}x{k} | {t1 - t0:.2f} | {t2 - t1:.2f} | {gpu.objective / gpu.objective_rtn:.3f} "
               f"({gpu.method}) | {'yes' if same else 'NO'} |", flush=True)
+    if a.cpu_check != "none":
+        n, k = (int(v) for v in a.cpu_check.split("x"))
+        g = torch.Generator(device=dev).manual_seed(n + k)
+        h = stats(k, a.rows, g, dev)
+        w = weight(n, k, g, dev)
+        t0 = time.perf_counter()
+        cpu = learn_format(w.cpu(), h.cpu(), fmt, LayerOpts(), LearnedOptions(device="cpu"))
+        t1 = time.perf_counter()
+        gpu = learn_format(w, h, fmt, LayerOpts(), LearnedOptions(device="cuda"))
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        same = same_bytes(cpu.stored, gpu.stored)
+        bad += not same
+        diff = {s: float((cpu.stored[s].cpu().reshape(-1).view(torch.uint8) != gpu.stored[s].cpu().reshape(-1).view(torch.uint8)).float().mean())
+                for s in cpu.stored if cpu.stored[s].shape == gpu.stored[s].shape}
+        print(f"\nFlux shape {n}x{k}: CPU {t1 - t0:.2f} s ({torch.get_num_threads()} threads), CUDA {t2 - t1:.2f} s; "
+              f"bytes CUDA = CPU: {'yes' if same else 'NO'} (fraction of differing bytes per tensor: {diff}); "
+              f"J / RTN J CPU {cpu.objective / cpu.objective_rtn:.4f}, CUDA {gpu.objective / gpu.objective_rtn:.4f}",
+              flush=True)
     if not a.skip_flux:
         total = 0.0
         print("\n| Flux.1 shape | count | CUDA s per layer (median of reps) | J / RTN J |\n|---|---|---|---|")
@@ -98,7 +120,14 @@ def main() -> None:
                 del w, r
             med = statistics.median(times)
             total += count * med
-            print(f"| {n}x{k} | {count} | {med:.2f} | {ratio:.3f} |", flush=True)
+            w = weight(n, k, g, dev)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            quantize_stored(w, fmt, LayerOpts())
+            torch.cuda.synchronize()
+            rtn_s = time.perf_counter() - t0
+            del w
+            print(f"| {n}x{k} | {count} | {med:.2f} (RTN alone {rtn_s:.2f}) | {ratio:.3f} |", flush=True)
         print(f"\n304 Flux.1-dev block linears, learned rounding to {fmt.name}: {total:.0f} s "
               f"({total / 60:.1f} min; count x median per shape)")
     sys.exit(1 if bad else 0)

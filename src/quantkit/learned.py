@@ -429,12 +429,17 @@ class FormatResult:
         return f"{self.method}: objective {self.objective_rtn:.3g} -> {self.objective:.3g}"
 
 
-def gptq_grid(grid, damping: float = DEFAULT_DAMPING) -> None:
+def gptq_grid(grid, damping: float = DEFAULT_DAMPING, *, kernel: bool | None = None) -> None:
     """Sequential error feedback (as :func:`gptq`) over the columns of ``grid.w`` [N, K] under
     ``grid.h``, every column rounded by ``grid.round`` (the format's grid) and, for a grid with
     ``block``, each block's scales chosen by ``grid.choose`` from the error-updated weights at the
     block's first column (columns in natural order then; else by decreasing H_kk). The codes stay
-    in the grid (its :meth:`stored`)."""
+    in the grid (its :meth:`stored`).
+
+    A grid with ``fused_block`` runs each column block's loop in one Triton launch when ``kernel``
+    is True (default: on CUDA when Triton imports), the same arithmetic as the loop; a kernel that
+    fails on its first launch falls back to the loop with a warning, as :func:`gptq`."""
+    global _KERNEL_BROKEN
     w = grid.w.float().clone()
     n, k = w.shape
     blk = int(grid.block)
@@ -451,11 +456,29 @@ def gptq_grid(grid, damping: float = DEFAULT_DAMPING) -> None:
         raise QuantkitError("calibration statistics are not positive definite even after damping",
                             fix="capture over more rows, or raise the damping")
     del h
-    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
+    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float().contiguous()
     del chol
     order = perm.tolist()
+    fused = getattr(grid, "fused_block", None)
+    auto = kernel is None
+    if fused is None or kernel is False or (auto and not _kernel_available(w.device)):
+        fused = None
     for i1 in range(0, k, COLUMN_BLOCK):
         i2 = min(i1 + COLUMN_BLOCK, k)
+        if fused is not None:
+            try:
+                err1 = fused(w, u, i1, i2)
+            except Exception as e:  # noqa: BLE001
+                if not (auto and i1 == 0):
+                    raise
+                _KERNEL_BROKEN = f"{type(e).__name__}: {e}"
+                warnings.warn(f"quantkit: the Triton learned-rounding kernel failed ({_KERNEL_BROKEN}); using the "
+                              "slower PyTorch column loop", RuntimeWarning, stacklevel=2)
+                fused = None
+        if fused is not None:
+            if i2 < k:
+                w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            continue
         w1 = w[:, i1:i2].clone()
         err1 = torch.empty_like(w1)
         u1 = u[i1:i2, i1:i2]

@@ -50,6 +50,7 @@ W6_LEVELS = 31
 E4M3_MAX_BITS = 0x7E  # 0x7F is NaN in e4m3fn
 LUT_HALF = 128  # decoded levels are integers in [-127, 127]: floor(target) clamped to +-128 finds them
 CHUNK_ELEMS = 1 << 17  # the search runs over this many weights at a time (whole rows), to stay in cache
+CUDA_CHUNK_ELEMS = 1 << 24  # on a GPU: few large launches (1 << 17 cuts a 3072^2 weight into 72 chunks x 63 candidate passes)
 # kitchen's frozen table (comfy_kitchen.tensor.w4a8_packed._FIXED_LUT; a fact, the values it decodes)
 LLOYD_MAX_16 = (-0.980602, -0.794529, -0.638165, -0.500986, -0.377321, -0.263187, -0.155210, -0.050720,
                 0.052541, 0.156985, 0.265284, 0.379533, 0.502636, 0.638953, 0.794876, 0.980671)
@@ -108,7 +109,8 @@ def _fit(x, table, rows: int, search: bool = True):
     lut = _bracket_lut(table) if bits == 4 else _window_lut(x.device)
     s_ch_out = torch.empty_like(s_channel0)
     raw_out = torch.empty(x.shape[0], dtype=torch.int32, device=x.device)
-    step = max(1, CHUNK_ELEMS // (per * GROUP))  # rows a chunk: every decision is per group or per row
+    chunk = CHUNK_ELEMS if x.device.type == "cpu" else CUDA_CHUNK_ELEMS
+    step = max(1, chunk // (per * GROUP))  # rows a chunk: every decision is per group or per row
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         g0, g1 = r0 * per, r1 * per
@@ -475,6 +477,7 @@ class W4A8Grid:
         self.raw = self.s_rel.view(torch.uint8).to(torch.int32)  # e4m3 codes of the quantizer's s_rel [N, K/g]
         self.codes = torch.zeros(self.w.shape, dtype=torch.int32, device=dev)
         self.levels = self.order = None
+        self._fused = None  # fused_block's buffers
 
     def choose(self, j0: int, cols) -> None:
         import torch
@@ -500,6 +503,23 @@ class W4A8Grid:
         i = _nearest((col / self.s_ch)[:, None], self.levels)
         self.codes[:, j] = torch.gather(self.order, 1, i)[:, 0].to(torch.int32) + (1 if self.bits == 6 else 0)
         return torch.gather(self.levels, 1, i)[:, 0] * self.s_ch
+
+    def fused_block(self, w, u, i1: int, i2: int):
+        """Columns i1 .. i2 of the loop (choose + round, errors fed forward inside the block) in one
+        Triton launch (:mod:`quantkit.kernels.triton_w4a8_gptq`, the same arithmetic); returns the
+        block's scaled errors [N, i2 - i1] for the caller's trailing update."""
+        import torch
+        from quantkit.kernels import triton_w4a8_gptq as kern
+        if self._fused is None:
+            n, k = w.shape
+            self._fused = (torch.zeros((n, k), dtype=torch.int32, device=w.device), self.raw.clone(),
+                           torch.empty((n, kern.COLS), dtype=torch.float32, device=w.device),
+                           self.s_ch.float().contiguous(), self.raw.contiguous())
+        codes, raw_out, err, s_ch, raw = self._fused
+        kern.w4a8_block(w, u, s_ch, raw, self.table, codes, raw_out, err, i1, i2, SEARCH_STEPS, self.bits == 6)
+        self.codes = codes
+        self.s_rel = raw_out.to(torch.uint8).view(torch.float8_e4m3fn)
+        return err[:, : i2 - i1]
 
     def stored(self) -> dict:
         out = {"weight": pack_codes(self.codes, self.bits), "weight_s_rel": self.s_rel.contiguous(),

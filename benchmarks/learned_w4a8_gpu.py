@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2048)
     ap.add_argument("--skip-flux", action="store_true")
     ap.add_argument("--cpu-check", default="3072x3072",
-                    help="also compare CPU and CUDA bytes on this Flux shape (NxK; 'none' to skip)")
+                    help="also compare CPU and CUDA bytes on these Flux shapes (NxK,NxK,...; 'none' to skip)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
@@ -83,8 +83,8 @@ def main() -> None:
         bad += not same
         print(f"| {n}x{k} | {t1 - t0:.2f} | {t2 - t1:.2f} | {gpu.objective / gpu.objective_rtn:.3f} "
               f"({gpu.method}) | {'yes' if same else 'NO'} |", flush=True)
-    if a.cpu_check != "none":
-        n, k = (int(v) for v in a.cpu_check.split("x"))
+    for shape in ([] if a.cpu_check == "none" else a.cpu_check.split(",")):
+        n, k = (int(v) for v in shape.split("x"))
         g = torch.Generator(device=dev).manual_seed(n + k)
         h = stats(k, a.rows, g, dev)
         w = weight(n, k, g, dev)

@@ -429,6 +429,60 @@ class FormatResult:
         return f"{self.method}: objective {self.objective_rtn:.3g} -> {self.objective:.3g}"
 
 
+CHAIN_CHUNK = 1 << 16  # trailing_update's CPU loop works on this many weights at a time (in cache)
+
+
+def trailing_update(w: torch.Tensor, err: torch.Tensor, u: torch.Tensor, *, kernel: bool = False,
+                    native: bool | None = None) -> None:
+    """In place ``w -= err @ u`` (w [N, W], err [N, T], u [T, W]) in one fixed order: for i = 0 .. T-1,
+    ``w -= err[:, i] * u[i]``, each product and difference rounded once (the unblocked algorithm's own
+    arithmetic). A GEMM's summation order depends on the library, the device and the thread count;
+    this does not, so learned rounding writes the same bytes on the CPU and on CUDA. ``kernel``: the
+    Triton chain (:func:`quantkit.kernels.triton_gptq.rank1_chain`), the same bytes in one launch; on
+    the CPU the C chain (:func:`quantkit.kernels.native.rank1_chain`) unless ``native`` is False or
+    it is unavailable, else a PyTorch loop (the same bytes)."""
+    if kernel:
+        from .kernels.triton_gptq import rank1_chain
+        rank1_chain(w, err, u)
+        return
+    if w.device.type == "cpu" and native is not False:
+        from .kernels import native as nat
+        if nat.available() is None:
+            nat.rank1_chain(w, err, u)
+            return
+    n, width = w.shape
+    step = max(16, CHAIN_CHUNK // max(n, 1))
+    for c0 in range(0, width, step):
+        c1 = min(width, c0 + step)
+        sub = w[:, c0:c1]
+        tmp = torch.empty((n, c1 - c0), dtype=w.dtype, device=w.device)
+        uc = u[:, c0:c1]
+        for i in range(err.shape[1]):
+            torch.mul(err[:, i:i + 1], uc[i:i + 1], out=tmp)
+            sub.sub_(tmp)
+
+
+def inverse_factor(h: torch.Tensor, damping: float, ordered: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, U) for :func:`gptq_grid`: H damped by ``damping`` x mean(diag H) (the mean summed in a
+    fixed order, fp64), its columns permuted by decreasing H_kk when ``ordered`` (else natural
+    order), and U the upper Cholesky factor of its inverse (fp64 factorizations, U in fp32)."""
+    from .formats._lowbit import tree_sum
+    k = h.shape[0]
+    h = h.float().clone()
+    diag = h.diagonal()
+    mean = (tree_sum(diag.double()) / k).float().clamp_min(torch.finfo(torch.float32).tiny)
+    diag += damping * mean
+    perm = torch.argsort(diag, descending=True, stable=True) if ordered else torch.arange(k, device=h.device)
+    h = h[perm][:, perm]
+    chol, info = torch.linalg.cholesky_ex(h.double())
+    if int(info) != 0:
+        raise QuantkitError("calibration statistics are not positive definite even after damping",
+                            fix="capture over more rows, or raise the damping")
+    del h
+    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float().contiguous()
+    return perm, u
+
+
 def gptq_grid(grid, damping: float = DEFAULT_DAMPING, *, kernel: bool | None = None) -> None:
     """Sequential error feedback (as :func:`gptq`) over the columns of ``grid.w`` [N, K] under
     ``grid.h``, every column rounded by ``grid.round`` (the format's grid) and, for a grid with
@@ -445,19 +499,8 @@ def gptq_grid(grid, damping: float = DEFAULT_DAMPING, *, kernel: bool | None = N
     blk = int(grid.block)
     if blk and (COLUMN_BLOCK % blk or blk <= 0):
         raise ValueError(f"grid block {blk} does not divide {COLUMN_BLOCK}")
-    h = grid.h.to(w.device, torch.float32).clone()
-    diag = h.diagonal()
-    diag += damping * diag.mean().clamp_min(torch.finfo(torch.float32).tiny)
-    perm = torch.arange(k, device=w.device) if blk else torch.argsort(diag, descending=True, stable=True)
+    perm, u = inverse_factor(grid.h.to(w.device, torch.float32), damping, ordered=not blk)
     w = w[:, perm].contiguous()
-    h = h[perm][:, perm]
-    chol, info = torch.linalg.cholesky_ex(h.double())
-    if int(info) != 0:
-        raise QuantkitError("calibration statistics are not positive definite even after damping",
-                            fix="capture over more rows, or raise the damping")
-    del h
-    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float().contiguous()
-    del chol
     order = perm.tolist()
     fused = getattr(grid, "fused_block", None)
     auto = kernel is None
@@ -477,7 +520,7 @@ def gptq_grid(grid, damping: float = DEFAULT_DAMPING, *, kernel: bool | None = N
                 fused = None
         if fused is not None:
             if i2 < k:
-                w[:, i2:] -= err1 @ u[i1:i2, i2:]
+                trailing_update(w[:, i2:], err1, u[i1:i2, i2:], kernel=True)
             continue
         w1 = w[:, i1:i2].clone()
         err1 = torch.empty_like(w1)
@@ -491,7 +534,7 @@ def gptq_grid(grid, damping: float = DEFAULT_DAMPING, *, kernel: bool | None = N
             w1[:, jj:] -= err[:, None] * u1[None, jj, jj:]
             err1[:, jj] = err
         if i2 < k:
-            w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            trailing_update(w[:, i2:], err1, u[i1:i2, i2:], kernel=kernel is True or (auto and _kernel_available(w.device)))
 
 
 def learn_format(w: torch.Tensor, h: torch.Tensor, fmt, layer_opts=None, options: LearnedOptions = LearnedOptions(),

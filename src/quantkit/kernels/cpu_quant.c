@@ -275,3 +275,41 @@ void qk_quantize(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int
         noise[r] = hsum(nn);
     }
 }
+
+/* Learned rounding's trailing update (quantkit/learned.py trailing_update): for rows r0 .. r1-1,
+ * w[r, c] -= e[r, i] * u[i, c] for i = 0 .. t-1 in that order, each product and difference rounded
+ * once (no contraction), so the bytes are the torch loop's and the Triton chain's on any machine and
+ * thread count. Columns go in runs of 64 held in registers while the chain runs; u's run (t x 64) is
+ * reused by every row. */
+#define CHAIN 64
+void qk_rank1_chain(float *w, int64_t ldw, const float *e, int64_t lde, const float *u, int64_t ldu,
+                    int64_t r0, int64_t r1, int64_t width, int64_t t) {
+    for (int64_t c0 = 0; c0 < width; c0 += CHAIN) {
+        const int64_t cn = width - c0 < CHAIN ? width - c0 : CHAIN;
+        for (int64_t r = r0; r < r1; r++) {
+            float *wr = w + r * ldw + c0;
+            const float *er = e + r * lde;
+            if (cn == CHAIN) {
+                vf acc[CHAIN / W];
+                memcpy(acc, wr, sizeof acc);
+                for (int64_t i = 0; i < t; i++) {
+                    const float ei = er[i];
+                    const vf ev = {ei, ei, ei, ei, ei, ei, ei, ei};
+                    const float *ui = u + i * ldu + c0;
+                    for (int v = 0; v < CHAIN / W; v++) {
+                        vf uv;
+                        memcpy(&uv, ui + v * W, sizeof uv);
+                        acc[v] = acc[v] - ev * uv;
+                    }
+                }
+                memcpy(wr, acc, sizeof acc);
+            } else {
+                for (int64_t i = 0; i < t; i++) {
+                    const float ei = er[i];
+                    const float *ui = u + i * ldu + c0;
+                    for (int64_t j = 0; j < cn; j++) wr[j] = wr[j] - ei * ui[j];
+                }
+            }
+        }
+    }
+}

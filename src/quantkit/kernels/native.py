@@ -118,6 +118,8 @@ def _load() -> ctypes.CDLL:
     lib.qk_row_amax.restype = None
     lib.qk_quantize.argtypes = [p, i32, i64, i64, i64, i32, i64, i32, i32, f32, p, p, p, p]
     lib.qk_quantize.restype = None
+    lib.qk_rank1_chain.argtypes = [p, i64, p, i64, p, i64, i64, i64, i64, i64]
+    lib.qk_rank1_chain.restype = None
     return lib
 
 
@@ -192,3 +194,16 @@ def quantize_tensor(w: torch.Tensor, spec: ScaledFormat, block_size: int,
     if gran == 0:
         scales = scales.reshape(())
     return q, scales, ErrorStats(float(sig.sum()), float(noise.sum()))
+
+
+def rank1_chain(w: torch.Tensor, e: torch.Tensor, u: torch.Tensor) -> None:
+    """In place ``w -= e @ u`` as :func:`quantkit.learned.trailing_update`'s chain of rank-1 updates
+    (the same bytes), rows split over threads. fp32 CPU tensors with unit column stride."""
+    lib = _library()
+    n, width = w.shape
+    t = e.shape[1]
+    assert u.shape == (t, width)
+    for x in (w, e, u):
+        assert x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(1) == 1
+    parallel(n, 1, lambda r0, r1: lib.qk_rank1_chain(w.data_ptr(), w.stride(0), e.data_ptr(), e.stride(0), u.data_ptr(),
+                                                     u.stride(0), r0, r1, width, t))

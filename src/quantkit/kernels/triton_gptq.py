@@ -94,3 +94,36 @@ def gptq_block(w: torch.Tensor, s: torch.Tensor, u: torch.Tensor, q: torch.Tenso
     grid = (triton.cdiv(n, rows), bsz)
     _gptq_block[grid](w, s, u, q, err, n, k, i1, width, ROWS=rows, COLS=COLS, num_warps=num_warps,
                       **_fmt(spec))
+
+
+@triton.jit
+def _rank1_chain(w_ptr, e_ptr, u_ptr, n, width, t, ldw, lde, ldu, BM: tl.constexpr, BN: tl.constexpr):
+    """w[:, :width] -= e[:, i] * u[i, :width] for i = 0 .. t-1, in that order, each product and
+    difference rounded once (launched with enable_fp_fusion=False)."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rmask = rows < n
+    cmask = cols < width
+    r64 = rows.to(tl.int64)
+    ptrs = w_ptr + r64[:, None] * ldw + cols[None, :]
+    m = rmask[:, None] & cmask[None, :]
+    acc = tl.load(ptrs, mask=m, other=0.0)
+    for i in range(t):
+        e = tl.load(e_ptr + r64 * lde + i, mask=rmask, other=0.0)
+        u = tl.load(u_ptr + i * ldu + cols, mask=cmask, other=0.0)
+        acc = acc - e[:, None] * u[None, :]
+    tl.store(ptrs, acc, mask=m)
+
+
+def rank1_chain(w: torch.Tensor, e: torch.Tensor, u: torch.Tensor, bm: int = 64, bn: int = 64,
+                num_warps: int = 4) -> None:
+    """In place, ``w -= e @ u`` as the chain of rank-1 updates of :func:`quantkit.learned.trailing_update`
+    (the same bytes). w [N, W], e [N, T], u [T, W] fp32 with unit column stride."""
+    n, width = w.shape
+    t = e.shape[1]
+    assert u.shape == (t, width)
+    for x in (w, e, u):
+        assert x.dtype == torch.float32 and x.stride(1) == 1
+    grid = (triton.cdiv(n, bm), triton.cdiv(width, bn))
+    _rank1_chain[grid](w, e, u, n, width, t, w.stride(0), e.stride(0), u.stride(0), BM=bm, BN=bn,
+                       num_warps=num_warps, enable_fp_fusion=False)

@@ -103,6 +103,10 @@ class LearnGrid:
       dequantized value in the basis (fp32 [N]) and remembers the codes.
     * :meth:`stored`: the layer's tensors from the codes and scales (suffix -> tensor), which the
       format's ``dequantize`` reads like its own quantizer's.
+    * optional ``fused_block(w, u, i1, i2)``: columns i1 .. i2 of the loop (choose, round, the
+      in-block error feedback under the upper factor ``u``) in one GPU launch, the loop's arithmetic
+      exactly; returns the block's scaled errors [N, i2 - i1] (w4a8:
+      :mod:`quantkit.kernels.triton_w4a8_gptq`). ``learned.gptq_grid`` uses it on CUDA.
     """
 
     w: Any

@@ -11,14 +11,14 @@ same figures (tests/test_learned_newgrids.py).
 
 Measured (1 thread, this machine; seconds include RTN, 2 cores shared):
 
-    format          rtn 1-cos learned+bc  ratio kept rtn
-    int8-convrot   2.0611e-04 6.6274e-05  0.322    0/36
-    mxfp8          1.6074e-03 7.7670e-04  0.483    0/36
-    nvfp4          1.9725e-02 8.1545e-03  0.413    0/36
-    w4a8           1.7122e-02 5.9746e-03  0.349    0/36
-    w4a8-6bit      1.3416e-03 4.4414e-04  0.331    0/36
-    int4-convrot   4.9948e-02 1.5017e-02  0.301    0/36
-    awq4           2.7851e-02 9.9266e-03  0.356    0/36
+    format          rtn 1-cos learned+bc  ratio kept rtn      s
+    int8-convrot   2.0611e-04 6.6405e-05  0.322    0/36     6.1
+    mxfp8          1.6074e-03 7.7811e-04  0.484    0/36     4.0
+    nvfp4          1.9725e-02 8.1570e-03  0.414    0/36     8.4
+    w4a8           1.7122e-02 5.9714e-03  0.349    0/36    21.0
+    w4a8-6bit      1.3416e-03 4.4402e-04  0.331    0/36    21.0
+    int4-convrot   4.9948e-02 1.5010e-02  0.301    0/36    14.5
+    awq4           2.7851e-02 9.9364e-03  0.357    0/36    13.9
 """
 
 from __future__ import annotations

@@ -45,12 +45,9 @@ def test_gptq_kernel_matches_column_loop(fmt):
     b2 = learned.gptq(w, s, h, spec, kernel=True)
     assert torch.equal(b, b2)  # deterministic
     assert torch.equal(learned.to_grid(b, spec), b)  # every value on the format's grid
-    ja, jb = learned.objective(w, a * s, h), learned.objective(w, b * s, h)
-    if dev == "cpu":
-        assert torch.equal(a, b)
-    else:  # fused multiply-adds may flip a rare rounding decision
-        assert float((a != b).float().mean()) < 1e-3
-        torch.testing.assert_close(jb, ja, rtol=1e-3, atol=0)
+    jb = learned.objective(w, b * s, h)
+    assert torch.equal(a, b)  # the loop's arithmetic (no contracted multiply-adds), on CUDA too
+    assert torch.equal(a.cpu(), learned.gptq(w.cpu(), s.cpu(), h.cpu(), spec, kernel=False))  # and the CPU's
     j_rtn = learned.objective(w, torch.stack([reference.dequantize(*reference.quantize(w[i], spec, 64), spec, 64)
                                               for i in range(2)]), h)
     at_most(float((jb / j_rtn).max()), 0.8, f"{fmt} GPTQ objective / RTN's")

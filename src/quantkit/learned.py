@@ -33,8 +33,12 @@ Layers of the same shape can be processed together (:func:`learn_batch`, the lea
 
 Speed: inside each block of :data:`COLUMN_BLOCK` columns the per-column loop runs as one Triton
 program per row tile on CUDA (:mod:`quantkit.kernels.triton_gptq`; rows are independent in GPTQ),
-so a block costs one kernel launch plus one batched GEMM for the trailing columns, instead of ~11
-PyTorch launches per column.
+so a block costs one kernel launch plus one for the trailing columns, instead of ~11 PyTorch
+launches per column (the w4a8 grid has its own block kernel, :mod:`quantkit.kernels.triton_w4a8_gptq`).
+The trailing update is a fixed-order chain of rank-1 updates (:func:`trailing_update`: C on the CPU,
+Triton on CUDA), not a GEMM, and every kernel rounds each product and difference once, so learned
+rounding writes the same bytes on the CPU and on CUDA, at any thread count (measured on Flux shapes,
+DEVELOPMENT.md; the fp64 factorization, LAPACK or cuSOLVER, is the one step not in a fixed order).
 
 Data-free subspace objective (:func:`learn_subspace`, ``--learned-objective subspace``): the error
 projected on W's top singular subspace, the objective convert_to_quant optimizes. Measured on
@@ -173,8 +177,9 @@ def gptq(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, spec: ScaledFormat,
 
     Columns go in blocks of :data:`COLUMN_BLOCK`; inside a block the per-column loop runs in one
     Triton program per row tile (:mod:`quantkit.kernels.triton_gptq`) when ``kernel`` is True
-    (default: on CUDA when Triton imports), else as a PyTorch loop; the trailing update of the
-    columns right of the block is one batched GEMM either way."""
+    (default: on CUDA when Triton imports), else as a PyTorch loop, the same arithmetic; the trailing
+    update of the columns right of the block is :func:`trailing_update`'s fixed-order chain, so the
+    grid values do not depend on the device, the GEMM library or the thread count."""
     global _KERNEL_BROKEN
     bsz, n, k = w.shape
     auto = kernel is None
@@ -182,7 +187,8 @@ def gptq(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, spec: ScaledFormat,
         kernel = _kernel_available(w.device)
     h = h.clone()
     diag = h.diagonal(dim1=1, dim2=2)
-    mean_diag = diag.mean(1).clamp_min(torch.finfo(torch.float32).tiny)
+    from .formats._lowbit import tree_sum
+    mean_diag = (tree_sum(diag.double()) / k).to(h.dtype).clamp_min(torch.finfo(torch.float32).tiny)
     diag += (damping * mean_diag)[:, None]
     perm = torch.argsort(diag, dim=1, descending=True, stable=True)  # [B, K]
     idx = perm[:, None, :].expand(bsz, n, k)
@@ -226,7 +232,8 @@ def gptq(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, spec: ScaledFormat,
                 w1[:, :, j:] -= err[:, :, None] * u1[:, None, j, j:]
                 err1[:, :, j] = err
         if i2 < k:
-            w[:, :, i2:] -= torch.bmm(err1, u[:, i1:i2, i2:])
+            for b in range(bsz):
+                trailing_update(w[b, :, i2:], err1[b], u[b, i1:i2, i2:], kernel=kernel)
     inv = torch.argsort(perm, dim=1)
     return torch.gather(q, 2, inv[:, None, :].expand(bsz, n, k))
 

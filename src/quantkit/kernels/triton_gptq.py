@@ -5,16 +5,16 @@ with the same upper Cholesky factor U of the inverse Hessian. So one program tak
 and one block of up to ``COLS`` columns, keeps the tile in registers, and runs the whole per-column
 loop on it (round the column, divide its error by U[j, j], subtract ``err * U[j, :]`` from the
 tile), writing the grid values and the scaled errors. The trailing update of the columns right of
-the block stays one batched GEMM in :func:`quantkit.learned.gptq`. This replaces ~8 PyTorch kernel
-launches per column (launch-bound on a GPU) with one launch per column block.
+the block is :func:`rank1_chain` (below), :func:`quantkit.learned.trailing_update`'s fixed order.
+This replaces ~8 PyTorch kernel launches per column (launch-bound on a GPU) with one launch per
+column block.
 
 Numerics follow :func:`quantkit.learned.to_grid` exactly: ``w / s`` is IEEE division
 (``tl.math.div_rn``), int8 rounds half to even with the 1.5 * 2^23 trick and clamps, fp8 rounds to
 the format's grid of x's binade with ties to even after the clamp (the arithmetic of
-:mod:`quantkit.kernels.triton_quant`, so it runs identically under ``TRITON_INTERPRET=1``). The tile
-update may be contracted to a fused multiply-add by the compiler, so results can differ from the
-PyTorch loop in the last bit of a running value (and, rarely, in one rounding decision); they are
-deterministic for a given device.
+:mod:`quantkit.kernels.triton_quant`, so it runs identically under ``TRITON_INTERPRET=1``). Kernels
+launch with ``enable_fp_fusion=False``: every product and difference rounds once, as in the PyTorch
+loop, so the grid values are the loop's bit for bit on any device.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def gptq_block(w: torch.Tensor, s: torch.Tensor, u: torch.Tensor, q: torch.Tenso
         assert t.dtype == torch.float32 and t.is_contiguous()
     grid = (triton.cdiv(n, rows), bsz)
     _gptq_block[grid](w, s, u, q, err, n, k, i1, width, ROWS=rows, COLS=COLS, num_warps=num_warps,
-                      **_fmt(spec))
+                      enable_fp_fusion=False, **_fmt(spec))
 
 
 @triton.jit

@@ -55,6 +55,17 @@ def same_bytes(a: dict, b: dict) -> bool:
         and torch.equal(a[s].cpu().reshape(-1).view(torch.uint8), b[s].cpu().reshape(-1).view(torch.uint8)) for s in a)
 
 
+def both(w: torch.Tensor, h: torch.Tensor, fmt):
+    """Learned rounding of one layer on the CPU and on CUDA: (cpu, cuda results, seconds each, same bytes)."""
+    t0 = time.perf_counter()
+    cpu = learn_format(w.cpu(), h.cpu(), fmt, LayerOpts(), LearnedOptions(device="cpu"))
+    t1 = time.perf_counter()
+    gpu = learn_format(w, h, fmt, LayerOpts(), LearnedOptions(device="cuda"))
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return cpu, gpu, t1 - t0, t2 - t1, same_bytes(cpu.stored, gpu.stored)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--format", default="w4a8")
@@ -73,32 +84,19 @@ def main() -> None:
     for n, k in SMALL:
         g = torch.Generator(device=dev).manual_seed(n * 7 + k)
         w, h = weight(n, k, g, dev), stats(k, a.rows, g, dev)
-        t0 = time.perf_counter()
-        cpu = learn_format(w.cpu(), h.cpu(), fmt, LayerOpts(), LearnedOptions(device="cpu"))
-        t1 = time.perf_counter()
-        gpu = learn_format(w, h, fmt, LayerOpts(), LearnedOptions(device="cuda"))
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        same = same_bytes(cpu.stored, gpu.stored)
+        cpu, gpu, t_cpu, t_gpu, same = both(w, h, fmt)
         bad += not same
-        print(f"| {n}x{k} | {t1 - t0:.2f} | {t2 - t1:.2f} | {gpu.objective / gpu.objective_rtn:.3f} "
+        print(f"| {n}x{k} | {t_cpu:.2f} | {t_gpu:.2f} | {gpu.objective / gpu.objective_rtn:.3f} "
               f"({gpu.method}) | {'yes' if same else 'NO'} |", flush=True)
     for shape in ([] if a.cpu_check == "none" else a.cpu_check.split(",")):
         n, k = (int(v) for v in shape.split("x"))
         g = torch.Generator(device=dev).manual_seed(n + k)
         h = stats(k, a.rows, g, dev)
-        w = weight(n, k, g, dev)
-        t0 = time.perf_counter()
-        cpu = learn_format(w.cpu(), h.cpu(), fmt, LayerOpts(), LearnedOptions(device="cpu"))
-        t1 = time.perf_counter()
-        gpu = learn_format(w, h, fmt, LayerOpts(), LearnedOptions(device="cuda"))
-        torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        same = same_bytes(cpu.stored, gpu.stored)
+        cpu, gpu, t_cpu, t_gpu, same = both(weight(n, k, g, dev), h, fmt)
         bad += not same
         diff = {s: float((cpu.stored[s].cpu().reshape(-1).view(torch.uint8) != gpu.stored[s].cpu().reshape(-1).view(torch.uint8)).float().mean())
                 for s in cpu.stored if cpu.stored[s].shape == gpu.stored[s].shape}
-        print(f"\nFlux shape {n}x{k}: CPU {t1 - t0:.2f} s ({torch.get_num_threads()} threads), CUDA {t2 - t1:.2f} s; "
+        print(f"\nFlux shape {n}x{k}: CPU {t_cpu:.2f} s ({torch.get_num_threads()} threads), CUDA {t_gpu:.2f} s; "
               f"bytes CUDA = CPU: {'yes' if same else 'NO'} (fraction of differing bytes per tensor: {diff}); "
               f"J / RTN J CPU {cpu.objective / cpu.objective_rtn:.4f}, CUDA {gpu.objective / gpu.objective_rtn:.4f}",
               flush=True)

@@ -589,7 +589,7 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
     double be[16];
     for (int b = 0; b < 16; b++) be[b] = ew[b];
     vb16 cb = __builtin_convertvector(cw, vb16);
-    memcpy(bestp, &cb, 16);
+    memcpy(bestp, &cb, 16);  /* a local buffer: the caller scatters it into the blocked layout */
     for (int b = 0; b < 16; b++) {
         if (redo[b]) {
             v16 bv;
@@ -612,11 +612,13 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
 /* Rows [r0, r1) in blocks of 16 (nb a row, kp = 16 nb): the block amax, the kitchen-rounded E4M3 scale
  * code c0 = e4m3(min((amax / 6) / g, 448)) and the scale search from it over the code offsets
  * off[0..n_off) (off[0] = 0), scale values from lut (the 127 positive E4M3 values by code),
- * g = weight_scale_2. Writes the winning scale codes best[r * nb + j], the packed E2M1 bytes
- * q[r * kp / 2 + c / 2] (even column high), and per row fp64 sums of w^2 and of the winner's squared
- * errors. */
+ * g = weight_scale_2. Writes the winning scale code of block (r, j) into best at its place in the
+ * cuBLAS blocked layout of formats/_blocked.py (tiles of 128 rows x 4 blocks, tiles4 tiles a tile row:
+ * roundup(nb, 4) / 4; entry (r_hi * 32 + r_lo, c) of a tile at 16 r_lo + 4 r_hi + c), the packed E2M1
+ * bytes q[r * kp / 2 + c / 2] (even column high), and per row fp64 sums of w^2 and of the winner's
+ * squared errors. */
 ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, float g,
-              const float *lut, const int32_t *off, int n_off, uint8_t *best,
+              const float *lut, const int32_t *off, int n_off, uint8_t *best, int64_t tiles4,
               uint8_t *q, double *sig, double *noise) {
     const uint8_t *p = (const uint8_t *)w;
     const int64_t half = nb * 8;
@@ -630,10 +632,14 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
         vd8 ss = {0};
         double nn = 0;
         int64_t j = 0;
+        uint8_t *brow = best + (r >> 7) * tiles4 * 512 + 16 * (r & 31) + 4 * ((r >> 5) & 3);
 #ifdef NV_GROUPS
         if (n_off == 9)
-            for (; 16 * (j + 16) <= k; j += 16)
-                nv_group(row, j, k, kind, g, tot, rc, off, &ss, &nn, best + r * nb + j, q + r * half + 8 * j);
+            for (; 16 * (j + 16) <= k; j += 16) {
+                uint8_t codes[16];
+                nv_group(row, j, k, kind, g, tot, rc, off, &ss, &nn, codes, q + r * half + 8 * j);
+                for (int t = 0; t < 4; t++) memcpy(brow + ((j >> 2) + t) * 512, codes + 4 * t, 4);
+            }
 #endif
         for (; j < nb; j++) {
             v16 x = load16(row, 16 * j, k, kind), bv;
@@ -642,7 +648,7 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
             b = b > 448.0f ? 448.0f : b;
             double be;
             int32_t bc = nv_one(x, (int32_t)e4m3_code(b), tot, rc, off, n_off, &be, &bv);
-            best[r * nb + j] = (uint8_t)bc;
+            brow[(j >> 2) * 512 + (j & 3)] = (uint8_t)bc;
             nv_pack(bv, q + r * half + 8 * j);
             ss = acc_sq(ss, x);
             nn += be;
@@ -653,11 +659,11 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
 }
 
 void qk_nvfp4(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, float g,
-              const float *lut, const int32_t *off, int n_off, uint8_t *best,
+              const float *lut, const int32_t *off, int n_off, uint8_t *best, int64_t tiles4,
               uint8_t *q, double *sig, double *noise) {
-    if (kind == IN_BF16) qk_nvfp4_t(w, IN_BF16, r0, r1, k, nb, g, lut, off, n_off, best, q, sig, noise);
-    else if (kind == IN_F16) qk_nvfp4_t(w, IN_F16, r0, r1, k, nb, g, lut, off, n_off, best, q, sig, noise);
-    else qk_nvfp4_t(w, IN_F32, r0, r1, k, nb, g, lut, off, n_off, best, q, sig, noise);
+    if (kind == IN_BF16) qk_nvfp4_t(w, IN_BF16, r0, r1, k, nb, g, lut, off, n_off, best, tiles4, q, sig, noise);
+    else if (kind == IN_F16) qk_nvfp4_t(w, IN_F16, r0, r1, k, nb, g, lut, off, n_off, best, tiles4, q, sig, noise);
+    else qk_nvfp4_t(w, IN_F32, r0, r1, k, nb, g, lut, off, n_off, best, tiles4, q, sig, noise);
 }
 
 /* Largest |w| of each row of rows [r0, r1) as ordered bits (NaN above inf): out[r]. */

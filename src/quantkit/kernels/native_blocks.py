@@ -30,7 +30,7 @@ def _load() -> ctypes.CDLL:
     i64, p, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.qk_block16_amax.argtypes = [p, i32, i64, i64, i64, i64, p]
     lib.qk_mxfp8.argtypes = [p, i32, i64, i64, i64, i64, p, p, p, p, p]
-    lib.qk_nvfp4.argtypes = [p, i32, i64, i64, i64, i64, f32, p, p, i32, p, p, p, p]
+    lib.qk_nvfp4.argtypes = [p, i32, i64, i64, i64, i64, f32, p, p, i32, p, i64, p, p, p]
     lib.qk_absmax_bits.argtypes = [p, i32, i64, i64, i64, p]
     lib.qk_convrot.argtypes = [p, i32, i64, i64, i64, i64, i32, p, p, p, p, p]
     for f in (lib.qk_block16_amax, lib.qk_mxfp8, lib.qk_nvfp4, lib.qk_absmax_bits, lib.qk_convrot):
@@ -129,15 +129,17 @@ def nvfp4(w: torch.Tensor) -> tuple[dict, ErrorStats]:
     if _LUT is None:
         _LUT = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float().contiguous()
     off = torch.tensor(spec.SEARCH_OFFSETS, dtype=torch.int32)
-    best = torch.empty(rows, nb, dtype=torch.uint8)  # the kernel writes rows < n whole; the padded rows are zero
-    q = torch.empty(rows, cols // 2, dtype=torch.uint8)
-    best[n:] = 0
+    # the scale codes straight into the blocked layout (_blocked.swizzle's): the kernel writes the
+    # entries of rows < n, blocks < nb; the padding stays zero
+    best = torch.zeros(_blocked.blocked_shape(rows, nb), dtype=torch.uint8)
+    tiles4 = best.shape[1] // 4
+    q = torch.empty(rows, cols // 2, dtype=torch.uint8)  # the kernel writes rows < n whole; the padded rows are zero
     q[n:] = 0
     sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     gf = float(g)
     native.parallel(n, 1, lambda r0, r1: _lib.qk_nvfp4(w.data_ptr(), kind, r0, r1, k, nb, gf, _LUT.data_ptr(),
                                                        off.data_ptr(), len(spec.SEARCH_OFFSETS),
-                                                       best.data_ptr(), q.data_ptr(), sig.data_ptr(),
+                                                       best.data_ptr(), tiles4, q.data_ptr(), sig.data_ptr(),
                                                        noise.data_ptr()))
-    return {"weight": q, "weight_scale": _blocked.swizzle(best.view(torch.float8_e4m3fn)),
+    return {"weight": q, "weight_scale": best.view(torch.float8_e4m3fn),
             "weight_scale_2": g.reshape(())}, _stats(sig, noise)

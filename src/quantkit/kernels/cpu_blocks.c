@@ -658,12 +658,24 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
     }
 }
 
+/* next = NULL: rows [r0, r1). Else rows [r0, r1) in slices of chunk rows, each taken by the caller
+ * that reaches it first (*next: the rows handed out so far, shared by every thread of one call, so a
+ * thread that other work slows down takes fewer; rows are independent, so the split changes nothing). */
 void qk_nvfp4(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, float g,
               const float *lut, const int32_t *off, int n_off, uint8_t *best, int64_t tiles4,
-              uint8_t *q, double *sig, double *noise) {
-    if (kind == IN_BF16) qk_nvfp4_t(w, IN_BF16, r0, r1, k, nb, g, lut, off, n_off, best, tiles4, q, sig, noise);
-    else if (kind == IN_F16) qk_nvfp4_t(w, IN_F16, r0, r1, k, nb, g, lut, off, n_off, best, tiles4, q, sig, noise);
-    else qk_nvfp4_t(w, IN_F32, r0, r1, k, nb, g, lut, off, n_off, best, tiles4, q, sig, noise);
+              uint8_t *q, double *sig, double *noise, int64_t *next, int64_t chunk) {
+    for (;;) {
+        int64_t a = r0, b = r1;
+        if (next) {
+            a = r0 + __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED);
+            if (a >= r1) return;
+            b = a + chunk < r1 ? a + chunk : r1;
+        }
+        if (kind == IN_BF16) qk_nvfp4_t(w, IN_BF16, a, b, k, nb, g, lut, off, n_off, best, tiles4, q, sig, noise);
+        else if (kind == IN_F16) qk_nvfp4_t(w, IN_F16, a, b, k, nb, g, lut, off, n_off, best, tiles4, q, sig, noise);
+        else qk_nvfp4_t(w, IN_F32, a, b, k, nb, g, lut, off, n_off, best, tiles4, q, sig, noise);
+        if (!next) return;
+    }
 }
 
 /* Largest |w| of each row of rows [r0, r1) as ordered bits (NaN above inf): out[r]. */

@@ -30,7 +30,7 @@ def _load() -> ctypes.CDLL:
     i64, p, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.qk_block16_amax.argtypes = [p, i32, i64, i64, i64, i64, p]
     lib.qk_mxfp8.argtypes = [p, i32, i64, i64, i64, i64, p, p, p, p, p]
-    lib.qk_nvfp4.argtypes = [p, i32, i64, i64, i64, i64, f32, p, p, i32, p, i64, p, p, p]
+    lib.qk_nvfp4.argtypes = [p, i32, i64, i64, i64, i64, f32, p, p, i32, p, i64, p, p, p, p, i64]
     lib.qk_absmax_bits.argtypes = [p, i32, i64, i64, i64, p]
     lib.qk_convrot.argtypes = [p, i32, i64, i64, i64, i64, i32, p, p, p, p, p]
     for f in (lib.qk_block16_amax, lib.qk_mxfp8, lib.qk_nvfp4, lib.qk_absmax_bits, lib.qk_convrot):
@@ -109,6 +109,7 @@ def mxfp8(w: torch.Tensor) -> tuple[dict, ErrorStats]:
 
 
 _LUT = None
+_SLICES_PER_THREAD = 32
 
 
 def nvfp4(w: torch.Tensor) -> tuple[dict, ErrorStats]:
@@ -137,9 +138,13 @@ def nvfp4(w: torch.Tensor) -> tuple[dict, ErrorStats]:
     q[n:] = 0
     sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     gf = float(g)
-    native.parallel(n, 1, lambda r0, r1: _lib.qk_nvfp4(w.data_ptr(), kind, r0, r1, k, nb, gf, _LUT.data_ptr(),
-                                                       off.data_ptr(), len(spec.SEARCH_OFFSETS),
-                                                       best.data_ptr(), tiles4, q.data_ptr(), sig.data_ptr(),
-                                                       noise.data_ptr()))
+    # the threads take slices of _SLICES_PER_THREAD-th of their share as they come free (a thread the
+    # writer or another process slows down takes fewer), through one counter in the kernel: no GIL
+    # between slices
+    handed = torch.zeros(1, dtype=torch.int64)
+    chunk = max(1, n // (_SLICES_PER_THREAD * max(1, torch.get_num_threads())))
+    native.on_threads(n, lambda: _lib.qk_nvfp4(w.data_ptr(), kind, 0, n, k, nb, gf, _LUT.data_ptr(), off.data_ptr(),
+                                               len(spec.SEARCH_OFFSETS), best.data_ptr(), tiles4, q.data_ptr(),
+                                               sig.data_ptr(), noise.data_ptr(), handed.data_ptr(), chunk))
     return {"weight": q, "weight_scale": best.view(torch.float8_e4m3fn),
             "weight_scale_2": g.reshape(())}, _stats(sig, noise)

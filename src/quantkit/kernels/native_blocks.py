@@ -63,17 +63,26 @@ def _nonfinite(fmt: str) -> QuantkitError:
     return QuantkitError(f"{fmt}: weight holds NaN or Inf values", fix="repair the checkpoint or keep this tensor unquantized")
 
 
+def _weight_buffer(out: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's weight tensor: fresh, or the front of ``out`` (a uint8 buffer the caller reuses once the
+    weight is written: no page faults on new memory for every layer)."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype)
+    return out[:shape[0] * shape[1] * dtype.itemsize].view(dtype).view(shape)
+
+
 def _stats(sig: torch.Tensor, noise: torch.Tensor) -> ErrorStats:
     return ErrorStats(float(sig.sum()), float(noise.sum()))
 
 
-def convrot(w: torch.Tensor, group: int) -> tuple[dict, ErrorStats]:
-    """int8-convrot with ConvRot group ``group`` (a power of 4 dividing K, checked by the caller)."""
+def convrot(w: torch.Tensor, group: int, out: torch.Tensor | None = None) -> tuple[dict, ErrorStats]:
+    """int8-convrot with ConvRot group ``group`` (a power of 4 dividing K, checked by the caller); ``out``
+    (every kernel here): a uint8 buffer of at least the weight's bytes to hold it, or None."""
     assert _lib is not None
     w, kind = _prepare(w, "int8-convrot")
     n, k = w.shape
     d = (group.bit_length() - 1) // 2
-    q = torch.empty(n, k, dtype=torch.int8)
+    q = _weight_buffer(out, (n, k), torch.int8)
     scale = torch.empty(n, 1, dtype=torch.float32)
     sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     ok = torch.zeros(n, dtype=torch.uint8)
@@ -87,7 +96,7 @@ def convrot(w: torch.Tensor, group: int) -> tuple[dict, ErrorStats]:
     return {"weight": q, "weight_scale": scale}, _stats(sig, noise)
 
 
-def mxfp8(w: torch.Tensor) -> tuple[dict, ErrorStats]:
+def mxfp8(w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[dict, ErrorStats]:
     from ..formats import _blocked
     from ..formats.mxfp8 import padded_shape
     assert _lib is not None
@@ -95,7 +104,7 @@ def mxfp8(w: torch.Tensor) -> tuple[dict, ErrorStats]:
     n, k = w.shape
     rows, cols = padded_shape((n, k))
     nb = cols // 32
-    q = torch.empty(rows, cols, dtype=torch.uint8)  # the kernel writes rows < n whole; the padded rows are zero
+    q = _weight_buffer(out, (rows, cols), torch.uint8)  # the kernel writes rows < n whole; the padded rows are zero
     e = torch.empty(rows, nb, dtype=torch.uint8)
     q[n:] = 0
     e[n:] = 0
@@ -112,7 +121,7 @@ _LUT = None
 _SLICES_PER_THREAD = 32
 
 
-def nvfp4(w: torch.Tensor) -> tuple[dict, ErrorStats]:
+def nvfp4(w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[dict, ErrorStats]:
     """nvfp4 with the scale search (:data:`quantkit.formats.nvfp4.SEARCH_OFFSETS`)."""
     global _LUT
     from ..formats import _blocked, nvfp4 as spec
@@ -134,7 +143,7 @@ def nvfp4(w: torch.Tensor) -> tuple[dict, ErrorStats]:
     # entries of rows < n, blocks < nb; the padding stays zero
     best = torch.zeros(_blocked.blocked_shape(rows, nb), dtype=torch.uint8)
     tiles4 = best.shape[1] // 4
-    q = torch.empty(rows, cols // 2, dtype=torch.uint8)  # the kernel writes rows < n whole; the padded rows are zero
+    q = _weight_buffer(out, (rows, cols // 2), torch.uint8)  # the kernel writes rows < n whole; padded rows are zero
     q[n:] = 0
     sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     gf = float(g)

@@ -167,15 +167,17 @@ def cpu_quantizer():
     return cpu_quantize.quantize_tensor
 
 
-def quantize_stored(w: torch.Tensor, spec, opts):
+def quantize_stored(w: torch.Tensor, spec, opts, out: torch.Tensor | None = None):
     """A format without a scaled kernel (``kernel`` None): ``(stored tensors, ErrorStats or None)``.
     On the CPU with the native backend, the format's C kernel (its ``native``: a function of
     :mod:`quantkit.kernels.native_blocks`, byte-identical to its torch ``quantize``); on CUDA with the
     Triton backend its Triton quantizer (its ``triton``: :mod:`quantkit.kernels.triton_blocks`, the same
     bytes); else that torch ``quantize`` (stats None: the caller measures them). Every format's torch
-    ``quantize`` writes the same bytes on CUDA as on the CPU (tests/test_lowbit_exact.py, the GPU suite)."""
+    ``quantize`` writes the same bytes on CUDA as on the CPU (tests/test_lowbit_exact.py, the GPU suite).
+    ``out``: a uint8 CPU buffer of at least the stored weight's bytes that the C kernel writes the weight
+    into (the caller reuses it once the weight is written); the other paths ignore it."""
     if runs_native(w, spec):
-        return spec.quantize_native(w, opts)
+        return spec.quantize_native(w, opts, out=out)
     if runs_triton(w, spec):
         from .kernels import triton_blocks
         return triton_blocks.quantize_stored(spec.triton, w)

@@ -27,7 +27,7 @@ import torch
 from . import backend, interrupts, qinput, readahead, tempfiles
 from .formats import scaled
 from .backend import check_finite, parse_device
-from .dtypes import torch_dtype
+from .dtypes import bitsize, torch_dtype
 from .errors import QuantkitError, UsageError
 from .formats import DEFAULT_FALLBACK, DEFAULT_FORMAT, FORMATS, decode_comfy_quant, encode_comfy_quant
 from .pipeline import DEFAULT_DEPTH, BackgroundWriter
@@ -285,6 +285,27 @@ def _cpu_quantizer(layers: list[LayerPlan], reader: SafetensorsReader):
     return on_cpu
 
 
+def _native_pool(layers: list[LayerPlan], device: torch.device) -> queue.Queue | None:
+    """Reused weight buffers for ``layers`` whose format's C kernel runs here (``native``; the other
+    formats' torch ``quantize`` allocates its own), as :func:`_cpu_quantizer` keeps for the scaled
+    formats: a fresh weight per layer costs a page fault per 4 KB. None where no such layer runs."""
+    from .kernels import native_blocks
+    native = [lp for lp in layers if getattr(lp.spec, "native", None) is not None]
+    if not native or device.type != "cpu" or backend.backend_for("cpu") != "native" or native_blocks.available():
+        return None
+    size = 1
+    for lp in native:
+        st = lp.spec.stored(lp.shape, torch_dtype(lp.value_dtype), lp.opts)[0]  # the weight comes first
+        n = bitsize(st.dtype)
+        for d in st.shape:
+            n *= d
+        size = max(size, n // 8)
+    pool: queue.Queue[torch.Tensor] = queue.Queue()
+    for _ in range(min(len(native), DEFAULT_DEPTH + 1)):  # one being written, DEFAULT_DEPTH queued, one being filled
+        pool.put(torch.empty(size, dtype=torch.uint8))
+    return pool
+
+
 def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,
              threaded: bool = True, device: torch.device = torch.device("cpu"),
              refiner: Refiner | None = None, ahead: readahead.Readahead | None = None,
@@ -311,6 +332,8 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
             # formats no fast kernel runs by their own torch reference
             quantizer = _make_quantizer([lp for lp in plan.quantized if backend.has_kernel(lp.spec) and not lp.requantized
                                          and (refiner is None or not refiner.rewrites(lp))], reader, device)
+            pool = _native_pool([lp for lp in plan.quantized if not backend.has_kernel(lp.spec) and not lp.requantized
+                                 and (refiner is None or not refiner.rewrites(lp))], device)
             bw = BackgroundWriter(threaded)
             stages = report.detail_seconds
             stages["writer thread busy"] = 0.0
@@ -322,7 +345,7 @@ def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progres
                     if ahead is None and i + 1 < len(layers):  # the readahead thread is further ahead already
                         reader.prefetch(layers[i + 1].tensor)
                     t0 = time.perf_counter()
-                    report.tensors.append(_convert_one(reader, writer, bw, quantizer, lp, stages, refiner, device))
+                    report.tensors.append(_convert_one(reader, writer, bw, quantizer, lp, stages, refiner, device, pool))
                     report.tensors[-1].seconds = time.perf_counter() - t0
                     t = reader.tensors[lp.tensor]
                     done += t.nbytes
@@ -393,7 +416,7 @@ def _timed(stages: dict[str, float], job):
 
 def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter, quantizer,
                  lp: LayerPlan, stages: dict[str, float], refiner: Refiner | None = None,
-                 device: torch.device = torch.device("cpu")) -> LayerReport:
+                 device: torch.device = torch.device("cpu"), pool: queue.Queue | None = None) -> LayerReport:
     info = reader.tensors[lp.tensor]
     if lp.drop:
         return LayerReport(lp.tensor, lp.shape, lp.dtype, "dropped", None, None, lp.reason)
@@ -414,7 +437,7 @@ def _convert_one(reader: SafetensorsReader, writer: SafetensorsWriter, bw: Backg
     if refiner is not None and refiner.rewrites(lp):
         return _refined(reader, writer, bw, stages, lp, refiner)
     if not backend.has_kernel(spec):
-        return _by_reference(reader, writer, bw, stages, lp, refiner, device)
+        return _by_reference(reader, writer, bw, stages, lp, refiner, device, pool)
     q, scale, stats, give_back = quantizer(reader, lp.tensor, spec, lp.block_size)
     try:
         check_finite(scale, file=reader.path, tensor=lp.tensor, layer=lp.layer)
@@ -477,28 +500,37 @@ def _quantized_input(reader: SafetensorsReader, writer: SafetensorsWriter, bw: B
 
 def _by_reference(reader: SafetensorsReader, writer: SafetensorsWriter, bw: BackgroundWriter,
                   stages: dict[str, float], lp: LayerPlan, refiner: Refiner | None,
-                  device: torch.device) -> LayerReport:
+                  device: torch.device, pool: queue.Queue | None = None) -> LayerReport:
     """A layer of a format no fast kernel runs: its own torch ``quantize`` on ``device``, SQNR of its
-    own ``dequantize`` (what ComfyUI computes) against the weight."""
+    own ``dequantize`` (what ComfyUI computes) against the weight. Where the format's C kernel runs,
+    its weight goes into a buffer of ``pool`` (:func:`_native_pool`), back in the pool once written."""
     spec = lp.spec
     w = reader.tensor(lp.tensor).to(device)
-    if not (backend.runs_native(w, spec) or backend.runs_triton(w, spec)):  # those refuse NaN/Inf in their own pass
+    native = backend.runs_native(w, spec)
+    if not (native or backend.runs_triton(w, spec)):  # those refuse NaN/Inf in their own pass
         check_finite(w, file=reader.path, tensor=lp.tensor, layer=lp.layer)  # before a format's searches see NaN
+    buf = pool.get() if native and pool is not None else None
+    give_back = (lambda: pool.put(buf)) if buf is not None else None
     try:
-        tensors, stats = backend.quantize_stored(w, spec, lp.opts)
-    except QuantkitError as e:  # NaN/Inf in w, said by the format
-        check_finite(w, file=reader.path, tensor=lp.tensor, layer=lp.layer)  # the converter's error, as above
-        raise QuantkitError(e.message, file=reader.path, tensor=lp.tensor, fix=e.fix) from None
-    for t in tensors.values():
-        if t.dtype in (torch.float32, torch.float16, torch.bfloat16):  # scales: NaN/Inf in w shows there
-            check_finite(t, file=reader.path, tensor=lp.tensor, layer=lp.layer)
-    sqnr = stats.sqnr_db if stats is not None else \
-        scaled.sqnr(w, spec.dequantize(tensors, lp.comfy_quant(), torch.float32, lp.layer))
-    del w
-    reader.release(lp.tensor)
-    tensors = {k: v.cpu() for k, v in tensors.items()}
-    _static_input_scale(tensors, lp, refiner)
-    _submit_layer(writer, bw, stages, lp, tensors, None)
+        try:
+            tensors, stats = backend.quantize_stored(w, spec, lp.opts, out=buf)
+        except QuantkitError as e:  # NaN/Inf in w, said by the format
+            check_finite(w, file=reader.path, tensor=lp.tensor, layer=lp.layer)  # the converter's error, as above
+            raise QuantkitError(e.message, file=reader.path, tensor=lp.tensor, fix=e.fix) from None
+        for t in tensors.values():
+            if t.dtype in (torch.float32, torch.float16, torch.bfloat16):  # scales: NaN/Inf in w shows there
+                check_finite(t, file=reader.path, tensor=lp.tensor, layer=lp.layer)
+        sqnr = stats.sqnr_db if stats is not None else \
+            scaled.sqnr(w, spec.dequantize(tensors, lp.comfy_quant(), torch.float32, lp.layer))
+        del w
+        reader.release(lp.tensor)
+        tensors = {k: v.cpu() for k, v in tensors.items()}
+        _static_input_scale(tensors, lp, refiner)
+    except BaseException:
+        if give_back is not None:
+            give_back()
+        raise
+    _submit_layer(writer, bw, stages, lp, tensors, give_back)
     return LayerReport(lp.tensor, lp.shape, lp.dtype, "fallback" if lp.fallback else "quantized", spec.name,
                        spec.comfy_format, lp.reason, sqnr)
 

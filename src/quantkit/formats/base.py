@@ -146,11 +146,12 @@ class Format:
     # it in the runtime; it never writes one (see formats/nvfp4.py)
     input_smoothing: str | None = None
 
-    def quantize_native(self, w, opts: LayerOpts):
+    def quantize_native(self, w, opts: LayerOpts, out=None):
         """For a format with ``native``: (stored tensors, ErrorStats) from its C kernel, the bytes
-        of :meth:`quantize` (``quantkit.backend.quantize_stored`` calls it where the kernel runs)."""
+        of :meth:`quantize` (``quantkit.backend.quantize_stored`` calls it where the kernel runs).
+        ``out``: a uint8 buffer of at least the weight's bytes that the weight is written into, or None."""
         from ..kernels import native_blocks
-        return getattr(native_blocks, self.native)(w)
+        return getattr(native_blocks, self.native)(w, out=out)
 
     @property
     def weight_dtype(self):

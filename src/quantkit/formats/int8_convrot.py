@@ -152,9 +152,9 @@ class Int8ConvRotFormat(Format):
     def quantize(self, w, opts: LayerOpts) -> dict:
         return quantize(w, opts.convrot_group_size)
 
-    def quantize_native(self, w, opts: LayerOpts):
+    def quantize_native(self, w, opts: LayerOpts, out=None):
         from ..kernels import native_blocks
-        return native_blocks.convrot(w, _group(tuple(w.shape), opts.convrot_group_size))
+        return native_blocks.convrot(w, _group(tuple(w.shape), opts.convrot_group_size), out=out)
 
     def learn_grid(self, w, h, opts: LayerOpts, rtn: dict | None = None):
         return learn_grid(w, h, opts.convrot_group_size)

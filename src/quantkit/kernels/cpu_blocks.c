@@ -68,12 +68,14 @@ ALWAYS uint32_t amax_bits16(v16 x) {  /* largest |x| as ordered bits (NaN above 
     return a[0];
 }
 
+/* the low and high 8 lanes of a vector, in registers (a store and two half-width loads of it would
+ * stall on store forwarding) */
+ALWAYS v8 lo8(v16 x) { return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7); }
+ALWAYS v8 hi8(v16 x) { return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15); }
+
 /* sum of squares of 16 fp32 lanes into an fp64 accumulator of 8 lanes (exact squares in fp64) */
 ALWAYS vd8 acc_sq(vd8 acc, v16 x) {
-    v8 lo, hi;
-    memcpy(&lo, &x, 32);
-    memcpy(&hi, (const char *)&x + 32, 32);
-    vd8 a = __builtin_convertvector(lo, vd8), b = __builtin_convertvector(hi, vd8);
+    vd8 a = __builtin_convertvector(lo8(x), vd8), b = __builtin_convertvector(hi8(x), vd8);
     return acc + (a * a + b * b);
 }
 
@@ -81,10 +83,7 @@ ALWAYS vd8 acc_sq(vd8 acc, v16 x) {
  * error sums are only reported, within ~RUN x 2^-24 relative of exact, in a fixed order per row) */
 #define RUN 16
 ALWAYS vd8 flush16(vd8 acc, v16 s) {
-    v8 lo, hi;
-    memcpy(&lo, &s, 32);
-    memcpy(&hi, (const char *)&s + 32, 32);
-    return acc + (__builtin_convertvector(lo, vd8) + __builtin_convertvector(hi, vd8));
+    return acc + (__builtin_convertvector(lo8(s), vd8) + __builtin_convertvector(hi8(s), vd8));
 }
 
 ALWAYS double hsum8(vd8 v) {
@@ -211,10 +210,7 @@ ALWAYS double nv_block(v16 x, float total, v16 *vout) {
     }
     v16 d = x - v * total;
     /* the tree: element i + 8 onto i, then + 4, + 2, + 1 */
-    v8 lo, hi;
-    memcpy(&lo, &d, 32);
-    memcpy(&hi, (const char *)&d + 32, 32);
-    vd8 a = __builtin_convertvector(lo, vd8), b = __builtin_convertvector(hi, vd8);
+    vd8 a = __builtin_convertvector(lo8(d), vd8), b = __builtin_convertvector(hi8(d), vd8);
     vd8 s8 = a * a + b * b;
     vd8 t = s8 + __builtin_shufflevector(s8, s8, 4, 5, 6, 7, 0, 1, 2, 3);  /* lane i < 4: s8[i] + s8[i + 4] */
     vd8 u = t + __builtin_shufflevector(t, t, 2, 3, 0, 1, 6, 7, 4, 5);     /* lane i < 2: t[i] + t[i + 2] */
@@ -463,8 +459,8 @@ ALWAYS int vall_zero(vi16 m) {
     {                                                                                      \
         v16 a_ = ax[e] * r;                                                                \
         if (clamp) a_ = vsel((vi16)(a_ > 6.0f), six, a_);                                  \
-        vu16 p2_ = umax16((vu16)a_ & 0x7f800000u, one) + (22u << 23);                      \
-        v16 v_ = (a_ + (v16)p2_) - (v16)p2_;                                               \
+        v16 p2_ = vsel((vi16)(a_ < 2.0f), m22, vsel((vi16)(a_ < 4.0f), m23, m24));         \
+        v16 v_ = (a_ + p2_) - p2_;                                                         \
         v16 d_ = ax[e] - v_ * t;                                                           \
         acc = acc + d_ * d_;                                                               \
     }
@@ -476,7 +472,7 @@ __attribute__((noinline, optimize("fp-contract=fast")))
 static vi16 nv_filter9(const v16 *ax, v16 amaxf, vi16 c0, float g, const int32_t *off, v16 *e32, v16 *tv, vi16 *cv,
                        v16 *emin_out) {
     const v16 six = (v16){0} + 6.0f;
-    const vu16 one = (vu16)((v16){0} + 1.0f);
+    const v16 m22 = (v16){0} + 0x1p22f, m23 = (v16){0} + 0x1p23f, m24 = (v16){0} + 0x1p24f;
     vi16 redo = {0};
     v16 emin = (v16){0} + __builtin_inff();
     for (int o = 0; o < 9; o++) {
@@ -506,6 +502,16 @@ static vi16 nv_filter9(const v16 *ax, v16 amaxf, vi16 c0, float g, const int32_t
 }
 #undef NV_SUM
 #undef NV_SQ
+
+/* The magic constant that rounds 0 <= a < 8 to E2M1's grid as (a + p2) - p2: 2^22, 2^23, 2^24 below 2,
+ * below 4, above (steps .5, 1, 2, half to even), and the E2M1 magnitude code (0..7) of that rounding
+ * from s = a + p2: s's bits above p2's count the steps, offset by 0, 2, 4 codes for p2 = 2^22, 2^23, 2^24. */
+ALWAYS v16 e2m1_magic(v16 a) {
+    return vsel((vi16)(a < 2.0f), (v16){0} + 0x1p22f, vsel((vi16)(a < 4.0f), (v16){0} + 0x1p23f, (v16){0} + 0x1p24f));
+}
+ALWAYS vu16 e2m1_code(v16 s, v16 p2) {
+    return ((vu16)s - (vu16)p2) + (((vu16)p2 - 0x4A800000u) >> 22);
+}
 
 /* Blocks j0..j0+15 of a row (all inside k): scale codes into bestp[0..16), packed bytes into
  * qp[0..128), w^2 into *ss and the winners' errors into *nn, both in block order as qk_nvfp4_t. */
@@ -548,36 +554,30 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
     tw = vsel(redo, (v16){0} + 1.0f, tw);
     /* the winner's E2M1 values, as nv_block: x / total, E2M1 round. x * (1 / total) stands in for the
      * quotient (within 3 ulp of it: under 2^-19 for values up to 8) unless a value lies that close to a
-     * rounding boundary (half a step from its grid value); then the group is redone with the division.
-     * The block's reported error is the winner's fp32 filter sum (within 100 ulp of the exact one). */
-    v16 vs[16];
+     * rounding boundary (half a step from its grid value); then that element vector (element e of the
+     * 16 blocks: about one in 18 of them) is redone with the division. The block's reported error is
+     * the winner's fp32 filter sum (within 100 ulp of the exact one). Codes: E2M1 magnitude 0..7 | sign
+     * 8 (the sign of x, as of x / total); bytes: block b's byte i = code[2i] << 4 | code[2i + 1]. */
+    vu16 cd[16];
+    vi16 nr[16], nany = {0};
     v16 rw = 1.0f / tw;
-    vi16 near = {0};
     for (int e = 0; e < 16; e++) {
         v16 a = (v16)((vu16)m[e] & 0x7fffffffu) * rw;
         a = vsel((vi16)(a > 6.0f), (v16){0} + 6.0f, a);
-        vu16 p2 = umax16((vu16)a & 0x7f800000u, (vu16)((v16){0} + 1.0f)) + (22u << 23);
-        v16 av = (a + (v16)p2) - (v16)p2;
-        v16 gap = (v16)((vu16)(a - av) & 0x7fffffffu);
-        near |= (vi16)(gap >= (v16)p2 * 0x1p-24f - 0x1p-19f);
-        vs[e] = av;
+        v16 p2 = e2m1_magic(a), s = a + p2;
+        v16 gap = (v16)((vu16)(a - (s - p2)) & 0x7fffffffu);
+        nr[e] = (vi16)(gap >= p2 * 0x1p-24f - 0x1p-19f) & ~redo;
+        nany |= nr[e];
+        cd[e] = e2m1_code(s, p2) | (((vu16)m[e] & 0x80000000u) >> 28);
     }
-    if (!vall_zero(near & ~redo)) {
+    if (!vall_zero(nany))
         for (int e = 0; e < 16; e++) {
+            if (vall_zero(nr[e])) continue;
             v16 a = (v16)((vu16)(m[e] / tw) & 0x7fffffffu);
             a = vsel((vi16)(a > 6.0f), (v16){0} + 6.0f, a);
-            vu16 p2 = umax16((vu16)a & 0x7f800000u, (vu16)((v16){0} + 1.0f)) + (22u << 23);
-            vs[e] = (a + (v16)p2) - (v16)p2;
+            v16 p2 = e2m1_magic(a);
+            cd[e] = e2m1_code(a + p2, p2) | (((vu16)m[e] & 0x80000000u) >> 28);
         }
-    }
-    /* codes (E2M1 magnitude 0..7 | sign 8, the sign of x as of x / total), then bytes: block b's byte
-     * i = code[2i] << 4 | code[2i + 1] */
-    vu16 cd[16];
-    for (int e = 0; e < 16; e++) {
-        v16 a = vs[e];
-        v16 cf = vsel((vi16)(a < 2.0f), a * 2.0f, vsel((vi16)(a < 4.0f), a + 2.0f, a * 0.5f + 4.0f));
-        cd[e] = (vu16)__builtin_convertvector(cf, vi16) | (((vu16)m[e] & 0x80000000u) >> 28);
-    }
     vu16 by[8];
     for (int i = 0; i < 8; i++) by[i] = (cd[2 * i] << 4) | cd[2 * i + 1];
     vu16 lo = by[0] | (by[1] << 8) | (by[2] << 16) | (by[3] << 24);
@@ -589,7 +589,7 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
     double be[16];
     for (int b = 0; b < 16; b++) be[b] = ew[b];
     vb16 cb = __builtin_convertvector(cw, vb16);
-    memcpy(bestp, &cb, 16);
+    memcpy(bestp, &cb, 16);  /* a local buffer: the caller scatters it into the blocked layout */
     for (int b = 0; b < 16; b++) {
         if (redo[b]) {
             v16 bv;
@@ -612,11 +612,13 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
 /* Rows [r0, r1) in blocks of 16 (nb a row, kp = 16 nb): the block amax, the kitchen-rounded E4M3 scale
  * code c0 = e4m3(min((amax / 6) / g, 448)) and the scale search from it over the code offsets
  * off[0..n_off) (off[0] = 0), scale values from lut (the 127 positive E4M3 values by code),
- * g = weight_scale_2. Writes the winning scale codes best[r * nb + j], the packed E2M1 bytes
- * q[r * kp / 2 + c / 2] (even column high), and per row fp64 sums of w^2 and of the winner's squared
- * errors. */
+ * g = weight_scale_2. Writes the winning scale code of block (r, j) into best at its place in the
+ * cuBLAS blocked layout of formats/_blocked.py (tiles of 128 rows x 4 blocks, tiles4 tiles a tile row:
+ * roundup(nb, 4) / 4; entry (r_hi * 32 + r_lo, c) of a tile at 16 r_lo + 4 r_hi + c), the packed E2M1
+ * bytes q[r * kp / 2 + c / 2] (even column high), and per row fp64 sums of w^2 and of the winner's
+ * squared errors. */
 ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, float g,
-              const float *lut, const int32_t *off, int n_off, uint8_t *best,
+              const float *lut, const int32_t *off, int n_off, uint8_t *best, int64_t tiles4,
               uint8_t *q, double *sig, double *noise) {
     const uint8_t *p = (const uint8_t *)w;
     const int64_t half = nb * 8;
@@ -630,10 +632,14 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
         vd8 ss = {0};
         double nn = 0;
         int64_t j = 0;
+        uint8_t *brow = best + (r >> 7) * tiles4 * 512 + 16 * (r & 31) + 4 * ((r >> 5) & 3);
 #ifdef NV_GROUPS
         if (n_off == 9)
-            for (; 16 * (j + 16) <= k; j += 16)
-                nv_group(row, j, k, kind, g, tot, rc, off, &ss, &nn, best + r * nb + j, q + r * half + 8 * j);
+            for (; 16 * (j + 16) <= k; j += 16) {
+                uint8_t codes[16];
+                nv_group(row, j, k, kind, g, tot, rc, off, &ss, &nn, codes, q + r * half + 8 * j);
+                for (int t = 0; t < 4; t++) memcpy(brow + ((j >> 2) + t) * 512, codes + 4 * t, 4);
+            }
 #endif
         for (; j < nb; j++) {
             v16 x = load16(row, 16 * j, k, kind), bv;
@@ -642,7 +648,7 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
             b = b > 448.0f ? 448.0f : b;
             double be;
             int32_t bc = nv_one(x, (int32_t)e4m3_code(b), tot, rc, off, n_off, &be, &bv);
-            best[r * nb + j] = (uint8_t)bc;
+            brow[(j >> 2) * 512 + (j & 3)] = (uint8_t)bc;
             nv_pack(bv, q + r * half + 8 * j);
             ss = acc_sq(ss, x);
             nn += be;
@@ -652,12 +658,24 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
     }
 }
 
+/* next = NULL: rows [r0, r1). Else rows [r0, r1) in slices of chunk rows, each taken by the caller
+ * that reaches it first (*next: the rows handed out so far, shared by every thread of one call, so a
+ * thread that other work slows down takes fewer; rows are independent, so the split changes nothing). */
 void qk_nvfp4(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_t nb, float g,
-              const float *lut, const int32_t *off, int n_off, uint8_t *best,
-              uint8_t *q, double *sig, double *noise) {
-    if (kind == IN_BF16) qk_nvfp4_t(w, IN_BF16, r0, r1, k, nb, g, lut, off, n_off, best, q, sig, noise);
-    else if (kind == IN_F16) qk_nvfp4_t(w, IN_F16, r0, r1, k, nb, g, lut, off, n_off, best, q, sig, noise);
-    else qk_nvfp4_t(w, IN_F32, r0, r1, k, nb, g, lut, off, n_off, best, q, sig, noise);
+              const float *lut, const int32_t *off, int n_off, uint8_t *best, int64_t tiles4,
+              uint8_t *q, double *sig, double *noise, int64_t *next, int64_t chunk) {
+    for (;;) {
+        int64_t a = r0, b = r1;
+        if (next) {
+            a = r0 + __atomic_fetch_add(next, chunk, __ATOMIC_RELAXED);
+            if (a >= r1) return;
+            b = a + chunk < r1 ? a + chunk : r1;
+        }
+        if (kind == IN_BF16) qk_nvfp4_t(w, IN_BF16, a, b, k, nb, g, lut, off, n_off, best, tiles4, q, sig, noise);
+        else if (kind == IN_F16) qk_nvfp4_t(w, IN_F16, a, b, k, nb, g, lut, off, n_off, best, tiles4, q, sig, noise);
+        else qk_nvfp4_t(w, IN_F32, a, b, k, nb, g, lut, off, n_off, best, tiles4, q, sig, noise);
+        if (!next) return;
+    }
 }
 
 /* Largest |w| of each row of rows [r0, r1) as ordered bits (NaN above inf): out[r]. */

@@ -164,6 +164,24 @@ def parallel(rows: int, step: int, job) -> None:
 _parallel = parallel
 
 
+def on_threads(rows: int, job) -> None:
+    """job() once on each of ``min(torch.get_num_threads(), rows)`` threads (a kernel that hands out
+    its rows itself, through a counter the calls share), and wait for all."""
+    global _pool, _pool_size
+    n = max(1, min(torch.get_num_threads(), rows))
+    if n == 1:
+        job()
+        return
+    with _lock:
+        if _pool is None or _pool_size < n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="quantkit-native"), n
+        pool = _pool
+    for f in [pool.submit(job) for _ in range(n)]:
+        f.result()
+
+
 def quantize_tensor(w: torch.Tensor, spec: ScaledFormat, block_size: int,
                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, ErrorStats]:
     """Quantize a 2-D bf16/fp16/fp32 CPU tensor: (q, scale, error stats), as

@@ -30,7 +30,7 @@ def _load() -> ctypes.CDLL:
     i64, p, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.qk_block16_amax.argtypes = [p, i32, i64, i64, i64, i64, p]
     lib.qk_mxfp8.argtypes = [p, i32, i64, i64, i64, i64, p, p, p, p, p]
-    lib.qk_nvfp4.argtypes = [p, i32, i64, i64, i64, i64, f32, p, p, i32, p, p, p, p]
+    lib.qk_nvfp4.argtypes = [p, i32, i64, i64, i64, i64, f32, p, p, i32, p, i64, p, p, p, p, i64]
     lib.qk_absmax_bits.argtypes = [p, i32, i64, i64, i64, p]
     lib.qk_convrot.argtypes = [p, i32, i64, i64, i64, i64, i32, p, p, p, p, p]
     for f in (lib.qk_block16_amax, lib.qk_mxfp8, lib.qk_nvfp4, lib.qk_absmax_bits, lib.qk_convrot):
@@ -63,17 +63,26 @@ def _nonfinite(fmt: str) -> QuantkitError:
     return QuantkitError(f"{fmt}: weight holds NaN or Inf values", fix="repair the checkpoint or keep this tensor unquantized")
 
 
+def _weight_buffer(out: torch.Tensor | None, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's weight tensor: fresh, or the front of ``out`` (a uint8 buffer the caller reuses once the
+    weight is written: no page faults on new memory for every layer)."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype)
+    return out[:shape[0] * shape[1] * dtype.itemsize].view(dtype).view(shape)
+
+
 def _stats(sig: torch.Tensor, noise: torch.Tensor) -> ErrorStats:
     return ErrorStats(float(sig.sum()), float(noise.sum()))
 
 
-def convrot(w: torch.Tensor, group: int) -> tuple[dict, ErrorStats]:
-    """int8-convrot with ConvRot group ``group`` (a power of 4 dividing K, checked by the caller)."""
+def convrot(w: torch.Tensor, group: int, out: torch.Tensor | None = None) -> tuple[dict, ErrorStats]:
+    """int8-convrot with ConvRot group ``group`` (a power of 4 dividing K, checked by the caller); ``out``
+    (every kernel here): a uint8 buffer of at least the weight's bytes to hold it, or None."""
     assert _lib is not None
     w, kind = _prepare(w, "int8-convrot")
     n, k = w.shape
     d = (group.bit_length() - 1) // 2
-    q = torch.empty(n, k, dtype=torch.int8)
+    q = _weight_buffer(out, (n, k), torch.int8)
     scale = torch.empty(n, 1, dtype=torch.float32)
     sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     ok = torch.zeros(n, dtype=torch.uint8)
@@ -87,7 +96,7 @@ def convrot(w: torch.Tensor, group: int) -> tuple[dict, ErrorStats]:
     return {"weight": q, "weight_scale": scale}, _stats(sig, noise)
 
 
-def mxfp8(w: torch.Tensor) -> tuple[dict, ErrorStats]:
+def mxfp8(w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[dict, ErrorStats]:
     from ..formats import _blocked
     from ..formats.mxfp8 import padded_shape
     assert _lib is not None
@@ -95,7 +104,7 @@ def mxfp8(w: torch.Tensor) -> tuple[dict, ErrorStats]:
     n, k = w.shape
     rows, cols = padded_shape((n, k))
     nb = cols // 32
-    q = torch.empty(rows, cols, dtype=torch.uint8)  # the kernel writes rows < n whole; the padded rows are zero
+    q = _weight_buffer(out, (rows, cols), torch.uint8)  # the kernel writes rows < n whole; the padded rows are zero
     e = torch.empty(rows, nb, dtype=torch.uint8)
     q[n:] = 0
     e[n:] = 0
@@ -109,9 +118,10 @@ def mxfp8(w: torch.Tensor) -> tuple[dict, ErrorStats]:
 
 
 _LUT = None
+_SLICES_PER_THREAD = 32
 
 
-def nvfp4(w: torch.Tensor) -> tuple[dict, ErrorStats]:
+def nvfp4(w: torch.Tensor, out: torch.Tensor | None = None) -> tuple[dict, ErrorStats]:
     """nvfp4 with the scale search (:data:`quantkit.formats.nvfp4.SEARCH_OFFSETS`)."""
     global _LUT
     from ..formats import _blocked, nvfp4 as spec
@@ -129,15 +139,21 @@ def nvfp4(w: torch.Tensor) -> tuple[dict, ErrorStats]:
     if _LUT is None:
         _LUT = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float().contiguous()
     off = torch.tensor(spec.SEARCH_OFFSETS, dtype=torch.int32)
-    best = torch.empty(rows, nb, dtype=torch.uint8)  # the kernel writes rows < n whole; the padded rows are zero
-    q = torch.empty(rows, cols // 2, dtype=torch.uint8)
-    best[n:] = 0
+    # the scale codes straight into the blocked layout (_blocked.swizzle's): the kernel writes the
+    # entries of rows < n, blocks < nb; the padding stays zero
+    best = torch.zeros(_blocked.blocked_shape(rows, nb), dtype=torch.uint8)
+    tiles4 = best.shape[1] // 4
+    q = _weight_buffer(out, (rows, cols // 2), torch.uint8)  # the kernel writes rows < n whole; padded rows are zero
     q[n:] = 0
     sig, noise = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
     gf = float(g)
-    native.parallel(n, 1, lambda r0, r1: _lib.qk_nvfp4(w.data_ptr(), kind, r0, r1, k, nb, gf, _LUT.data_ptr(),
-                                                       off.data_ptr(), len(spec.SEARCH_OFFSETS),
-                                                       best.data_ptr(), q.data_ptr(), sig.data_ptr(),
-                                                       noise.data_ptr()))
-    return {"weight": q, "weight_scale": _blocked.swizzle(best.view(torch.float8_e4m3fn)),
+    # the threads take slices of _SLICES_PER_THREAD-th of their share as they come free (a thread the
+    # writer or another process slows down takes fewer), through one counter in the kernel: no GIL
+    # between slices
+    handed = torch.zeros(1, dtype=torch.int64)
+    chunk = max(1, n // (_SLICES_PER_THREAD * max(1, torch.get_num_threads())))
+    native.on_threads(n, lambda: _lib.qk_nvfp4(w.data_ptr(), kind, 0, n, k, nb, gf, _LUT.data_ptr(), off.data_ptr(),
+                                               len(spec.SEARCH_OFFSETS), best.data_ptr(), tiles4, q.data_ptr(),
+                                               sig.data_ptr(), noise.data_ptr(), handed.data_ptr(), chunk))
+    return {"weight": q, "weight_scale": best.view(torch.float8_e4m3fn),
             "weight_scale_2": g.reshape(())}, _stats(sig, noise)

@@ -514,15 +514,17 @@ ALWAYS vu16 e2m1_code(v16 s, v16 p2) {
 }
 
 /* Blocks j0..j0+15 of a row (all inside k): scale codes into bestp[0..16), packed bytes into
- * qp[0..128), w^2 into *ss and the winners' errors into *nn, both in block order as qk_nvfp4_t. */
+ * qp[0..128), w^2 into *ss (an fp32 run of 16 vectors) and the winners' errors into *nv (their fp32 filter
+ * sums) or, for a block searched again, *nn (fp64). */
 ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float g, const float *tot,
-                     const float *rc, const int32_t *off, vd8 *ss, double *nn, uint8_t *bestp, uint8_t *qp) {
-    v16 xb[16], m[16], ax[16];
+                     const float *rc, const int32_t *off, vd8 *ss, vd8 *nv, double *nn, uint8_t *bestp, uint8_t *qp) {
+    v16 xb[16], m[16], ax[16], s2 = {0};
     for (int b = 0; b < 16; b++) {
         xb[b] = load16(row, 16 * (j0 + b), k, kind);
-        *ss = acc_sq(*ss, xb[b]);
+        s2 += xb[b] * xb[b];  /* an fp32 run of 16, added into fp64 below (flush16, as mxfp8's sums) */
         m[b] = xb[b];
     }
+    *ss = flush16(*ss, s2);
     transpose16(m);  /* m[e]: element e of every block */
     vu16 amax = {0};
     for (int e = 0; e < 16; e++) {
@@ -586,18 +588,18 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
     vu16 o2 = __builtin_shufflevector(lo, hi, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     memcpy(qp, &o1, 64);
     memcpy(qp + 64, &o2, 64);
-    double be[16];
-    for (int b = 0; b < 16; b++) be[b] = ew[b];
     vb16 cb = __builtin_convertvector(cw, vb16);
     memcpy(bestp, &cb, 16);  /* a local buffer: the caller scatters it into the blocked layout */
-    for (int b = 0; b < 16; b++) {
-        if (redo[b]) {
+    *nv = flush16(*nv, vsel(redo, (v16){0}, ew));  /* the filtered blocks' errors; the redone ones in *nn */
+    if (!vall_zero(redo))
+        for (int b = 0; b < 16; b++) {
+            if (!redo[b]) continue;
             v16 bv;
-            bestp[b] = (uint8_t)nv_one(xb[b], c0[b], tot, rc, off, 9, &be[b], &bv);
+            double be;
+            bestp[b] = (uint8_t)nv_one(xb[b], c0[b], tot, rc, off, 9, &be, &bv);
             nv_pack(bv, qp + 8 * b);
+            *nn += be;
         }
-        *nn += be[b];
-    }
 }
 #undef T1A
 #undef T1B
@@ -629,7 +631,7 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
     }
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = p + r * k * ELEM[kind];
-        vd8 ss = {0};
+        vd8 ss = {0}, nv = {0};
         double nn = 0;
         int64_t j = 0;
         uint8_t *brow = best + (r >> 7) * tiles4 * 512 + 16 * (r & 31) + 4 * ((r >> 5) & 3);
@@ -637,7 +639,7 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
         if (n_off == 9)
             for (; 16 * (j + 16) <= k; j += 16) {
                 uint8_t codes[16];
-                nv_group(row, j, k, kind, g, tot, rc, off, &ss, &nn, codes, q + r * half + 8 * j);
+                nv_group(row, j, k, kind, g, tot, rc, off, &ss, &nv, &nn, codes, q + r * half + 8 * j);
                 for (int t = 0; t < 4; t++) memcpy(brow + ((j >> 2) + t) * 512, codes + 4 * t, 4);
             }
 #endif
@@ -654,7 +656,7 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
             nn += be;
         }
         sig[r] = hsum8(ss);
-        noise[r] = nn;
+        noise[r] = hsum8(nv) + nn;
     }
 }
 

@@ -143,20 +143,25 @@ def _library() -> ctypes.CDLL:
     return _lib
 
 
-def parallel(rows: int, step: int, job) -> None:
-    """job(r0, r1) over [0, rows) in contiguous slices (multiples of ``step``), one per thread."""
+def _threads(n: int) -> ThreadPoolExecutor:
+    """The shared pool, grown to at least ``n`` threads."""
     global _pool, _pool_size
-    n = max(1, min(torch.get_num_threads(), rows // step))
-    cuts = [rows // step * i // n * step for i in range(n)] + [rows]
-    if n == 1:
-        job(0, rows)
-        return
     with _lock:
         if _pool is None or _pool_size < n:
             if _pool is not None:
                 _pool.shutdown(wait=False)
             _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="quantkit-native"), n
-        pool = _pool
+        return _pool
+
+
+def parallel(rows: int, step: int, job) -> None:
+    """job(r0, r1) over [0, rows) in contiguous slices (multiples of ``step``), one per thread."""
+    n = max(1, min(torch.get_num_threads(), rows // step))
+    cuts = [rows // step * i // n * step for i in range(n)] + [rows]
+    if n == 1:
+        job(0, rows)
+        return
+    pool = _threads(n)
     for f in [pool.submit(job, cuts[i], cuts[i + 1]) for i in range(n)]:
         f.result()
 
@@ -167,17 +172,11 @@ _parallel = parallel
 def on_threads(rows: int, job) -> None:
     """job() once on each of ``min(torch.get_num_threads(), rows)`` threads (a kernel that hands out
     its rows itself, through a counter the calls share), and wait for all."""
-    global _pool, _pool_size
     n = max(1, min(torch.get_num_threads(), rows))
     if n == 1:
         job()
         return
-    with _lock:
-        if _pool is None or _pool_size < n:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(n, thread_name_prefix="quantkit-native"), n
-        pool = _pool
+    pool = _threads(n)
     for f in [pool.submit(job) for _ in range(n)]:
         f.result()
 

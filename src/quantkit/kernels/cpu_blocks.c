@@ -24,6 +24,65 @@ typedef float v8 __attribute__((vector_size(32)));
 typedef uint32_t vu8 __attribute__((vector_size(32)));
 typedef uint8_t vq8 __attribute__((vector_size(8)));
 
+/* Lane-wise comparisons of 16-lane vectors, as masks (-1 true, 0 false), in pieces of the widest
+ * vectors the target compares natively: GCC (12 at least) turns a comparison of vectors wider than the
+ * target's into one scalar compare and branch per lane (AVX2: 64-byte vectors are two registers),
+ * about 20x slower here; pieces of the target's width stay vector compares. */
+#if defined(__AVX512F__)
+#define CMP_BYTES 64
+#elif defined(__AVX2__)
+#define CMP_BYTES 32
+#else
+#define CMP_BYTES 16
+#endif
+#define CMP_N (64 / CMP_BYTES)
+#define PW (CMP_BYTES / 4)  /* 32-bit lanes a piece */
+typedef float vf_c __attribute__((vector_size(CMP_BYTES)));
+typedef int32_t vi_c __attribute__((vector_size(CMP_BYTES)));
+typedef uint32_t vu_c __attribute__((vector_size(CMP_BYTES)));
+typedef union { v16 v; vf_c c[CMP_N]; } f_pieces;
+typedef union { vi16 v; vi_c c[CMP_N]; } i_pieces;
+typedef union { vu16 v; vu_c c[CMP_N]; } u_pieces;
+#define CMP_FN(name, T, P, op)                                              \
+    ALWAYS vi16 name(T a, T b) {                                            \
+        P x = {a}, y = {b};                                                 \
+        i_pieces r;                                                         \
+        for (int i = 0; i < CMP_N; i++) r.c[i] = (vi_c)(x.c[i] op y.c[i]);  \
+        return r.v;                                                         \
+    }
+CMP_FN(flt, v16, f_pieces, <)
+CMP_FN(fle, v16, f_pieces, <=)
+CMP_FN(fgt, v16, f_pieces, >)
+CMP_FN(fge, v16, f_pieces, >=)
+CMP_FN(ilt, vi16, i_pieces, <)
+CMP_FN(igt, vi16, i_pieces, >)
+CMP_FN(ige, vi16, i_pieces, >=)
+CMP_FN(ieq, vi16, i_pieces, ==)
+CMP_FN(ine, vi16, i_pieces, !=)
+CMP_FN(ugt, vu16, u_pieces, >)
+CMP_FN(uge, vu16, u_pieces, >=)
+#undef CMP_FN
+/* a with lane j taken from lane j ^ x (x a constant below 16), piece by piece: the bits of x below PW
+ * permute inside each piece, the others swap whole pieces (any 32-bit lane type) */
+#if PW == 16
+#define XL(x) 0 ^ (x), 1 ^ (x), 2 ^ (x), 3 ^ (x), 4 ^ (x), 5 ^ (x), 6 ^ (x), 7 ^ (x), 8 ^ (x), 9 ^ (x), \
+              10 ^ (x), 11 ^ (x), 12 ^ (x), 13 ^ (x), 14 ^ (x), 15 ^ (x)
+#elif PW == 8
+#define XL(x) 0 ^ (x), 1 ^ (x), 2 ^ (x), 3 ^ (x), 4 ^ (x), 5 ^ (x), 6 ^ (x), 7 ^ (x)
+#else
+#define XL(x) 0 ^ (x), 1 ^ (x), 2 ^ (x), 3 ^ (x)
+#endif
+#define LANES_XOR(a, x)                                                                           \
+    __extension__({                                                                               \
+        union { __typeof__(a) v; vf_c c[CMP_N]; } i_ = {(a)}, o_;                                 \
+        for (int p_ = 0; p_ < CMP_N; p_++)                                                        \
+            o_.c[p_] = __builtin_shufflevector(i_.c[p_ ^ ((x) / PW)], i_.c[p_ ^ ((x) / PW)], XL((x) % PW)); \
+        o_.v;                                                                                     \
+    })
+ALWAYS v16 fs(float x) { return (v16){0} + x; }     /* x in every lane */
+ALWAYS vi16 is(int32_t x) { return (vi16){0} + x; }
+ALWAYS vu16 us(uint32_t x) { return (vu16){0} + x; }
+
 ALWAYS v16 vsel(vi16 m, v16 a, v16 b) { return (v16)(((vi16)a & m) | ((vi16)b & ~m)); }
 ALWAYS vu16 usel(vi16 m, vu16 a, vu16 b) { return (a & (vu16)m) | (b & ~(vu16)m); }
 
@@ -57,21 +116,22 @@ ALWAYS v16 load16(const uint8_t *row, int64_t c0, int64_t k, int kind) {
     return x;
 }
 
-ALWAYS vu16 umax16(vu16 a, vu16 b) { return usel((vi16)(a > b), a, b); }
+ALWAYS vu16 umax16(vu16 a, vu16 b) { return usel(ugt(a, b), a, b); }
 
 ALWAYS uint32_t amax_bits16(v16 x) {  /* largest |x| as ordered bits (NaN above inf), by halving */
     vu16 a = (vu16)x & 0x7fffffffu;
-    a = umax16(a, __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-    a = umax16(a, __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-    a = umax16(a, __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-    a = umax16(a, __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+    a = umax16(a, LANES_XOR(a, 8));
+    a = umax16(a, LANES_XOR(a, 4));
+    a = umax16(a, LANES_XOR(a, 2));
+    a = umax16(a, LANES_XOR(a, 1));
     return a[0];
 }
 
 /* the low and high 8 lanes of a vector, in registers (a store and two half-width loads of it would
  * stall on store forwarding) */
-ALWAYS v8 lo8(v16 x) { return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7); }
-ALWAYS v8 hi8(v16 x) { return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15); }
+typedef union { v16 v; v8 h[2]; } halves;
+ALWAYS v8 lo8(v16 x) { halves u = {x}; return u.h[0]; }
+ALWAYS v8 hi8(v16 x) { halves u = {x}; return u.h[1]; }
 
 /* sum of squares of 16 fp32 lanes into an fp64 accumulator of 8 lanes (exact squares in fp64) */
 ALWAYS vd8 acc_sq(vd8 acc, v16 x) {
@@ -119,7 +179,7 @@ ALWAYS vu16 e4m3(v16 x, v16 *val) {
     vu16 rn = (a + ((1u << (shift - 1)) - 1) + ((a >> shift) & 1u)) >> shift;
     const float sub = (float)(1u << (bias - 1 + man));
     vu16 m = (vu16)((v16)a * sub + 8388608.0f) - 0x4B000000u;
-    vi16 normal = (vi16)(a >= (uint32_t)(128 - bias) << 23);
+    vi16 normal = uge(a, us((uint32_t)(128 - bias) << 23));
     vu16 code = usel(normal, rn - ((uint32_t)(127 - bias) << man), m);
     v16 qv = vsel(normal, (v16)(rn << shift), __builtin_convertvector((vi16)m, v16) * (1.0f / sub));
     *val = (v16)((vu16)qv | sign);
@@ -160,8 +220,8 @@ ALWAYS void qk_mxfp8_t(const void *w, const int kind, int64_t r0, int64_t r1, in
             for (int h = 0; h < 2; h++) {
                 v16 x = h ? x1 : x0, v;
                 v16 y = x * inv;
-                y = vsel((vi16)(y < -448.0f), (v16){0} - 448.0f, y);
-                y = vsel((vi16)(y > 448.0f), (v16){0} + 448.0f, y);
+                y = vsel(flt(y, fs(-448.0f)), (v16){0} - 448.0f, y);
+                y = vsel(fgt(y, fs(448.0f)), (v16){0} + 448.0f, y);
                 vu16 c = e4m3(y, &v);
                 v16 d = x - v * s;
                 vb16 cb = __builtin_convertvector(c, vb16);
@@ -187,6 +247,13 @@ void qk_mxfp8(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_
 
 /* ---------------------------------------------------------------- nvfp4 */
 
+/* The number of offsets in formats/nvfp4.py's SEARCH_OFFSETS: the width of the fixed search
+ * (nv_search_fixed, and nv_group's 16 blocks at a time); any other count takes the general nv_search,
+ * same bytes, slower (tests/test_new_formats.py checks the two agree). At most 9: sum9's width. */
+#define NV_NOFF 9
+_Static_assert(NV_NOFF >= 1 && NV_NOFF <= 9, "sum9 adds at most 9 candidates side by side");
+int qk_nvfp4_fixed_offsets(void) { return NV_NOFF; }
+
 /* Squared error of one 16-block stored with scale total (fp64, the pairwise tree of
  * formats/_common.tree_sum_fp64), and its E2M1 values. */
 ALWAYS double nv_block(v16 x, float total, v16 *vout) {
@@ -195,14 +262,14 @@ ALWAYS double nv_block(v16 x, float total, v16 *vout) {
         v = (v16){0};
     } else {
         v16 y = x / total;
-        y = vsel((vi16)(y < -6.0f), (v16){0} - 6.0f, y);
-        y = vsel((vi16)(y > 6.0f), (v16){0} + 6.0f, y);
+        y = vsel(flt(y, fs(-6.0f)), (v16){0} - 6.0f, y);
+        y = vsel(fgt(y, fs(6.0f)), (v16){0} + 6.0f, y);
         vu16 sign = (vu16)y & 0x80000000u;
         v16 a = (v16)((vu16)y & 0x7fffffffu);
         const float M = 12582912.0f;  /* 1.5 * 2^23: (t + M) - M rounds t (< 2^22) half to even */
         /* steps of .5 below 2, 1 below 4, 2 up to 6: round(a * m) / m with m = 2, 1, 1/2 (the
          * multiplies by powers of two are exact, so this is round_values' arithmetic) */
-        vi16 lt2 = (vi16)(a < 2.0f), lt4 = (vi16)(a < 4.0f);
+        vi16 lt2 = flt(a, fs(2.0f)), lt4 = flt(a, fs(4.0f));
         v16 m = vsel(lt2, (v16){0} + 2.0f, vsel(lt4, (v16){0} + 1.0f, (v16){0} + 0.5f));
         v16 mi = vsel(lt2, (v16){0} + 0.5f, vsel(lt4, (v16){0} + 1.0f, (v16){0} + 2.0f));
         v = ((a * m + M) - M) * mi;
@@ -221,10 +288,10 @@ ALWAYS double nv_block(v16 x, float total, v16 *vout) {
 
 /* Sum of 16 fp32 lanes, any fixed order (only a filter: see nv_search). */
 ALWAYS float hsum16f(v16 a) {
-    a = a + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    a = a + __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    a = a + __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    a = a + __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+    a = a + LANES_XOR(a, 8);
+    a = a + LANES_XOR(a, 4);
+    a = a + LANES_XOR(a, 2);
+    a = a + LANES_XOR(a, 1);
     return a[0];
 }
 
@@ -251,8 +318,8 @@ ALWAYS v16 nv_sq32(v16 x, float total, float rc) {
     v16 y = x * rc;
     vu16 sign = (vu16)y & 0x80000000u;
     v16 a = (v16)((vu16)y & 0x7fffffffu);
-    a = vsel((vi16)(a > 6.0f), (v16){0} + 6.0f, a);
-    v16 mg = vsel((vi16)(a < 2.0f), (v16){0} + 0x1p22f, vsel((vi16)(a < 4.0f), (v16){0} + 0x1p23f, (v16){0} + 0x1p24f));
+    a = vsel(fgt(a, fs(6.0f)), (v16){0} + 6.0f, a);
+    v16 mg = vsel(flt(a, fs(2.0f)), (v16){0} + 0x1p22f, vsel(flt(a, fs(4.0f)), (v16){0} + 0x1p23f, (v16){0} + 0x1p24f));
     v16 v = (v16)((vu16)((a + mg) - mg) | sign);
     v16 d = x - v * total;
     return d * d;
@@ -330,40 +397,40 @@ ALWAYS v16 sum9(const v16 *s) {
 }
 
 ALWAYS float vmin16(v16 a) {
-    a = vsel((vi16)(a < __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)), a,
-             __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-    a = vsel((vi16)(a < __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)), a,
-             __builtin_shufflevector(a, a, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
-    a = vsel((vi16)(a < __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)), a,
-             __builtin_shufflevector(a, a, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
-    a = vsel((vi16)(a < __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)), a,
-             __builtin_shufflevector(a, a, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
+    a = vsel(flt(a, LANES_XOR(a, 8)), a,
+             LANES_XOR(a, 8));
+    a = vsel(flt(a, LANES_XOR(a, 4)), a,
+             LANES_XOR(a, 4));
+    a = vsel(flt(a, LANES_XOR(a, 2)), a,
+             LANES_XOR(a, 2));
+    a = vsel(flt(a, LANES_XOR(a, 1)), a,
+             LANES_XOR(a, 1));
     return a[0];
 }
 
 /* The bits j (j < 16) where a[j] <= b. */
 ALWAYS uint32_t le_bits(v16 a, float b) {
-    vi16 m = (vi16)(a <= b);
+    vi16 m = fle(a, fs(b));
     uint32_t out = 0;
     for (int l = 0; l < 16; l++) out |= (uint32_t)(m[l] & 1) << l;
     return out;
 }
 
-/* nv_search for the 9 offsets of the spec, the candidates' sums side by side. */
-ALWAYS int nv_search9(v16 x, const float *tot, const float *rc, const int32_t *cand, double *be, v16 *bv) {
-    v16 s[9];
+/* nv_search for the NV_NOFF offsets of the spec, the candidates' sums side by side. */
+ALWAYS int nv_search_fixed(v16 x, const float *tot, const float *rc, const int32_t *cand, double *be, v16 *bv) {
+    v16 s[9] = {{0}};
     int exact = 0;
-    for (int o = 0; o < 9; o++) {
+    for (int o = 0; o < NV_NOFF; o++) {
         int32_t c = cand[o];
         exact |= rc[c] == 0.0f;
         s[o] = nv_sq32(x, tot[c], rc[c]);
     }
     v16 e = sum9(s);
-    const vi16 live = {-1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0};
-    e = vsel(live, e, (v16){0} + __builtin_inff());
+    const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    e = vsel(ilt(lane, is(NV_NOFF)), e, (v16){0} + __builtin_inff());
     float emin = vmin16(e);
     float band = exact ? __builtin_inff() : emin * (1.0f + 0x1p-12f) + 0x1p-130f;
-    uint32_t in = le_bits(e, band) & 0x1ffu;
+    uint32_t in = le_bits(e, band) & ((1u << NV_NOFF) - 1u);
     if ((in & (in - 1)) == 0) {
         int win = __builtin_ctz(in);
         *be = nv_block(x, tot[cand[win]], bv);
@@ -372,7 +439,7 @@ ALWAYS int nv_search9(v16 x, const float *tot, const float *rc, const int32_t *c
     int win = -1;
     double best = 0;
     v16 v;
-    for (int o = 0; o < 9; o++) {
+    for (int o = 0; o < NV_NOFF; o++) {
         if (!(in >> o & 1u)) continue;
         double er = nv_block(x, tot[cand[o]], &v);
         if (win < 0 || er < best) { best = er; win = o; *bv = v; }
@@ -385,7 +452,7 @@ ALWAYS int nv_search9(v16 x, const float *tot, const float *rc, const int32_t *c
 ALWAYS void nv_pack(v16 v, uint8_t *out) {
     vu16 sign = (vu16)v & 0x80000000u;
     v16 a = (v16)((vu16)v & 0x7fffffffu);
-    v16 cf = vsel((vi16)(a < 2.0f), a * 2.0f, vsel((vi16)(a < 4.0f), a + 2.0f, a * 0.5f + 4.0f));
+    v16 cf = vsel(flt(a, fs(2.0f)), a * 2.0f, vsel(flt(a, fs(4.0f)), a + 2.0f, a * 0.5f + 4.0f));
     vu16 code = (vu16)__builtin_convertvector(cf, vi16) | (sign >> 28);
     vu8 even = __builtin_shufflevector(code, code, 0, 2, 4, 6, 8, 10, 12, 14);
     vu8 odd = __builtin_shufflevector(code, code, 1, 3, 5, 7, 9, 11, 13, 15);
@@ -405,45 +472,87 @@ ALWAYS int32_t nv_one(v16 x, int32_t c0, const float *tot, const float *rc, cons
         int32_t c = c0 + off[o];
         cand[o] = c < 1 ? 1 : (c > 0x7e ? 0x7e : c);
     }
-    return cand[n_off == 9 ? nv_search9(x, tot, rc, cand, be, bv) : nv_search(x, tot, rc, cand, n_off, be, bv)];
+    return cand[n_off == NV_NOFF ? nv_search_fixed(x, tot, rc, cand, be, bv) : nv_search(x, tot, rc, cand, n_off, be, bv)];
 }
 
 /* ---- the same search 16 blocks at a time: lane b of each vector is block b of a group of 16 whole
  * blocks, so the candidates' error sums, the band test and the winner's values are vertical
- * operations (no horizontal sums per block). Same filter as nv_search9 (its bound holds: the fp32 sum
+ * operations (no horizontal sums per block). Same filter as nv_search_fixed (its bound holds: the fp32 sum
  * below is 4 runs of 4 then a pair of pairs, 6 roundings deep with the square, not 5; 90 ulp of the
  * 100), computed on |x| (the error is even in x); a lane whose band holds more than one candidate, or
  * whose search is exact (a reciprocal not normal) or zero (c0 = 0), is redone by nv_one. */
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
 #define NV_GROUPS 1
-#define T1A 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
-#define T1B 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
-#define T2A 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
-#define T2B 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
-#define T4A 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
-#define T4B 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
-#define T8A 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
-#define T8B 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
-/* one stage of the transpose: vectors v and v | s swap the lanes in which bit s differs */
+/* m[i][j] <-> m[j][i], in log2(16) stages: stage s swaps, between vectors v and v | s, the lanes in
+ * which bit s differs. A stage inside one piece of the native width (W lanes) is a two-input shuffle
+ * of each piece pair (lane j of the first takes the second's lane j - s where bit s of j is set, the
+ * second's lane j takes the first's j + s where it is clear); a stage across pieces only swaps whole
+ * pieces. Shuffles of vectors wider than the target's are one scalar move per lane in GCC. */
+#if PW == 16
+#define TA1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define TB1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define TA2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define TB2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define TA4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define TB4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define TA8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define TB8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#elif PW == 8
+#define TA1 0, 8, 2, 10, 4, 12, 6, 14
+#define TB1 1, 9, 3, 11, 5, 13, 7, 15
+#define TA2 0, 1, 8, 9, 4, 5, 12, 13
+#define TB2 2, 3, 10, 11, 6, 7, 14, 15
+#define TA4 0, 1, 2, 3, 8, 9, 10, 11
+#define TB4 4, 5, 6, 7, 12, 13, 14, 15
+#else
+#define TA1 0, 4, 2, 6
+#define TB1 1, 5, 3, 7
+#define TA2 0, 1, 4, 5
+#define TB2 2, 3, 6, 7
+#endif
 #define NV_T(s, A, B)                                                         \
     for (int v = 0; v < 16; v++) {                                            \
         if (v & (s)) continue;                                                \
-        v16 lo = m[v], hi = m[v | (s)];                                       \
-        m[v] = __builtin_shufflevector(lo, hi, A);                            \
-        m[v | (s)] = __builtin_shufflevector(lo, hi, B);                      \
+        for (int p = 0; p < CMP_N; p++) {                                     \
+            vf_c lo = t[v].c[p], hi = t[v | (s)].c[p];                        \
+            t[v].c[p] = __builtin_shufflevector(lo, hi, A);                   \
+            t[v | (s)].c[p] = __builtin_shufflevector(lo, hi, B);             \
+        }                                                                     \
     }
-ALWAYS void transpose16(v16 *m) {  /* m[i][j] <-> m[j][i] */
-    NV_T(1, T1A, T1B)
-    NV_T(2, T2A, T2B)
-    NV_T(4, T4A, T4B)
-    NV_T(8, T8A, T8B)
+#define NV_SWAP(s)                                                            \
+    for (int v = 0; v < 16; v++) {                                            \
+        if (v & (s)) continue;                                                \
+        for (int p = 0; p < CMP_N; p++) {                                     \
+            if (p & ((s) / PW)) continue;                                     \
+            vf_c x = t[v].c[p | ((s) / PW)];                                  \
+            t[v].c[p | ((s) / PW)] = t[v | (s)].c[p];                         \
+            t[v | (s)].c[p] = x;                                              \
+        }                                                                     \
+    }
+ALWAYS void transpose16(v16 *m) {
+    f_pieces t[16];
+    for (int i = 0; i < 16; i++) t[i].v = m[i];
+    NV_T(1, TA1, TB1)
+    NV_T(2, TA2, TB2)
+#if PW >= 8
+    NV_T(4, TA4, TB4)
+#else
+    NV_SWAP(4)
+#endif
+#if PW == 16
+    NV_T(8, TA8, TB8)
+#else
+    NV_SWAP(8)
+#endif
+    for (int i = 0; i < 16; i++) m[i] = t[i].v;
 }
 #undef NV_T
+#undef NV_SWAP
 
 ALWAYS vi16 ivsel(vi16 m, vi16 a, vi16 b) { return (a & m) | (b & ~m); }
 
 ALWAYS int vall_zero(vi16 m) {
-    vi16 t = m | __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    vi16 t = m | LANES_XOR(m, 8);
     uint64_t u[4];
     memcpy(u, &t, 32);
     return (u[0] | u[1] | u[2] | u[3]) == 0;
@@ -458,8 +567,8 @@ ALWAYS int vall_zero(vi16 m) {
 #define NV_SQ(e, acc, clamp)                                                               \
     {                                                                                      \
         v16 a_ = ax[e] * r;                                                                \
-        if (clamp) a_ = vsel((vi16)(a_ > 6.0f), six, a_);                                  \
-        v16 p2_ = vsel((vi16)(a_ < 2.0f), m22, vsel((vi16)(a_ < 4.0f), m23, m24));         \
+        if (clamp) a_ = vsel(fgt(a_, fs(6.0f)), six, a_);                                  \
+        v16 p2_ = vsel(flt(a_, fs(2.0f)), m22, vsel(flt(a_, fs(4.0f)), m23, m24));         \
         v16 v_ = (a_ + p2_) - p2_;                                                         \
         v16 d_ = ax[e] - v_ * t;                                                           \
         acc = acc + d_ * d_;                                                               \
@@ -469,25 +578,25 @@ ALWAYS int vall_zero(vi16 m) {
         NV_SQ(e, s0, clamp) NV_SQ(e + 1, s1, clamp) NV_SQ(e + 2, s2, clamp) NV_SQ(e + 3, s3, clamp) \
     }
 __attribute__((noinline, optimize("fp-contract=fast")))
-static vi16 nv_filter9(const v16 *ax, v16 amaxf, vi16 c0, float g, const int32_t *off, v16 *e32, v16 *tv, vi16 *cv,
+static vi16 nv_filter(const v16 *ax, v16 amaxf, vi16 c0, float g, const int32_t *off, v16 *e32, v16 *tv, vi16 *cv,
                        v16 *emin_out) {
     const v16 six = (v16){0} + 6.0f;
     const v16 m22 = (v16){0} + 0x1p22f, m23 = (v16){0} + 0x1p23f, m24 = (v16){0} + 0x1p24f;
     vi16 redo = {0};
     v16 emin = (v16){0} + __builtin_inff();
-    for (int o = 0; o < 9; o++) {
+    for (int o = 0; o < NV_NOFF; o++) {
         vi16 c = c0 + off[o];
-        c = ivsel(c < 1, (vi16){0} + 1, c);
-        c = ivsel(c > 0x7e, (vi16){0} + 0x7e, c);
+        c = ivsel(ilt(c, is(1)), is(1), c);
+        c = ivsel(igt(c, is(0x7e)), is(0x7e), c);
         /* the E4M3 value of code c: normal from its bits, subnormal c * 2^-9 */
-        v16 val = vsel(c >= 8, (v16)((vu16)(c << 20) + ((uint32_t)(127 - 7) << 23)),
+        v16 val = vsel(ige(c, is(8)), (v16)((vu16)(c << 20) + ((uint32_t)(127 - 7) << 23)),
                        __builtin_convertvector(c, v16) * 0x1p-9f);
         v16 t = g * val;
-        vi16 ok = (t >= 0x1p-100f) & (t <= 0x1p100f);
+        vi16 ok = fge(t, fs(0x1p-100f)) & fle(t, fs(0x1p100f));
         redo |= ~ok;
         v16 r = vsel(ok, 1.0f / t, (v16){0} + 1.0f);
         v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-        if (vall_zero((vi16)(amaxf * r >= 7.0f))) {  /* every lane's |x| r below 7 */
+        if (vall_zero(fge(amaxf * r, fs(7.0f)))) {  /* every lane's |x| r below 7 */
             NV_SUM(0)
         } else {
             NV_SUM(1)
@@ -495,7 +604,7 @@ static vi16 nv_filter9(const v16 *ax, v16 amaxf, vi16 c0, float g, const int32_t
         e32[o] = (s0 + s1) + (s2 + s3);
         tv[o] = t;
         cv[o] = c;
-        emin = vsel((vi16)(e32[o] < emin), e32[o], emin);
+        emin = vsel(flt(e32[o], emin), e32[o], emin);
     }
     *emin_out = emin;
     return redo;
@@ -507,7 +616,7 @@ static vi16 nv_filter9(const v16 *ax, v16 amaxf, vi16 c0, float g, const int32_t
  * below 4, above (steps .5, 1, 2, half to even), and the E2M1 magnitude code (0..7) of that rounding
  * from s = a + p2: s's bits above p2's count the steps, offset by 0, 2, 4 codes for p2 = 2^22, 2^23, 2^24. */
 ALWAYS v16 e2m1_magic(v16 a) {
-    return vsel((vi16)(a < 2.0f), (v16){0} + 0x1p22f, vsel((vi16)(a < 4.0f), (v16){0} + 0x1p23f, (v16){0} + 0x1p24f));
+    return vsel(flt(a, fs(2.0f)), (v16){0} + 0x1p22f, vsel(flt(a, fs(4.0f)), (v16){0} + 0x1p23f, (v16){0} + 0x1p24f));
 }
 ALWAYS vu16 e2m1_code(v16 s, v16 p2) {
     return ((vu16)s - (vu16)p2) + (((vu16)p2 - 0x4A800000u) >> 22);
@@ -532,27 +641,27 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
         amax = umax16(amax, (vu16)ax[e]);
     }
     v16 bs = ((v16)amax / 6.0f) / g;
-    bs = vsel((vi16)(bs > 448.0f), (v16){0} + 448.0f, bs);
+    bs = vsel(fgt(bs, fs(448.0f)), (v16){0} + 448.0f, bs);
     /* e4m3_code, lane-wise */
     vu16 ab = (vu16)bs;
     vu16 rn = ((ab + ((1u << 19) - 1) + ((ab >> 20) & 1u)) >> 20) - ((uint32_t)(127 - 7) << 3);
     vu16 sub = (vu16)(bs * 512.0f + 8388608.0f) - 0x4B000000u;
-    vi16 c0 = (vi16)usel((vi16)(ab >= ((uint32_t)(127 - 6) << 23)), rn, sub);
-    vi16 redo = c0 == 0;
-    v16 e32[9], tv[9], emin;
-    vi16 cv[9];
-    redo |= nv_filter9(ax, (v16)amax, c0, g, off, e32, tv, cv, &emin);
+    vi16 c0 = (vi16)usel(uge(ab, us((uint32_t)(127 - 6) << 23)), rn, sub);
+    vi16 redo = ieq(c0, is(0));
+    v16 e32[NV_NOFF], tv[NV_NOFF], emin;
+    vi16 cv[NV_NOFF];
+    redo |= nv_filter(ax, (v16)amax, c0, g, off, e32, tv, cv, &emin);
     v16 band = emin * (1.0f + 0x1p-12f) + 0x1p-130f;
     vi16 count = {0}, cw = {0};
     v16 tw = (v16){0} + 1.0f, ew = {0};
-    for (int o = 0; o < 9; o++) {
-        vi16 in = (vi16)(e32[o] <= band);
+    for (int o = 0; o < NV_NOFF; o++) {
+        vi16 in = fle(e32[o], band);
         count -= in;
         cw = ivsel(in, cv[o], cw);
         tw = vsel(in, tv[o], tw);
         ew = vsel(in, e32[o], ew);
     }
-    redo |= count != 1;
+    redo |= ine(count, is(1));
     tw = vsel(redo, (v16){0} + 1.0f, tw);
     /* the winner's E2M1 values, as nv_block: x / total, E2M1 round. x * (1 / total) stands in for the
      * quotient (within 3 ulp of it: under 2^-19 for values up to 8) unless a value lies that close to a
@@ -565,10 +674,10 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
     v16 rw = 1.0f / tw;
     for (int e = 0; e < 16; e++) {
         v16 a = (v16)((vu16)m[e] & 0x7fffffffu) * rw;
-        a = vsel((vi16)(a > 6.0f), (v16){0} + 6.0f, a);
+        a = vsel(fgt(a, fs(6.0f)), (v16){0} + 6.0f, a);
         v16 p2 = e2m1_magic(a), s = a + p2;
         v16 gap = (v16)((vu16)(a - (s - p2)) & 0x7fffffffu);
-        nr[e] = (vi16)(gap >= p2 * 0x1p-24f - 0x1p-19f) & ~redo;
+        nr[e] = fge(gap, p2 * 0x1p-24f - 0x1p-19f) & ~redo;
         nany |= nr[e];
         cd[e] = e2m1_code(s, p2) | (((vu16)m[e] & 0x80000000u) >> 28);
     }
@@ -576,7 +685,7 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
         for (int e = 0; e < 16; e++) {
             if (vall_zero(nr[e])) continue;
             v16 a = (v16)((vu16)(m[e] / tw) & 0x7fffffffu);
-            a = vsel((vi16)(a > 6.0f), (v16){0} + 6.0f, a);
+            a = vsel(fgt(a, fs(6.0f)), (v16){0} + 6.0f, a);
             v16 p2 = e2m1_magic(a);
             cd[e] = e2m1_code(a + p2, p2) | (((vu16)m[e] & 0x80000000u) >> 28);
         }
@@ -596,19 +705,23 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
             if (!redo[b]) continue;
             v16 bv;
             double be;
-            bestp[b] = (uint8_t)nv_one(xb[b], c0[b], tot, rc, off, 9, &be, &bv);
+            bestp[b] = (uint8_t)nv_one(xb[b], c0[b], tot, rc, off, NV_NOFF, &be, &bv);
             nv_pack(bv, qp + 8 * b);
             *nn += be;
         }
 }
-#undef T1A
-#undef T1B
-#undef T2A
-#undef T2B
-#undef T4A
-#undef T4B
-#undef T8A
-#undef T8B
+#undef TA1
+#undef TB1
+#undef TA2
+#undef TB2
+#ifdef TA4
+#undef TA4
+#undef TB4
+#endif
+#ifdef TA8
+#undef TA8
+#undef TB8
+#endif
 #endif
 
 /* Rows [r0, r1) in blocks of 16 (nb a row, kp = 16 nb): the block amax, the kitchen-rounded E4M3 scale
@@ -636,7 +749,7 @@ ALWAYS void qk_nvfp4_t(const void *w, const int kind, int64_t r0, int64_t r1, in
         int64_t j = 0;
         uint8_t *brow = best + (r >> 7) * tiles4 * 512 + 16 * (r & 31) + 4 * ((r >> 5) & 3);
 #ifdef NV_GROUPS
-        if (n_off == 9)
+        if (n_off == NV_NOFF)
             for (; 16 * (j + 16) <= k; j += 16) {
                 uint8_t codes[16];
                 nv_group(row, j, k, kind, g, tot, rc, off, &ss, &nv, &nn, codes, q + r * half + 8 * j);
@@ -734,13 +847,13 @@ ALWAYS void qk_convrot_t(const void *w, const int kind, int64_t r0, int64_t r1, 
             /* the stages of strides 1 and 4 inside these 16 lanes: p = pair sums, s = (a + b) + (c + e)
              * on every lane of a 4-group (IEEE addition commutes, so each lane holds the same s), then
              * s - 2 * (the lane mirrored in its group) */
-            v16 pr = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-            v16 sm = pr + __builtin_shufflevector(pr, pr, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-            v = sm - 2.0f * __builtin_shufflevector(v, v, 3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12);
+            v16 pr = v + LANES_XOR(v, 1);
+            v16 sm = pr + LANES_XOR(pr, 2);
+            v = sm - 2.0f * LANES_XOR(v, 3);
             if (G >= 16) {
-                pr = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-                sm = pr + __builtin_shufflevector(pr, pr, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-                v = sm - 2.0f * __builtin_shufflevector(v, v, 12, 13, 14, 15, 8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3);
+                pr = v + LANES_XOR(v, 4);
+                sm = pr + LANES_XOR(pr, 8);
+                v = sm - 2.0f * LANES_XOR(v, 12);
             }
             memcpy(x + c, &v, 64);
         }
@@ -777,8 +890,8 @@ ALWAYS void qk_convrot_t(const void *w, const int kind, int64_t r0, int64_t r1, 
             memcpy(&v, x + c, 64);
             t = v / s;
             t = (t + 12582912.0f) - 12582912.0f;
-            t = vsel((vi16)(t < -127.0f), (v16){0} - 127.0f, t);
-            t = vsel((vi16)(t > 127.0f), (v16){0} + 127.0f, t);
+            t = vsel(flt(t, fs(-127.0f)), (v16){0} - 127.0f, t);
+            t = vsel(fgt(t, fs(127.0f)), (v16){0} + 127.0f, t);
             vb16 qb = (vb16)__builtin_convertvector(__builtin_convertvector(t, vi16), vb16);
             memcpy(q + r * k + c, &qb, 16);
             v16 d = v - t * s;

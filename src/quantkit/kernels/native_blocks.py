@@ -33,6 +33,8 @@ def _load() -> ctypes.CDLL:
     lib.qk_nvfp4.argtypes = [p, i32, i64, i64, i64, i64, f32, p, p, i32, p, i64, p, p, p, p, i64]
     lib.qk_absmax_bits.argtypes = [p, i32, i64, i64, i64, p]
     lib.qk_convrot.argtypes = [p, i32, i64, i64, i64, i64, i32, p, p, p, p, p]
+    lib.qk_nvfp4_fixed_offsets.argtypes = []
+    lib.qk_nvfp4_fixed_offsets.restype = i32
     for f in (lib.qk_block16_amax, lib.qk_mxfp8, lib.qk_nvfp4, lib.qk_absmax_bits, lib.qk_convrot):
         f.restype = None
     return lib

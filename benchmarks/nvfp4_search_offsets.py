@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from quantkit.formats import nvfp4 as F
 
-SUBSETS = [F.SEARCH_OFFSETS, (0,), (0, -1, 1), (0, -1, 1, 4), (0, -1, 1, 5), (0, -1, 1, 4, 5), (0, -1, 1, 4, 5, 6),
-           (0, -1, 1, 2, 3, 4, 5, 6), (0, -1, 1, 3, 4, 5, 6)]
+SUBSETS = [F.SEARCH_OFFSETS, (0, -1, 1, 2, 3, 4, 5, 6, -2), (0,), (0, -1, 1), (0, -1, 1, 4), (0, -1, 1, 5), (0, -1, 1, 4, 5), (0, -1, 1, 4, 5, 6),
+           (0, -1, 1, 2, 3, 4, 5, 6)]
 
 
 def weights() -> dict[str, torch.Tensor]:

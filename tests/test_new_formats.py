@@ -39,7 +39,7 @@ BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 SAMPLE_SHA = {
     "int8-convrot": "2fafb2842a4e16e972d6d33b9635a1b38170d3661427bae43ceb4295b80ebc9e",
     "mxfp8": "8592945688ae1da59cb158d28642fa8b7d3fe10f8f5d8e9645275b281e6f961b",
-    "nvfp4": "902a305fb5b6fd240dda484748c1caa4f0ab1daa66c385b9056ddc8c712baf92",
+    "nvfp4": "8b53da60bbb67c17766d979bdc03523d9bdeb8006b84a0d0fd847219e2b99498",
 }
 
 

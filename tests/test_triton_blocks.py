@@ -3,7 +3,7 @@ byte for byte, and their error sums.
 
 Without a GPU the kernels run on CPU under ``TRITON_INTERPRET=1`` (set below, before the kernels
 module is imported); shapes and tiles stay small so the interpreter stays fast (each nvfp4 call
-runs its 9 candidates per program). ``-m gpu`` runs the same comparisons on CUDA with larger shapes.
+runs its 7 candidates per program). ``-m gpu`` runs the same comparisons on CUDA with larger shapes.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ typedef uint8_t vq8 __attribute__((vector_size(8)));
 typedef float vf_c __attribute__((vector_size(CMP_BYTES)));
 typedef int32_t vi_c __attribute__((vector_size(CMP_BYTES)));
 typedef uint32_t vu_c __attribute__((vector_size(CMP_BYTES)));
+typedef uint16_t vh_c __attribute__((vector_size(CMP_BYTES / 2)));
 typedef union { v16 v; vf_c c[CMP_N]; } f_pieces;
 typedef union { vi16 v; vi_c c[CMP_N]; } i_pieces;
 typedef union { vu16 v; vu_c c[CMP_N]; } u_pieces;
@@ -250,7 +251,7 @@ void qk_mxfp8(const void *w, int kind, int64_t r0, int64_t r1, int64_t k, int64_
 /* The number of offsets in formats/nvfp4.py's SEARCH_OFFSETS: the width of the fixed search
  * (nv_search_fixed, and nv_group's 16 blocks at a time); any other count takes the general nv_search,
  * same bytes, slower (tests/test_new_formats.py checks the two agree). At most 9: sum9's width. */
-#define NV_NOFF 9
+#define NV_NOFF 7
 _Static_assert(NV_NOFF >= 1 && NV_NOFF <= 9, "sum9 adds at most 9 candidates side by side");
 int qk_nvfp4_fixed_offsets(void) { return NV_NOFF; }
 
@@ -529,9 +530,7 @@ ALWAYS int32_t nv_one(v16 x, int32_t c0, const float *tot, const float *rc, cons
             t[v | (s)].c[p] = x;                                              \
         }                                                                     \
     }
-ALWAYS void transpose16(v16 *m) {
-    f_pieces t[16];
-    for (int i = 0; i < 16; i++) t[i].v = m[i];
+ALWAYS void transpose16(f_pieces *t) {
     NV_T(1, TA1, TB1)
     NV_T(2, TA2, TB2)
 #if PW >= 8
@@ -544,7 +543,6 @@ ALWAYS void transpose16(v16 *m) {
 #else
     NV_SWAP(8)
 #endif
-    for (int i = 0; i < 16; i++) m[i] = t[i].v;
 }
 #undef NV_T
 #undef NV_SWAP
@@ -561,16 +559,26 @@ ALWAYS int vall_zero(vi16 m) {
 /* The candidates' fp32 error sums e32[o] of every lane (the filter; tv: the scale totals, cv: the codes),
  * *emin their smallest; returns the lanes whose search must be exact (a reciprocal not normal). amaxf:
  * each lane's largest |x|. Built with fused multiply-adds where the target has them: a fused operation
- * rounds once, so the sums are at least as close to the exact ones as the bound of nv_group assumes. */
+ * rounds once, so the sums are at least as close to the exact ones as the bound of nv_group assumes.
+ * One native-width piece p of the lanes (plain vector operators): the 16 element vectors and the
+ * accumulators of a piece fit the registers. */
+ALWAYS vf_c fsel_c(vi_c m, vf_c a, vf_c b) { return (vf_c)(((vi_c)a & m) | ((vi_c)b & ~m)); }
+ALWAYS vi_c isel_c(vi_c m, vi_c a, vi_c b) { return (a & m) | (b & ~m); }
+ALWAYS int all_zero_c(vi_c m) {
+    uint64_t u[CMP_BYTES / 8], t = 0;
+    memcpy(u, &m, CMP_BYTES);
+    for (int i = 0; i < CMP_BYTES / 8; i++) t |= u[i];
+    return t == 0;
+}
 /* one element's squared error into accumulator acc (clamp: |x| r may exceed 7, so clamp it at 6 first;
  * below 7 it rounds to at most 6 on the grid's step of 2 there, as the clamped value would) */
 #define NV_SQ(e, acc, clamp)                                                               \
     {                                                                                      \
-        v16 a_ = ax[e] * r;                                                                \
-        if (clamp) a_ = vsel(fgt(a_, fs(6.0f)), six, a_);                                  \
-        v16 p2_ = vsel(flt(a_, fs(2.0f)), m22, vsel(flt(a_, fs(4.0f)), m23, m24));         \
-        v16 v_ = (a_ + p2_) - p2_;                                                         \
-        v16 d_ = ax[e] - v_ * t;                                                           \
+        vf_c a_ = ax[e].c[p] * r;                                                          \
+        if (clamp) a_ = fsel_c((vi_c)(a_ > 6.0f), six, a_);                                \
+        vf_c p2_ = fsel_c((vi_c)(a_ < 2.0f), m22, fsel_c((vi_c)(a_ < 4.0f), m23, m24));    \
+        vf_c v_ = (a_ + p2_) - p2_;                                                        \
+        vf_c d_ = ax[e].c[p] - v_ * t;                                                     \
         acc = acc + d_ * d_;                                                               \
     }
 #define NV_SUM(clamp)                                                                      \
@@ -578,33 +586,34 @@ ALWAYS int vall_zero(vi16 m) {
         NV_SQ(e, s0, clamp) NV_SQ(e + 1, s1, clamp) NV_SQ(e + 2, s2, clamp) NV_SQ(e + 3, s3, clamp) \
     }
 __attribute__((noinline, optimize("fp-contract=fast")))
-static vi16 nv_filter(const v16 *ax, v16 amaxf, vi16 c0, float g, const int32_t *off, v16 *e32, v16 *tv, vi16 *cv,
-                       v16 *emin_out) {
-    const v16 six = (v16){0} + 6.0f;
-    const v16 m22 = (v16){0} + 0x1p22f, m23 = (v16){0} + 0x1p23f, m24 = (v16){0} + 0x1p24f;
-    vi16 redo = {0};
-    v16 emin = (v16){0} + __builtin_inff();
+static vi_c nv_filter(const f_pieces *ax, int p, vf_c amaxf, vi_c c0, float g, const int32_t *off, vf_c *e32,
+                      vf_c *tv, vi_c *cv, vf_c *emin_out) {
+    const vf_c six = (vf_c){0} + 6.0f;
+    const vf_c m22 = (vf_c){0} + 0x1p22f, m23 = (vf_c){0} + 0x1p23f, m24 = (vf_c){0} + 0x1p24f;
+    vi_c redo = {0};
+    vf_c emin = (vf_c){0} + __builtin_inff();
     for (int o = 0; o < NV_NOFF; o++) {
-        vi16 c = c0 + off[o];
-        c = ivsel(ilt(c, is(1)), is(1), c);
-        c = ivsel(igt(c, is(0x7e)), is(0x7e), c);
+        vi_c c = c0 + off[o];
+        c = isel_c(c < 1, (vi_c){0} + 1, c);
+        c = isel_c(c > 0x7e, (vi_c){0} + 0x7e, c);
         /* the E4M3 value of code c: normal from its bits, subnormal c * 2^-9 */
-        v16 val = vsel(ige(c, is(8)), (v16)((vu16)(c << 20) + ((uint32_t)(127 - 7) << 23)),
-                       __builtin_convertvector(c, v16) * 0x1p-9f);
-        v16 t = g * val;
-        vi16 ok = fge(t, fs(0x1p-100f)) & fle(t, fs(0x1p100f));
+        vf_c val = fsel_c(c >= 8, (vf_c)((vu_c)(c << 20) + ((uint32_t)(127 - 7) << 23)),
+                          __builtin_convertvector(c, vf_c) * 0x1p-9f);
+        vf_c t = g * val;
+        vi_c ok = (t >= 0x1p-100f) & (t <= 0x1p100f);
         redo |= ~ok;
-        v16 r = vsel(ok, 1.0f / t, (v16){0} + 1.0f);
-        v16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
-        if (vall_zero(fge(amaxf * r, fs(7.0f)))) {  /* every lane's |x| r below 7 */
+        vf_c r = fsel_c(ok, 1.0f / t, (vf_c){0} + 1.0f);
+        vf_c s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        if (all_zero_c((vi_c)(amaxf * r >= 7.0f))) {  /* every lane's |x| r below 7 */
             NV_SUM(0)
         } else {
             NV_SUM(1)
         }
-        e32[o] = (s0 + s1) + (s2 + s3);
+        vf_c es = (s0 + s1) + (s2 + s3);
+        e32[o] = es;
         tv[o] = t;
         cv[o] = c;
-        emin = vsel(flt(e32[o], emin), e32[o], emin);
+        emin = fsel_c((vi_c)(es < emin), es, emin);
     }
     *emin_out = emin;
     return redo;
@@ -621,95 +630,147 @@ ALWAYS v16 e2m1_magic(v16 a) {
 ALWAYS vu16 e2m1_code(v16 s, v16 p2) {
     return ((vu16)s - (vu16)p2) + (((vu16)p2 - 0x4A800000u) >> 22);
 }
+ALWAYS vf_c e2m1_magic_c(vf_c a) {
+    return fsel_c((vi_c)(a < 2.0f), (vf_c){0} + 0x1p22f,
+                  fsel_c((vi_c)(a < 4.0f), (vf_c){0} + 0x1p23f, (vf_c){0} + 0x1p24f));
+}
+ALWAYS vu_c e2m1_code_c(vf_c s, vf_c p2) {
+    return ((vu_c)s - (vu_c)p2) + (((vu_c)p2 - 0x4A800000u) >> 22);
+}
+ALWAYS vu_c usel_c(vi_c m, vu_c a, vu_c b) { return (a & (vu_c)m) | (b & ~(vu_c)m); }
+
+/* The 16 blocks from column c0 (all inside the row), one piece at a time: whole-vector stores of a
+ * 16-lane vector are slow where it is wider than the target's (GCC moves it through general registers). */
+ALWAYS void load_pieces(f_pieces *d, const uint8_t *row, int64_t c0, int64_t k, int kind) {
+    if (kind == IN_F32) {
+        for (int p = 0; p < CMP_N; p++) memcpy(&d->c[p], row + 4 * (c0 + p * PW), CMP_BYTES);
+    } else if (kind == IN_BF16) {
+        for (int p = 0; p < CMP_N; p++) {
+            vh_c h;
+            memcpy(&h, row + 2 * (c0 + p * PW), CMP_BYTES / 2);
+            d->c[p] = (vf_c)(__builtin_convertvector(h, vu_c) << 16);
+        }
+    } else {
+        d->v = load16(row, c0, k, kind);
+    }
+}
+
+/* the two halves of the interleave of pieces a, b (lanes a0 b0 a1 b1 ...) */
+#if PW == 16
+#define IL_A 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23
+#define IL_B 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31
+#elif PW == 8
+#define IL_A 0, 8, 1, 9, 2, 10, 3, 11
+#define IL_B 4, 12, 5, 13, 6, 14, 7, 15
+#else
+#define IL_A 0, 4, 1, 5
+#define IL_B 2, 6, 3, 7
+#endif
 
 /* Blocks j0..j0+15 of a row (all inside k): scale codes into bestp[0..16), packed bytes into
  * qp[0..128), w^2 into *ss (an fp32 run of 16 vectors) and the winners' errors into *nv (their fp32 filter
  * sums) or, for a block searched again, *nn (fp64). */
 ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float g, const float *tot,
                      const float *rc, const int32_t *off, vd8 *ss, vd8 *nv, double *nn, uint8_t *bestp, uint8_t *qp) {
-    v16 xb[16], m[16], ax[16], s2 = {0};
+    f_pieces xb[16], m[16], ax[16], s2 = {{0}};
     for (int b = 0; b < 16; b++) {
-        xb[b] = load16(row, 16 * (j0 + b), k, kind);
-        s2 += xb[b] * xb[b];  /* an fp32 run of 16, added into fp64 below (flush16, as mxfp8's sums) */
-        m[b] = xb[b];
-    }
-    *ss = flush16(*ss, s2);
-    transpose16(m);  /* m[e]: element e of every block */
-    vu16 amax = {0};
-    for (int e = 0; e < 16; e++) {
-        ax[e] = (v16)((vu16)m[e] & 0x7fffffffu);
-        amax = umax16(amax, (vu16)ax[e]);
-    }
-    v16 bs = ((v16)amax / 6.0f) / g;
-    bs = vsel(fgt(bs, fs(448.0f)), (v16){0} + 448.0f, bs);
-    /* e4m3_code, lane-wise */
-    vu16 ab = (vu16)bs;
-    vu16 rn = ((ab + ((1u << 19) - 1) + ((ab >> 20) & 1u)) >> 20) - ((uint32_t)(127 - 7) << 3);
-    vu16 sub = (vu16)(bs * 512.0f + 8388608.0f) - 0x4B000000u;
-    vi16 c0 = (vi16)usel(uge(ab, us((uint32_t)(127 - 6) << 23)), rn, sub);
-    vi16 redo = ieq(c0, is(0));
-    v16 e32[NV_NOFF], tv[NV_NOFF], emin;
-    vi16 cv[NV_NOFF];
-    redo |= nv_filter(ax, (v16)amax, c0, g, off, e32, tv, cv, &emin);
-    v16 band = emin * (1.0f + 0x1p-12f) + 0x1p-130f;
-    vi16 count = {0}, cw = {0};
-    v16 tw = (v16){0} + 1.0f, ew = {0};
-    for (int o = 0; o < NV_NOFF; o++) {
-        vi16 in = fle(e32[o], band);
-        count -= in;
-        cw = ivsel(in, cv[o], cw);
-        tw = vsel(in, tv[o], tw);
-        ew = vsel(in, e32[o], ew);
-    }
-    redo |= ine(count, is(1));
-    tw = vsel(redo, (v16){0} + 1.0f, tw);
-    /* the winner's E2M1 values, as nv_block: x / total, E2M1 round. x * (1 / total) stands in for the
-     * quotient (within 3 ulp of it: under 2^-19 for values up to 8) unless a value lies that close to a
-     * rounding boundary (half a step from its grid value); then that element vector (element e of the
-     * 16 blocks: about one in 18 of them) is redone with the division. The block's reported error is
-     * the winner's fp32 filter sum (within 100 ulp of the exact one). Codes: E2M1 magnitude 0..7 | sign
-     * 8 (the sign of x, as of x / total); bytes: block b's byte i = code[2i] << 4 | code[2i + 1]. */
-    vu16 cd[16];
-    vi16 nr[16], nany = {0};
-    v16 rw = 1.0f / tw;
-    for (int e = 0; e < 16; e++) {
-        v16 a = (v16)((vu16)m[e] & 0x7fffffffu) * rw;
-        a = vsel(fgt(a, fs(6.0f)), (v16){0} + 6.0f, a);
-        v16 p2 = e2m1_magic(a), s = a + p2;
-        v16 gap = (v16)((vu16)(a - (s - p2)) & 0x7fffffffu);
-        nr[e] = fge(gap, p2 * 0x1p-24f - 0x1p-19f) & ~redo;
-        nany |= nr[e];
-        cd[e] = e2m1_code(s, p2) | (((vu16)m[e] & 0x80000000u) >> 28);
-    }
-    if (!vall_zero(nany))
-        for (int e = 0; e < 16; e++) {
-            if (vall_zero(nr[e])) continue;
-            v16 a = (v16)((vu16)(m[e] / tw) & 0x7fffffffu);
-            a = vsel(fgt(a, fs(6.0f)), (v16){0} + 6.0f, a);
-            v16 p2 = e2m1_magic(a);
-            cd[e] = e2m1_code(a + p2, p2) | (((vu16)m[e] & 0x80000000u) >> 28);
+        load_pieces(&xb[b], row, 16 * (j0 + b), k, kind);
+        for (int p = 0; p < CMP_N; p++) {
+            s2.c[p] += xb[b].c[p] * xb[b].c[p];  /* an fp32 run of 16, into fp64 below (flush16, as mxfp8's) */
+            m[b].c[p] = xb[b].c[p];
         }
-    vu16 by[8];
-    for (int i = 0; i < 8; i++) by[i] = (cd[2 * i] << 4) | cd[2 * i + 1];
-    vu16 lo = by[0] | (by[1] << 8) | (by[2] << 16) | (by[3] << 24);
-    vu16 hi = by[4] | (by[5] << 8) | (by[6] << 16) | (by[7] << 24);
-    vu16 o1 = __builtin_shufflevector(lo, hi, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    vu16 o2 = __builtin_shufflevector(lo, hi, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    memcpy(qp, &o1, 64);
-    memcpy(qp + 64, &o2, 64);
-    vb16 cb = __builtin_convertvector(cw, vb16);
-    memcpy(bestp, &cb, 16);  /* a local buffer: the caller scatters it into the blocked layout */
-    *nv = flush16(*nv, vsel(redo, (v16){0}, ew));  /* the filtered blocks' errors; the redone ones in *nn */
-    if (!vall_zero(redo))
+    }
+    *ss = flush16(*ss, s2.v);
+    transpose16(m);  /* m[e]: element e of every block */
+    /* then lane by lane (block by block), one piece of lanes at a time */
+    u_pieces cd[16];
+    i_pieces c0s, cws, redos;
+    f_pieces ews;
+    for (int p = 0; p < CMP_N; p++) {
+        vu_c amax = {0};
+        for (int e = 0; e < 16; e++) {
+            vu_c a = (vu_c)m[e].c[p] & 0x7fffffffu;
+            ax[e].c[p] = (vf_c)a;
+            amax = usel_c((vi_c)(amax > a), amax, a);
+        }
+        vf_c bs = ((vf_c)amax / 6.0f) / g;
+        bs = fsel_c((vi_c)(bs > 448.0f), (vf_c){0} + 448.0f, bs);
+        /* e4m3_code, lane-wise */
+        vu_c ab = (vu_c)bs;
+        vu_c rn = ((ab + ((1u << 19) - 1) + ((ab >> 20) & 1u)) >> 20) - ((uint32_t)(127 - 7) << 3);
+        vu_c sub = (vu_c)(bs * 512.0f + 8388608.0f) - 0x4B000000u;
+        vi_c c0 = (vi_c)usel_c((vi_c)(ab >= ((uint32_t)(127 - 6) << 23)), rn, sub);
+        vi_c redo = (vi_c)(c0 == 0);
+        vf_c e32[NV_NOFF], tv[NV_NOFF], emin;
+        vi_c cv[NV_NOFF];
+        redo |= nv_filter(ax, p, (vf_c)amax, c0, g, off, e32, tv, cv, &emin);
+        vf_c band = emin * (1.0f + 0x1p-12f) + 0x1p-130f;
+        vi_c count = {0}, cw = {0};
+        vf_c tw = (vf_c){0} + 1.0f, ew = {0};
+        for (int o = 0; o < NV_NOFF; o++) {
+            vi_c in = (vi_c)(e32[o] <= band);
+            count -= in;
+            cw = isel_c(in, cv[o], cw);
+            tw = fsel_c(in, tv[o], tw);
+            ew = fsel_c(in, e32[o], ew);
+        }
+        redo |= (vi_c)(count != 1);
+        tw = fsel_c(redo, (vf_c){0} + 1.0f, tw);
+        /* the winner's E2M1 values, as nv_block: x / total, E2M1 round. x * (1 / total) stands in for
+         * the quotient (within 3 ulp of it: under 2^-19 for values up to 8) unless a value lies that
+         * close to a rounding boundary (half a step from its grid value); then that element vector of
+         * the piece (about one in 18 of them) is redone with the division. The block's reported error
+         * is the winner's fp32 filter sum (within 100 ulp of the exact one). Codes: E2M1 magnitude
+         * 0..7 | sign 8 (the sign of x, as of x / total); bytes: block b's byte i = code[2i] << 4 |
+         * code[2i + 1]. */
+        vf_c rw = 1.0f / tw;
+        for (int e = 0; e < 16; e++) {
+            vu_c sign = ((vu_c)m[e].c[p] & 0x80000000u) >> 28;
+            vf_c a = (vf_c)((vu_c)m[e].c[p] & 0x7fffffffu) * rw;
+            a = fsel_c((vi_c)(a > 6.0f), (vf_c){0} + 6.0f, a);
+            vf_c p2 = e2m1_magic_c(a), sm = a + p2;
+            vf_c gap = (vf_c)((vu_c)(a - (sm - p2)) & 0x7fffffffu);
+            vi_c nr = (vi_c)(gap >= p2 * 0x1p-24f - 0x1p-19f) & ~redo;
+            if (all_zero_c(nr)) {
+                cd[e].c[p] = e2m1_code_c(sm, p2) | sign;
+            } else {
+                a = (vf_c)((vu_c)(m[e].c[p] / tw) & 0x7fffffffu);
+                a = fsel_c((vi_c)(a > 6.0f), (vf_c){0} + 6.0f, a);
+                p2 = e2m1_magic_c(a);
+                cd[e].c[p] = e2m1_code_c(a + p2, p2) | sign;
+            }
+        }
+        c0s.c[p] = c0;
+        cws.c[p] = cw;
+        redos.c[p] = redo;
+        ews.c[p] = fsel_c(redo, (vf_c){0}, ew);  /* the filtered blocks' errors; the redone ones in *nn */
+    }
+    /* block b's 8 bytes at qp + 8 b: its bytes 0..3 in lane b of lo, 4..7 in lane b of hi */
+    int any_redo = 0;
+    for (int p = 0; p < CMP_N; p++) {
+        vu_c by[8];
+        for (int i = 0; i < 8; i++) by[i] = (cd[2 * i].c[p] << 4) | cd[2 * i + 1].c[p];
+        vu_c lo = by[0] | (by[1] << 8) | (by[2] << 16) | (by[3] << 24);
+        vu_c hi = by[4] | (by[5] << 8) | (by[6] << 16) | (by[7] << 24);
+        vu_c o1 = __builtin_shufflevector(lo, hi, IL_A), o2 = __builtin_shufflevector(lo, hi, IL_B);
+        memcpy(qp + 8 * PW * p, &o1, CMP_BYTES);
+        memcpy(qp + 8 * PW * p + CMP_BYTES, &o2, CMP_BYTES);
+        any_redo |= !all_zero_c(redos.c[p]);
+    }
+    for (int b = 0; b < 16; b++) bestp[b] = (uint8_t)cws.v[b];  /* a local buffer: the caller scatters it */
+    *nv = flush16(*nv, ews.v);
+    if (any_redo)
         for (int b = 0; b < 16; b++) {
-            if (!redo[b]) continue;
+            if (!redos.v[b]) continue;
             v16 bv;
             double be;
-            bestp[b] = (uint8_t)nv_one(xb[b], c0[b], tot, rc, off, NV_NOFF, &be, &bv);
+            bestp[b] = (uint8_t)nv_one(xb[b].v, c0s.v[b], tot, rc, off, NV_NOFF, &be, &bv);
             nv_pack(bv, qp + 8 * b);
             *nn += be;
         }
 }
+#undef IL_A
+#undef IL_B
 #undef TA1
 #undef TB1
 #undef TA2

@@ -16,8 +16,8 @@ byte written once; the scales go straight to their blocked position):
   ``amax / 448`` (``_e8m0.ceil_exponent``), elements ``e4m3(clamp(w / 2^(e-127)))``.
 * nvfp4: ``triton_quant._amax_partials`` (the tensor amax, for ``weight_scale_2``; folded on the
   device by ``nvfp4.global_scale``, no host round trip), then ``_nvfp4_kernel``: each block's
-  kitchen scale code, then the 9 candidates one after the other in registers, each with its E2M1
-  values, its fp32 errors and their fp64 tree sum; the first smallest error wins (strict ``<`` in
+  kitchen scale code, then the candidates (``SEARCH_OFFSETS``) one after the other in registers, each
+  with its E2M1 values, its fp32 errors and their fp64 tree sum; the first smallest error wins (strict ``<`` in
   offset order, as the reference), and its values are packed two a byte.
 
 Exactness (on the GPU and under ``TRITON_INTERPRET=1`` alike), on top of :mod:`.triton_quant`'s

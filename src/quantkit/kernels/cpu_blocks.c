@@ -54,12 +54,7 @@ typedef union { vu16 v; vu_c c[CMP_N]; } u_pieces;
 CMP_FN(flt, v16, f_pieces, <)
 CMP_FN(fle, v16, f_pieces, <=)
 CMP_FN(fgt, v16, f_pieces, >)
-CMP_FN(fge, v16, f_pieces, >=)
 CMP_FN(ilt, vi16, i_pieces, <)
-CMP_FN(igt, vi16, i_pieces, >)
-CMP_FN(ige, vi16, i_pieces, >=)
-CMP_FN(ieq, vi16, i_pieces, ==)
-CMP_FN(ine, vi16, i_pieces, !=)
 CMP_FN(ugt, vu16, u_pieces, >)
 CMP_FN(uge, vu16, u_pieces, >=)
 #undef CMP_FN
@@ -547,14 +542,6 @@ ALWAYS void transpose16(f_pieces *t) {
 #undef NV_T
 #undef NV_SWAP
 
-ALWAYS vi16 ivsel(vi16 m, vi16 a, vi16 b) { return (a & m) | (b & ~m); }
-
-ALWAYS int vall_zero(vi16 m) {
-    vi16 t = m | LANES_XOR(m, 8);
-    uint64_t u[4];
-    memcpy(u, &t, 32);
-    return (u[0] | u[1] | u[2] | u[3]) == 0;
-}
 
 /* The candidates' fp32 error sums e32[o] of every lane (the filter; tv: the scale totals, cv: the codes),
  * *emin their smallest; returns the lanes whose search must be exact (a reciprocal not normal). amaxf:
@@ -624,17 +611,11 @@ static vi_c nv_filter(const f_pieces *ax, int p, vf_c amaxf, vi_c c0, float g, c
 /* The magic constant that rounds 0 <= a < 8 to E2M1's grid as (a + p2) - p2: 2^22, 2^23, 2^24 below 2,
  * below 4, above (steps .5, 1, 2, half to even), and the E2M1 magnitude code (0..7) of that rounding
  * from s = a + p2: s's bits above p2's count the steps, offset by 0, 2, 4 codes for p2 = 2^22, 2^23, 2^24. */
-ALWAYS v16 e2m1_magic(v16 a) {
-    return vsel(flt(a, fs(2.0f)), (v16){0} + 0x1p22f, vsel(flt(a, fs(4.0f)), (v16){0} + 0x1p23f, (v16){0} + 0x1p24f));
-}
-ALWAYS vu16 e2m1_code(v16 s, v16 p2) {
-    return ((vu16)s - (vu16)p2) + (((vu16)p2 - 0x4A800000u) >> 22);
-}
-ALWAYS vf_c e2m1_magic_c(vf_c a) {
+ALWAYS vf_c e2m1_magic(vf_c a) {
     return fsel_c((vi_c)(a < 2.0f), (vf_c){0} + 0x1p22f,
                   fsel_c((vi_c)(a < 4.0f), (vf_c){0} + 0x1p23f, (vf_c){0} + 0x1p24f));
 }
-ALWAYS vu_c e2m1_code_c(vf_c s, vf_c p2) {
+ALWAYS vu_c e2m1_code(vf_c s, vf_c p2) {
     return ((vu_c)s - (vu_c)p2) + (((vu_c)p2 - 0x4A800000u) >> 22);
 }
 ALWAYS vu_c usel_c(vi_c m, vu_c a, vu_c b) { return (a & (vu_c)m) | (b & ~(vu_c)m); }
@@ -728,16 +709,16 @@ ALWAYS void nv_group(const uint8_t *row, int64_t j0, int64_t k, int kind, float 
             vu_c sign = ((vu_c)m[e].c[p] & 0x80000000u) >> 28;
             vf_c a = (vf_c)((vu_c)m[e].c[p] & 0x7fffffffu) * rw;
             a = fsel_c((vi_c)(a > 6.0f), (vf_c){0} + 6.0f, a);
-            vf_c p2 = e2m1_magic_c(a), sm = a + p2;
+            vf_c p2 = e2m1_magic(a), sm = a + p2;
             vf_c gap = (vf_c)((vu_c)(a - (sm - p2)) & 0x7fffffffu);
             vi_c nr = (vi_c)(gap >= p2 * 0x1p-24f - 0x1p-19f) & ~redo;
             if (all_zero_c(nr)) {
-                cd[e].c[p] = e2m1_code_c(sm, p2) | sign;
+                cd[e].c[p] = e2m1_code(sm, p2) | sign;
             } else {
                 a = (vf_c)((vu_c)(m[e].c[p] / tw) & 0x7fffffffu);
                 a = fsel_c((vi_c)(a > 6.0f), (vf_c){0} + 6.0f, a);
-                p2 = e2m1_magic_c(a);
-                cd[e].c[p] = e2m1_code_c(a + p2, p2) | sign;
+                p2 = e2m1_magic(a);
+                cd[e].c[p] = e2m1_code(a + p2, p2) | sign;
             }
         }
         c0s.c[p] = c0;

@@ -42,8 +42,8 @@ def test_gptq_kernel_matches_column_loop(fmt):
                      for i in range(2)]).contiguous()
     a = learned.gptq(w, s, h, spec, kernel=False)
     b = learned.gptq(w, s, h, spec, kernel=True)
-    b2 = learned.gptq(w, s, h, spec, kernel=True)
-    assert torch.equal(b, b2)  # deterministic
+    if dev == "cuda":  # deterministic (the interpreter is by construction; a second run there costs ~1/3 of the test)
+        assert torch.equal(b, learned.gptq(w, s, h, spec, kernel=True))
     assert torch.equal(learned.to_grid(b, spec), b)  # every value on the format's grid
     jb = learned.objective(w, b * s, h)
     assert torch.equal(a, b)  # the loop's arithmetic (no contracted multiply-adds), on CUDA too

@@ -30,6 +30,37 @@ typedef uint8_t vu8 __attribute__((vector_size(8)));
 
 static const size_t ELEM[3] = {4, 2, 2};
 
+/* Lane-wise comparisons as masks (-1 true, 0 false), in pieces the target compares natively: GCC turns
+ * a comparison of vectors wider than the target's into one scalar compare and branch per lane (an SSE2
+ * or NEON build of the 32-byte vectors here: see cpu_blocks.c's note). */
+#if defined(__AVX2__)
+#define CMP_BYTES 32
+#else
+#define CMP_BYTES 16
+#endif
+#define CMP_N (32 / CMP_BYTES)
+typedef int16_t vs16x __attribute__((vector_size(32)));
+typedef uint16_t vu16x __attribute__((vector_size(32)));
+typedef float vf_c __attribute__((vector_size(CMP_BYTES)));
+typedef int32_t vi_c __attribute__((vector_size(CMP_BYTES)));
+typedef uint32_t vu_c __attribute__((vector_size(CMP_BYTES)));
+typedef int16_t vs_c __attribute__((vector_size(CMP_BYTES)));
+typedef uint16_t vh_c __attribute__((vector_size(CMP_BYTES)));
+#define CMP_FN(name, T, C, R, RC, op)                                        \
+    ALWAYS R name(T a, T b) {                                                \
+        union { T v; C c[CMP_N]; } x = {a}, y = {b};                         \
+        union { R v; RC c[CMP_N]; } r;                                       \
+        for (int i = 0; i < CMP_N; i++) r.c[i] = (RC)(x.c[i] op y.c[i]);     \
+        return r.v;                                                          \
+    }
+CMP_FN(flt, vf, vf_c, vi, vi_c, <)
+CMP_FN(fgt, vf, vf_c, vi, vi_c, >)
+CMP_FN(ueq, vu, vu_c, vi, vi_c, ==)
+CMP_FN(ugt, vu, vu_c, vi, vi_c, >)
+CMP_FN(uge, vu, vu_c, vi, vi_c, >=)
+CMP_FN(hgt, vu16x, vh_c, vs16x, vs_c, >)
+#undef CMP_FN
+
 static inline vf vsel(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 static inline vu usel(vi mask, vu a, vu b) { return (a & (vu)mask) | (b & ~(vu)mask); }
 
@@ -46,7 +77,7 @@ ALWAYS vf load8(const uint8_t *p, const int kind) {
     vu normal = (mag << 13) + (112u << 23);
     vu sub = (vu)(__builtin_convertvector((vi)mag, vf) * 0x1p-24f);
     vu special = (mag << 13) | 0x7f800000u;
-    vu x = usel((vi)(e == 0), sub, usel((vi)(e == 0x7c00u), special, normal));
+    vu x = usel(ueq(e, (vu){0}), sub, usel(ueq(e, (vu){0} + 0x7c00u), special, normal));
     return (vf)(x | ((u & 0x8000u) << 16));
 }
 
@@ -66,9 +97,8 @@ static inline float bits_to_amax(uint32_t m, int kind) {
 /* Largest |w| over n consecutive elements starting at p, as ordered bits: |w|'s bit pattern read as
  * an unsigned integer orders like |w|, and NaN sorts above inf, so the max carries NaN through as
  * torch's amax does. Four accumulators keep the max chains independent. */
-typedef uint16_t vu16x __attribute__((vector_size(32)));
-static inline vu16x max16(vu16x a, vu16x b) { vu16x m = (vu16x)(a > b); return (a & m) | (b & ~m); }
-static inline vu max32(vu a, vu b) { return usel((vi)(a > b), a, b); }
+static inline vu16x max16(vu16x a, vu16x b) { vu16x m = (vu16x)hgt(a, b); return (a & m) | (b & ~m); }
+static inline vu max32(vu a, vu b) { return usel(ugt(a, b), a, b); }
 
 static uint32_t seg_amax_bits(const uint8_t *p, int kind, int64_t n) {
     uint32_t r = 0;
@@ -148,14 +178,14 @@ ALWAYS void quant8(vf w, vf s, vf hi, const int is_int, const int man_bits, cons
         /* round half to even: exact for |x| < 2^22; larger values clamp to +-qmax either way */
         const vf magic = (vf){0} + 12582912.0f;
         x = (x + magic) - magic;
-        x = vsel(x < lo, lo, x);
-        x = vsel(x > hi, hi, x);
+        x = vsel(flt(x, lo), lo, x);
+        x = vsel(fgt(x, hi), hi, x);
         *out = (vu8)__builtin_convertvector(__builtin_convertvector(x, vi), vi8);
         *deq = x * s;
         return;
     }
-    x = vsel(x < lo, lo, x);
-    x = vsel(x > hi, hi, x);
+    x = vsel(flt(x, lo), lo, x);
+    x = vsel(fgt(x, hi), hi, x);
     const int shift = 23 - man_bits;
     vu u = (vu)x;
     vu sign = u & 0x80000000u;
@@ -166,7 +196,7 @@ ALWAYS void quant8(vf w, vf s, vf hi, const int is_int, const int man_bits, cons
      * m == 2^man_bits being the smallest normal's code */
     const float sub = (float)(1u << (bias - 1 + man_bits));
     vu m = (vu)((vf)a * sub + 8388608.0f) - 0x4B000000u;
-    vi normal = (vi)(a >= (uint32_t)(128 - bias) << 23);
+    vi normal = uge(a, (vu){0} + ((uint32_t)(128 - bias) << 23));
     vu code = usel(normal, rn - ((uint32_t)(127 - bias) << man_bits), m);
     *out = __builtin_convertvector(code | (sign >> 24), vu8);
     vf qv = vsel(normal, (vf)(rn << shift), __builtin_convertvector((vi)m, vf) * (1.0f / sub));

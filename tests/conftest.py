@@ -15,10 +15,13 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 # The native CPU kernels are built once per test session, into a folder of the session's own (so
-# the suite always exercises the build, as a fresh machine would).
+# the suite always exercises the build, as a fresh machine would), removed when the session ends.
 if "QUANTKIT_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
     os.environ["QUANTKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="quantkit-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["QUANTKIT_CACHE_DIR"], True)  # the loaded libraries stay mapped
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -162,8 +163,12 @@ def test_unwritable_cache_builds_into_a_private_folder(fresh_native, monkeypatch
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv(native.CACHE_ENV, str(blocker / "cache"))  # mkdir under a file fails
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     assert native.available() is None
     check(wide_weight(16, 40, torch.bfloat16, 2), "int8-row", 128)
+    assert list(tmp.iterdir()) == []  # the private folder is gone once the library is loaded
 
 
 def test_no_compiler_falls_back_to_torch(fresh_native, monkeypatch, tmp_path):

@@ -78,7 +78,9 @@ def _cpu_id() -> str:
     return platform.processor() or platform.machine()
 
 
-def _build(cc: str, source: Path = SOURCE) -> Path:
+def _build(cc: str, source: Path = SOURCE) -> tuple[Path, bool]:
+    """The built library of ``source`` and whether it lies in a private temporary folder (the cache not
+    writable) rather than in the cache."""
     src = source.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(FLAGS).encode(), _cpu_id().encode(),
@@ -86,12 +88,14 @@ def _build(cc: str, source: Path = SOURCE) -> Path:
     name = f"{source.stem}-{key}{'.dll' if os.name == 'nt' else '.so'}"
     lib = cache_dir() / name
     if lib.is_file():
-        return lib
+        return lib, False
+    private = False
     try:
         lib.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=f".{name}.", suffix=".tmp")
     except OSError:  # cache not writable: build into a private temporary folder, uncached
         lib = Path(tempfile.mkdtemp(prefix="quantkit-native-")) / name
+        private = True
         fd, tmp = tempfile.mkstemp(dir=lib.parent, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -100,19 +104,32 @@ def _build(cc: str, source: Path = SOURCE) -> Path:
                                timeout=300)
             if r.returncode == 0:
                 os.replace(tmp, lib)
-                return lib
+                return lib, private
         last = (r.stderr or r.stdout).strip().splitlines()
         raise RuntimeError(f"{cc} could not build {source.name}: {last[-1] if last else 'failed'}")
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if private and not os.path.exists(lib):
+            shutil.rmtree(lib.parent, ignore_errors=True)
+
+
+def open_library(cc: str, source: Path = SOURCE) -> ctypes.CDLL:
+    """``source``'s library, built at first use and loaded. One built into a private temporary folder
+    is removed once loaded (the process keeps its mapping), so no folder is left behind; Windows cannot
+    remove a loaded DLL, so there it stays."""
+    path, private = _build(cc, source)
+    lib = ctypes.CDLL(str(path))
+    if private and os.name != "nt":
+        shutil.rmtree(path.parent, ignore_errors=True)
+    return lib
 
 
 def _load() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    lib = ctypes.CDLL(str(_build(cc)))
+    lib = open_library(cc)
     i64, p, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.qk_row_amax.argtypes = [p, i32, i64, i64, i64, p]
     lib.qk_row_amax.restype = None

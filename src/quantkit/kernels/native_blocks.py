@@ -26,7 +26,7 @@ def _load() -> ctypes.CDLL:
     cc = native._compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    lib = ctypes.CDLL(str(native._build(cc, SOURCE)))
+    lib = native.open_library(cc, SOURCE)
     i64, p, f32, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
     lib.qk_block16_amax.argtypes = [p, i32, i64, i64, i64, i64, p]
     lib.qk_mxfp8.argtypes = [p, i32, i64, i64, i64, i64, p, p, p, p, p]

@@ -119,10 +119,11 @@ def open_library(cc: str, source: Path = SOURCE) -> ctypes.CDLL:
     is removed once loaded (the process keeps its mapping), so no folder is left behind; Windows cannot
     remove a loaded DLL, so there it stays."""
     path, private = _build(cc, source)
-    lib = ctypes.CDLL(str(path))
-    if private and os.name != "nt":
-        shutil.rmtree(path.parent, ignore_errors=True)
-    return lib
+    try:
+        return ctypes.CDLL(str(path))
+    finally:  # loaded or not
+        if private and os.name != "nt":
+            shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def _load() -> ctypes.CDLL:

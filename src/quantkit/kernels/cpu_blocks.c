@@ -393,14 +393,10 @@ ALWAYS v16 sum9(const v16 *s) {
 }
 
 ALWAYS float vmin16(v16 a) {
-    a = vsel(flt(a, LANES_XOR(a, 8)), a,
-             LANES_XOR(a, 8));
-    a = vsel(flt(a, LANES_XOR(a, 4)), a,
-             LANES_XOR(a, 4));
-    a = vsel(flt(a, LANES_XOR(a, 2)), a,
-             LANES_XOR(a, 2));
-    a = vsel(flt(a, LANES_XOR(a, 1)), a,
-             LANES_XOR(a, 1));
+    a = vsel(flt(a, LANES_XOR(a, 8)), a, LANES_XOR(a, 8));
+    a = vsel(flt(a, LANES_XOR(a, 4)), a, LANES_XOR(a, 4));
+    a = vsel(flt(a, LANES_XOR(a, 2)), a, LANES_XOR(a, 2));
+    a = vsel(flt(a, LANES_XOR(a, 1)), a, LANES_XOR(a, 1));
     return a[0];
 }
 
